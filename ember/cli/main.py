@@ -1,0 +1,77 @@
+"""The `ember` command: one subcommand per module under `ember.cli`, imported only when run.
+
+Each command module defines `add_arguments(parser)` and `run(args) -> int`. Keeping imports lazy
+keeps `ember --help` and light commands (status, deploy) fast: torch and Ray load only for the
+commands that need them. Errors ember raises on purpose print as one line and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from ember.errors import EmberError
+
+# command name -> (module under ember.cli, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-model": ("make_model", "write a random-weight Hugging Face model folder (tests, demo)"),
+    "convert": ("convert", "convert a Hugging Face folder or safetensors file to ember's format"),
+    "verify": ("verify", "check every checksum of an ember checkpoint"),
+    "bench": ("bench", "run a benchmark (load, engine, serve, coldstart)"),
+    "serve": ("serve", "start the controller and the OpenAI-compatible API"),
+    "deploy": ("deploy", "create or update a deployment on a running server"),
+    "delete": ("delete", "delete a deployment on a running server"),
+    "status": ("status", "show deployments, instances and where checkpoints are cached"),
+    "push": ("push", "convert a model and upload it to an S3 bucket"),
+    "sim": ("sim", "simulate policies on spot and workload traces"),
+    "replay": ("replay", "replay a spot trace against a live local cluster"),
+}
+
+
+def _available() -> dict[str, tuple[str, str]]:
+    """Commands whose module exists in this build."""
+    out = {}
+    for name, (module, help_text) in COMMANDS.items():
+        if importlib.util.find_spec(f"ember.cli.{module}") is not None:
+            out[name] = (module, help_text)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in _available().items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"ember.cli.{module}")
+        mod.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    mod = importlib.import_module(f"ember.cli.{args._module}")
+    try:
+        return int(mod.run(args) or 0)
+    except EmberError as e:
+        print(f"ember {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ember {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
