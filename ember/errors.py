@@ -89,6 +89,18 @@ class DeploymentError(ServingError):
     """A deployment cannot be created, changed or started."""
 
 
+class InvalidRequestError(ServingError, ValueError):
+    """An API request has a bad parameter; `param` names it (OpenAI's error `param` field)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+class AuthenticationError(ServingError):
+    """An API request carries no API key, or one the server does not accept."""
+
+
 # --- policy and simulator ---------------------------------------------------------------------
 
 
