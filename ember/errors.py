@@ -89,6 +89,10 @@ class DeploymentError(ServingError):
     """A deployment cannot be created, changed or started."""
 
 
+class InstanceLostError(ServingError):
+    """An instance died (its actor or node is gone) while serving or starting."""
+
+
 class InvalidRequestError(ServingError, ValueError):
     """An API request has a bad parameter; `param` names it (OpenAI's error `param` field)."""
 
@@ -117,3 +121,12 @@ class TraceError(EmberError):
         self.reason = reason
         where = f"{self.path}:{line}" if line is not None else self.path
         super().__init__(f"{where}: {reason}")
+
+
+class ProfileError(PolicyError, ValueError):
+    """A latency profile is missing a field or holds a bad value; the message names the field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"profile field {field!r}: {reason}")

@@ -1,0 +1,484 @@
+"""The controller: deployments in, instances out, through a reconcile loop that never dies.
+
+Owns: the set of deployments (persisted in SQLite through `DeploymentStore`, restored on
+start), every instance's lifecycle record, and the decision of how many instances each
+deployment should have (`ember.policy.autoscaler.desired_instances`, fed with the router's
+queue and in-flight counts and an injected clock). It acts only through a `ClusterBackend`.
+
+Invariants: `reconcile_once` is idempotent (running it twice with nothing changed does
+nothing); instance states change only through `types.transition`; a deployment being
+deleted has no active instance once its stop tasks finish; the loop catches and logs every
+exception at its boundary and keeps going.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from ember.controller.placement import choose_node
+from ember.controller.state import DeploymentStore
+from ember.controller.types import (
+    ACTIVE_STATES,
+    DeploymentSpec,
+    DeploymentStatus,
+    InstanceEvent,
+    InstanceInfo,
+    InstanceState,
+    NodeInfo,
+    transition,
+)
+from ember.errors import DeploymentError, ModelNotFoundError, RequestTimeoutError
+from ember.policy.autoscaler import AutoscalerConfig, desired_instances
+from ember.policy.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from ember.cluster.instance import InstanceHandle, InstanceReady
+
+logger = logging.getLogger(__name__)
+
+LoadSource = Callable[[str], tuple[int, int]]  # deployment -> (queued, in_flight)
+
+
+class ClusterBackend(Protocol):
+    """What the controller needs from the cluster (ember.cluster.RayCluster implements it)."""
+
+    def nodes(self) -> list[NodeInfo]: ...
+
+    def instance_cpus(self, spec: DeploymentSpec) -> float: ...
+
+    def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> InstanceHandle:
+        """Create the instance's actor(s) without waiting for them to start."""
+        ...
+
+    async def wait_started(self, handle: InstanceHandle, timeout_s: float) -> InstanceReady: ...
+
+    async def stop(self, handle: InstanceHandle) -> None: ...
+
+
+@dataclass(slots=True)
+class _Instance:
+    instance_id: str
+    deployment: str
+    state: InstanceState
+    started_at_s: float
+    handle: InstanceHandle | None = None
+    node_id: str | None = None
+    load_s: float | None = None
+    error: str | None = None
+    drain_since_s: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    def fire(self, event: InstanceEvent) -> None:
+        before = self.state
+        self.state = transition(self.state, event)
+        logger.info(
+            "instance id=%s deployment=%s event=%s state=%s->%s",
+            self.instance_id,
+            self.deployment,
+            event,
+            before,
+            self.state,
+        )
+
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(
+            instance_id=self.instance_id,
+            deployment=self.deployment,
+            node_id=self.node_id,
+            state=self.state,
+            in_flight=self.handle.in_flight if self.handle is not None else 0,
+            started_at_s=self.started_at_s,
+            load_s=self.load_s,
+            error=self.error,
+        )
+
+
+@dataclass(slots=True)
+class _Deployment:
+    spec: DeploymentSpec
+    desired: int = 0
+    last_busy_s: float | None = None
+    wake_pending: bool = False
+    deleted: bool = False
+    failures: int = 0  # consecutive failed starts; reset by a successful one
+    retry_at_s: float = 0.0
+    last_error: str | None = None
+    error_seq: int = 0
+    failed: list[_Instance] = field(default_factory=list)  # the last few, for `status`
+
+
+class Controller:
+    """Reconciles deployments (desired) with instances (actual); see the module docstring."""
+
+    def __init__(
+        self,
+        cluster: ClusterBackend,
+        db_path: str | Path,
+        clock: Clock | None = None,
+        reconcile_interval_s: float = 0.5,
+        *,
+        start_timeout_s: float = 600.0,
+        max_retry_backoff_s: float = 30.0,
+    ) -> None:
+        self._cluster = cluster
+        self._store = DeploymentStore(db_path)
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._interval_s = reconcile_interval_s
+        self._start_timeout_s = start_timeout_s
+        self._max_backoff_s = max_retry_backoff_s
+        self._deployments: dict[str, _Deployment] = {}
+        self._instances: dict[str, _Instance] = {}
+        self._checkpoint_nodes: dict[str, set[str]] = {}  # source -> nodes that converted it
+        self._load_source: LoadSource | None = None
+        self._ids = itertools.count(1)
+        self._kick: asyncio.Event | None = None
+        self._changed: asyncio.Event | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Restore deployments from SQLite and start the reconcile loop."""
+        self._kick = asyncio.Event()
+        self._changed = asyncio.Event()
+        for spec in self._store.load_all():
+            self._deployments[spec.name] = _Deployment(spec=spec)
+            logger.info("deployment restored name=%s source=%s", spec.name, spec.source)
+        self._loop_task = asyncio.create_task(self._run(), name="ember-reconcile")
+
+    async def stop(self) -> None:
+        """Stop the loop and every instance (deployments stay in SQLite)."""
+        self._stopping = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+            self._loop_task = None
+        for inst in list(self._instances.values()):
+            self._begin_stop(inst)
+        tasks = [i.task for i in self._instances.values() if i.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._instances.clear()
+        self._store.close()
+
+    # --- deployments -----------------------------------------------------------------------
+
+    def deploy(self, spec: DeploymentSpec) -> None:
+        """Create or update a deployment; an update restarts its instances on a new source."""
+        spec.validate()
+        if not Path(spec.source).expanduser().exists():
+            raise DeploymentError(f"source: {spec.source} does not exist on this machine")
+        self._store.save(spec)
+        dep = self._deployments.get(spec.name)
+        if dep is None or dep.deleted:
+            self._deployments[spec.name] = _Deployment(spec=spec, last_busy_s=self._clock.now())
+            logger.info("deployment created name=%s source=%s", spec.name, spec.source)
+        else:
+            old = dep.spec
+            dep.spec = spec
+            dep.failures, dep.retry_at_s, dep.last_error = 0, 0.0, None
+            if _engine_fields(old) != _engine_fields(spec):
+                # Instances load one engine configuration: replace them rather than mix two.
+                for inst in self._live(spec.name):
+                    self._begin_stop(inst)
+            logger.info("deployment updated name=%s", spec.name)
+        self._notify()
+
+    def delete(self, name: str) -> None:
+        """Forget a deployment and stop its instances (their actors are killed)."""
+        dep = self._deployments.get(name)
+        if dep is None or dep.deleted:
+            raise ModelNotFoundError(f"no deployment named {name!r}")
+        dep.deleted = True
+        self._store.delete(name)
+        for inst in self._live(name):
+            self._begin_stop(inst)
+        logger.info("deployment deleted name=%s", name)
+        self._notify()
+
+    def get(self, name: str) -> DeploymentSpec:
+        dep = self._deployments.get(name)
+        if dep is None or dep.deleted:
+            raise ModelNotFoundError(f"no deployment named {name!r}")
+        return dep.spec
+
+    def list_deployments(self) -> list[DeploymentSpec]:
+        return [d.spec for d in self._deployments.values() if not d.deleted]
+
+    def status(self) -> list[DeploymentStatus]:
+        out = []
+        for name, dep in sorted(self._deployments.items()):
+            if dep.deleted:
+                continue
+            insts = [i.info() for i in self._instances.values() if i.deployment == name]
+            insts += [i.info() for i in dep.failed]
+            out.append(DeploymentStatus(spec=dep.spec, instances=tuple(insts), desired=dep.desired))
+        return out
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._cluster.nodes()
+
+    def ready_instances(self, name: str) -> list[InstanceHandle]:
+        """Handles of the deployment's ready instances ([] for an unknown name)."""
+        return [
+            i.handle
+            for i in self._instances.values()
+            if i.deployment == name and i.state is InstanceState.READY and i.handle is not None
+        ]
+
+    def set_load_source(self, fn: LoadSource) -> None:
+        self._load_source = fn
+
+    def wake(self, name: str) -> None:
+        """A request for `name` is waiting: reconcile now instead of at the next tick."""
+        dep = self._deployments.get(name)
+        if dep is None or dep.deleted:
+            return
+        dep.wake_pending = True
+        dep.last_busy_s = self._clock.now()
+        self._notify()
+
+    async def wait_for_instance(self, name: str, timeout_s: float) -> None:
+        """Return once `name` has a ready instance.
+
+        Raises RequestTimeoutError after `timeout_s`, ModelNotFoundError if the deployment
+        is (or becomes) unknown, DeploymentError if an instance fails to start meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        dep = self._deployments.get(name)
+        seq = dep.error_seq if dep is not None else 0
+        while True:
+            dep = self._deployments.get(name)
+            if dep is None or dep.deleted:
+                raise ModelNotFoundError(f"no deployment named {name!r}")
+            if self.ready_instances(name):
+                return
+            if dep.error_seq != seq:
+                raise DeploymentError(f"{name}: instance failed to start: {dep.last_error}")
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise RequestTimeoutError(f"{name}: no instance ready within {timeout_s:g} s")
+            assert self._changed is not None, "Controller.start() was not called"
+            changed = self._changed
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        assert self._kick is not None
+        while not self._stopping:
+            try:
+                await self.reconcile_once()
+            except Exception:  # the loop body never dies: log and try again next tick
+                logger.exception("reconcile failed; retrying in %.2f s", self._interval_s)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), self._interval_s)
+            self._kick.clear()
+
+    async def reconcile_once(self) -> None:
+        """One pass: for each deployment, compare desired with actual instances and act."""
+        now = self._clock.now()
+        for name, dep in list(self._deployments.items()):
+            try:
+                self._reconcile_deployment(name, dep, now)
+            except Exception:  # one broken deployment must not starve the others
+                logger.exception("reconcile of deployment %s failed", name)
+        for inst_id, inst in list(self._instances.items()):
+            if inst.state is InstanceState.STOPPED:
+                del self._instances[inst_id]
+        for name, dep in list(self._deployments.items()):
+            if dep.deleted and not self._live(name, include_stopping=True):
+                del self._deployments[name]
+
+    def _reconcile_deployment(self, name: str, dep: _Deployment, now: float) -> None:
+        insts = self._live(name)
+        if dep.deleted:
+            for inst in insts:
+                self._begin_stop(inst)
+            return
+        self._reap_lost(insts)
+        insts = self._live(name)
+        queued, router_in_flight = self._load_source(name) if self._load_source else (0, 0)
+        handle_in_flight = sum(i.handle.in_flight for i in insts if i.handle is not None)
+        in_flight = max(router_in_flight, handle_in_flight)
+        if dep.wake_pending and queued == 0 and in_flight == 0:
+            queued = 1  # the router's request may not be counted yet
+        dep.wake_pending = False
+        if queued + in_flight > 0:
+            dep.last_busy_s = now
+        active = [i for i in insts if i.state in ACTIVE_STATES]
+        spec = dep.spec
+        config = AutoscalerConfig(
+            min_instances=spec.min_instances,
+            max_instances=spec.max_instances,
+            target_concurrency=spec.target_concurrency,
+            keep_alive_s=spec.keep_alive_s,
+        )
+        dep.desired = desired_instances(
+            config,
+            queued=queued,
+            in_flight=in_flight,
+            current=len(active),
+            now_s=now,
+            last_busy_s=dep.last_busy_s,
+        )
+        if dep.desired > len(active) and now >= dep.retry_at_s:
+            nodes = self._cluster.nodes()
+            for _ in range(dep.desired - len(active)):
+                nodes = self._launch(dep, now, nodes)
+        elif dep.desired < len(active):
+            self._scale_down(active, len(active) - dep.desired, now)
+        for inst in insts:
+            if inst.state is InstanceState.DRAINING:
+                idle = inst.handle is None or inst.handle.in_flight == 0
+                overdue = now - (inst.drain_since_s or now) > spec.request_timeout_s
+                if idle or overdue:
+                    self._begin_stop(inst)
+
+    def _scale_down(self, active: list[_Instance], surplus: int, now: float) -> None:
+        # Not-yet-ready instances go first (they serve nobody), then the least loaded.
+        def cost(i: _Instance) -> tuple[int, int]:
+            load = i.handle.in_flight if i.handle is not None else 0
+            return (1 if i.state is InstanceState.READY else 0, load)
+
+        for inst in sorted(active, key=cost)[:surplus]:
+            if inst.state is InstanceState.READY and inst.handle and inst.handle.in_flight > 0:
+                inst.fire(InstanceEvent.DRAIN)
+                inst.drain_since_s = now
+            else:
+                self._begin_stop(inst)
+
+    def _reap_lost(self, insts: list[_Instance]) -> None:
+        for inst in insts:
+            if inst.state is InstanceState.READY and inst.handle is not None:
+                if getattr(inst.handle, "lost", False):
+                    self._fail(inst, "instance lost (actor or node died)")
+
+    # --- instance actions ------------------------------------------------------------------
+
+    def _launch(self, dep: _Deployment, now: float, nodes: list[NodeInfo]) -> list[NodeInfo]:
+        """Start one instance; returns `nodes` with the chosen node's free CPUs reduced."""
+        spec = dep.spec
+        instance_id = f"{spec.name}-{next(self._ids)}"
+        inst = _Instance(instance_id, spec.name, InstanceState.PENDING, started_at_s=now)
+        self._instances[instance_id] = inst
+        need = self._cluster.instance_cpus(spec)
+        node_id = choose_node(
+            nodes,
+            self._checkpoint_nodes.get(spec.source, set()),
+            need_cpus=need,
+            taken=[i.node_id for i in self._live(spec.name) if i.node_id],
+        )
+        try:
+            inst.handle = self._cluster.launch(spec, instance_id, node_id)
+        except Exception as e:
+            logger.exception("launch of %s failed", instance_id)
+            self._fail(inst, f"{type(e).__name__}: {e}")
+            return nodes
+        inst.node_id = node_id
+        inst.fire(InstanceEvent.LAUNCHED)
+        inst.task = asyncio.create_task(self._await_start(inst, spec), name=f"start-{instance_id}")
+        return [
+            replace(n, cpus_available=n.cpus_available - need) if n.node_id == node_id else n
+            for n in nodes
+        ]
+
+    async def _await_start(self, inst: _Instance, spec: DeploymentSpec) -> None:
+        assert inst.handle is not None
+        try:
+            ready = await self._cluster.wait_started(inst.handle, self._start_timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            if inst.state is InstanceState.STARTING:
+                logger.error("instance id=%s failed to start: %s", inst.instance_id, e)
+                self._fail(inst, f"{type(e).__name__}: {e}")
+            return
+        if inst.state is not InstanceState.STARTING:
+            return  # stopped while starting; the stop task owns the actor now
+        inst.node_id = ready.node_id
+        inst.handle.node_id = ready.node_id
+        inst.load_s = ready.load_s
+        self._checkpoint_nodes.setdefault(spec.source, set()).add(ready.node_id)
+        dep = self._deployments.get(inst.deployment)
+        if dep is not None:
+            dep.failures, dep.retry_at_s = 0, 0.0
+        inst.fire(InstanceEvent.LOADED)
+        self._notify()
+
+    def _fail(self, inst: _Instance, error: str) -> None:
+        inst.fire(InstanceEvent.ERROR)
+        inst.error = error
+        dep = self._deployments.get(inst.deployment)
+        if dep is not None:
+            dep.failures += 1
+            dep.retry_at_s = self._clock.now() + min(self._max_backoff_s, 2.0**dep.failures)
+            dep.last_error = error
+            dep.error_seq += 1
+            dep.failed = (dep.failed + [inst])[-3:]
+        self._instances.pop(inst.instance_id, None)
+        if inst.handle is not None:
+            handle = inst.handle
+            # Kill whatever is left of the actor; its record stays as FAILED for `status`.
+            task = asyncio.create_task(
+                self._cluster.stop(handle), name=f"cleanup-{inst.instance_id}"
+            )
+            task.add_done_callback(_log_task_error)
+        self._notify()
+
+    def _begin_stop(self, inst: _Instance) -> None:
+        if inst.state in (InstanceState.STOPPING, InstanceState.STOPPED, InstanceState.FAILED):
+            return
+        inst.fire(InstanceEvent.STOP)
+        if inst.state is InstanceState.STOPPED:  # was pending: nothing was created
+            return
+        if inst.task is not None and not inst.task.done():
+            inst.task.cancel()
+        inst.task = asyncio.create_task(self._stop(inst), name=f"stop-{inst.instance_id}")
+        self._notify()
+
+    async def _stop(self, inst: _Instance) -> None:
+        try:
+            if inst.handle is not None:
+                await self._cluster.stop(inst.handle)
+            inst.fire(InstanceEvent.EXITED)
+        except Exception as e:
+            logger.exception("stop of %s failed", inst.instance_id)
+            inst.error = f"{type(e).__name__}: {e}"
+            inst.fire(InstanceEvent.ERROR)
+        self._notify()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _live(self, name: str, include_stopping: bool = False) -> list[_Instance]:
+        skip = {InstanceState.STOPPED, InstanceState.FAILED}
+        if not include_stopping:
+            skip.add(InstanceState.STOPPING)
+        return [i for i in self._instances.values() if i.deployment == name and i.state not in skip]
+
+    def _notify(self) -> None:
+        if self._kick is not None:
+            self._kick.set()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = asyncio.Event()
+
+
+def _engine_fields(spec: DeploymentSpec) -> tuple[object, ...]:
+    return (spec.source, spec.tp, spec.dtype, spec.max_model_len, spec.max_num_seqs)
+
+
+def _log_task_error(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task %s failed: %s", task.get_name(), task.exception())
