@@ -8,12 +8,39 @@ from __future__ import annotations
 
 from ember.policy.autoscaler import AutoscalerConfig, desired_instances, predicted_instances
 from ember.policy.clock import Clock, FakeClock, SystemClock
+from ember.policy.device_map import DeviceMapping, MappingStrategy, map_devices, weight_matrix
+from ember.policy.layout import Gpu, ModelShape, Placement, Position, positions, stage_layers
+from ember.policy.optimizer import (
+    ConfigEstimate,
+    OptimizerConfig,
+    ParallelConfig,
+    choose_config,
+    estimate,
+)
+from ember.policy.profile import LatencyProfile, LayerCost
 
 __all__ = [
     "AutoscalerConfig",
     "Clock",
+    "ConfigEstimate",
+    "DeviceMapping",
     "FakeClock",
+    "Gpu",
+    "LatencyProfile",
+    "LayerCost",
+    "MappingStrategy",
+    "ModelShape",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "Placement",
+    "Position",
     "SystemClock",
+    "choose_config",
     "desired_instances",
+    "estimate",
+    "map_devices",
+    "positions",
     "predicted_instances",
+    "stage_layers",
+    "weight_matrix",
 ]
