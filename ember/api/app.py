@@ -1,0 +1,168 @@
+"""The FastAPI application: OpenAI-compatible routes, admin routes, /health and /metrics.
+
+`create_app(controller, config)` wires the pieces of this package to a running controller:
+the router (queues, instance choice, request journal), the generation endpoints, API-key checks,
+OpenAI-shaped errors and Prometheus metrics. The app holds no model: instances live behind the
+controller (Ray actors in production), and this process only renders prompts and moves tokens.
+
+Routes:
+    GET  /v1/models, /v1/models/{model}          deployments, as OpenAI model cards
+    POST /v1/completions, /v1/chat/completions   generation (stream or not)
+    POST /admin/deployments                      create or update (body: DeploymentSpec JSON)
+    DELETE /admin/deployments/{name}             delete (404 if unknown)
+    GET  /admin/status                           deployments, instances, nodes (`ember status`)
+    GET  /admin/requests/{request_id}            one journal entry (prompt, generated token ids)
+    GET  /health, /metrics                       liveness; Prometheus text format (no key needed)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException
+
+from ember.api.auth import KeyChecker
+from ember.api.config import ApiConfig
+from ember.api.generation import Generation
+from ember.api.journal import RequestJournal
+from ember.api.metrics import ApiMetrics
+from ember.api.responses import install_error_handlers
+from ember.api.router import ControllerLike, Router
+from ember.api.schemas import ChatCompletionRequest, CompletionRequest
+from ember.controller.types import DeploymentSpec
+from ember.errors import ConfigError, InvalidRequestError
+from ember.policy.clock import Clock, SystemClock
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -> FastAPI:
+    """The API app for `controller` (an `ember.controller.Controller`, started by the caller)."""
+    config.validate()
+    clock = clock if clock is not None else SystemClock()
+    ctl: ControllerLike = controller
+    keys = KeyChecker(config)
+    metrics = ApiMetrics()
+    router = Router(
+        ctl,
+        RequestJournal(config.journal_max_finished),
+        clock=clock,
+        on_cold_start=lambda model: metrics.cold_starts.labels(model).inc(),
+    )
+    metrics.watch(router.loads, controller.status)
+    generation = Generation(ctl, router, config, metrics, clock)
+    started = int(time.time())
+
+    app = FastAPI(title="ember", version="0.1.0", docs_url=None, redoc_url=None)
+    app.state.router = router
+    app.state.metrics = metrics
+    app.state.controller = controller
+    app.state.generation = generation
+    install_error_handlers(app)
+
+    def user(authorization: str | None = Header(default=None)) -> None:
+        keys.check_user(authorization)
+
+    def admin(authorization: str | None = Header(default=None)) -> None:
+        keys.check_admin(authorization)
+
+    def card(spec: DeploymentSpec) -> dict[str, Any]:
+        return {"id": spec.name, "object": "model", "created": started, "owned_by": "ember"}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Depends(user)])
+    async def list_models() -> dict[str, Any]:
+        specs = sorted(controller.list_deployments(), key=lambda s: s.name)
+        return {"object": "list", "data": [card(s) for s in specs]}
+
+    @app.get("/v1/models/{model:path}", dependencies=[Depends(user)])
+    async def get_model(model: str) -> dict[str, Any]:
+        return card(controller.get(model))
+
+    @app.post("/v1/completions", dependencies=[Depends(user)])
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await generation.completion(body, request)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(user)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await generation.chat(body, request)
+
+    @app.post("/admin/deployments", dependencies=[Depends(admin)])
+    async def deploy(request: Request) -> JSONResponse:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        try:
+            spec = DeploymentSpec.from_dict(data)
+        except ConfigError as e:
+            raise InvalidRequestError(str(e), _field_of(str(e))) from None
+        existed = any(s.name == spec.name for s in controller.list_deployments())
+        controller.deploy(spec)
+        if existed:
+            generation.tokenizers.forget(spec.source)
+        logger.info("deployment %s name=%s source=%s", "updated" if existed else "created",
+                    spec.name, spec.source)  # fmt: skip
+        return JSONResponse(
+            {"deployment": spec.to_dict(), "created": not existed},
+            status_code=200 if existed else 201,
+        )
+
+    @app.delete("/admin/deployments/{name}", dependencies=[Depends(admin)])
+    async def delete(name: str) -> dict[str, Any]:
+        spec = controller.get(name)
+        controller.delete(name)
+        generation.tokenizers.forget(spec.source)
+        logger.info("deployment deleted name=%s", name)
+        return {"deleted": name}
+
+    @app.get("/admin/status", dependencies=[Depends(admin)])
+    async def status() -> dict[str, Any]:
+        out: dict[str, Any] = {"deployments": [s.to_dict() for s in controller.status()]}
+        for d in out["deployments"]:
+            d["queued"], d["in_flight"] = router.load(d["name"])
+        nodes = getattr(controller, "nodes", None)
+        if callable(nodes):
+            try:
+                out["nodes"] = [n.to_dict() for n in nodes()]
+            except Exception:  # the cluster may be unreachable; status still answers
+                logger.exception("admin status: listing nodes failed")
+                out["nodes"] = []
+        return out
+
+    @app.get("/admin/requests/{request_id}", dependencies=[Depends(admin)])
+    async def journal_entry(request_id: str) -> dict[str, Any]:
+        entry = router.journal.get(request_id)
+        if entry is None:
+            raise HTTPException(404, f"no journal entry for request {request_id!r}")
+        return {
+            "request_id": entry.request_id,
+            "model": entry.model,
+            "instance_id": entry.instance_id,
+            "prompt": entry.prompt,
+            "prompt_tokens": entry.prompt_tokens,
+            "token_ids": list(entry.token_ids),
+            "text": entry.text,
+            "finished": entry.finished,
+            "finish_reason": entry.finish_reason,
+        }
+
+    return app
+
+
+def _field_of(message: str) -> str | None:
+    """The field a ConfigError names first ("max_instances: must be >= 1" -> "max_instances")."""
+    head = message.split(":", 1)[0].strip()
+    return head if head.isidentifier() else None

@@ -1,0 +1,276 @@
+"""The router: per-deployment bounded queues, least-loaded instance choice, token streaming.
+
+A request first tries to take a slot on a ready instance of its deployment (an instance carries
+at most `spec.max_num_seqs` routed requests, the engine's batch size). If none is free it joins
+the deployment's FIFO line, bounded by `spec.max_queue` (QueueFullError beyond it); while the
+deployment has no ready instance at all the head of the line asks the controller to wake it and
+waits for an instance (scale from zero). The whole wait, up to the first token, is bounded by
+`spec.request_timeout_s` (RequestTimeoutError). Once placed, deltas stream straight through and
+each one's token ids are appended to the request journal.
+
+The controller reads `load(name) -> (queued, in_flight)` through `set_load_source` to decide how
+many instances a deployment needs.
+
+Invariants: `queued` counts requests in the line; `in_flight` counts requests holding a slot;
+both return to zero when every request has ended, however it ended (finished, error, timeout,
+client gone). A request whose consumer stops early is aborted on its instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ember.api.journal import JournalEntry, RequestJournal
+from ember.controller.types import DeploymentSpec, StreamDelta
+from ember.errors import QueueFullError, RequestTimeoutError
+from ember.policy.clock import Clock, SystemClock
+
+if TYPE_CHECKING:
+    from ember import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# How often a queued request re-checks for instances that became ready or free, in seconds.
+POLL_INTERVAL_S = 0.05
+
+
+class InstanceLike(Protocol):
+    """The part of `ember.cluster.instance.InstanceHandle` the router uses."""
+
+    instance_id: str
+
+    def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+
+class ControllerLike(Protocol):
+    """The part of `ember.controller.controller.Controller` the router uses."""
+
+    def get(self, name: str) -> DeploymentSpec: ...
+
+    def ready_instances(self, name: str) -> list[Any]: ...
+
+    def set_load_source(self, fn: Callable[[str], tuple[int, int]]) -> None: ...
+
+    def wake(self, name: str) -> None: ...
+
+    async def wait_for_instance(self, name: str, timeout_s: float) -> None: ...
+
+
+@dataclass(slots=True)
+class _Load:
+    """One deployment's routing state (owned by the router, mutated on the event loop only)."""
+
+    line: deque[object] = field(default_factory=deque)  # FIFO of waiting requests' tickets
+    in_flight: int = 0
+    per_instance: dict[str, int] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    waking: bool = False  # a cold start is in progress (counted once in cold_starts)
+    turn: int = 0  # rotates ties between equally loaded instances
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class Router:
+    """Routes requests of every deployment to its instances; see the module docstring."""
+
+    def __init__(
+        self,
+        controller: ControllerLike,
+        journal: RequestJournal | None = None,
+        clock: Clock | None = None,
+        on_cold_start: Callable[[str], None] | None = None,
+    ) -> None:
+        self._controller = controller
+        self.journal = journal if journal is not None else RequestJournal()
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._on_cold_start = on_cold_start
+        self._loads: dict[str, _Load] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        controller.set_load_source(self.load)
+
+    # --- what the controller and /metrics read ---------------------------------------------
+
+    def load(self, name: str) -> tuple[int, int]:
+        """(queued, in_flight) of a deployment."""
+        state = self._loads.get(name)
+        return (len(state.line), state.in_flight) if state is not None else (0, 0)
+
+    def loads(self) -> dict[str, tuple[int, int]]:
+        return {name: self.load(name) for name in self._loads}
+
+    # --- routing -------------------------------------------------------------------------------
+
+    async def generate(
+        self, model: str, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[StreamDelta]:
+        """Stream one request's deltas from an instance of `model`.
+
+        Raises ModelNotFoundError, QueueFullError, RequestTimeoutError (no first token within
+        the deployment's request timeout), or the instance's own error (e.g. RequestError).
+        """
+        spec = self._controller.get(model)
+        state = self._loads.setdefault(model, _Load())
+        deadline = self._clock.now() + spec.request_timeout_s
+        entry = self.journal.open(request_id, model, prompt, params, self._clock.now())
+        finish_reason: str | None = "abort"
+        handle: Any = None
+        stream: AsyncIterator[StreamDelta] | None = None
+        finished = False
+        try:
+            handle = await self._acquire(model, spec, state, deadline)
+            entry.instance_id = handle.instance_id
+            stream = handle.generate(request_id, prompt, params)
+            first = await self._first_delta(stream, deadline, spec)
+            finished = self._record(entry, first)
+            yield first
+            while not finished:
+                delta = await anext(stream)
+                finished = self._record(entry, delta)
+                yield delta
+            finish_reason = entry.finish_reason
+        except StopAsyncIteration:
+            finish_reason = entry.finish_reason or "abort"
+        finally:
+            if handle is not None:
+                self._release(state, handle.instance_id)
+            if stream is not None and not finished:
+                self._spawn(self._close(handle, stream, request_id))
+            self.journal.close(entry, finish_reason)
+
+    async def _first_delta(
+        self, stream: AsyncIterator[StreamDelta], deadline: float, spec: DeploymentSpec
+    ) -> StreamDelta:
+        remaining = max(deadline - self._clock.now(), 0.001)
+        try:
+            return await asyncio.wait_for(anext(stream), remaining)
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"no output within request_timeout_s={spec.request_timeout_s} "
+                f"for deployment {spec.name!r}"
+            ) from None
+
+    def _record(self, entry: JournalEntry, delta: StreamDelta) -> bool:
+        self.journal.record(entry, delta)
+        return delta.finished
+
+    async def _acquire(
+        self, model: str, spec: DeploymentSpec, state: _Load, deadline: float
+    ) -> Any:
+        """A ready instance with a free slot, taken in FIFO order; see the module docstring."""
+        if not state.line:
+            handle = self._pick(model, spec, state)
+            if handle is not None:
+                return handle
+        if len(state.line) >= spec.max_queue:
+            raise QueueFullError(
+                f"deployment {model!r} has {len(state.line)} requests queued "
+                f"(max_queue={spec.max_queue}); retry later"
+            )
+        ticket = object()
+        state.line.append(ticket)
+        try:
+            while True:
+                if state.line[0] is ticket:
+                    handle = self._pick(model, spec, state)
+                    if handle is not None:
+                        state.line.popleft()
+                        state.notify()  # the next in line may find a slot too
+                        return handle
+                remaining = deadline - self._clock.now()
+                if remaining <= 0:
+                    raise RequestTimeoutError(
+                        f"request waited request_timeout_s={spec.request_timeout_s} in the "
+                        f"queue of deployment {model!r} without an instance"
+                    )
+                if not self._controller.ready_instances(model):
+                    await self._wait_for_instance(model, state, remaining)
+                else:
+                    await _wait_event(state.changed, min(remaining, POLL_INTERVAL_S))
+        finally:
+            if ticket in state.line:
+                state.line.remove(ticket)
+                state.notify()
+
+    async def _wait_for_instance(self, model: str, state: _Load, remaining: float) -> None:
+        if not state.waking:
+            state.waking = True
+            if self._on_cold_start is not None:
+                self._on_cold_start(model)
+            logger.info("cold start deployment=%s queued=%d", model, len(state.line))
+        self._controller.wake(model)
+        try:
+            await self._controller.wait_for_instance(model, min(remaining, 1.0))
+        except RequestTimeoutError:
+            pass  # the caller re-checks its own deadline
+
+    def _pick(self, model: str, spec: DeploymentSpec, state: _Load) -> Any:
+        """Least-loaded ready instance below its slot cap (ties rotate); takes the slot."""
+        ready = self._controller.ready_instances(model)
+        if ready:
+            state.waking = False
+        best: Any = None
+        best_key: tuple[int, int] | None = None
+        n = len(ready)
+        for i, handle in enumerate(ready):
+            count = state.per_instance.get(handle.instance_id, 0)
+            if count >= spec.max_num_seqs:
+                continue
+            key = (count, (i - state.turn) % n)
+            if best_key is None or key < best_key:
+                best, best_key = handle, key
+        if best is not None:
+            state.turn += 1
+            state.per_instance[best.instance_id] = state.per_instance.get(best.instance_id, 0) + 1
+            state.in_flight += 1
+        return best
+
+    def _release(self, state: _Load, instance_id: str) -> None:
+        state.in_flight -= 1
+        left = state.per_instance.get(instance_id, 0) - 1
+        if left > 0:
+            state.per_instance[instance_id] = left
+        else:
+            state.per_instance.pop(instance_id, None)
+        assert state.in_flight >= 0, "router in-flight count went negative"
+        state.notify()
+
+    async def _close(
+        self, handle: Any, stream: AsyncIterator[StreamDelta], request_id: str
+    ) -> None:
+        """Stop an unfinished request on its instance (closing the stream aborts it too)."""
+        try:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await handle.abort(request_id)
+        except Exception:  # the instance may be gone already; nothing is left to abort then
+            logger.debug("abort of %s failed", request_id, exc_info=True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # Cleanup runs in its own task so a cancelled caller (client gone) cannot interrupt it.
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self) -> None:
+        """Wait for pending abort tasks (tests and shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass
