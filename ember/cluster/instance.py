@@ -13,6 +13,7 @@ out. It counts the requests in flight through it (the router's least-loaded choi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ember.controller.types import DeploymentSpec, StreamDelta
+from ember.errors import InstanceLostError
 
 if TYPE_CHECKING:
     from ember import SamplingParams
@@ -42,27 +44,35 @@ class InstanceReady:
 class InstanceActor:
     """Actor body: one engine replica (all its tensor-parallel ranks) and its streams."""
 
-    def __init__(self, spec: DeploymentSpec, instance_id: str, cache_root: str) -> None:
+    def __init__(
+        self, spec: DeploymentSpec, instance_id: str, cache_root: str, device: str = "cpu"
+    ) -> None:
         self._spec = spec
         self._instance_id = instance_id
         self._cache_root = cache_root
+        self._device = device
         self._runner: EngineRunner | None = None
         self._ready: InstanceReady | None = None
 
-    async def start(self, node_id: str) -> InstanceReady:
+    async def start(self) -> InstanceReady:
         """Prepare the checkpoint on this node and load the engine (idempotent)."""
         if self._ready is not None:
             return self._ready
         import os
 
+        from ember.cluster.adapter import current_node_id
         from ember.cluster.runner import EngineRunner, prepare_checkpoint
+
+        node_id = current_node_id()
 
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         path = await loop.run_in_executor(
             None, prepare_checkpoint, self._spec, self._cache_root, node_id
         )
-        runner = await loop.run_in_executor(None, EngineRunner.create, self._spec, path)
+        runner = await loop.run_in_executor(
+            None, EngineRunner.create, self._spec, path, self._device
+        )
         runner.start(loop)
         self._runner = runner
         self._ready = InstanceReady(
@@ -105,6 +115,8 @@ class InstanceActor:
                         break
                     finished = out.finished
                     yield out
+                    if finished:
+                        break
         finally:
             if not finished:
                 runner.abort(request_id)
@@ -151,8 +163,8 @@ class InstanceHandle:
     """The caller's side of one instance. Plain Python: no Ray type crosses this interface.
 
     `generate` yields `StreamDelta`s until one has `finished=True`; it raises the engine's own
-    error (e.g. `RequestError` for a prompt that is too long) and `InstanceLostError`-style
-    `EngineError` when the actor dies. Closing the iterator early aborts the request.
+    error (e.g. `RequestError` for a prompt that is too long) and `InstanceLostError` when the
+    actor died. Closing the iterator early aborts the request.
     """
 
     def __init__(
@@ -170,6 +182,12 @@ class InstanceHandle:
         self.deployment = deployment
         self.node_id = node_id
         self.in_flight = 0
+        self.lost = False  # set once a call found the actor dead; the controller replaces it
+
+    @property
+    def actor_ref(self) -> ActorRef:
+        """The adapter's reference (for ember.cluster only)."""
+        return self._actor
 
     def __repr__(self) -> str:
         return (
@@ -184,14 +202,19 @@ class InstanceHandle:
         finished = False
         try:
             stream = self._adapter.stream(self._actor, "generate", request_id, prompt, params)
-            async for item in stream:
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    break
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    finished = item.finished
+                    yield item
+                    if finished:
+                        break
+        except InstanceLostError:
+            self.lost = True
+            finished = True
+            raise
         finally:
             self.in_flight -= 1
             if not finished:

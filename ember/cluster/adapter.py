@@ -1,0 +1,274 @@
+"""The one thin layer over Ray: every `ray.*` call ember makes goes through this module.
+
+Owns: starting or joining a Ray cluster (the embedded default keeps every Ray process on
+127.0.0.1 with no dashboard), listing nodes with their labels and free resources, creating
+instance actors (node affinity, or a placement group for tensor-parallel instances), calling
+and streaming actor methods from asyncio, and killing actors with their placement groups.
+
+Ray's exceptions stop here: an actor that died surfaces as `InstanceLostError`, an error the
+actor raised on purpose surfaces as itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import (
+    NodeAffinitySchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
+
+from ember.controller.types import NodeInfo
+from ember.errors import ConfigError, DeploymentError, InstanceLostError
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "ember"
+ACTOR_PREFIX = "ember-instance:"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class ActorRef:
+    """An actor handle and what was reserved for it; opaque outside ember.cluster."""
+
+    name: str
+    actor: Any  # ray.actor.ActorHandle
+    placement_group: PlacementGroup | None = None
+
+
+class RayAdapter:
+    """A connection to one Ray cluster (local or joined); `shutdown()` leaves it."""
+
+    def __init__(self, *, owns_cluster: bool) -> None:
+        self.owns_cluster = owns_cluster
+
+    @classmethod
+    def start_local(
+        cls, *, num_cpus: int | None = None, labels: dict[str, str] | None = None
+    ) -> RayAdapter:
+        """Start a private Ray instance bound to 127.0.0.1 (GCS, raylet, workers; no dashboard)."""
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        if ray.is_initialized():
+            raise DeploymentError("Ray is already initialised in this process")
+        ray.init(
+            num_cpus=num_cpus,
+            labels=labels or None,
+            include_dashboard=False,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            namespace=NAMESPACE,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+        )
+        logger.info("ray started address=%s num_cpus=%s", _gcs_address(), num_cpus)
+        return cls(owns_cluster=True)
+
+    @classmethod
+    def connect(cls, address: str) -> RayAdapter:
+        """Join an existing cluster ("auto" or HOST:PORT of its GCS)."""
+        if not address:
+            raise ConfigError("address: must be 'auto' or HOST:PORT")
+        if ray.is_initialized():
+            raise DeploymentError("Ray is already initialised in this process")
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        except ConnectionError as e:
+            raise DeploymentError(f"cannot join the Ray cluster at {address}: {e}") from None
+        logger.info("ray joined address=%s", _gcs_address())
+        return cls(owns_cluster=False)
+
+    @classmethod
+    def attach(cls) -> RayAdapter:
+        """Use the Ray connection this process already has (tests sharing one cluster)."""
+        if not ray.is_initialized():
+            raise DeploymentError("Ray is not initialised in this process")
+        return cls(owns_cluster=False)
+
+    def shutdown(self) -> None:
+        if self.owns_cluster and ray.is_initialized():
+            ray.shutdown()
+
+    @property
+    def address(self) -> str:
+        return _gcs_address()
+
+    # --- nodes ---------------------------------------------------------------------------
+
+    def nodes(self) -> list[NodeInfo]:
+        """Alive and dead nodes with labels and free resources (one GCS round trip each)."""
+        available = _available_by_node()
+        out = []
+        for n in ray.nodes():
+            node_id = n["NodeID"]
+            total = n.get("Resources", {})
+            free = available.get(node_id, {})
+            labels = {
+                k: v for k, v in (n.get("Labels") or {}).items() if not k.startswith("ray.io/")
+            }
+            out.append(
+                NodeInfo(
+                    node_id=node_id,
+                    address=n.get("NodeManagerAddress", ""),
+                    alive=bool(n.get("Alive")),
+                    labels=tuple(sorted(labels.items())),
+                    cpus_total=float(total.get("CPU", 0.0)),
+                    cpus_available=float(free.get("CPU", 0.0)),
+                    gpus_total=float(total.get("GPU", 0.0)),
+                    gpus_available=float(free.get("GPU", 0.0)),
+                )
+            )
+        return out
+
+    # --- actors --------------------------------------------------------------------------
+
+    def create_actor(
+        self,
+        cls: type,
+        name: str,
+        args: tuple[Any, ...],
+        *,
+        cpus: float,
+        gpus: float,
+        node_id: str | None,
+        ranks: int = 1,
+        env: dict[str, str] | None = None,
+    ) -> ActorRef:
+        """Create a named actor without waiting for it to be scheduled.
+
+        One rank: soft node affinity to `node_id` (Ray falls back to any node if it is full).
+        Several ranks: a STRICT_PACK placement group with one bundle per rank, preferring
+        `node_id`; the actor runs in bundle 0 and the engine's own launcher starts the other
+        ranks as processes beside it, on the CPUs/GPUs the other bundles reserve.
+        """
+        resources: dict[str, float] = {"CPU": cpus}
+        if gpus:
+            resources["GPU"] = gpus
+        pg: PlacementGroup | None = None
+        if ranks > 1:
+            pg = placement_group(
+                [dict(resources) for _ in range(ranks)],
+                strategy="STRICT_PACK",
+                name=f"{name}-pg",
+                _soft_target_node_id=node_id,
+            )
+            strategy: Any = PlacementGroupSchedulingStrategy(
+                placement_group=pg, placement_group_bundle_index=0
+            )
+        elif node_id is not None:
+            strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+        else:
+            strategy = "DEFAULT"
+        remote_cls: Any = ray.remote(cls)
+        actor = remote_cls.options(
+            name=name,
+            namespace=NAMESPACE,
+            num_cpus=cpus,
+            num_gpus=gpus,
+            max_restarts=0,
+            max_concurrency=1000,
+            scheduling_strategy=strategy,
+            runtime_env={"env_vars": env} if env else None,
+        ).remote(*args)
+        return ActorRef(name=name, actor=actor, placement_group=pg)
+
+    async def call(
+        self, ref: ActorRef, method: str, *args: Any, timeout_s: float | None = None
+    ) -> Any:
+        """Await one actor method call; Ray's errors are translated (see module docstring)."""
+        obj = getattr(ref.actor, method).remote(*args)
+        try:
+            if timeout_s is None:
+                return await obj
+            return await asyncio.wait_for(_await_ref(obj), timeout_s)
+        except ray.exceptions.RayTaskError as e:
+            raise _cause(e) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            raise InstanceLostError(f"{ref.name}: {_first_line(e)}") from None
+
+    async def stream(self, ref: ActorRef, method: str, *args: Any) -> AsyncGenerator[Any, None]:
+        """Iterate a streaming actor method; closing this iterator cancels the remote one."""
+        gen = getattr(ref.actor, method).options(num_returns="streaming").remote(*args)
+        done = False
+        try:
+            async for obj in gen:
+                yield await obj
+            done = True
+        except ray.exceptions.RayTaskError as e:
+            done = True
+            raise _cause(e) from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            done = True
+            raise InstanceLostError(f"{ref.name}: {_first_line(e)}") from None
+        finally:
+            if not done:
+                try:
+                    ray.cancel(gen)
+                except Exception:  # the stream may have ended in the meantime
+                    logger.debug("cancel of a stream from %s failed", ref.name, exc_info=True)
+
+    async def kill(self, ref: ActorRef, *, graceful_s: float = 5.0) -> None:
+        """Ask the actor to shut down, then kill it and free its placement group."""
+        try:
+            await self.call(ref, "shutdown", timeout_s=graceful_s)
+        except Exception as e:  # dead, stuck or never started: killing is all that is left
+            logger.debug("graceful shutdown of %s failed: %s", ref.name, e)
+        ray.kill(ref.actor, no_restart=True)
+        if ref.placement_group is not None:
+            remove_placement_group(ref.placement_group)
+
+    def actor_names(self) -> list[str]:
+        """Names of ember's live named actors in the ember namespace."""
+        names = ray.util.list_named_actors(all_namespaces=True)
+        return sorted(
+            n["name"]
+            for n in names
+            if n.get("namespace") == NAMESPACE and n["name"].startswith(ACTOR_PREFIX)
+        )
+
+
+def current_node_id() -> str:
+    """The Ray node id of the calling process (inside an actor: the node it runs on)."""
+    return str(ray.get_runtime_context().get_node_id())
+
+
+async def _await_ref(obj: Any) -> Any:
+    return await obj
+
+
+def _available_by_node() -> dict[str, dict[str, float]]:
+    """Free resources per node, from the GCS's per-node resource view."""
+    # ray.available_resources() is summed over nodes; placement needs each node's own view.
+    from ray._private.state import available_resources_per_node
+
+    try:
+        return {k: dict(v) for k, v in available_resources_per_node().items()}
+    except Exception:  # an older or newer Ray without this view: treat every node as full
+        logger.warning("per-node free resources unavailable; placement falls back to Ray")
+        return {}
+
+
+def _cause(e: Any) -> BaseException:
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause
+    return InstanceLostError(_first_line(e))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _gcs_address() -> str:
+    try:
+        return str(ray.get_runtime_context().gcs_address)
+    except Exception:
+        return "?"

@@ -1,0 +1,138 @@
+"""`RayCluster`: the controller's view of a Ray cluster (nodes, instance start and stop).
+
+Owns the `RayAdapter` connection and `ClusterConfig`. An instance is one named actor
+(`ember-instance:<id>`) hosting an engine; tensor-parallel instances reserve one bundle per
+rank in a STRICT_PACK placement group. Stopping an instance kills its actor and removes its
+placement group, so a deleted deployment leaves no actor and no reservation behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ember.cluster.adapter import ACTOR_PREFIX, RayAdapter
+from ember.cluster.instance import InstanceActor, InstanceHandle, InstanceReady
+from ember.controller.types import DeploymentSpec, NodeInfo
+from ember.errors import ConfigError, DeploymentError, RequestTimeoutError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """How ember uses Ray.
+
+    address: None starts a private Ray on 127.0.0.1; "auto" or HOST:PORT joins a cluster.
+    num_cpus: logical CPUs of the private Ray (None: max(4, cores), so two instances fit on a
+        small machine; each instance's torch threads follow `instance_cpus`).
+    instance_cpus / instance_gpus: resources one tensor-parallel rank reserves.
+    device: where engines run ("cpu", or "cuda" with instance_gpus >= 1).
+    cache_dir: root of the per-node caches (converted checkpoints under nodes/<node id>/).
+    labels: labels of the private Ray's node (a cluster's nodes get theirs from `ray start
+        --labels`); ember reads "spot" ("true"/"false") and "zone".
+    """
+
+    address: str | None = None
+    num_cpus: int | None = None
+    instance_cpus: float = 1.0
+    instance_gpus: float = 0.0
+    device: str = "cpu"
+    cache_dir: str = "~/.cache/ember"
+    labels: tuple[tuple[str, str], ...] = field(default=())
+
+    def validate(self) -> None:
+        if self.num_cpus is not None and self.num_cpus < 1:
+            raise ConfigError(f"num_cpus: must be >= 1, got {self.num_cpus}")
+        if self.instance_cpus <= 0:
+            raise ConfigError(f"instance_cpus: must be > 0, got {self.instance_cpus}")
+        if self.instance_gpus < 0:
+            raise ConfigError(f"instance_gpus: must be >= 0, got {self.instance_gpus}")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.device.startswith("cuda") and self.instance_gpus < 1:
+            raise ConfigError("instance_gpus: must be >= 1 when device is cuda")
+
+
+class RayCluster:
+    """Implements `ember.controller.controller.ClusterBackend` on Ray."""
+
+    def __init__(self, config: ClusterConfig, adapter: RayAdapter | None = None) -> None:
+        config.validate()
+        self.config = config
+        if adapter is not None:
+            self._adapter = adapter
+        elif config.address is None:
+            num_cpus = config.num_cpus or max(4, os.cpu_count() or 1)
+            self._adapter = RayAdapter.start_local(num_cpus=num_cpus, labels=dict(config.labels))
+        else:
+            self._adapter = RayAdapter.connect(config.address)
+
+    @property
+    def address(self) -> str:
+        return self._adapter.address
+
+    def shutdown(self) -> None:
+        """Leave the cluster (a private Ray is stopped with every process it started)."""
+        self._adapter.shutdown()
+
+    def nodes(self) -> list[NodeInfo]:
+        return self._adapter.nodes()
+
+    def instance_cpus(self, spec: DeploymentSpec) -> float:
+        return self.config.instance_cpus * spec.tp
+
+    def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> InstanceHandle:
+        ref = self._adapter.create_actor(
+            InstanceActor,
+            f"{ACTOR_PREFIX}{instance_id}",
+            (spec, instance_id, self.config.cache_dir, self.config.device),
+            cpus=self.config.instance_cpus,
+            gpus=self.config.instance_gpus,
+            node_id=node_id,
+            ranks=spec.tp,
+            env=_actor_env(self.config),
+        )
+        logger.info(
+            "instance launched id=%s deployment=%s node_hint=%s tp=%d",
+            instance_id,
+            spec.name,
+            (node_id or "any")[:12],
+            spec.tp,
+        )
+        return InstanceHandle(
+            self._adapter, ref, instance_id=instance_id, deployment=spec.name, node_id=node_id
+        )
+
+    async def wait_started(self, handle: InstanceHandle, timeout_s: float) -> InstanceReady:
+        try:
+            ready: Any = await self._adapter.call(handle.actor_ref, "start", timeout_s=timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestTimeoutError(
+                f"instance {handle.instance_id} did not start within {timeout_s:g} s "
+                "(no node with room, or a slow load)"
+            ) from None
+        if not isinstance(ready, InstanceReady):
+            raise DeploymentError(f"instance {handle.instance_id} answered {ready!r} to start")
+        return ready
+
+    async def stop(self, handle: InstanceHandle) -> None:
+        await self._adapter.kill(handle.actor_ref)
+        logger.info("instance stopped id=%s", handle.instance_id)
+
+    def actor_names(self) -> list[str]:
+        """Names of ember's live instance actors (tests check that none leak)."""
+        return self._adapter.actor_names()
+
+
+def _actor_env(config: ClusterConfig) -> dict[str, str]:
+    threads = str(max(1, int(config.instance_cpus)))
+    return {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
+    }

@@ -1,0 +1,196 @@
+"""The engine loop inside an instance actor: one background thread owns the engine.
+
+Owns: the `Engine` object (touched only by its thread), an inbox of add/abort commands from the
+actor's event loop, and one asyncio queue per live request on the event-loop side. Each engine
+step's outputs cross to the event loop in one `call_soon_threadsafe`, so the per-token cost is
+a queue put, not a thread hop. The thread sleeps on an event when the engine has no work.
+
+Invariants: only the engine thread calls the engine; only the event loop touches the queues; a
+request's queue receives exactly one finished delta or one exception, then nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections import deque
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ember.controller.types import DeploymentSpec, StreamDelta
+
+if TYPE_CHECKING:
+    from ember import SamplingParams
+    from ember.engine.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+Item = StreamDelta | BaseException
+
+
+def node_cache_dir(cache_root: str | Path, node_id: str) -> Path:
+    """The per-node cache (converted checkpoints) under `cache_root`, keyed by node id."""
+    return Path(cache_root).expanduser() / "nodes" / node_id[:16]
+
+
+def prepare_checkpoint(spec: DeploymentSpec, cache_root: str, node_id: str) -> Path:
+    """An ember checkpoint for `spec` on this node, converting the source once if needed."""
+    from ember.engine.checkpoint import resolve
+
+    os.environ["EMBER_CACHE_DIR"] = str(node_cache_dir(cache_root, node_id))
+    dtype = None if spec.dtype == "auto" else spec.dtype
+    return resolve(spec.source, spec.tp, dtype)
+
+
+class EngineRunner:
+    """Steps one engine on a background thread and fans its outputs out to per-request queues."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._inbox: deque[tuple[str, str, Any, Any]] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queues: dict[str, asyncio.Queue[Item]] = {}
+        self.steps = 0
+        self.broken: str | None = None
+
+    @classmethod
+    def create(cls, spec: DeploymentSpec, checkpoint: Path, device: str = "cpu") -> EngineRunner:
+        from ember.engine.config import EngineConfig
+        from ember.engine.engine import Engine
+
+        config = EngineConfig(
+            model=str(checkpoint),
+            dtype=spec.dtype,
+            tensor_parallel_size=spec.tp,
+            max_model_len=spec.max_model_len,
+            max_num_seqs=spec.max_num_seqs,
+            device=device,
+        )
+        return cls(Engine(config))
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    # --- event-loop side -------------------------------------------------------------------
+
+    def submit(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> asyncio.Queue[Item]:
+        """Queue a request for the engine; its deltas (or one exception) arrive on the queue."""
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        if request_id in self._queues:
+            from ember.errors import RequestError
+
+            queue.put_nowait(RequestError(f"request_id: {request_id!r} is already running"))
+            return queue
+        self._queues[request_id] = queue
+        if self.broken is not None:
+            from ember.errors import EngineError
+
+            queue.put_nowait(EngineError(f"engine stopped after an error: {self.broken}"))
+            return queue
+        self._inbox.append(("add", request_id, prompt, params))
+        self._wake.set()
+        return queue
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its stream ends with finish_reason "abort"; the engine frees it."""
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(StreamDelta(request_id, (), "", True, "abort", 0))
+        self._inbox.append(("abort", request_id, None, None))
+        self._wake.set()
+
+    def release(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "streams": len(self._queues),
+            "unfinished": self._engine.num_unfinished(),
+            "steps": self.steps,
+            "broken": self.broken,
+        }
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+        close = getattr(self._engine, "shutdown", None) or getattr(self._engine, "close", None)
+        if close is not None:
+            close()
+
+    def _deliver(self, items: list[Item], ids: list[str]) -> None:
+        for request_id, item in zip(ids, items, strict=True):
+            queue = self._queues.get(request_id)
+            if queue is not None:
+                queue.put_nowait(item)
+
+    # --- engine thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self._engine
+        while not self._stopping:
+            items: list[Item] = []
+            ids: list[str] = []
+            self._drain_inbox(items, ids)
+            if engine.has_unfinished():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # the thread's loop boundary: fail every request, stop
+                    logger.exception("engine step failed; failing its requests")
+                    self.broken = f"{type(e).__name__}: {e}"
+                    self._post([e for _ in self._queues], list(self._queues))
+                    return
+                self.steps += 1
+                for out in outputs:
+                    new = tuple(out.new_token_ids)
+                    logprobs = None
+                    if out.logprobs is not None:
+                        logprobs = (
+                            tuple(out.logprobs[len(out.logprobs) - len(new) :]) if new else ()
+                        )
+                    items.append(
+                        StreamDelta(
+                            request_id=out.request_id,
+                            new_token_ids=new,
+                            new_text=out.new_text,
+                            finished=out.finished,
+                            finish_reason=out.finish_reason,
+                            prompt_tokens=len(out.prompt_token_ids),
+                            logprobs=logprobs,
+                        )
+                    )
+                    ids.append(out.request_id)
+                self._post(items, ids)
+            else:
+                self._post(items, ids)
+                self._wake.wait()
+                self._wake.clear()
+
+    def _drain_inbox(self, items: list[Item], ids: list[str]) -> None:
+        while self._inbox:
+            op, request_id, prompt, params = self._inbox.popleft()
+            if op == "abort":
+                try:
+                    self._engine.abort(request_id)
+                except Exception:  # unknown or already finished: nothing to free
+                    logger.debug("abort of %s ignored", request_id, exc_info=True)
+                continue
+            try:
+                self._engine.add_request(request_id, prompt, params)
+            except Exception as e:  # bad request: only this request fails
+                items.append(e)
+                ids.append(request_id)
+
+    def _post(self, items: list[Item], ids: list[str]) -> None:
+        if items and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._deliver, items, ids)
