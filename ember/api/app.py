@@ -35,7 +35,7 @@ from ember.api.responses import install_error_handlers
 from ember.api.router import ControllerLike, Router
 from ember.api.schemas import ChatCompletionRequest, CompletionRequest
 from ember.controller.types import DeploymentSpec
-from ember.errors import ConfigError, InvalidRequestError
+from ember.errors import ConfigError, DeploymentError, InvalidRequestError
 from ember.policy.clock import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
@@ -110,7 +110,10 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         except ConfigError as e:
             raise InvalidRequestError(str(e), _field_of(str(e))) from None
         existed = any(s.name == spec.name for s in controller.list_deployments())
-        controller.deploy(spec)
+        try:
+            controller.deploy(spec)
+        except (ConfigError, DeploymentError) as e:  # e.g. a source that does not exist
+            raise InvalidRequestError(str(e), _field_of(str(e))) from None
         if existed:
             generation.tokenizers.forget(spec.source)
         logger.info("deployment %s name=%s source=%s", "updated" if existed else "created",

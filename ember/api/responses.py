@@ -9,7 +9,7 @@ exceptions. `error_status(exc)` is the one table from ember's exceptions to HTTP
     ModelNotFoundError                               404 model_not_found (param "model")
     QueueFullError                                   429 queue_full (Retry-After: 1)
     RequestTimeoutError                              504 timeout
-    DeploymentError                                  503 deployment_unavailable
+    DeploymentError, InstanceLostError               503 deployment_unavailable
     anything else                                    500 internal_error (logged with traceback)
 """
 
@@ -30,6 +30,7 @@ from ember.errors import (
     ConfigError,
     DeploymentError,
     EmberError,
+    InstanceLostError,
     InvalidRequestError,
     ModelNotFoundError,
     QueueFullError,
@@ -62,7 +63,7 @@ def error_status(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(429, "rate_limit_error", "queue_full")
     if isinstance(exc, RequestTimeoutError):
         return ErrorInfo(504, "timeout_error", "timeout")
-    if isinstance(exc, DeploymentError):
+    if isinstance(exc, DeploymentError | InstanceLostError):
         return ErrorInfo(503, "service_unavailable_error", "deployment_unavailable")
     return ErrorInfo(500, "internal_error", "internal_error")
 
