@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 # Ray binds 127.0.0.1 for a local instance with this set; torch.distributed rendezvous on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -10,3 +16,32 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`make(arch="llama", size="tiny", dtype="fp32", seed=0, **overrides) -> Path`.
+
+    Each distinct request is written once per session (by `ember.store.factory.make_model`)
+    and shared; treat the folder as read-only. Keyword overrides replace config.json fields,
+    e.g. `make("llama", tie_word_embeddings=True)` or `make(rope_scaling=LLAMA3_ROPE_SCALING)`.
+    """
+    from ember.store.factory import make_model
+
+    root = tmp_path_factory.mktemp("models")
+    made: dict[str, Path] = {}
+
+    def make(
+        arch: str = "llama",
+        size: str = "tiny",
+        dtype: str = "fp32",
+        seed: int = 0,
+        **overrides: Any,
+    ) -> Path:
+        key = json.dumps([arch, size, dtype, seed, overrides], sort_keys=True)
+        if key not in made:
+            out = root / f"{arch}-{size}-{dtype}-s{seed}-{len(made)}"
+            made[key] = make_model(out, arch, size, dtype, seed, overrides=overrides)
+        return made[key]
+
+    return make
