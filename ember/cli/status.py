@@ -1,0 +1,62 @@
+"""`ember status [--json]`: deployments, their instances (node, state) and the cluster's nodes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ember.cli.admin_client import AdminClient, add_connection_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the state as JSON (scripts)")
+    add_connection_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    state = AdminClient.from_args(args).status()
+    if args.json:
+        print(json.dumps(state, indent=2, sort_keys=True))
+    else:
+        print(render(state))
+    return 0
+
+
+def render(state: dict[str, Any]) -> str:
+    """The status as a table a person can read."""
+    lines: list[str] = []
+    deployments = state.get("deployments", [])
+    if not deployments:
+        lines.append("no deployments")
+    for d in deployments:
+        spec = d.get("spec", {})
+        insts = d.get("instances", [])
+        ready = sum(1 for i in insts if i.get("state") == "ready")
+        lines.append(
+            f"{d['name']}  source={spec.get('source')}  ready={ready} desired={d.get('desired')}"
+            f"  min={spec.get('min_instances')} max={spec.get('max_instances')}"
+            f"  keep_alive_s={spec.get('keep_alive_s')}  queued={d.get('queued', 0)}"
+            f"  in_flight={d.get('in_flight', 0)}"
+        )
+        for i in insts:
+            load = i.get("load_s")
+            load_text = f"{load:.2f}" if isinstance(load, (int, float)) else "-"
+            err = f"  error={i['error']}" if i.get("error") else ""
+            lines.append(
+                f"  {i['instance_id']:<24} {i['state']:<9} node={(i.get('node_id') or '-')[:12]:<12}"
+                f" in_flight={i.get('in_flight', 0)} load_s={load_text}{err}"
+            )
+    nodes = state.get("nodes") or []
+    if nodes:
+        lines.append("nodes:")
+        for n in nodes:
+            labels = ",".join(f"{k}={v}" for k, v in sorted((n.get("labels") or {}).items()))
+            lines.append(
+                f"  {n['node_id'][:12]:<12} {n.get('address', ''):<15} "
+                f"{'alive' if n.get('alive') else 'dead':<5} "
+                f"cpus={n.get('cpus_available', 0):g}/{n.get('cpus_total', 0):g} "
+                f"gpus={n.get('gpus_available', 0):g}/{n.get('gpus_total', 0):g}"
+                + (f" labels={labels}" if labels else "")
+            )
+    return "\n".join(lines)
