@@ -1,11 +1,11 @@
 """In-process serving stack for API tests: the real Controller over a cluster without Ray.
 
-`LocalCluster` implements the controller's `ClusterBackend` with `InstanceActor` objects living
-in this process (the same class Ray hosts in production: it converts the checkpoint and runs a
-real engine on its own thread); `LocalHandle` is the `InstanceHandle` interface over one of
-them. Nothing here imitates the controller, the router or the engine: only the Ray hop is
-skipped. A cluster with `cpus=0` has no room, so instances stay pending forever (for queueing
-and timeout tests that need no engine).
+`LocalCluster` implements the controller's `ClusterBackend` with instances living in this
+process: each converts its checkpoint (`prepare_checkpoint`) and runs a real engine on its own
+thread through the same `EngineRunner` the Ray instance actor uses; `LocalHandle` is the
+`InstanceHandle` interface over one of them. Nothing here imitates the controller, the router
+or the engine: only the Ray hop is skipped. A cluster with `cpus=0` has no room, so instances
+stay pending forever (for queueing and timeout tests that need no engine).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import httpx
 
 from ember.api.app import create_app
 from ember.api.config import ApiConfig
-from ember.cluster.instance import InstanceActor, InstanceReady
+from ember.cluster.instance import InstanceReady
+from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
 from ember.controller.types import DeploymentSpec, NodeInfo, StreamDelta
 
@@ -29,36 +31,60 @@ NODE_ID = "local0000000000000000"
 
 
 class LocalHandle:
-    """The InstanceHandle interface over an in-process InstanceActor."""
+    """The InstanceHandle interface over an engine runner in this process."""
 
-    def __init__(self, actor: InstanceActor, instance_id: str, deployment: str) -> None:
-        self._actor = actor
+    def __init__(self, spec: DeploymentSpec, instance_id: str, cache_root: str) -> None:
+        self._spec = spec
+        self._cache_root = cache_root
         self.instance_id = instance_id
-        self.deployment = deployment
+        self.deployment = spec.name
         self.node_id: str | None = None
         self.in_flight = 0
         self.lost = False
-        self.started: asyncio.Event = asyncio.Event()
+        self.runner: EngineRunner | None = None
+        self.aborted: list[str] = []
+
+    async def start(self) -> InstanceReady:
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        path = await loop.run_in_executor(
+            None, prepare_checkpoint, self._spec, self._cache_root, NODE_ID
+        )
+        runner = await loop.run_in_executor(None, EngineRunner.create, self._spec, path)
+        runner.start(loop)
+        self.runner = runner
+        return InstanceReady(NODE_ID, str(path), time.perf_counter() - t0, 0)
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: Any
     ) -> AsyncIterator[StreamDelta]:
+        assert self.runner is not None, "instance not started"
         self.in_flight += 1
+        queue = self.runner.submit(request_id, prompt, params)
+        finished = False
         try:
-            async for item in self._actor.generate(request_id, prompt, params):
+            while not finished:
+                item = await queue.get()
                 if isinstance(item, BaseException):
+                    finished = True
                     raise item
+                finished = item.finished
                 yield item
-                if item.finished:
-                    break
         finally:
             self.in_flight -= 1
+            if not finished:
+                self.runner.abort(request_id)
+            self.runner.release(request_id)
 
     async def abort(self, request_id: str) -> None:
-        await self._actor.abort(request_id)
+        self.aborted.append(request_id)
+        if self.runner is not None:
+            self.runner.abort(request_id)
 
-    async def stats(self) -> dict[str, Any]:
-        return await self._actor.stats()
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
 
 
 class LocalCluster:
@@ -78,8 +104,7 @@ class LocalCluster:
         return 1.0
 
     def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> Any:
-        actor = InstanceActor(spec, instance_id, self._cache_root)
-        handle = LocalHandle(actor, instance_id, spec.name)
+        handle = LocalHandle(spec, instance_id, self._cache_root)
         self.handles[instance_id] = handle
         next(self.launched)
         return handle
@@ -87,12 +112,10 @@ class LocalCluster:
     async def wait_started(self, handle: Any, timeout_s: float) -> InstanceReady:
         if self._cpus <= 0:  # no room anywhere: the instance waits for capacity forever
             await asyncio.Event().wait()
-        ready = await asyncio.wait_for(handle._actor.start(NODE_ID), timeout_s)
-        handle.started.set()
-        return ready
+        return await asyncio.wait_for(handle.start(), timeout_s)
 
     async def stop(self, handle: Any) -> None:
-        await handle._actor.shutdown()
+        await asyncio.get_running_loop().run_in_executor(None, handle.stop)
         self.handles.pop(handle.instance_id, None)
         self.stopped.append(handle.instance_id)
 
@@ -113,9 +136,10 @@ async def serving(
     specs: tuple[DeploymentSpec, ...] = (),
     config: ApiConfig | None = None,
     cpus: float = 8.0,
+    cache_root: Path | None = None,
 ) -> AsyncIterator[Stack]:
     """The real controller (started) over a LocalCluster, and the app behind an ASGI client."""
-    cluster = LocalCluster(tmp_path / "cache", cpus=cpus)
+    cluster = LocalCluster(cache_root or tmp_path / "cache", cpus=cpus)
     controller = Controller(cluster, tmp_path / "deployments.sqlite", reconcile_interval_s=0.05)
     await controller.start()
     try:
