@@ -1,0 +1,113 @@
+"""Where the engine's weights come from: resolve `model` to an ember checkpoint (converting a
+Hugging Face folder once into the cache) and load one rank's tensors through `ember.store`.
+
+The conversion cache lives in `$EMBER_CACHE_DIR` (default `~/.cache/ember/checkpoints`), one
+directory per (source path, source files' sizes and mtimes, tp, dtype), so a changed source or
+another tensor degree converts again and a second engine start loads straight away.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.errors import CheckpointNotFoundError
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.json"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EMBER_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "ember"
+    return base / "checkpoints"
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / INDEX_FILE).is_file()
+
+
+def resolve(model: str | os.PathLike[str], tp: int, dtype: str | None) -> Path:
+    """An ember checkpoint directory for `model` with shard sets for `tp` ranks.
+
+    `dtype` (canonical torch name or None) is applied at conversion, so the loaded tensors are
+    already in the dtype the engine runs in.
+    """
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise CheckpointNotFoundError(path, "model: no such directory")
+    if is_checkpoint(path):
+        return path
+    if not (path / "config.json").is_file():
+        raise CheckpointNotFoundError(
+            path, "model: neither an ember checkpoint (index.json) nor a Hugging Face folder "
+            "(config.json)"
+        )  # fmt: skip
+    import ember.store as store
+
+    if not hasattr(store, "convert"):  # TEMPORARY until ember.store exports convert/load
+        return path
+    dst = cache_dir() / _source_key(path, tp, dtype)
+    if not is_checkpoint(dst):
+        logger.info("converting src=%s dst=%s tp=%d dtype=%s", path, dst, tp, dtype)
+        store.convert(path, dst, tp=tp, dtype=dtype, progress=False, overwrite=True)
+    return dst
+
+
+def _source_key(path: Path, tp: int, dtype: str | None) -> str:
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(f"tp={tp}:dtype={dtype}".encode())
+    return f"{path.name}-{h.hexdigest()[:16]}"
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    """The HF config dict stored with the checkpoint."""
+    if not is_checkpoint(checkpoint):  # TEMPORARY: HF folder read directly
+        return dict(json.loads((checkpoint / "config.json").read_text()))
+    from ember.store import read_index
+
+    config = read_index(checkpoint).config
+    if not config and (checkpoint / "config.json").is_file():
+        config = json.loads((checkpoint / "config.json").read_text())
+    return dict(config)
+
+
+def checkpoint_tp(checkpoint: Path) -> int:
+    if not is_checkpoint(checkpoint):  # TEMPORARY: HF folder read directly
+        return 0
+    from ember.store import read_index
+
+    return int(read_index(checkpoint).tp)
+
+
+def load_rank(checkpoint: Path, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's tensors (HF names, local shards) on `device`."""
+    if not is_checkpoint(checkpoint):  # TEMPORARY: HF folder read directly
+        return _load_hf(checkpoint, device, rank)
+    from ember.store import load
+
+    return dict(load(checkpoint, device=str(device), rank=rank))
+
+
+def _load_hf(folder: Path, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from ember.store.sharding import shard, shard_rule
+
+    tp = int(os.environ.get("EMBER_TMP_TP", "1"))
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        for name, t in load_file(str(f)).items():
+            out[name] = shard(t, shard_rule(name), rank, tp).to(device)
+    return out

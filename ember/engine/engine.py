@@ -1,0 +1,324 @@
+"""The streaming engine: one model replica serving many requests with continuous batching.
+
+A step is three moves (nano-vllm's shape): the scheduler returns a plan, the executor (the
+model runner, or rank 0 of a tensor-parallel group) returns logits, and `_postprocess` samples,
+appends tokens, applies stop conditions and emits `RequestOutput`s with incremental tokens and
+text. Invalid requests raise `RequestError` from `add_request` and leave the engine serving
+the others. `export_request`/`import_request` move a request between engines with its
+generator state and, optionally, its KV cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.checkpoint import checkpoint_tp, read_config, resolve
+from ember.engine.config import DTYPE_NAMES, EngineConfig, ModelConfig
+from ember.engine.kv_sizing import kv_cache_blocks
+from ember.engine.model_runner import load_runner
+from ember.engine.models.layers import ParallelContext
+from ember.engine.request import Request, RequestOutput, RequestState, RequestStatus
+from ember.engine.sampling import SamplingParams, sample
+from ember.engine.scheduler import SchedulePlan, Scheduler
+from ember.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from ember.errors import ConfigError, RequestError
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_MODEL_LEN_CAP = 4096
+
+
+class Executor(Protocol):
+    def execute(self, plan: SchedulePlan) -> torch.Tensor | None: ...
+    def read_kv(self, slots: Sequence[int]) -> torch.Tensor: ...
+    def write_kv(self, slots: Sequence[int], kv: torch.Tensor) -> None: ...
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        tp = config.tensor_parallel_size
+        want = DTYPE_NAMES[config.dtype]
+        self.checkpoint = resolve(config.model, tp, None if want == "auto" else want)
+        hf = read_config(self.checkpoint)
+        self.model_config = ModelConfig.from_hf(hf)
+        stored_tp = checkpoint_tp(self.checkpoint)
+        if stored_tp and stored_tp != tp:
+            raise ConfigError(
+                f"tensor_parallel_size={tp} but the checkpoint {self.checkpoint} has shard sets "
+                f"for tp={stored_tp}; convert it again with --tp {tp} or pass the HF folder"
+            )
+        self.model_name = str(hf.get("_name_or_path") or "") or _model_name(config.model)
+        self.dtype: torch.dtype = getattr(
+            torch, self.model_config.torch_dtype if want == "auto" else want
+        )
+        self.tokenizer = Tokenizer(self.checkpoint)
+        self.max_model_len = _max_model_len(config, self.model_config)
+        device = torch.device(config.device)
+        num_blocks = kv_cache_blocks(
+            config, self.model_config, self.dtype, self.max_model_len, device
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size_tokens)
+        eos = self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            max_model_len=self.max_model_len,
+            eos_token_ids=eos,
+        )
+        self._executor: Any
+        if tp == 1:
+            self._executor = load_runner(
+                str(self.checkpoint), self.model_config, ParallelContext(), device,
+                self.dtype, num_blocks, config.block_size_tokens,
+            )  # fmt: skip
+        else:
+            from ember.engine.parallel import TensorParallelExecutor, make_spec
+
+            spec = make_spec(
+                str(self.checkpoint), self.model_config, config.device, self.dtype,
+                num_blocks, config.block_size_tokens, tp,
+            )  # fmt: skip
+            self._executor = TensorParallelExecutor(spec)
+        self._rng = random.Random(config.seed)
+        self._requests: dict[str, Request] = {}
+        self._aborted: list[RequestOutput] = []
+        logger.info(
+            "engine model=%s arch=%s dtype=%s tp=%d max_model_len=%d kv_blocks=%d",
+            self.model_name, self.model_config.architecture, self.dtype, tp,
+            self.max_model_len, num_blocks,
+        )  # fmt: skip
+
+    @classmethod
+    def from_config(cls, **kwargs: Any) -> Engine:
+        return cls(EngineConfig(**kwargs))
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
+    ) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_ids(prompt)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            generator=generator,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, len(prompt_ids)),
+        )
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        elif isinstance(prompt, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise RequestError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary "
+                    f"[0, {self.model_config.vocab_size})"
+                )
+        else:
+            raise RequestError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len} "
+                "(prompt and at least one generated token must fit); shorten the prompt or "
+                "raise max_model_len"
+            )
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; the next `step()` reports it once with
+        finish_reason "abort". Unknown or finished ids are ignored."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return
+        self.scheduler.finish(request, "abort")
+        self._aborted.append(self._output(request, request.detokenizer.text))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished()
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._aborted = self._aborted, []
+        plan = self.scheduler.schedule()
+        if plan.seqs:
+            logits = self._executor.execute(plan)
+            outputs.extend(self._postprocess(plan, logits))
+        return outputs
+
+    @torch.inference_mode()
+    def _postprocess(self, plan: SchedulePlan, logits: torch.Tensor) -> list[RequestOutput]:
+        requests = [self._requests[s.request_id] for s in plan.seqs]
+        result = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        self.scheduler.postprocess(requests, result.token_ids, result.logprobs)
+        outputs = []
+        for request in requests:
+            text = self._update_text(request)
+            outputs.append(self._output(request, text))
+            if request.finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    def _update_text(self, request: Request) -> str:
+        """Detokenize the new tokens, apply stop strings, and return the text that may be shown
+        (while unfinished, the last len(longest stop) - 1 characters are held back so a stop
+        string is never streamed)."""
+        detok = request.detokenizer
+        new = detok.step(request.all_token_ids)
+        stops = request.params.stop
+        if not stops:
+            return detok.text
+        if new and request.finish_reason != "stop":
+            longest = max(len(s) for s in stops)
+            start = max(len(detok.text) - len(new) - longest + 1, 0)
+            hits = [i for i in (detok.text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                detok.text = detok.text[: min(hits)]
+                if not request.finished:
+                    self.scheduler.finish(request, "stop")
+                else:
+                    request.finish_reason = "stop"
+        if request.finished:
+            return detok.text
+        hold = max(len(s) for s in stops) - 1
+        return detok.text[: len(detok.text) - hold] if hold else detok.text
+
+    def _output(self, request: Request, visible_text: str) -> RequestOutput:
+        emitted = request.emitted_text_len
+        request.emitted_text_len = max(len(visible_text), emitted)
+        new_ids, request.new_token_ids = request.new_token_ids, []
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            token_ids=list(request.output_token_ids),
+            text=visible_text,
+            new_token_ids=new_ids,
+            new_text=visible_text[emitted:],
+            finished=request.finished,
+            finish_reason=request.finish_reason,
+            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+        )
+
+    # --- migration --------------------------------------------------------------------------
+
+    def export_request(self, request_id: str, include_kv: bool = False) -> RequestState:
+        """A snapshot of an unfinished request (it keeps running here; `abort` it once the
+        importing engine has it). KV is included only for a running request."""
+        request = self._requests.get(request_id)
+        if request is None:
+            raise RequestError(f"request_id {request_id!r} is not an unfinished request here")
+        kv = None
+        if include_kv and request.status is RequestStatus.RUNNING and request.num_cached_tokens:
+            slots = [self.block_manager.slot(request, p) for p in range(request.num_cached_tokens)]
+            kv = self._executor.read_kv(slots)
+        return RequestState(
+            request_id=request_id,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            output_token_ids=tuple(request.output_token_ids),
+            params=request.params,
+            rng_state=bytes(request.generator.get_state().numpy().tobytes()),
+            text=request.detokenizer.text,
+            text_emitted=request.emitted_text_len,
+            output_logprobs=tuple(request.output_logprobs),
+            kv=kv,
+        )
+
+    def import_request(self, state: RequestState) -> None:
+        """Continue `state` here. With KV for every token but the last it decodes next step;
+        otherwise (or when the KV does not fit now) its tokens are recomputed in a prefill."""
+        if state.request_id in self._requests:
+            raise RequestError(f"request_id {state.request_id!r} is already in use")
+        ids = list(state.prompt_token_ids) + list(state.output_token_ids)
+        if not state.prompt_token_ids:
+            raise RequestError("prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"request has {len(ids)} tokens but max_model_len is {self.max_model_len}"
+            )
+        generator = torch.Generator(device="cpu")
+        generator.set_state(torch.frombuffer(bytearray(state.rng_state), dtype=torch.uint8))
+        request = Request(
+            request_id=state.request_id,
+            prompt_token_ids=list(state.prompt_token_ids),
+            params=state.params,
+            generator=generator,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, len(ids), state.text),
+            output_token_ids=list(state.output_token_ids),
+            output_logprobs=list(state.output_logprobs),
+            emitted_text_len=state.text_emitted,
+        )
+        self._requests[state.request_id] = request
+        kv = state.kv
+        if (
+            kv is not None
+            and kv.shape[2] == len(ids) - 1
+            and self.block_manager.can_grow(request, len(ids))
+            and len(self.scheduler.running) < self.scheduler.max_num_seqs
+        ):
+            self.block_manager.grow(request, kv.shape[2])
+            slots = [self.block_manager.slot(request, p) for p in range(kv.shape[2])]
+            self._executor.write_kv(slots, kv)
+            request.num_cached_tokens = kv.shape[2]
+            admitted = self.scheduler.add_running(request)
+            assert admitted
+        else:
+            self.scheduler.add(request)
+
+    def close(self) -> None:
+        """Stop tensor-parallel rank processes (a no-op for tp=1)."""
+        close = getattr(self._executor, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _model_name(model: str) -> str:
+    from pathlib import Path
+
+    return Path(model).name
+
+
+def _max_model_len(config: EngineConfig, cfg: ModelConfig) -> int:
+    limit = cfg.max_position_embeddings
+    if config.max_model_len is None:
+        return min(limit, _DEFAULT_MAX_MODEL_LEN_CAP)
+    if config.max_model_len > limit:
+        raise ConfigError(
+            f"max_model_len={config.max_model_len} exceeds the model's "
+            f"max_position_embeddings={limit}; lower max_model_len"
+        )
+    return config.max_model_len

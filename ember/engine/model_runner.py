@@ -1,0 +1,172 @@
+"""Runs the model for a `SchedulePlan`: turns the plan's plain data into tensors, owns the paged
+KV cache, and returns the logits of each scheduled request's last token.
+
+The KV cache is one tensor per layer, `[2, num_blocks, block_size, kv_heads, head_dim]`, in the
+model's dtype, attached to the layer's attention module. Slot `s` of a layer is block
+`s // block_size`, offset `s % block_size`, in both halves (K and V).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ember.engine.config import ModelConfig
+from ember.engine.models import build_model
+from ember.engine.models.layers import AttentionMetadata, ParallelContext
+from ember.engine.scheduler import SchedulePlan
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        par: ParallelContext,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        source: str = "checkpoint",
+    ) -> None:
+        self.cfg = cfg
+        self.par = par
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.model = build_model(cfg, weights, par, source)
+        self.dtype = next(self.model.parameters()).dtype
+        self.kv_heads = cfg.num_kv_heads // par.world_size
+        self.attention_modules: list[Any] = [layer.self_attn for layer in self._layers()]
+        self.kv_caches = [
+            torch.zeros(
+                2,
+                num_blocks,
+                block_size,
+                self.kv_heads,
+                cfg.head_dim,
+                dtype=self.dtype,
+                device=device,
+            )  # fmt: skip
+            for _ in self.attention_modules
+        ]
+        for module, cache in zip(self.attention_modules, self.kv_caches, strict=True):
+            module.kv_cache = cache
+        logger.info(
+            "model_runner arch=%s rank=%d/%d dtype=%s device=%s kv_blocks=%d block_size=%d",
+            cfg.architecture, par.rank, par.world_size, self.dtype, device, num_blocks, block_size,
+        )  # fmt: skip
+
+    def _layers(self) -> Sequence[Any]:
+        inner: Any = self.model.model
+        layers = inner.decoder.layers if self.cfg.is_opt else inner.layers
+        return list(layers)  # type: ignore[arg-type]
+
+    @torch.inference_mode()
+    def execute(self, plan: SchedulePlan, want_logits: bool = True) -> torch.Tensor | None:
+        """Logits [len(plan.seqs), vocab] (float32) of each request's last token."""
+        input_ids, positions, meta, last = self._prepare(plan)
+        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        if not want_logits:
+            return None
+        return self.model.compute_logits(hidden[last]).float()  # type: ignore[operator]
+
+    def _prepare(
+        self, plan: SchedulePlan
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.block_size
+        seqs = plan.seqs
+        b = len(seqs)
+        lens = [len(s.token_ids) for s in seqs]
+        starts = [s.start_position for s in seqs]
+        ctx = [st + n for st, n in zip(starts, lens, strict=True)]
+        lq, lk = max(lens), max(ctx)
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = [list(s.block_table) + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        cpu = torch.device("cpu")
+        input_ids: list[int] = []
+        pos_list: list[int] = []
+        for s, st, n in zip(seqs, starts, lens, strict=True):
+            input_ids.extend(s.token_ids)
+            pos_list.extend(range(st, st + n))
+        block_tables = torch.tensor(tables, dtype=torch.long, device=cpu)  # [B, max_blocks]
+        positions = torch.tensor(pos_list, dtype=torch.long, device=cpu)  # [T]
+        if lq == 1:
+            seq_of_token = torch.arange(b)
+        else:
+            seq_of_token = torch.repeat_interleave(torch.arange(b), torch.tensor(lens))
+        slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
+        window = self.cfg.sliding_window
+        first_single = b == 1 and starts[0] == 0
+        pad_index = None
+        if lq > 1 and any(n != lq for n in lens):
+            offsets = torch.tensor(starts).repeat_interleave(torch.tensor(lens))
+            pad_index = seq_of_token * lq + (positions - offsets)
+        mask = None
+        need_mask = window is not None or b > 1 or (lq > 1 and not first_single)
+        if need_mask:
+            # Query positions, padded rows at position 0 (they attend to key 0 and are dropped).
+            qpos = torch.zeros(b, lq, dtype=torch.long)
+            if pad_index is None:
+                qpos.view(-1)[:] = positions
+            else:
+                qpos.view(-1)[pad_index] = positions
+            keys = torch.arange(lk)[None, None, :]  # [1, 1, Lk]
+            allowed = keys <= qpos[:, :, None]  # [B, Lq, Lk]
+            if window is not None:
+                allowed &= keys > qpos[:, :, None] - window
+            mask = allowed[:, None].to(self.device)  # [B, 1, Lq, Lk]
+        meta = AttentionMetadata(
+            slot_mapping=slots.to(self.device),
+            block_tables=block_tables.to(self.device),
+            num_seqs=b,
+            max_query_len=lq,
+            max_context_len=lk,
+            pad_index=None if pad_index is None else pad_index.to(self.device),
+            attn_mask=mask,
+            first_prefill_single=first_single,
+        )
+        last = torch.tensor(lens).cumsum(0) - 1  # [B] index of each request's last token
+        ids = torch.tensor(input_ids, dtype=torch.long).to(self.device)
+        return ids, positions.to(self.device), meta, last.to(self.device)
+
+    def read_kv(self, slots: Sequence[int]) -> torch.Tensor:
+        """K/V of `slots` as a CPU tensor [layers, 2, len(slots), kv_heads, head_dim]."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        out = [
+            c.view(2, -1, self.kv_heads, self.cfg.head_dim).index_select(1, index)
+            for c in self.kv_caches
+        ]
+        return torch.stack(out).cpu()
+
+    def write_kv(self, slots: Sequence[int], kv: torch.Tensor) -> None:
+        """Write `kv` [layers, 2, len(slots), kv_heads, head_dim] into `slots`."""
+        index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        for layer, cache in enumerate(self.kv_caches):
+            flat = cache.view(2, -1, self.kv_heads, self.cfg.head_dim)
+            flat.index_copy_(1, index, kv[layer].to(device=self.device, dtype=self.dtype))
+
+
+def load_runner(
+    checkpoint: str,
+    cfg: ModelConfig,
+    par: ParallelContext,
+    device: torch.device,
+    dtype: torch.dtype,
+    num_blocks: int,
+    block_size: int,
+) -> ModelRunner:
+    """Load this rank's weights from the store and build its runner (a dtype other than the
+    stored one costs a cast; `Engine` converts HF folders in the right dtype to avoid it)."""
+    from pathlib import Path
+
+    from ember.engine.checkpoint import load_rank
+
+    weights = load_rank(Path(checkpoint), device, par.rank)
+    if any(t.dtype != dtype and t.is_floating_point() for t in weights.values()):
+        weights = {k: t.to(dtype) if t.is_floating_point() else t for k, t in weights.items()}
+    return ModelRunner(cfg, weights, par, device, num_blocks, block_size, source=checkpoint)

@@ -1,0 +1,150 @@
+"""Building blocks shared by the model code: paged attention, rotary embeddings, RMSNorm, and the
+tensor-parallel reduction.
+
+Attention works on a flat batch of `T` new tokens from `B` requests (prefill and decode alike):
+their K/V are written into the paged cache at `slot_mapping`, then each request's context is
+gathered from its blocks and attended with `scaled_dot_product_attention` under a mask built
+once per step (causal, padding, optional sliding window). Two fast paths skip the gather: a
+single request's first prefill (causal over the new tokens) and decode steps (Lq == 1), where
+the query heads of a KV group are stacked as rows so GQA needs no K/V expansion.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ember.engine.config import RopeConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelContext:
+    """This rank's place in its tensor-parallel group (the default process group when > 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+
+def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Sum the partial outputs of a row-parallel layer over the tensor-parallel ranks."""
+    if ctx.world_size > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Per-step inputs of every attention layer (built once by the model runner)."""
+
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] block ids (padded with 0)
+    num_seqs: int  # B
+    max_query_len: int  # Lq
+    max_context_len: int  # Lk: longest context after this step's tokens
+    pad_index: torch.Tensor | None  # [T] row of each token in the padded [B * Lq]; None if unpadded
+    attn_mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool (True = attend); None when not needed
+    first_prefill_single: bool  # B == 1 and no cached prefix: plain causal attention
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, H * D]
+    num_tokens, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    k_flat = kv_cache[0].view(-1, kv_heads, head_dim)  # [slots, KVH, D]
+    v_flat = kv_cache[1].view(-1, kv_heads, head_dim)
+    k_flat.index_copy_(0, meta.slot_mapping, k)
+    v_flat.index_copy_(0, meta.slot_mapping, v)
+    gqa = heads != kv_heads
+    if meta.first_prefill_single:
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],  # [1, H, T, D]
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            attn_mask=meta.attn_mask,
+            is_causal=meta.attn_mask is None,
+            scale=scale,
+            enable_gqa=gqa,
+        )  # [1, H, T, D]
+        return out[0].transpose(0, 1).reshape(num_tokens, heads * head_dim)
+    b, lq, lk = meta.num_seqs, meta.max_query_len, meta.max_context_len
+    keys = kv_cache[0][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]  # [B,Lk,KVH,D]
+    values = kv_cache[1][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, KVH, Lk, D]
+    if lq == 1:
+        # Decode: the H / KVH query heads sharing a KV head become rows of one query matrix.
+        group = heads // kv_heads
+        qd = q.view(b, kv_heads, group, head_dim)  # [B, KVH, G, D]
+        out = F.scaled_dot_product_attention(
+            qd, keys, values, attn_mask=meta.attn_mask, scale=scale
+        )  # [B, KVH, G, D]
+        return out.reshape(b, heads * head_dim)
+    if meta.pad_index is not None:
+        qp = q.new_zeros(b * lq, heads, head_dim)
+        qp[meta.pad_index] = q
+    else:
+        qp = q
+    out = F.scaled_dot_product_attention(
+        qp.view(b, lq, heads, head_dim).transpose(1, 2),  # [B, H, Lq, D]
+        keys,
+        values,
+        attn_mask=meta.attn_mask,
+        scale=scale,
+        enable_gqa=gqa,
+    )  # [B, H, Lq, D]
+    out = out.transpose(1, 2).reshape(b * lq, heads * head_dim)
+    return out[meta.pad_index] if meta.pad_index is not None else out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm exactly as transformers computes it (fp32 statistics)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (fp32), with linear or Llama 3 scaling applied."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [T, head_dim] for `positions`, computed in fp32 and cast like transformers."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [T, heads, D] (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -1,0 +1,98 @@
+"""A request's life inside the engine, and the two plain-data views of it that leave the engine.
+
+- `Request`: the one mutable object per request (nano-vllm's `Sequence`), owned by the
+  scheduler; tokens, KV block table, status, sampling generator, detokenizer state.
+- `RequestOutput`: what `Engine.step()` returns per request per step (incremental and
+  cumulative tokens and text).
+- `RequestState`: a frozen snapshot for migration and recovery (`Engine.export_request`):
+  prompt and generated ids, sampling params, the generator state, optionally the KV cache.
+
+Invariant: `num_cached_tokens <= num_tokens - 1` once a request has a sampled token pending, and
+`len(block_table) * block_size >= num_cached_tokens`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.engine.sampling import SamplingParams
+from ember.engine.tokenizer import IncrementalDetokenizer
+
+
+class RequestStatus(str, enum.Enum):
+    WAITING = "waiting"  # needs a prefill (new, preempted, or imported without KV)
+    RUNNING = "running"  # has its KV in the cache; decodes one token per step
+    FINISHED = "finished"
+
+
+@dataclass(slots=True)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    detokenizer: IncrementalDetokenizer
+    output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[int, float]] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0  # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    # Tokens appended since the last output was emitted (the streaming increment).
+    new_token_ids: list[int] = field(default_factory=list)
+    emitted_text_len: int = 0  # characters of text already returned in outputs
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """One request's progress after a step. `new_*` is the increment since the previous output
+    for the request; `token_ids`/`text` are cumulative. `logprobs` (cumulative) is None unless
+    the request asked for it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestState:
+    """Everything needed to continue a request elsewhere with the same tokens.
+
+    `kv` (optional) holds the K and V of the first `kv.shape[2]` tokens of
+    `prompt_token_ids + output_token_ids` as one CPU tensor
+    `[layers, 2, tokens, kv_heads, head_dim]` (full heads, in the model's dtype); without it,
+    the importing engine recomputes them in a prefill. `rng_state` is the request's
+    `torch.Generator` state.
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    params: SamplingParams
+    rng_state: bytes
+    text: str = ""  # decoded text so far (before any stop-string hold-back)
+    text_emitted: int = 0  # characters of `text` already streamed to the client
+    output_logprobs: tuple[dict[int, float], ...] = ()
+    kv: torch.Tensor | None = None
