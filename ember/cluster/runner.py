@@ -117,6 +117,7 @@ class EngineRunner:
             "unfinished": self._engine.num_unfinished(),
             "steps": self.steps,
             "broken": self.broken,
+            "pid": os.getpid(),
         }
 
     def stop(self) -> None:
