@@ -1,0 +1,214 @@
+"""Cost of ember's policy code: optimizer, device mapper and migration planner at 8, 64, 512 GPUs.
+
+Scenario per size N (hosts of 4 GPUs, like SpotServe's g4dn.12xlarge, GPT-6.7B shape on the T4
+profile, 1.5 req/s): choose a configuration for N GPUs and place it; then one host is preempted:
+choose a configuration for N - 4 GPUs, map the survivors onto it (two-level Kuhn–Munkres,
+keeping KV of the most-progressed replicas) and plan the transfers (`preempt` rows; the
+optimizer usually keeps the shape and drops a replica, so little moves). `reshape` rows time the
+heavy path: the same loss, but the new configuration halves TP and doubles PP, so most weights
+and all inherited KV caches move.
+Baselines in the same run: the published optimizer (`OptimizerConfig.spotserve`) for the
+optimizer, and plain in-order placement (the no-device-mapper ablation) for the mapper, whose
+kept bytes show what the matching buys. Times are medians of repeated runs (warm-up excluded).
+
+    python benchmarks/bench_policy.py [--quick] [--out benchmarks/results/policy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ember.policy import (
+    Gpu,
+    LatencyProfile,
+    MappingStrategy,
+    ModelShape,
+    OptimizerConfig,
+    ParallelConfig,
+    Placement,
+    choose_config,
+    map_devices,
+    plan_migration,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = Path("/work/shared/profiles/spotserve/T4-4x/megatron_6.7B_profile.json")
+SIZES = (8, 64, 512)
+GPUS_PER_HOST = 4
+RATE_RPS = 1.5
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = next(
+            int(x.split()[1])
+            for x in Path("/proc/meminfo").read_text().splitlines()
+            if x.startswith("MemTotal")
+        )
+    except (OSError, StopIteration):
+        mem_kb = 0
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        sha = "unknown"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "disk_free_gib": round(shutil.disk_usage(ROOT).free / 2**30, 1),
+        "python": platform.python_version(),
+        "git_sha": sha,
+    }
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    result = fn()  # warm-up, excluded
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def run_size(profile: LatencyProfile, n: int, repeats: int) -> list[dict[str, Any]]:
+    shape = ModelShape.gpt(profile.layer_num, profile.hidden_size or 4096)
+    gpus = [
+        Gpu(f"h{h}g{i}", f"h{h}") for h in range(n // GPUS_PER_HOST) for i in range(GPUS_PER_HOST)
+    ]
+    ember_opt = OptimizerConfig.ember(min_gpus=4)
+    spot_opt = OptimizerConfig.spotserve(min_gpus=4)
+    before = choose_config(profile, n, RATE_RPS, ember_opt)
+    assert before is not None
+    old = map_devices(before.config, gpus, shape).placement
+    survivors = gpus[GPUS_PER_HOST:]
+    t_opt, after = timed(
+        lambda: choose_config(profile, len(survivors), RATE_RPS, ember_opt), repeats
+    )
+    t_opt_base, _ = timed(
+        lambda: choose_config(profile, len(survivors), RATE_RPS, spot_opt), repeats
+    )
+    assert after is not None
+    rows = []
+    b = before.config
+    reshaped = ParallelConfig(len(survivors) // (b.tp * b.pp), max(1, b.tp // 2), b.pp * 2, b.batch)
+    for scenario, new_cfg in (("preempt", after.config), ("reshape", reshaped)):  # type: ignore[attr-defined]
+        row = _map_and_plan(profile, shape, gpus, survivors, old, before.config, new_cfg, repeats)
+        rows.append(
+            {
+                "gpus": n,
+                "scenario": scenario,
+                "config_before": [b.dp, b.tp, b.pp, b.batch],
+                "config_after": [new_cfg.dp, new_cfg.tp, new_cfg.pp, new_cfg.batch],
+                "optimizer_ms": t_opt * 1e3,
+                "optimizer_published_ms": t_opt_base * 1e3,
+                **row,
+            }
+        )
+    return rows
+
+
+def _map_and_plan(
+    profile: LatencyProfile,
+    shape: ModelShape,
+    gpus: list[Gpu],
+    survivors: list[Gpu],
+    old: Placement,
+    old_cfg: ParallelConfig,
+    new_cfg: ParallelConfig,
+    repeats: int,
+) -> dict[str, Any]:
+    kv_layer = 4 * 640 * ModelShape.kv_bytes_per_token_layer(profile.hidden_size or 4096)
+    kv_bytes = {r: kv_layer for r in range(old_cfg.dp)}
+    kv_stay = {d: d + 1 for d in range(min(new_cfg.dp, old_cfg.dp - 1))}
+    kw: dict[str, Any] = {"old": old, "kv_stay": kv_stay, "kv_layer_bytes": kv_bytes}
+    t_map, mapped = timed(lambda: map_devices(new_cfg, survivors, shape, **kw), repeats)
+    t_plain, plain = timed(
+        lambda: map_devices(new_cfg, survivors, shape, strategy=MappingStrategy.PLAIN, **kw),
+        repeats,
+    )
+    hosts = {g.gpu_id: g.host_id for g in gpus}
+    dying = [g.gpu_id for g in gpus[:GPUS_PER_HOST]]
+    new_placement = mapped.placement  # type: ignore[attr-defined]
+    t_plan, plan = timed(
+        lambda: plan_migration(
+            old, new_placement, shape, hosts, dying=dying, kv_stay=kv_stay,
+            kv_layer_bytes=kv_bytes, memory_limit_bytes=16 * 2**30,
+        ),
+        max(1, repeats // 2),
+    )  # fmt: skip
+    return {
+        "mapper_ms": t_map * 1e3,
+        "mapper_plain_ms": t_plain * 1e3,
+        "kept_gib": mapped.kept_bytes / 2**30,  # type: ignore[attr-defined]
+        "kept_plain_gib": plain.kept_bytes / 2**30,  # type: ignore[attr-defined]
+        "planner_ms": t_plan * 1e3,
+        "transfers": len(plan.transfers),  # type: ignore[attr-defined]
+        "migration_estimate_s": plan.estimated_s,  # type: ignore[attr-defined]
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--profile", type=Path, default=PROFILE)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "policy.json")
+    args = ap.parse_args(argv)
+    profile = LatencyProfile.from_dict(json.loads(args.profile.read_text()))
+    repeats = 3 if args.quick else 15
+    rows = [r for n in SIZES for r in run_size(profile, n, repeats)]
+    head = (
+        f"{'GPUs':>5} {'scenario':>8} {'config after (D,M,P,B)':>23} {'optimizer ms':>13} {'published':>10}"
+        f" {'mapper ms':>10} {'plain':>7} {'kept GiB':>9} {'plain':>7} {'plan ms':>8} {'xfers':>6} {'est s':>6}"
+    )
+    print(head)
+    for r in rows:
+        print(
+            f"{r['gpus']:>5} {r['scenario']:>8} {str(tuple(r['config_after'])):>23} {r['optimizer_ms']:>13.2f}"
+            f" {r['optimizer_published_ms']:>10.2f} {r['mapper_ms']:>10.2f} {r['mapper_plain_ms']:>7.2f}"
+            f" {r['kept_gib']:>9.1f} {r['kept_plain_gib']:>7.1f} {r['planner_ms']:>8.1f}"
+            f" {r['transfers']:>6} {r['migration_estimate_s']:>6.2f}"
+        )
+    big = next(r for r in rows if r["gpus"] == SIZES[-1] and r["scenario"] == "preempt")
+    result = {
+        "benchmark": "policy",
+        "metric": f"optimizer + device mapper time at {big['gpus']} GPUs",
+        "value": big["optimizer_ms"] + big["mapper_ms"],
+        "unit": "ms",
+        "baseline": big["optimizer_published_ms"] + big["mapper_plain_ms"],
+        "baseline_name": "published optimizer + plain in-order placement (no KM)",
+        "ratio": (big["optimizer_ms"] + big["mapper_ms"])
+        / max(1e-9, big["optimizer_published_ms"] + big["mapper_plain_ms"]),
+        "rows": rows,
+        "profile": profile.name,
+        "rate_rps": RATE_RPS,
+        "quick": args.quick,
+        "machine": machine(),
+        "note": "median of repeats, warm-up excluded; measured on a shared machine, noisy",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
