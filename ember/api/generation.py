@@ -125,37 +125,43 @@ class Generation:
             raise
         created = int(time.time())
 
-        def render(out: _Outcome, delta: StreamDelta | None, text_start: int) -> dict[str, Any]:
-            token_ids = list(delta.new_token_ids) if delta else out.token_ids
-            text = delta.new_text if delta else out.text
-            lps = list(delta.logprobs or ()) if delta else out.logprobs
+        def choice(
+            token_ids: list[int], text: str, lps: list[dict[int, float]], text_start: int,
+            finish_reason: str | None,
+        ) -> dict[str, Any]:  # fmt: skip
             logprobs = None
             if body.logprobs is not None and tokenizer is not None:
                 logprobs = prompts.completion_logprobs(tokenizer, token_ids, lps, text_start)
-            finished = delta.finished if delta else True
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+        def body_of(choices: list[dict[str, Any]]) -> dict[str, Any]:
             return {
                 "id": request_id,
                 "object": "text_completion",
                 "created": created,
                 "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": (delta.finish_reason if delta else out.finish_reason)
-                        if finished
-                        else None,
-                    }
-                ],
+                "choices": choices,
             }
 
+        def render_chunks(delta: StreamDelta, text_start: int) -> list[dict[str, Any]]:
+            c = choice(
+                list(delta.new_token_ids),
+                delta.new_text,
+                list(delta.logprobs or ()),
+                text_start,
+                delta.finish_reason if delta.finished else None,
+            )
+            return [body_of([c])]
+
         if body.stream:
-            return self._stream(body.model, endpoint, stream, first, t0, render, body.include_usage)
+            return self._stream(
+                body.model, endpoint, stream, first, t0, render_chunks, body.include_usage,
+                empty=lambda _: body_of([]),
+            )  # fmt: skip
         out = await self._gather(body.model, endpoint, stream, first, t0, request)
         if out is None:
             return Response(status_code=499)
-        resp = render(out, None, 0)
+        resp = body_of([choice(out.token_ids, out.text, out.logprobs, 0, out.finish_reason)])
         resp["usage"] = out.usage()
         return JSONResponse(resp)
 
@@ -182,55 +188,54 @@ class Generation:
                 return None
             return {"content": prompts.chat_logprobs(tokenizer, ids, lps, top_n)}
 
-        def render_chunk(out: _Outcome, delta: StreamDelta | None, _: int) -> dict[str, Any]:
-            assert delta is not None
-            choices: list[dict[str, Any]] = []
-            if delta.new_text or delta.new_token_ids:
-                choices.append(
-                    {
-                        "index": 0,
-                        "delta": {"content": delta.new_text},
-                        "logprobs": logprobs_of(
-                            list(delta.new_token_ids), list(delta.logprobs or ())
-                        ),
-                        "finish_reason": None,
-                    }
-                )
-            if delta.finished:
-                choices.append(
-                    {
-                        "index": 0,
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": delta.finish_reason,
-                    }
-                )
+        def chunk(choice: dict[str, Any]) -> dict[str, Any]:
             return {
                 "id": request_id,
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": body.model,
-                "choices": choices,
+                "choices": [choice],
             }
 
+        def render_chunks(delta: StreamDelta, _: int) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            if delta.new_text or delta.new_token_ids:
+                lps = logprobs_of(list(delta.new_token_ids), list(delta.logprobs or ()))
+                out.append(
+                    chunk(
+                        {
+                            "index": 0,
+                            "delta": {"content": delta.new_text},
+                            "logprobs": lps,
+                            "finish_reason": None,
+                        }
+                    )
+                )
+            if delta.finished:  # OpenAI ends with an empty delta that carries finish_reason
+                out.append(
+                    chunk(
+                        {
+                            "index": 0,
+                            "delta": {},
+                            "logprobs": None,
+                            "finish_reason": delta.finish_reason,
+                        }
+                    )
+                )
+            return out
+
         if body.stream:
-            role_chunk = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": body.model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
+            head = chunk(
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            )
             return self._stream(
-                body.model, endpoint, stream, first, t0, render_chunk, body.include_usage,
-                head=role_chunk,
+                body.model, endpoint, stream, first, t0, render_chunks, body.include_usage,
+                head=head, empty=chunk,
             )  # fmt: skip
         out = await self._gather(body.model, endpoint, stream, first, t0, request)
         if out is None:
@@ -323,8 +328,9 @@ class Generation:
         stream: AsyncIterator[StreamDelta],
         first: StreamDelta,
         t0: float,
-        render: Callable[[_Outcome, StreamDelta | None, int], dict[str, Any]],
+        render: Callable[[StreamDelta, int], list[dict[str, Any]]],
         include_usage: bool,
+        empty: Callable[[dict[str, Any]], dict[str, Any]],
         head: dict[str, Any] | None = None,
     ) -> Response:
         out = _Outcome()
@@ -338,14 +344,13 @@ class Generation:
                 while True:
                     text_start = len(out.text)
                     out.add(delta, self._clock.now())
-                    chunk = render(out, delta, text_start)
-                    if chunk["choices"]:
+                    for chunk in render(delta, text_start):
                         yield _sse(chunk)
                     if delta.finished:
                         break
                     delta = await anext(stream)
                 if include_usage:
-                    usage_chunk = render(out, delta, len(out.text))
+                    usage_chunk = empty({})
                     usage_chunk["choices"] = []
                     usage_chunk["usage"] = out.usage()
                     yield _sse(usage_chunk)
