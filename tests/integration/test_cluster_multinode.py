@@ -1,0 +1,142 @@
+"""Instances on a two-node local Ray cluster (`ray.cluster_utils.Cluster`, all on 127.0.0.1).
+
+Each node has one logical CPU, so two instances must land on different nodes; node labels
+(spot, zone) come through; a model comes back to the node that already converted it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ember import SamplingParams
+from ember.cluster.cluster import ClusterConfig, RayCluster
+from ember.cluster.runner import node_cache_dir
+from ember.controller.controller import Controller
+from ember.controller.types import DeploymentSpec, InstanceState
+from ember.policy.clock import FakeClock
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+START_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RayCluster, Path]]:
+    from ray.cluster_utils import Cluster
+
+    common = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+    ray_cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **common,
+            "include_dashboard": False,
+            "labels": {"zone": "a", "spot": "false"},
+        },
+    )
+    ray_cluster.add_node(**common, labels={"zone": "b", "spot": "true"})
+    ray_cluster.wait_for_nodes()
+    cache = tmp_path_factory.mktemp("multinode-cache")
+    cluster = RayCluster(ClusterConfig(address=ray_cluster.address, cache_dir=str(cache)))
+    try:
+        yield cluster, cache
+    finally:
+        cluster.shutdown()
+        import ray
+
+        ray.shutdown()
+        ray_cluster.shutdown()
+
+
+def ready_nodes(controller: Controller, name: str) -> list[str | None]:
+    return sorted(
+        i.node_id
+        for s in controller.status()
+        if s.spec.name == name
+        for i in s.instances
+        if i.state is InstanceState.READY
+    )
+
+
+async def until(controller: Controller, pred: Callable[[], bool], timeout_s: float = 120.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not pred():
+        assert loop.time() < deadline, "condition not reached in time"
+        await controller.reconcile_once()
+        await asyncio.sleep(0.05)
+
+
+def test_nodes_carry_spot_and_zone_labels(two_nodes: tuple[RayCluster, Path]) -> None:
+    cluster, _ = two_nodes
+    nodes = cluster.nodes()
+    assert sorted(dict(n.labels)["zone"] for n in nodes) == ["a", "b"]
+    assert {dict(n.labels)["zone"]: n.label("spot") for n in nodes} == {"a": "false", "b": "true"}
+    assert all(n.alive and n.cpus_total == 1.0 for n in nodes)
+
+
+def test_two_instances_are_placed_on_two_nodes_and_both_serve(
+    two_nodes: tuple[RayCluster, Path], model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    cluster, cache = two_nodes
+    model = model_factory("llama", "tiny", "fp32", seed=0)
+    all_nodes = sorted(n.node_id for n in cluster.nodes())
+
+    async def main() -> None:
+        controller = Controller(cluster, tmp_path / "e.db", FakeClock(), reconcile_interval_s=0.05)
+        await controller.start()
+        try:
+            controller.deploy(DeploymentSpec("m", str(model), min_instances=2, max_instances=2))
+            await until(controller, lambda: len(ready_nodes(controller, "m")) == 2)
+            assert ready_nodes(controller, "m") == all_nodes
+            params = SamplingParams(max_tokens=5, temperature=0.0)
+            outs = []
+            for h in controller.ready_instances("m"):
+                outs.append(
+                    [t async for d in h.generate("r", "hi", params) for t in d.new_token_ids]
+                )
+            assert outs[0] == outs[1] and len(outs[0]) == 5  # same weights, same greedy tokens
+            for node_id in all_nodes:  # each node converted the checkpoint into its own cache
+                assert list((node_cache_dir(cache, node_id) / "checkpoints").glob("*/index.json"))
+        finally:
+            await controller.stop()
+        assert cluster.actor_names() == []
+
+    asyncio.run(main())
+
+
+def test_instance_returns_to_the_node_that_has_its_checkpoint(
+    two_nodes: tuple[RayCluster, Path], model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    cluster, _ = two_nodes
+    model_a = model_factory("llama", "tiny", "fp32", seed=1)
+    model_b = model_factory("llama", "tiny", "fp32", seed=2)
+    clock = FakeClock()
+
+    async def main() -> None:
+        controller = Controller(cluster, tmp_path / "e.db", clock, reconcile_interval_s=0.05)
+        await controller.start()
+        try:
+            controller.deploy(DeploymentSpec("a", str(model_a), min_instances=1))
+            await until(controller, lambda: len(ready_nodes(controller, "a")) == 1)
+            # "b" can only go to the other node: it is the only one with a free CPU.
+            controller.deploy(DeploymentSpec("b", str(model_b), keep_alive_s=10.0))
+            controller.wake("b")
+            await controller.wait_for_instance("b", START_TIMEOUT_S)
+            [node_a], [node_b] = ready_nodes(controller, "a"), ready_nodes(controller, "b")
+            assert node_a != node_b
+            # Free both nodes, then wake "b": with both free, its checkpoint decides.
+            controller.delete("a")
+            clock.advance(11.0)
+            await until(controller, lambda: cluster.actor_names() == [])
+            await until(controller, lambda: sum(n.cpus_available for n in cluster.nodes()) == 2)
+            controller.wake("b")
+            await controller.wait_for_instance("b", START_TIMEOUT_S)
+            assert ready_nodes(controller, "b") == [node_b]
+        finally:
+            await controller.stop()
+
+    asyncio.run(main())
