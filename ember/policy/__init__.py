@@ -50,6 +50,12 @@ from ember.policy.policy_set import (
     policy_set,
 )
 from ember.policy.profile import LatencyProfile, LayerCost
+from ember.policy.reconfigure import (
+    FleetView,
+    Reconfiguration,
+    kv_layer_bytes,
+    plan_reconfiguration,
+)
 from ember.policy.startup import (
     Migration,
     ModelSpec,
@@ -73,6 +79,7 @@ __all__ = [
     "ConfigEstimate",
     "DeviceMapping",
     "FakeClock",
+    "FleetView",
     "Gpu",
     "GraceBudget",
     "LatencyProfile",
@@ -92,6 +99,7 @@ __all__ = [
     "PolicyName",
     "PolicySet",
     "Position",
+    "Reconfiguration",
     "ResumeMode",
     "RunningInstance",
     "RunningRequest",
@@ -106,6 +114,7 @@ __all__ = [
     "choose_survivors",
     "desired_instances",
     "estimate",
+    "kv_layer_bytes",
     "load_s",
     "map_devices",
     "place",
@@ -113,6 +122,7 @@ __all__ = [
     "place_random",
     "place_round_robin",
     "plan_migration",
+    "plan_reconfiguration",
     "policy_set",
     "position_bytes",
     "positions",

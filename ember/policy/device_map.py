@@ -37,6 +37,8 @@ from ember.policy.layout import (
 )
 from ember.policy.optimizer import ParallelConfig
 
+_TIE_BIAS = 1e-7  # per unit of index distance; weights are bytes, so ties only
+
 
 class MappingStrategy(str, enum.Enum):
     KM = "km"  # two-level Kuhn–Munkres (SpotServe, ember)
@@ -185,7 +187,11 @@ def map_devices(
         values = w[np.asarray([c[0] for c in clusters])]
     else:
         values = _inner_values(w, clusters, k, n_slots)
-    rows, cols = linear_sum_assignment(values, maximize=True)
+    # Among equal weights (fresh GPUs, a first start), prefer cluster c for slot c, so replicas
+    # fill hosts in order instead of scattering; the bias is far below one byte.
+    c_idx = np.arange(values.shape[0])[:, None]
+    s_idx = np.arange(values.shape[1])[None, :]
+    rows, cols = linear_sum_assignment(values - _TIE_BIAS * np.abs(c_idx - s_idx), maximize=True)
     assign: dict[Position, str] = {}
     kept = 0.0
     for c, s in zip(rows, cols, strict=True):

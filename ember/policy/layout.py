@@ -37,17 +37,19 @@ class Gpu:
 
 @dataclass(frozen=True, slots=True)
 class ModelShape:
-    """Bytes per piece of the model: one decoder layer, the embedding, the LM head (unsharded)."""
+    """Bytes per piece of the model: one decoder layer, the embedding, the LM head (unsharded),
+    and the KV cache one token adds to one layer (all shards)."""
 
     layers: int
     layer_bytes: int
     embed_bytes: int = 0
     head_bytes: int = 0
+    kv_token_layer_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.layers < 1:
             raise ConfigError(f"layers must be >= 1, got {self.layers}")
-        for name in ("layer_bytes", "embed_bytes", "head_bytes"):
+        for name in ("layer_bytes", "embed_bytes", "head_bytes", "kv_token_layer_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -58,7 +60,11 @@ class ModelShape:
         """A GPT-style decoder: 12h^2 + 13h parameters per layer, vocab x h embedding and head."""
         layer = (12 * hidden * hidden + 13 * hidden) * bytes_per_param
         embed = vocab * hidden * bytes_per_param
-        return cls(layers, layer, embed, embed)
+        return cls(layers, layer, embed, embed, 2 * hidden * bytes_per_param)
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.layers * self.layer_bytes + self.embed_bytes + self.head_bytes
 
     @staticmethod
     def kv_bytes_per_token_layer(hidden: int, bytes_per_param: int = 4) -> int:

@@ -111,11 +111,13 @@ def plan_migration(
     kv_layer_bytes: Mapping[int, int] | None = None,
     memory_limit_bytes: int | Mapping[str, int] | None = None,
     bandwidth: LinkBandwidth | None = None,
+    peer_copies: bool = True,
 ) -> MigrationPlan:
     """Transfers from `old` to `new` (see the module docstring for order and estimates).
 
     `hosts` maps every GPU id of both placements to its host; `dying` GPUs are under notice
     (they may send, and are absent from `new`); `lost` GPUs are gone (they cannot send).
+    `peer_copies=False` loads every missing weight from storage (the baselines' behaviour).
     """
     bw = bandwidth or LinkBandwidth()
     oc, nc = (old.config if old else None), new.config
@@ -148,7 +150,7 @@ def plan_migration(
             if ("w", -1, *u) in mine:
                 continue
             nbytes = _unit_bytes(u[0], shape, frags)
-            cands = holders.get(u, [])
+            cands = holders.get(u, []) if peer_copies else []
             if not cands:
                 raw.append(Transfer(TransferKind.LOAD, u[0], u[1], frags, None, dst, nbytes, False))
                 continue
