@@ -1,0 +1,332 @@
+"""`ember bench serve`: what the serving path costs on top of the engine, over real HTTP.
+
+Two measurements, each against the engine called in-process in the same run, on the same
+random-weight model, prompts and sampling parameters (greedy, ignore_eos, so every request makes
+exactly the tokens it asks for):
+
+1. Warm request overhead: time to first token of one request at a time, streamed over HTTP from
+   `ember serve` (API -> router -> Ray actor -> engine thread and back), minus the engine's own
+   time to first token (add_request -> first token out of step()). p50 and p99. Target: <= 10 ms
+   at p50.
+2. Throughput: the same request mix (lengths drawn with a fixed seed from the ShareGPT length
+   trace, prompts <= 512 tokens, outputs <= 256) sent all at once over HTTP, vs the engine
+   running the same requests in-process. Output tokens/s. Target: >= 90% of the engine's.
+
+The engine and the server run one after the other, never at the same time (2 cores). Prompts are
+token ids, so both sides see exactly the same prompt lengths.
+
+    python benchmarks/bench_serve.py [--quick] [--size tiny|125m] [--url http://127.0.0.1:8000]
+
+Writes benchmarks/results/serve.json (serve-quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+LENGTHS_CSV = Path("/work/shared/traces/workload/sharegpt/lengths.csv")
+MODEL_NAME = "bench"
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    disk = shutil.disk_usage(ROOT)
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "disk_total_gib": round(disk.total / 2**30, 1),
+        "disk_free_gib": round(disk.free / 2**30, 1),
+        "python": platform.python_version(),
+    }
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def request_mix(n: int, max_prompt: int, max_output: int, vocab: int, seed: int = 0) -> list:
+    """(prompt token ids, output tokens) per request, lengths from the ShareGPT trace."""
+    rng = random.Random(seed)
+    pairs: list[tuple[int, int]] = []
+    if LENGTHS_CSV.is_file():
+        with LENGTHS_CSV.open() as f:
+            rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"]))
+                    for r in csv.DictReader(f)]  # fmt: skip
+        rows = [(p, d) for p, d in rows if 4 <= p <= max_prompt and 1 <= d <= max_output]
+        pairs = [rng.choice(rows) for _ in range(n)]
+    else:  # the trace is not in this checkout: uniform lengths, said in the JSON
+        pairs = [(rng.randint(16, max_prompt), rng.randint(16, max_output)) for _ in range(n)]
+    return [([rng.randrange(10, vocab) for _ in range(p)], d) for p, d in pairs]
+
+
+# --- the engine in-process ---------------------------------------------------------------------
+
+
+def engine_side(model: Path, ttft_prompt: list[int], n_ttft: int, mix: list, max_num_seqs: int):
+    from ember import SamplingParams
+    from ember.engine.config import EngineConfig
+    from ember.engine.engine import Engine
+
+    engine = Engine(EngineConfig(model=str(model), max_num_seqs=max_num_seqs))
+    try:
+        one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        ttfts = []
+        for i in range(n_ttft + 3):
+            t0 = time.perf_counter()
+            engine.add_request(f"t{i}", ttft_prompt, one)
+            got = False
+            while not got:
+                got = any(o.new_token_ids for o in engine.step())
+            if i >= 3:  # the first requests warm the allocator and kernels
+                ttfts.append(time.perf_counter() - t0)
+            while engine.has_unfinished():
+                engine.step()
+        t0 = time.perf_counter()
+        for i, (prompt, out) in enumerate(mix):
+            engine.add_request(
+                f"m{i}", prompt, SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
+            )
+        tokens = 0
+        while engine.has_unfinished():
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+        wall = time.perf_counter() - t0
+    finally:
+        engine.close()
+    return ttfts, tokens, wall
+
+
+# --- ember over HTTP ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(state: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "ember", "serve", "--port", str(port), "--no-demo",
+           "--state-dir", str(state / "state"), "--cache-dir", str(state / "cache")]  # fmt: skip
+    log = (state / "serve.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ember serve exited ({proc.returncode}); see {state / 'serve.log'}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"ember serve did not answer /health in 180 s; see {state / 'serve.log'}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait_s in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def deploy(url: str, model: Path, max_num_seqs: int) -> None:
+    spec = {"name": MODEL_NAME, "source": str(model), "min_instances": 1, "max_instances": 1,
+            "keep_alive_s": 3600.0, "max_num_seqs": max_num_seqs, "max_queue": 4096,
+            "request_timeout_s": 1800.0}  # fmt: skip
+    r = httpx.post(url + "/admin/deployments", json=spec, timeout=30)
+    r.raise_for_status()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = httpx.get(url + "/admin/status", timeout=10).json()
+        for dep in status["deployments"]:
+            if dep["name"] == MODEL_NAME and any(i["state"] == "ready" for i in dep["instances"]):
+                return
+        time.sleep(0.5)
+    raise RuntimeError("the benchmark deployment did not become ready in 600 s")
+
+
+async def http_ttft(client: httpx.AsyncClient, prompt: list[int]) -> float:
+    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    t0 = time.perf_counter()
+    first = None
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - t0
+    assert first is not None, "no chunk arrived"
+    return first
+
+
+async def http_side(url: str, ttft_prompt: list[int], n_ttft: int, mix: list):
+    limits = httpx.Limits(max_connections=len(mix) + 4, max_keepalive_connections=len(mix) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
+        for _ in range(5):
+            await http_ttft(client, ttft_prompt)
+        ttfts = [await http_ttft(client, ttft_prompt) for _ in range(n_ttft)]
+
+        async def one(prompt: list[int], out: int) -> int:
+            body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": out, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            r = await client.post("/v1/completions", json=body)
+            r.raise_for_status()
+            return int(r.json()["usage"]["completion_tokens"])
+
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p, o) for p, o in mix))
+        wall = time.perf_counter() - t0
+    return ttfts, sum(counts), wall
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, few requests (a minute)")
+    ap.add_argument("--size", choices=("tiny", "125m"), help="factory Llama size")
+    ap.add_argument("--url", help="use this running ember server instead of starting one")
+    ap.add_argument("--requests", type=int, help="requests in the throughput mix")
+    ap.add_argument("--out", help="JSON path (default benchmarks/results/serve[-quick].json)")
+    args = ap.parse_args()
+    size = args.size or ("tiny" if args.quick else "125m")
+    n_req = args.requests or (16 if args.quick else 64)
+    n_ttft = 20 if args.quick else 50
+    max_prompt, max_output = (128, 64) if args.quick else (512, 256)
+    max_num_seqs = 64
+
+    from ember.store.factory import make_model
+
+    work = Path(tempfile.mkdtemp(prefix="ember-bench-serve-"))
+    try:
+        model = make_model(work / "model", "llama", size, "bf16", seed=0)
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        rng = random.Random(1)
+        ttft_prompt = [rng.randrange(10, vocab) for _ in range(64)]
+        mix = request_mix(n_req, max_prompt, max_output, vocab)
+        print(f"model: llama {size} bf16 (random weights); {n_req} requests; "
+              f"{sum(len(p) for p, _ in mix)} prompt / {sum(o for _, o in mix)} output tokens")  # fmt: skip
+
+        e_ttft, e_tokens, e_wall = engine_side(model, ttft_prompt, n_ttft, mix, max_num_seqs)
+        proc = None
+        url = args.url
+        try:
+            if url is None:
+                proc, url = start_server(work)
+            deploy(url, model, max_num_seqs)
+            h_ttft, h_tokens, h_wall = asyncio.run(http_side(url, ttft_prompt, n_ttft, mix))
+        finally:
+            if proc is not None:
+                stop_server(proc)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ms = 1000.0
+    e50, e99 = percentile(e_ttft, 0.5) * ms, percentile(e_ttft, 0.99) * ms
+    h50, h99 = percentile(h_ttft, 0.5) * ms, percentile(h_ttft, 0.99) * ms
+    e_tps, h_tps = e_tokens / e_wall, h_tokens / h_wall
+    rows = [
+        ("TTFT p50 (ms)", e50, h50, h50 - e50),
+        ("TTFT p99 (ms)", e99, h99, h99 - e99),
+        ("TTFT mean (ms)", statistics.mean(e_ttft) * ms, statistics.mean(h_ttft) * ms,
+         (statistics.mean(h_ttft) - statistics.mean(e_ttft)) * ms),
+        ("output tokens/s", e_tps, h_tps, h_tps / e_tps),
+    ]  # fmt: skip
+    print(f"\n{'':18} {'engine':>10} {'ember HTTP':>11} {'overhead/ratio':>15}")
+    for name, a, b, c in rows:
+        print(f"{name:18} {a:10.2f} {b:11.2f} {c:15.3f}")
+    overhead = h50 - e50
+    print(f"\nwarm request overhead p50 {overhead:.2f} ms (target <= 10), "
+          f"p99 {h99 - e99:.2f} ms; throughput {h_tps / e_tps:.1%} of the engine (target >= 90%)")  # fmt: skip
+    result = {
+        "benchmark": "serve",
+        "metric": "warm request overhead p50 (HTTP TTFT - engine TTFT)",
+        "value": overhead,
+        "unit": "ms",
+        "baseline": e50,
+        "baseline_name": "engine's own TTFT in-process, same prompt (p50)",
+        "ratio": h50 / e50,
+        "targets": {"overhead_p50_ms_max": 10.0, "throughput_ratio_min": 0.9},
+        "ttft_ms": {
+            "engine_p50": e50,
+            "engine_p99": e99,
+            "http_p50": h50,
+            "http_p99": h99,
+            "overhead_p50": overhead,
+            "overhead_p99": h99 - e99,
+        },  # fmt: skip
+        "throughput": {
+            "metric": "output tokens/s",
+            "engine": e_tps,
+            "http": h_tps,
+            "ratio": h_tps / e_tps,
+            "engine_tokens": e_tokens,
+            "http_tokens": h_tokens,
+        },  # fmt: skip
+        "setup": {
+            "model": f"llama-{size} bf16 random",
+            "requests": n_req,
+            "ttft_samples": n_ttft,
+            "ttft_prompt_tokens": len(ttft_prompt),
+            "max_num_seqs": max_num_seqs,
+            "lengths": "sharegpt trace" if LENGTHS_CSV.is_file() else "uniform",
+            "server": args.url or "ember serve (local Ray, one instance)",
+        },  # fmt: skip
+        "machine": machine_facts(),
+        "git_sha": git_sha(),
+        "quick": args.quick,
+    }
+    out = Path(args.out) if args.out else (
+        ROOT / "benchmarks" / "results" / ("serve-quick.json" if args.quick else "serve.json")
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
