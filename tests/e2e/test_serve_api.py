@@ -1,0 +1,281 @@
+"""The OpenAI-compatible API of a real `ember serve` on 127.0.0.1, driven by the `openai` client:
+completions and chat (streamed and not) equal to the in-process engine's greedy output, 32
+concurrent requests over two instances, every bad-request status, scale to zero and wake,
+client disconnect, API keys on and off, and deletion that leaves no instance actor behind."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from ember import LLM, SamplingParams
+
+if TYPE_CHECKING:
+    from tests.e2e.conftest import EmberServer
+
+MODEL = "tiny2"
+N_PROMPTS = 32
+MAX_TOKENS = 12
+
+
+def _prompts() -> list[str]:
+    words = "the of water people time number sound would make".split()
+    return [" ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 9)) for i in range(32)]
+
+
+def wait_for(pred: Callable[[], bool], timeout_s: float = 120.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, f"{what} not reached in {timeout_s} s"
+        time.sleep(0.25)
+
+
+def admin(server: EmberServer, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(method, server.url + path, timeout=60, **kw)
+
+
+def deployment(server: EmberServer, name: str) -> dict[str, Any] | None:
+    status = admin(server, "GET", "/admin/status").json()
+    return next((d for d in status["deployments"] if d["name"] == name), None)
+
+
+def states(server: EmberServer, name: str) -> list[str]:
+    d = deployment(server, name)
+    return sorted(i["state"] for i in d["instances"]) if d else []
+
+
+def deploy(server: EmberServer, name: str, source: Path, **spec: Any) -> None:
+    r = admin(
+        server, "POST", "/admin/deployments", json={"name": name, "source": str(source), **spec}
+    )
+    assert r.status_code in (200, 201), r.text
+
+
+def actor_processes(server: EmberServer) -> list[psutil.Process]:
+    assert server.proc is not None
+    out = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "InstanceActor" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(model_factory: Callable[..., Path]) -> Path:
+    return model_factory("llama", "tiny", "fp32", seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: Path) -> dict[str, Any]:
+    """Greedy outputs of the in-process engine for every prompt (and the chat prompt)."""
+    from ember.engine.tokenizer import Tokenizer
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat_prompt = Tokenizer(tiny).apply_chat_template(messages)
+    llm = LLM(str(tiny))
+    try:
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        outs = llm.generate([*_prompts(), chat_prompt], params)
+    finally:
+        llm.close()
+    return {"plain": outs[:-1], "chat": outs[-1], "messages": messages}
+
+
+@pytest.fixture(scope="module")
+def server(ember_server: EmberServer, tiny: Path) -> Iterator[EmberServer]:
+    deploy(ember_server, MODEL, tiny, min_instances=2, max_instances=2, max_num_seqs=8)
+    wait_for(lambda: states(ember_server, MODEL) == ["ready", "ready"], 180, "two ready instances")
+    yield ember_server
+
+
+@pytest.fixture
+def client(server: EmberServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0, timeout=120)
+
+
+def test_completions_and_chat_streamed_and_not_match_the_engine(
+    client: openai.OpenAI, reference: dict[str, Any]
+) -> None:
+    ref = reference["plain"][0]
+    kw: dict[str, Any] = {"model": MODEL, "prompt": _prompts()[0], "max_tokens": MAX_TOKENS}
+    kw |= {"temperature": 0, "extra_body": {"ignore_eos": True}}
+    resp = client.completions.create(**kw)
+    assert resp.choices[0].text == ref.text
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (
+        len(ref.prompt_token_ids), MAX_TOKENS,
+    )  # fmt: skip
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+
+    chat = reference["chat"]
+    ckw: dict[str, Any] = {
+        "model": MODEL,
+        "messages": reference["messages"],
+        "max_tokens": MAX_TOKENS,
+    }
+    ckw |= {"temperature": 0, "extra_body": {"ignore_eos": True}}
+    resp = client.chat.completions.create(**ckw)
+    assert resp.choices[0].message.content == chat.text
+    assert resp.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(**ckw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_32_concurrent_requests_over_two_instances_all_complete_and_correct(
+    server: EmberServer, reference: dict[str, Any]
+) -> None:
+    aclient = openai.AsyncOpenAI(
+        base_url=server.base_url, api_key="none", max_retries=0, timeout=300
+    )
+
+    async def one(i: int, prompt: str) -> tuple[str, str]:
+        kw: dict[str, Any] = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS}
+        kw |= {"temperature": 0, "extra_body": {"ignore_eos": True}}
+        if i % 2:
+            chunks = [c async for c in await aclient.completions.create(**kw, stream=True)]
+            assert chunks[-1].choices[0].finish_reason == "length"
+            return chunks[0].id, "".join(c.choices[0].text for c in chunks)
+        resp = await aclient.completions.create(**kw)
+        assert resp.usage.completion_tokens == MAX_TOKENS
+        return resp.id, resp.choices[0].text
+
+    async def all_of() -> list[tuple[str, str]]:
+        try:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(_prompts())))
+        finally:
+            await aclient.close()
+
+    results = asyncio.run(all_of())
+    instances = set()
+    for (rid, text), ref in zip(results, reference["plain"], strict=True):
+        assert text == ref.text
+        entry = admin(server, "GET", f"/admin/requests/{rid}").json()
+        assert entry["token_ids"] == list(ref.token_ids) and entry["finished"]
+        instances.add(entry["instance_id"])
+    assert len(instances) == 2  # the router spread the load over both instances
+    d = deployment(server, MODEL)
+    assert (d["queued"], d["in_flight"]) == (0, 0)
+
+
+def test_bad_requests_get_openai_errors(
+    client: openai.OpenAI, server: EmberServer, tiny: Path
+) -> None:
+    base: dict[str, Any] = {"model": MODEL, "prompt": "hi", "max_tokens": 4}
+    for extra, param in [
+        ({"temperature": 3}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_p": 0}, "top_p"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"prompt": [1, 10**7]}, "prompt"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(**(base | extra))
+        assert info.value.status_code == 400 and info.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError):  # longer than max_model_len
+        client.completions.create(**(base | {"prompt": [5] * 5000}))
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], top_logprobs=2
+        )
+    assert info.value.body["param"] == "top_logprobs"
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.completions.create(**(base | {"model": "no-such-model"}))
+    assert nf.value.body["code"] == "model_not_found"
+    r = httpx.get(server.url + "/v2/nothing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+    deploy(server, "noqueue", tiny, max_queue=0, keep_alive_s=1)
+    with pytest.raises(openai.RateLimitError) as rl:
+        client.completions.create(**(base | {"model": "noqueue"}))
+    assert rl.value.status_code == 429 and rl.value.body["code"] == "queue_full"
+    deploy(server, "impatient", tiny, request_timeout_s=0.2, keep_alive_s=1)
+    with pytest.raises(openai.APIStatusError) as to:
+        client.completions.create(**(base | {"model": "impatient"}))
+    assert to.value.status_code == 504 and to.value.body["code"] == "timeout"
+    for name in ("noqueue", "impatient"):
+        assert admin(server, "DELETE", f"/admin/deployments/{name}").status_code == 200
+
+
+def test_scale_to_zero_after_keep_alive_then_wake(
+    client: openai.OpenAI, server: EmberServer, tiny: Path
+) -> None:
+    deploy(server, "napper", tiny, min_instances=0, keep_alive_s=1.0)
+    assert states(server, "napper") == []
+    kw: dict[str, Any] = {"model": "napper", "prompt": "hello", "max_tokens": 3, "temperature": 0}
+    first = client.completions.create(**kw)  # cold start: queued until an instance is ready
+    assert first.usage.completion_tokens >= 1
+    assert states(server, "napper") == ["ready"]
+    wait_for(lambda: states(server, "napper") == [], 60, "scale to zero")
+    again = client.completions.create(**kw)
+    assert again.choices[0].text == first.choices[0].text  # a fresh instance, the same tokens
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'ember_cold_starts_total{model="napper"} 2.0' in metrics
+    assert admin(server, "DELETE", "/admin/deployments/napper").status_code == 200
+
+
+def test_client_disconnect_aborts_the_request(client: openai.OpenAI, server: EmberServer) -> None:
+    stream = client.completions.create(
+        model=MODEL, prompt="the water", max_tokens=1500, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    first = next(iter(stream))
+    stream.close()
+    rid = first.id
+
+    def aborted() -> bool:
+        entry = admin(server, "GET", f"/admin/requests/{rid}").json()
+        return bool(entry["finished"]) and entry["finish_reason"] == "abort"
+
+    wait_for(aborted, 30, "abort after disconnect")
+    entry = admin(server, "GET", f"/admin/requests/{rid}").json()
+    assert len(entry["token_ids"]) < 1500
+    wait_for(lambda: deployment(server, MODEL)["in_flight"] == 0, 30, "no request in flight")
+
+
+def test_delete_stops_every_instance_actor(server: EmberServer) -> None:
+    assert len(actor_processes(server)) >= 2
+    assert admin(server, "DELETE", f"/admin/deployments/{MODEL}").json() == {"deleted": MODEL}
+    assert deployment(server, MODEL) is None
+    wait_for(lambda: actor_processes(server) == [], 60, "instance actors gone")
+    r = httpx.post(server.base_url + "/completions", json={"model": MODEL, "prompt": "x"})
+    assert r.status_code == 404
+
+
+def test_keys_required_when_configured(start_ember_server: Callable[..., EmberServer]) -> None:
+    srv = start_ember_server("--no-demo", api_keys=("user-k",), admin_key="admin-k")
+    anon = openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        anon.models.list()
+    assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    r = httpx.post(srv.base_url + "/completions", json={"model": "m", "prompt": "x"})
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    ok = openai.OpenAI(base_url=srv.base_url, api_key="user-k", max_retries=0)
+    assert ok.models.list().data == []
+    assert (
+        httpx.get(srv.url + "/admin/status", headers={"Authorization": "Bearer user-k"}).status_code
+        == 401
+    )
+    assert (
+        httpx.get(
+            srv.url + "/admin/status", headers={"Authorization": "Bearer admin-k"}
+        ).status_code
+        == 200
+    )
+    assert httpx.get(srv.url + "/health").status_code == 200
