@@ -7,6 +7,9 @@ keeping KV of the most-progressed replicas) and plan the transfers (`preempt` ro
 optimizer usually keeps the shape and drops a replica, so little moves). `reshape` rows time the
 heavy path: the same loss, but the new configuration halves TP and doubles PP, so most weights
 and all inherited KV caches move.
+Serverless placement (ServerlessLLM start-up estimator with live migration, ember's risk and
+price terms) is timed per decision on fleets of 8-GPU servers holding 64 models, against
+locality-only placement (no migration) as the baseline.
 Baselines in the same run: the published optimizer (`OptimizerConfig.spotserve`) for the
 optimizer, and plain in-order placement (the no-device-mapper ablation) for the mapper, whose
 kept bytes show what the matching buys. Times are medians of repeated runs (warm-up excluded).
@@ -20,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import statistics
 import subprocess
@@ -34,11 +38,18 @@ from ember.policy import (
     LatencyProfile,
     MappingStrategy,
     ModelShape,
+    ModelSpec,
     OptimizerConfig,
     ParallelConfig,
     Placement,
+    PlacementConfig,
+    RunningInstance,
+    ServerState,
+    Tier,
     choose_config,
     map_devices,
+    place,
+    place_locality,
     plan_migration,
 )
 
@@ -166,6 +177,39 @@ def _map_and_plan(
     }
 
 
+def placement_rows(repeats: int) -> list[dict[str, Any]]:
+    rng = random.Random(0)
+    bw = {Tier.DRAM: 10e9, Tier.SSD: 2e9, Tier.PEER: 1.25e9, Tier.REMOTE: 0.1e9}
+    models = [ModelSpec(f"m{i:02d}", 14 * 10**9, rng.choice([1, 1, 2])) for i in range(64)]
+    rows = []
+    cfg = PlacementConfig.ember()
+    for n_gpus in (*SIZES, 10_000):
+        servers = []
+        for s in range(max(1, n_gpus // 8)):
+            tiers = {m.model_id: rng.choice([Tier.DRAM, Tier.SSD]) for m in rng.sample(models, 3)}
+            insts = tuple(
+                RunningInstance(f"s{s}i{k}", m, (rng.randint(100, 2000),))
+                for k, m in enumerate(rng.sample(models, rng.randint(0, 6)))
+            )
+            used = sum(i.model.gpus for i in insts)
+            servers.append(
+                ServerState(f"s{s:05d}", max(0, 8 - used), tiers, bw, instances=insts,
+                            preemption_risk=rng.random() * 0.2, price_per_gpu_hour=0.9)
+            )  # fmt: skip
+        picks = models[:16]
+        t_place, _ = timed(lambda s=servers, p=picks: [place(s, m, cfg) for m in p], repeats)
+        t_loc, _ = timed(lambda s=servers, p=picks: [place_locality(s, m) for m in p], repeats)
+        rows.append(
+            {
+                "gpus": n_gpus,
+                "servers": len(servers),
+                "place_ms": t_place * 1e3 / len(picks),
+                "locality_ms": t_loc * 1e3 / len(picks),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -187,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             f" {r['kept_gib']:>9.1f} {r['kept_plain_gib']:>7.1f} {r['planner_ms']:>8.1f}"
             f" {r['transfers']:>6} {r['migration_estimate_s']:>6.2f}"
         )
+    placement = placement_rows(max(1, repeats // 3))
+    print(f"\n{'GPUs':>6} {'servers':>8} {'place ms/decision':>18} {'locality-only ms':>17}")
+    for r in placement:
+        print(f"{r['gpus']:>6} {r['servers']:>8} {r['place_ms']:>18.2f} {r['locality_ms']:>17.2f}")
     big = next(r for r in rows if r["gpus"] == SIZES[-1] and r["scenario"] == "preempt")
     result = {
         "benchmark": "policy",
@@ -198,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": (big["optimizer_ms"] + big["mapper_ms"])
         / max(1e-9, big["optimizer_published_ms"] + big["mapper_plain_ms"]),
         "rows": rows,
+        "placement_rows": placement,
         "profile": profile.name,
         "rate_rps": RATE_RPS,
         "quick": args.quick,

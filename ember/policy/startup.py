@@ -128,7 +128,8 @@ def tier_of(server: ServerState, model_id: str, servers: Sequence[ServerState] |
     if model_id in server.tiers:
         return server.tiers[model_id]
     holders = servers if isinstance(servers, _Holders) else _Holders(servers)
-    if holders.of(model_id) - {server.server_id}:
+    held = holders.of(model_id)
+    if len(held) > 1 or (held and server.server_id not in held):
         return Tier.PEER
     return Tier.REMOTE
 
@@ -163,12 +164,12 @@ def place_locality(
 ) -> PlacementDecision | None:
     """Fastest start among servers with enough free GPUs (no migration); None if none."""
     cfg = cfg or PlacementConfig(migrate=False)
+    holders = _Holders(servers)
     best: PlacementDecision | None = None
     for s in _eligible(servers, model):
-        t = load_s(s, model, servers)
-        d = PlacementDecision(
-            s.server_id, tier_of(s, model.model_id, servers), t, _score(s, model, t, cfg)
-        )
+        t = load_s(s, model, holders)
+        tier = tier_of(s, model.model_id, holders)
+        d = PlacementDecision(s.server_id, tier, t, _score(s, model, t, cfg))
         if best is None or (d.score, d.startup_s) < (best.score, best.startup_s):
             best = d
     return best
@@ -197,8 +198,9 @@ def place_round_robin(
         i = (cursor + k) % n
         s = ordered[i]
         if not s.under_notice and s.free_gpus >= model.gpus:
-            t = load_s(s, model, servers)
-            return PlacementDecision(s.server_id, tier_of(s, model.model_id, servers), t, t), i + 1
+            holders = _Holders(servers)
+            t = load_s(s, model, holders)
+            return PlacementDecision(s.server_id, tier_of(s, model.model_id, holders), t, t), i + 1
     return None, cursor
 
 
@@ -238,12 +240,19 @@ def _migration_plan(
 ) -> tuple[tuple[Migration, ...], float] | None:
     """Cheapest set of instances on `target` to move away, freeing `deficit` GPUs."""
     cands = sorted(target.instances, key=lambda i: (i.model.gpus, i.instance_id))[: cfg.max_subset]
+    movable = [
+        i
+        for i in cands
+        if sum(i.request_tokens) / cfg.prefill_tokens_per_s <= cfg.max_migration_delay_s
+    ]
+    options = {i.instance_id: _options(target, i, servers, holders, cfg) for i in movable}
+    free = {s.server_id: s.free_gpus for s in servers}
     best: tuple[tuple[Migration, ...], float] | None = None
-    for n in range(1, len(cands) + 1):
-        for subset in itertools.combinations(cands, n):
+    for n in range(1, len(movable) + 1):
+        for subset in itertools.combinations(movable, n):
             if sum(i.model.gpus for i in subset) < deficit:
                 continue
-            moves = _destinations(target, subset, servers, holders, cfg)
+            moves = _destinations(target, subset, options, dict(free))
             if moves is None:
                 continue
             cost = max(m.estimated_s for m in moves)
@@ -252,29 +261,37 @@ def _migration_plan(
     return best
 
 
-def _destinations(
+def _options(
     target: ServerState,
-    subset: Sequence[RunningInstance],
+    inst: RunningInstance,
     servers: Sequence[ServerState],
     holders: _Holders,
     cfg: PlacementConfig,
+) -> list[tuple[float, str, int]]:
+    """(migration estimate, destination, GPUs) for every server that could take `inst`, best first."""
+    reprefill = sum(inst.request_tokens) / cfg.prefill_tokens_per_s
+    return sorted(
+        (load_s(s, inst.model, holders) + reprefill, s.server_id, inst.model.gpus)
+        for s in servers
+        if s.server_id != target.server_id and not s.under_notice and s.free_gpus >= inst.model.gpus
+    )
+
+
+def _destinations(
+    target: ServerState,
+    subset: Sequence[RunningInstance],
+    options: Mapping[str, list[tuple[float, str, int]]],
+    free: dict[str, int],
 ) -> tuple[Migration, ...] | None:
-    free = {s.server_id: s.free_gpus for s in servers}
+    """Each instance to its fastest destination that still has room (greedy, in subset order)."""
     moves: list[Migration] = []
     for inst in subset:
-        reprefill = sum(inst.request_tokens) / cfg.prefill_tokens_per_s
-        if reprefill > cfg.max_migration_delay_s:
+        pick = next(
+            ((est, dst, g) for est, dst, g in options[inst.instance_id] if free[dst] >= g), None
+        )
+        if pick is None:
             return None
-        options = [
-            (load_s(s, inst.model, holders) + reprefill, s.server_id)
-            for s in servers
-            if s.server_id != target.server_id
-            and not s.under_notice
-            and free[s.server_id] >= inst.model.gpus
-        ]
-        if not options:
-            return None
-        est, dst = min(options)
-        free[dst] -= inst.model.gpus
+        est, dst, gpus = pick
+        free[dst] -= gpus
         moves.append(Migration(inst.instance_id, target.server_id, dst, est))
     return tuple(moves)
