@@ -92,19 +92,21 @@ class OptimizerConfig:
             raise ConfigError(f"max_on_demand_gpus must be >= 0, got {self.max_on_demand_gpus}")
 
     @classmethod
-    def spotserve(cls, *, max_batch: int = 4, min_gpus: int = 1, output_tokens: int = 128):  # type: ignore[no-untyped-def]
+    def spotserve(
+        cls, *, max_batch: int = 4, min_gpus: int = 1, output_tokens: int = 128
+    ) -> OptimizerConfig:
         """SpotServe as published: fill replicas, no headroom, no cost tie-break, no on-demand."""
         return cls(max_batch=max_batch, min_gpus=min_gpus, output_tokens=output_tokens)
 
     @classmethod
-    def ember(  # type: ignore[no-untyped-def]
+    def ember(
         cls,
         *,
         max_batch: int = 4,
         min_gpus: int = 1,
         output_tokens: int = 128,
         max_on_demand_gpus: int = 0,
-    ):
+    ) -> OptimizerConfig:
         """ember: 25% throughput headroom, 2% latency near-ties go to fewer GPUs."""
         return cls(
             max_batch=max_batch,

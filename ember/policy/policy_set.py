@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ember.errors import ConfigError
 from ember.policy.device_map import MappingStrategy
@@ -81,9 +82,9 @@ class PolicySet:
     placement: PlacementStrategy = PlacementStrategy.SERVERLESSLLM
     placement_config: PlacementConfig = field(default_factory=PlacementConfig.serverlessllm)
 
-    def with_optimizer(self, **changes: object) -> PolicySet:
+    def with_optimizer(self, **changes: Any) -> PolicySet:
         """The same policy with optimizer fields changed (e.g. min_gpus, max_batch)."""
-        return replace(self, optimizer=replace(self.optimizer, **changes))  # type: ignore[arg-type]
+        return replace(self, optimizer=replace(self.optimizer, **changes))
 
 
 def policy_set(name: str | PolicyName, *, min_gpus: int = 1, max_batch: int = 4) -> PolicySet:
@@ -106,7 +107,8 @@ def policy_set(name: str | PolicyName, *, min_gpus: int = 1, max_batch: int = 4)
         )
     if key is PolicyName.SPOTSERVE:
         return PolicySet(key, optimizer=published)
-    baseline = dict(
+    baseline = PolicySet(
+        key,
         optimizer=published,
         mapping=MappingStrategy.PLAIN,
         reuse_context=False,
@@ -118,10 +120,10 @@ def policy_set(name: str | PolicyName, *, min_gpus: int = 1, max_batch: int = 4)
         placement_config=PlacementConfig(migrate=False),
     )
     if key is PolicyName.REROUTE:
-        return PolicySet(key, reparallelize=False, **baseline)  # type: ignore[arg-type]
+        return replace(baseline, reparallelize=False)
     if key is PolicyName.REPARALLELIZE:
-        return PolicySet(key, restart_all=True, **baseline)  # type: ignore[arg-type]
-    return PolicySet(key, reparallelize=False, use_grace_period=False, **baseline)  # type: ignore[arg-type]
+        return replace(baseline, restart_all=True)
+    return replace(baseline, reparallelize=False, use_grace_period=False)
 
 
 POLICY_NAMES: tuple[str, ...] = tuple(p.value for p in PolicyName)
