@@ -156,12 +156,11 @@ def choose_survivors(
         raise ConfigError(f"new_replicas must be >= 0, got {new_replicas}")
     progress: dict[int, int] = {}
     for r in requests:
-        value = r.prompt_tokens + r.generated_tokens if by_tokens else r.generated_tokens
-        progress[r.replica] = (
-            (progress.get(r.replica, 0) + value)
-            if by_tokens
-            else max(progress.get(r.replica, 0), value)
-        )
+        before = progress.get(r.replica, 0)
+        if by_tokens:  # tokens a re-prefill would have to recompute
+            progress[r.replica] = before + r.prompt_tokens + r.generated_tokens
+        else:  # SpotServe: the batch's decode step
+            progress[r.replica] = max(before, r.generated_tokens)
     ranked = sorted(progress, key=lambda rep: (-progress[rep], rep))[:new_replicas]
     kv_stay = {new: old for new, old in enumerate(ranked)}
     kept = set(ranked)
