@@ -209,6 +209,8 @@ class Simulator:
             for g in gpus:
                 self.hosts[g] = node
             self.alive_since[node] = self.now
+        if self.placement is not None:
+            self._mark(self.placement.config)
         self._reconfigure(self.now + self.params.grace_period_s)
 
     def _notice(self, nodes: list[str]) -> None:
@@ -231,6 +233,7 @@ class Simulator:
             self.lost.update(self.node_gpus[node])
         if not gone:
             return
+        self._mark(self.placement.config if self.placement else None)
         killed = [r for r in self.replicas.values() if r.nodes & gone]
         for rep in killed:
             self._kill(rep)
@@ -441,6 +444,8 @@ class Simulator:
         last_arrival = self.wl.arrival_s[-1] if len(self.wl) else 0.0
         end = max(last_arrival, self.last_finish) if self.done else self.now
         node_s = self.node_seconds + sum(max(0.0, end - t) for t in self.alive_since.values())
+        self.now = max(self.now, end)
+        self._mark(self.placement.config if self.placement else None)
         return summarize(self, node_s, wall_s)
 
 
