@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ember.errors import ConfigError
@@ -104,6 +104,7 @@ def test_invalid_inputs_name_the_argument(kwargs: dict[str, float], field: str) 
         _desired(CFG, **kwargs)
 
 
+@settings(deadline=None)
 @given(
     lo=st.integers(0, 8),
     span=st.integers(0, 8),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ember.errors import ConfigError
@@ -70,6 +70,7 @@ def test_shrinking_batch_budget_reprices_steps_as_requests_finish() -> None:
     assert done.steps == 10 and done.finishing == ("a", "b")
 
 
+@settings(deadline=None)
 @given(
     slot=st.floats(-5, 50),
     t2=st.floats(0.001, 2.0),

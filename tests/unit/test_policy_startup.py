@@ -141,6 +141,24 @@ def test_placement_never_picks_a_server_under_notice_or_without_room(
     assert place(servers, MODEL) == d
 
 
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), free=st.lists(st.integers(0, 2), min_size=1, max_size=8))
+def test_random_placement_sequence_is_reproducible_for_a_seed(seed: int, free: list[int]) -> None:
+    servers = [ServerState(f"s{i}", f, {}, BW) for i, f in enumerate(free)]
+
+    def run() -> list[str | None]:
+        rng = random.Random(seed)
+        out = []
+        for _ in range(5):
+            d = place_random(servers, MODEL, rng)
+            out.append(None if d is None else d.server_id)
+        return out
+
+    first = run()
+    assert run() == first
+    assert all(x is None or free[int(x[1:])] >= 1 for x in first)
+
+
 def test_policy_sets_switch_exactly_the_published_differences() -> None:
     assert POLICY_NAMES == ("ember", "spotserve", "reroute", "reparallelize", "restart")
     ember, spot = policy_set("ember", min_gpus=12), policy_set(PolicyName.SPOTSERVE, min_gpus=12)
