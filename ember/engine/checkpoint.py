@@ -50,14 +50,12 @@ def resolve(model: str | os.PathLike[str], tp: int, dtype: str | None) -> Path:
             path, "model: neither an ember checkpoint (index.json) nor a Hugging Face folder "
             "(config.json)"
         )  # fmt: skip
-    import ember.store as store
+    from ember.store import convert
 
-    if not hasattr(store, "convert"):  # TEMPORARY until ember.store exports convert/load
-        return path
     dst = cache_dir() / _source_key(path, tp, dtype)
     if not is_checkpoint(dst):
         logger.info("converting src=%s dst=%s tp=%d dtype=%s", path, dst, tp, dtype)
-        store.convert(path, dst, tp=tp, dtype=dtype, progress=False, overwrite=True)
+        convert(path, dst, tp=tp, dtype=dtype, progress=False, overwrite=True)
     return dst
 
 
@@ -73,8 +71,6 @@ def _source_key(path: Path, tp: int, dtype: str | None) -> str:
 
 def read_config(checkpoint: Path) -> dict[str, Any]:
     """The HF config dict stored with the checkpoint."""
-    if not is_checkpoint(checkpoint):  # TEMPORARY: HF folder read directly
-        return dict(json.loads((checkpoint / "config.json").read_text()))
     from ember.store import read_index
 
     config = read_index(checkpoint).config
@@ -84,8 +80,6 @@ def read_config(checkpoint: Path) -> dict[str, Any]:
 
 
 def checkpoint_tp(checkpoint: Path) -> int:
-    if not is_checkpoint(checkpoint):  # TEMPORARY: HF folder read directly
-        return 0
     from ember.store import read_index
 
     return int(read_index(checkpoint).tp)
@@ -93,21 +87,6 @@ def checkpoint_tp(checkpoint: Path) -> int:
 
 def load_rank(checkpoint: Path, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
     """This rank's tensors (HF names, local shards) on `device`."""
-    if not is_checkpoint(checkpoint):  # TEMPORARY: HF folder read directly
-        return _load_hf(checkpoint, device, rank)
     from ember.store import load
 
     return dict(load(checkpoint, device=str(device), rank=rank))
-
-
-def _load_hf(folder: Path, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from ember.store.sharding import shard, shard_rule
-
-    tp = int(os.environ.get("EMBER_TMP_TP", "1"))
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        for name, t in load_file(str(f)).items():
-            out[name] = shard(t, shard_rule(name), rank, tp).to(device)
-    return out

@@ -49,8 +49,7 @@ def build_model(
     cls = _MODELS.get(cfg.architecture)
     if cls is None:
         raise UnsupportedArchitectureError(f"architecture {cfg.architecture!r} has no model code")
-    with torch.device("meta"):
-        model = cls(cfg, par)
+    model = cls(cfg, par)  # parameters on the meta device
     expected = set(model.state_dict().keys())
     given = set(weights.keys())
     # A tied head is usually absent from the checkpoint; when stored, it is used as stored.

@@ -17,6 +17,8 @@ from torch import nn
 from ember.engine.config import ModelConfig
 from ember.engine.models.layers import (
     AttentionMetadata,
+    Embedding,
+    Linear,
     ParallelContext,
     all_reduce,
     apply_rope,
@@ -30,7 +32,7 @@ from ember.engine.models.layers import (
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(size, device="meta"), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +48,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(d, self.heads * hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.heads * hd, d, bias=cfg.o_bias)
+        self.q_proj = Linear(d, self.heads * hd, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d, self.kv_heads * hd, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d, self.kv_heads * hd, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.heads * hd, d, bias=cfg.o_bias)
         self.kv_cache = torch.empty(0)  # [2, blocks, block_size, KVH, D], set by the runner
 
     def forward(
@@ -74,9 +76,9 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.par = par
         d, inter = cfg.hidden_size, cfg.intermediate_size // par.world_size
-        self.gate_proj = nn.Linear(d, inter, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(d, inter, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(inter, d, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(d, inter, bias=cfg.mlp_bias)
+        self.up_proj = Linear(d, inter, bias=cfg.mlp_bias)
+        self.down_proj = Linear(inter, d, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
@@ -102,7 +104,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ParallelContext) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, par) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 
@@ -114,7 +116,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg, par)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         assert cfg.rope is not None
         self.inv_freq = torch.empty(0)  # set by `post_load` on the weights' device
 

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.engine.config import ModelConfig
-from ember.engine.models.layers import AttentionMetadata, ParallelContext, all_reduce
+from ember.engine.models.layers import (
+    AttentionMetadata,
+    Embedding,
+    LayerNorm,
+    Linear,
+    ParallelContext,
+    all_reduce,
+)
 from ember.engine.models.layers import paged_attention as _paged_attention
 
 _POSITION_OFFSET = 2  # OPT's learned position table starts at index 2
@@ -26,10 +33,10 @@ class OPTAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         d, local = cfg.hidden_size, self.heads * cfg.head_dim
-        self.q_proj = nn.Linear(d, local, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, local, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, local, bias=cfg.qkv_bias)
-        self.out_proj = nn.Linear(local, d, bias=cfg.o_bias)
+        self.q_proj = Linear(d, local, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d, local, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d, local, bias=cfg.qkv_bias)
+        self.out_proj = Linear(local, d, bias=cfg.o_bias)
         self.kv_cache = torch.empty(0)  # [2, blocks, block_size, H, D], set by the runner
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -50,10 +57,10 @@ class OPTDecoderLayer(nn.Module):
         self.act = F.relu if cfg.hidden_act == "relu" else F.gelu
         inter = cfg.intermediate_size // par.world_size
         self.self_attn = OPTAttention(cfg, par)
-        self.self_attn_layer_norm = nn.LayerNorm(cfg.hidden_size)
-        self.fc1 = nn.Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
-        self.fc2 = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size)
+        self.self_attn_layer_norm = LayerNorm(cfg.hidden_size)
+        self.fc1 = Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
+        self.fc2 = Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.final_layer_norm = LayerNorm(cfg.hidden_size)
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.self_attn_layer_norm(h) if self.pre_norm else h
@@ -70,12 +77,12 @@ class OPTDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig, par: ParallelContext) -> None:
         super().__init__()
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, e)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + _POSITION_OFFSET, d)
-        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
-        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
+        self.embed_tokens = Embedding(cfg.vocab_size, e)
+        self.embed_positions = Embedding(cfg.max_position_embeddings + _POSITION_OFFSET, d)
+        self.project_in = Linear(e, d, bias=False) if e != d else None
+        self.project_out = Linear(d, e, bias=False) if e != d else None
         has_final = cfg.do_layer_norm_before and cfg.final_layer_norm
-        self.final_layer_norm = nn.LayerNorm(d) if has_final else None
+        self.final_layer_norm = LayerNorm(d) if has_final else None
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg, par) for _ in range(cfg.num_layers))
 
 
@@ -90,7 +97,7 @@ class OPTForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = _OPTModel(cfg, par)
-        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
 
     def post_load(self, tie: bool) -> None:
         if tie:
