@@ -8,12 +8,14 @@ Search: M a profiled power of two <= min(max_tp, N); B, M1, M2 powers of two wit
 <= max_batch; P from ceil(min_gpus / M) while P * M <= N, P dividing padded_layer_num;
 D = floor(N / (P * M)) replicas (SpotServe fills every replica that fits).
 Choice: the lowest-latency configuration whose throughput meets the arrival rate; if none, the
-highest-throughput one. ember's additions, all off in `OptimizerConfig.spotserve()`:
-`rate_headroom` (ask for throughput >= rate * (1 + headroom) first, since a queue at
-utilisation near 1 ruins the tail), `tie_tolerance` (among configurations within this relative
-latency of the best, take the fewest GPUs), `trim_replicas` (use only the replicas the rate
-needs, freeing GPUs), and `max_on_demand_gpus` (add on-demand GPUs, in steps of
-`on_demand_step_gpus`, when spot GPUs cannot meet the rate).
+highest-throughput one. Knobs beyond the paper's code, all off in `OptimizerConfig.spotserve()`:
+`rate_headroom` (ask for throughput >= rate * (1 + headroom) first), `tie_tolerance` (among
+configurations within this relative latency of the best, take the fewest GPUs: the paper's
+cost tie-break), `queue_aware` (rank by latency + modelled queueing delay), `trim_replicas`
+(use only the replicas the rate needs, freeing GPUs), and `max_on_demand_gpus` (add on-demand
+GPUs, in steps of `on_demand_step_gpus`, when spot GPUs cannot meet the rate). `ember()` keeps
+the published ranking: on SpotServe's own traces none of the ranking knobs lowered P99 in the
+simulator (docs/policy.md has the sweep), so they stay opt-in.
 Enumeration order is fixed, so equal inputs give equal choices.
 """
 
@@ -77,6 +79,8 @@ class OptimizerConfig:
     trim_replicas: bool = False
     max_on_demand_gpus: int = 0
     on_demand_step_gpus: int = 4
+    queue_aware: bool = False  # rank by latency + modelled queueing delay (`queue_wait_s`)
+    arrival_cv: float = 1.0  # coefficient of variation of inter-arrival times (1: Poisson)
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_batch & (self.max_batch - 1):
@@ -84,7 +88,7 @@ class OptimizerConfig:
         for name in ("min_gpus", "output_tokens", "on_demand_step_gpus"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rate_headroom", "tie_tolerance"):
+        for name in ("rate_headroom", "tie_tolerance", "arrival_cv"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be a finite value >= 0, got {v}")
@@ -107,13 +111,11 @@ class OptimizerConfig:
         output_tokens: int = 128,
         max_on_demand_gpus: int = 0,
     ) -> OptimizerConfig:
-        """ember: 25% throughput headroom, 2% latency near-ties go to fewer GPUs."""
+        """ember: the published ranking, plus an optional on-demand top-up."""
         return cls(
             max_batch=max_batch,
             min_gpus=min_gpus,
             output_tokens=output_tokens,
-            rate_headroom=0.25,
-            tie_tolerance=0.02,
             max_on_demand_gpus=max_on_demand_gpus,
         )
 
@@ -172,15 +174,42 @@ def _evaluate(
     return out
 
 
-def _pick(cands: list[ConfigEstimate], needed: float, tie: float) -> ConfigEstimate | None:
+def queue_wait_s(rate: float, latency_s: float, slots: int, arrival_cv: float = 1.0) -> float:
+    """Mean queueing delay with `slots` request slots (D * B) each busy `latency_s` per request.
+
+    Allen–Cunneen for G/D/c with Sakasegawa's Lq approximation: Lq = rho^sqrt(2(c+1)) / (1-rho),
+    Wq = Lq / rate * (cv_a^2 + 0) / 2; infinite at utilisation >= 1.
+    """
+    if rate <= 0:
+        return 0.0
+    rho = rate * latency_s / slots
+    if rho >= 1.0:
+        return math.inf
+    lq = rho ** math.sqrt(2.0 * (slots + 1)) / (1.0 - rho)
+    return lq / rate * (arrival_cv**2) / 2.0
+
+
+def _pick(
+    cands: list[ConfigEstimate], needed: float, tie: float, opt: OptimizerConfig, rate: float
+) -> ConfigEstimate | None:
     ok = [c for c in cands if c.throughput_rps >= needed]
     if not ok:
         return None
-    best = min(c.latency_s for c in ok)
+
+    def cost(c: ConfigEstimate) -> float:
+        if not opt.queue_aware:
+            return c.latency_s
+        return c.latency_s + queue_wait_s(
+            rate, c.latency_s, c.config.dp * c.config.batch, opt.arrival_cv
+        )
+
+    best = min(cost(c) for c in ok)
+    if math.isinf(best):
+        return None
     if tie <= 0:
-        return next(c for c in ok if c.latency_s == best)  # first in search order, as published
-    near = [c for c in ok if c.latency_s <= best * (1.0 + tie)]
-    return min(near, key=lambda c: (c.config.gpus, c.latency_s))
+        return next(c for c in ok if cost(c) == best)  # first in search order, as published
+    near = [c for c in ok if cost(c) <= best * (1.0 + tie)]
+    return min(near, key=lambda c: (c.config.gpus, cost(c)))
 
 
 def choose_config(
@@ -230,10 +259,10 @@ def _choose_for(
     if not cands:
         return None
     if opt.rate_headroom > 0:
-        picked = _pick(cands, rate * (1.0 + opt.rate_headroom), opt.tie_tolerance)
+        picked = _pick(cands, rate * (1.0 + opt.rate_headroom), opt.tie_tolerance, opt, rate)
         if picked is not None:
             return picked
-    picked = _pick(cands, rate, opt.tie_tolerance)
+    picked = _pick(cands, rate, opt.tie_tolerance, opt, rate)
     if picked is not None:
         return picked
     # Nothing meets the rate: the highest throughput, first in search order on ties.

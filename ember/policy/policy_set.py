@@ -5,7 +5,7 @@ names and what each one means:
 
 | name | config on change | context kept | interrupted requests | grace period |
 |---|---|---|---|---|
-| `ember` | optimizer (headroom, near-ties to fewer GPUs) | KM map, KV + weights | KV kept, else recompute with tokens kept; shrinking-batch budget | used |
+| `ember` | optimizer (published ranking; opt-in knobs) | KM map, KV + weights | KV kept, else recompute with tokens kept; shrinking-batch budget | used |
 | `spotserve` | optimizer as published | KM map, KV + weights | KV kept for the most-progressed, others restart | used, published budget |
 | `reroute` | TP/PP fixed at the first choice, only D changes | none: new replicas load from storage | restart from scratch elsewhere | used until the kill |
 | `reparallelize` | optimizer as published | none: every replica restarts and reloads | restart from scratch | used until the kill |

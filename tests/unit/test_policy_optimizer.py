@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ember.policy import (
     choose_config,
     estimate,
 )
+from ember.policy.optimizer import queue_wait_s
 
 PROFILES = Path("/work/shared/profiles/spotserve")
 H6144 = PROFILES / "T4-4x" / "megatron_h6144_profile.json"
@@ -131,14 +133,36 @@ def test_on_demand_gpus_top_up_when_spot_cannot_meet_the_rate() -> None:
     assert spot_only is not None and not spot_only.meets_rate and spot_only.on_demand_gpus == 0
 
 
-def test_ember_mode_buys_throughput_headroom_on_48_gpus() -> None:
-    # Published picks B2 at 0.495 req/s for 0.4 req/s (utilisation 0.81); ember wants 25% spare.
-    c = choose_config(
-        LatencyProfile.from_dict(H6144_DICT), 48, 0.4, OptimizerConfig.ember(min_gpus=12)
-    )
+def test_rate_headroom_buys_throughput_on_48_gpus() -> None:
+    # Published picks B2 at 0.495 req/s for 0.4 req/s (utilisation 0.81); 25% headroom wants
+    # 0.5 req/s and so takes B4.
+    p = LatencyProfile.from_dict(H6144_DICT)
+    c = choose_config(p, 48, 0.4, OptimizerConfig(min_gpus=12, rate_headroom=0.25))
     assert c is not None
     assert c.config == ParallelConfig(3, 8, 2, 4, 4, 1)
     assert c.throughput_rps >= 0.5
+    assert choose_config(p, 48, 0.4, OptimizerConfig.ember(min_gpus=12)) == choose_config(
+        p, 48, 0.4, OptimizerConfig.spotserve(min_gpus=12)
+    )
+
+
+def test_queue_aware_ranking_trades_latency_for_a_shorter_queue() -> None:
+    p = LatencyProfile.from_dict(H6144_DICT)
+    poisson = choose_config(p, 48, 0.4, OptimizerConfig(min_gpus=12, queue_aware=True))
+    periodic = choose_config(
+        p, 48, 0.4, OptimizerConfig(min_gpus=12, queue_aware=True, arrival_cv=0.05)
+    )
+    assert poisson is not None and periodic is not None
+    assert poisson.config.batch == 4  # 6 slots at utilisation 0.81 queue ~3 s; 12 slots barely
+    assert periodic.config.batch == 2  # near-periodic arrivals hardly queue: lowest latency
+
+
+def test_queue_wait_grows_with_utilisation_and_burstiness() -> None:
+    assert queue_wait_s(0.0, 10.0, 4) == 0.0
+    assert queue_wait_s(1.0, 10.0, 10) == math.inf  # utilisation 1
+    low, high = queue_wait_s(0.2, 10.0, 4), queue_wait_s(0.35, 10.0, 4)
+    assert 0 < low < high
+    assert queue_wait_s(0.35, 10.0, 4, arrival_cv=2.0) == pytest.approx(4 * high)
 
 
 def test_too_few_gpus_for_the_model_gives_no_configuration() -> None:
