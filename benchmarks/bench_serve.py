@@ -10,10 +10,12 @@ exactly the tokens it asks for):
    at p50.
 2. Throughput: the same request mix (lengths drawn with a fixed seed from the ShareGPT length
    trace, prompts <= 512 tokens, outputs <= 256) sent all at once over HTTP, vs the engine
-   running the same requests in-process. Output tokens/s. Target: >= 90% of the engine's.
+   running the same requests in-process. Output tokens/s, median of 3 timed passes after one
+   untimed warm-up pass on each side. Target: >= 90% of the engine's.
 
-The engine and the server run one after the other, never at the same time (2 cores). Prompts are
-token ids, so both sides see exactly the same prompt lengths.
+The engine and the server run one after the other, never at the same time (2 cores), and the
+in-process engine uses as many torch threads as an instance actor does (`instance_cpus`, 1 by
+default). Prompts are token ids, so both sides see exactly the same prompt lengths.
 
     python benchmarks/bench_serve.py [--quick] [--size tiny|125m] [--url http://127.0.0.1:8000]
 
@@ -98,37 +100,46 @@ def request_mix(n: int, max_prompt: int, max_output: int, vocab: int, seed: int 
 # --- the engine in-process ---------------------------------------------------------------------
 
 
-def engine_side(model: Path, ttft_prompt: list[int], n_ttft: int, mix: list, max_num_seqs: int):
+def engine_side(
+    model: Path, ttft_prompt: list[int], n_ttft: int, mix: list, max_num_seqs: int, repeats: int
+):
+    import torch
+
     from ember import SamplingParams
+    from ember.cluster.cluster import ClusterConfig
     from ember.engine.config import EngineConfig
     from ember.engine.engine import Engine
 
+    # An instance actor runs torch with `instance_cpus` threads: give the baseline the same.
+    torch.set_num_threads(max(1, int(ClusterConfig().instance_cpus)))
     engine = Engine(EngineConfig(model=str(model), max_num_seqs=max_num_seqs))
     try:
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         ttfts = []
-        for i in range(n_ttft + 3):
+        for i in range(n_ttft + 10):
             t0 = time.perf_counter()
             engine.add_request(f"t{i}", ttft_prompt, one)
             got = False
             while not got:
                 got = any(o.new_token_ids for o in engine.step())
-            if i >= 3:  # the first requests warm the allocator and kernels
+            if i >= 10:  # the first requests warm the allocator and kernels
                 ttfts.append(time.perf_counter() - t0)
             while engine.has_unfinished():
                 engine.step()
-        t0 = time.perf_counter()
-        for i, (prompt, out) in enumerate(mix):
-            engine.add_request(
-                f"m{i}", prompt, SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
-            )
-        tokens = 0
-        while engine.has_unfinished():
-            tokens += sum(len(o.new_token_ids) for o in engine.step())
-        wall = time.perf_counter() - t0
+        runs = []
+        for r in range(repeats + 1):  # the first pass warms up the batch shapes, untimed
+            t0 = time.perf_counter()
+            for i, (prompt, out) in enumerate(mix):
+                params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
+                engine.add_request(f"m{r}-{i}", prompt, params)
+            tokens = 0
+            while engine.has_unfinished():
+                tokens += sum(len(o.new_token_ids) for o in engine.step())
+            if r:
+                runs.append((tokens, time.perf_counter() - t0))
     finally:
         engine.close()
-    return ttfts, tokens, wall
+    return ttfts, runs
 
 
 # --- ember over HTTP ---------------------------------------------------------------------------
@@ -201,10 +212,10 @@ async def http_ttft(client: httpx.AsyncClient, prompt: list[int]) -> float:
     return first
 
 
-async def http_side(url: str, ttft_prompt: list[int], n_ttft: int, mix: list):
+async def http_side(url: str, ttft_prompt: list[int], n_ttft: int, mix: list, repeats: int):
     limits = httpx.Limits(max_connections=len(mix) + 4, max_keepalive_connections=len(mix) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
-        for _ in range(5):
+        for _ in range(10):
             await http_ttft(client, ttft_prompt)
         ttfts = [await http_ttft(client, ttft_prompt) for _ in range(n_ttft)]
 
@@ -215,10 +226,19 @@ async def http_side(url: str, ttft_prompt: list[int], n_ttft: int, mix: list):
             r.raise_for_status()
             return int(r.json()["usage"]["completion_tokens"])
 
-        t0 = time.perf_counter()
-        counts = await asyncio.gather(*(one(p, o) for p, o in mix))
-        wall = time.perf_counter() - t0
-    return ttfts, sum(counts), wall
+        runs = []
+        for r in range(repeats + 1):  # the first pass warms up, untimed
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(one(p, o) for p, o in mix))
+            if r:
+                runs.append((sum(counts), time.perf_counter() - t0))
+    return ttfts, runs
+
+
+def _instance_cpus() -> float:
+    from ember.cluster.cluster import ClusterConfig
+
+    return ClusterConfig().instance_cpus
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -237,7 +257,11 @@ def main() -> int:
     n_ttft = 20 if args.quick else 50
     max_prompt, max_output = (128, 64) if args.quick else (512, 256)
     max_num_seqs = 64
+    repeats = 3
 
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from ember.store.factory import make_model
 
     work = Path(tempfile.mkdtemp(prefix="ember-bench-serve-"))
@@ -250,14 +274,14 @@ def main() -> int:
         print(f"model: llama {size} bf16 (random weights); {n_req} requests; "
               f"{sum(len(p) for p, _ in mix)} prompt / {sum(o for _, o in mix)} output tokens")  # fmt: skip
 
-        e_ttft, e_tokens, e_wall = engine_side(model, ttft_prompt, n_ttft, mix, max_num_seqs)
+        e_ttft, e_runs = engine_side(model, ttft_prompt, n_ttft, mix, max_num_seqs, repeats)
         proc = None
         url = args.url
         try:
             if url is None:
                 proc, url = start_server(work)
             deploy(url, model, max_num_seqs)
-            h_ttft, h_tokens, h_wall = asyncio.run(http_side(url, ttft_prompt, n_ttft, mix))
+            h_ttft, h_runs = asyncio.run(http_side(url, ttft_prompt, n_ttft, mix, repeats))
         finally:
             if proc is not None:
                 stop_server(proc)
@@ -267,7 +291,10 @@ def main() -> int:
     ms = 1000.0
     e50, e99 = percentile(e_ttft, 0.5) * ms, percentile(e_ttft, 0.99) * ms
     h50, h99 = percentile(h_ttft, 0.5) * ms, percentile(h_ttft, 0.99) * ms
-    e_tps, h_tps = e_tokens / e_wall, h_tokens / h_wall
+    # Median over the timed passes of each side.
+    e_tps = statistics.median(t / w for t, w in e_runs)
+    h_tps = statistics.median(t / w for t, w in h_runs)
+    e_tokens, h_tokens = e_runs[0][0], h_runs[0][0]
     rows = [
         ("TTFT p50 (ms)", e50, h50, h50 - e50),
         ("TTFT p99 (ms)", e99, h99, h99 - e99),
@@ -318,6 +345,7 @@ def main() -> int:
         "machine": machine_facts(),
         "git_sha": git_sha(),
         "quick": args.quick,
+        "load_average_at_end": os.getloadavg(),
     }
     out = Path(args.out) if args.out else (
         ROOT / "benchmarks" / "results" / ("serve-quick.json" if args.quick else "serve.json")
