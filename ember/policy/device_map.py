@@ -12,7 +12,9 @@ consecutive shards of a (replica, stage), and its value weighs the outer matchin
 to groups, so a tensor-parallel group never spans hosts when the hosts allow it. Clusters are
 cut from GPUs sorted by id within a host; leftovers are pooled into cross-host clusters only
 when there are not enough host-local ones. `MappingStrategy.PLAIN` (the no-KM ablation) fills
-positions in order with GPUs sorted by (host, id). Ties resolve by input order: deterministic.
+positions in order with GPUs sorted by (host, id). Equal weights (fresh GPUs, a first start)
+go to clusters in (host, id) order, so replicas fill hosts contiguously; results are
+deterministic for equal inputs.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Unit of transfer: (layer, fragment), fragments being the hidden-dimension slices
 F = max(M_old, M_new); layer -1 is the embedding (first stage), layer L the LM head (last stage).
 For each unit a new GPU needs and does not hold, a sender is picked among the old holders that
 are still reachable (same host first, then the least loaded, then by id); with no holder left
-the unit is loaded from storage (`TransferKind.LOAD`). KV cache units move only for new replicas
+the unit is loaded from storage (`TransferKind.LOAD`), as is every missing unit when
+`peer_copies=False` (the baselines). Tensor degrees must divide one another. KV cache units move only for new replicas
 that inherit an old replica's requests (`kv_stay`).
 Order: KV cache first; then "prior" transfers (sender or receiver dying), layer by layer front to
 back; then the rest front to back, so the new configuration can compute the early layers while
@@ -122,6 +123,10 @@ def plan_migration(
     bw = bandwidth or LinkBandwidth()
     oc, nc = (old.config if old else None), new.config
     frags = max(oc.tp if oc else 1, nc.tp)
+    if frags % nc.tp or (oc is not None and frags % oc.tp):
+        raise PolicyError(
+            f"tensor degrees {oc.tp if oc else 1} and {nc.tp} must divide one another"
+        )
     lost_set, dying_set = set(lost), set(dying)
     missing = sorted(g for g in [*new.gpus(), *(old.gpus() if old else ())] if g not in hosts)
     if missing:
