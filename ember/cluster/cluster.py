@@ -17,7 +17,7 @@ from typing import Any
 from ember.cluster.adapter import ACTOR_PREFIX, RayAdapter
 from ember.cluster.instance import InstanceActor, InstanceHandle, InstanceReady
 from ember.controller.types import DeploymentSpec, NodeInfo
-from ember.errors import ConfigError, DeploymentError, RequestTimeoutError
+from ember.errors import ConfigError, DeploymentError, InstanceLostError, RequestTimeoutError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,16 @@ class RayCluster:
     async def stop(self, handle: InstanceHandle) -> None:
         await self._adapter.kill(handle.actor_ref)
         logger.info("instance stopped id=%s", handle.instance_id)
+
+    async def probe(self, handle: InstanceHandle, timeout_s: float) -> bool:
+        try:
+            await self._adapter.call(handle.actor_ref, "stats", timeout_s=timeout_s)
+        except InstanceLostError:
+            return False
+        except asyncio.TimeoutError:
+            # A busy or starved actor is slow, not dead: only Ray's word that it died counts.
+            logger.warning("instance id=%s is slow to answer its probe", handle.instance_id)
+        return True
 
     def actor_names(self) -> list[str]:
         """Names of ember's live instance actors (tests check that none leak)."""

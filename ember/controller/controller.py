@@ -18,100 +18,31 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from ember.controller.placement import choose_node
+from ember.controller.records import ClusterBackend, DeploymentRecord, InstanceRecord
 from ember.controller.state import DeploymentStore
 from ember.controller.types import (
     ACTIVE_STATES,
     DeploymentSpec,
     DeploymentStatus,
     InstanceEvent,
-    InstanceInfo,
     InstanceState,
     NodeInfo,
-    transition,
 )
 from ember.errors import DeploymentError, ModelNotFoundError, RequestTimeoutError
 from ember.policy.autoscaler import AutoscalerConfig, desired_instances
 from ember.policy.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
-    from ember.cluster.instance import InstanceHandle, InstanceReady
+    from ember.cluster.instance import InstanceHandle
 
 logger = logging.getLogger(__name__)
 
 LoadSource = Callable[[str], tuple[int, int]]  # deployment -> (queued, in_flight)
-
-
-class ClusterBackend(Protocol):
-    """What the controller needs from the cluster (ember.cluster.RayCluster implements it)."""
-
-    def nodes(self) -> list[NodeInfo]: ...
-
-    def instance_cpus(self, spec: DeploymentSpec) -> float: ...
-
-    def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> InstanceHandle:
-        """Create the instance's actor(s) without waiting for them to start."""
-        ...
-
-    async def wait_started(self, handle: InstanceHandle, timeout_s: float) -> InstanceReady: ...
-
-    async def stop(self, handle: InstanceHandle) -> None: ...
-
-
-@dataclass(slots=True)
-class _Instance:
-    instance_id: str
-    deployment: str
-    state: InstanceState
-    started_at_s: float
-    handle: InstanceHandle | None = None
-    node_id: str | None = None
-    load_s: float | None = None
-    error: str | None = None
-    drain_since_s: float | None = None
-    task: asyncio.Task[None] | None = None
-
-    def fire(self, event: InstanceEvent) -> None:
-        before = self.state
-        self.state = transition(self.state, event)
-        logger.info(
-            "instance id=%s deployment=%s event=%s state=%s->%s",
-            self.instance_id,
-            self.deployment,
-            event,
-            before,
-            self.state,
-        )
-
-    def info(self) -> InstanceInfo:
-        return InstanceInfo(
-            instance_id=self.instance_id,
-            deployment=self.deployment,
-            node_id=self.node_id,
-            state=self.state,
-            in_flight=self.handle.in_flight if self.handle is not None else 0,
-            started_at_s=self.started_at_s,
-            load_s=self.load_s,
-            error=self.error,
-        )
-
-
-@dataclass(slots=True)
-class _Deployment:
-    spec: DeploymentSpec
-    desired: int = 0
-    last_busy_s: float | None = None
-    wake_pending: bool = False
-    deleted: bool = False
-    failures: int = 0  # consecutive failed starts; reset by a successful one
-    retry_at_s: float = 0.0
-    last_error: str | None = None
-    error_seq: int = 0
-    failed: list[_Instance] = field(default_factory=list)  # the last few, for `status`
 
 
 class Controller:
@@ -126,6 +57,7 @@ class Controller:
         *,
         start_timeout_s: float = 600.0,
         max_retry_backoff_s: float = 30.0,
+        probe_interval_s: float = 5.0,
     ) -> None:
         self._cluster = cluster
         self._store = DeploymentStore(db_path)
@@ -133,8 +65,11 @@ class Controller:
         self._interval_s = reconcile_interval_s
         self._start_timeout_s = start_timeout_s
         self._max_backoff_s = max_retry_backoff_s
-        self._deployments: dict[str, _Deployment] = {}
-        self._instances: dict[str, _Instance] = {}
+        self._probe_interval_s = probe_interval_s
+        self._probe_task: asyncio.Task[None] | None = None
+        self._last_probe_s = 0.0
+        self._deployments: dict[str, DeploymentRecord] = {}
+        self._instances: dict[str, InstanceRecord] = {}
         self._checkpoint_nodes: dict[str, set[str]] = {}  # source -> nodes that converted it
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
@@ -150,18 +85,19 @@ class Controller:
         self._kick = asyncio.Event()
         self._changed = asyncio.Event()
         for spec in self._store.load_all():
-            self._deployments[spec.name] = _Deployment(spec=spec)
+            self._deployments[spec.name] = DeploymentRecord(spec=spec)
             logger.info("deployment restored name=%s source=%s", spec.name, spec.source)
         self._loop_task = asyncio.create_task(self._run(), name="ember-reconcile")
 
     async def stop(self) -> None:
         """Stop the loop and every instance (deployments stay in SQLite)."""
         self._stopping = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
+        for task in (self._loop_task, self._probe_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop_task = self._probe_task = None
         for inst in list(self._instances.values()):
             self._begin_stop(inst)
         tasks = [i.task for i in self._instances.values() if i.task is not None]
@@ -180,7 +116,9 @@ class Controller:
         self._store.save(spec)
         dep = self._deployments.get(spec.name)
         if dep is None or dep.deleted:
-            self._deployments[spec.name] = _Deployment(spec=spec, last_busy_s=self._clock.now())
+            self._deployments[spec.name] = DeploymentRecord(
+                spec=spec, last_busy_s=self._clock.now()
+            )
             logger.info("deployment created name=%s source=%s", spec.name, spec.source)
         else:
             old = dep.spec
@@ -188,8 +126,14 @@ class Controller:
             dep.failures, dep.retry_at_s, dep.last_error = 0, 0.0, None
             if _engine_fields(old) != _engine_fields(spec):
                 # Instances load one engine configuration: replace them rather than mix two.
+                # Busy ones drain (finish what they run, take nothing new), the rest stop now.
+                now = self._clock.now()
                 for inst in self._live(spec.name):
-                    self._begin_stop(inst)
+                    if inst.state is InstanceState.READY and inst.handle and inst.handle.in_flight:
+                        inst.fire(InstanceEvent.DRAIN)
+                        inst.drain_since_s = now
+                    elif inst.state is not InstanceState.DRAINING:
+                        self._begin_stop(inst)
             logger.info("deployment updated name=%s", spec.name)
         self._notify()
 
@@ -282,9 +226,42 @@ class Controller:
                 await self.reconcile_once()
             except Exception:  # the loop body never dies: log and try again next tick
                 logger.exception("reconcile failed; retrying in %.2f s", self._interval_s)
+            try:
+                self._maybe_probe()
+            except Exception:
+                logger.exception("starting health probes failed")
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), self._interval_s)
             self._kick.clear()
+
+    def _maybe_probe(self) -> None:
+        """Every probe_interval_s, ask each ready instance for its stats in the background.
+
+        An idle instance whose actor or node died is found here rather than by the next
+        request sent to it. (Loop time, not the injected clock: this is liveness, not policy.)
+        """
+        now = asyncio.get_running_loop().time()
+        if now - self._last_probe_s < self._probe_interval_s:
+            return
+        if self._probe_task is not None and not self._probe_task.done():
+            return
+        self._last_probe_s = now
+        ready = [i for i in self._instances.values() if i.state is InstanceState.READY and i.handle]
+        if ready:
+            self._probe_task = asyncio.create_task(self._probe(ready), name="ember-probe")
+
+    async def _probe(self, insts: list[InstanceRecord]) -> None:
+        timeout_s = max(1.0, self._probe_interval_s)
+        results = await asyncio.gather(
+            *(self._cluster.probe(i.handle, timeout_s) for i in insts if i.handle),
+            return_exceptions=True,
+        )
+        for inst, ok in zip(insts, results, strict=True):
+            if ok is not True and inst.state is InstanceState.READY and inst.handle is not None:
+                logger.warning("instance id=%s failed its health probe: %s", inst.instance_id, ok)
+                inst.handle.lost = True
+        if any(ok is not True for ok in results):
+            self._notify()
 
     async def reconcile_once(self) -> None:
         """One pass: for each deployment, compare desired with actual instances and act."""
@@ -301,7 +278,7 @@ class Controller:
             if dep.deleted and not self._live(name, include_stopping=True):
                 del self._deployments[name]
 
-    def _reconcile_deployment(self, name: str, dep: _Deployment, now: float) -> None:
+    def _reconcile_deployment(self, name: str, dep: DeploymentRecord, now: float) -> None:
         insts = self._live(name)
         if dep.deleted:
             for inst in insts:
@@ -346,9 +323,9 @@ class Controller:
                 if idle or overdue:
                     self._begin_stop(inst)
 
-    def _scale_down(self, active: list[_Instance], surplus: int, now: float) -> None:
+    def _scale_down(self, active: list[InstanceRecord], surplus: int, now: float) -> None:
         # Not-yet-ready instances go first (they serve nobody), then the least loaded.
-        def cost(i: _Instance) -> tuple[int, int]:
+        def cost(i: InstanceRecord) -> tuple[int, int]:
             load = i.handle.in_flight if i.handle is not None else 0
             return (1 if i.state is InstanceState.READY else 0, load)
 
@@ -359,19 +336,19 @@ class Controller:
             else:
                 self._begin_stop(inst)
 
-    def _reap_lost(self, insts: list[_Instance]) -> None:
+    def _reap_lost(self, insts: list[InstanceRecord]) -> None:
         for inst in insts:
             if inst.state is InstanceState.READY and inst.handle is not None:
-                if getattr(inst.handle, "lost", False):
-                    self._fail(inst, "instance lost (actor or node died)")
+                if inst.handle.lost:
+                    self._fail(inst, "instance lost (actor or node died)", start_failed=False)
 
     # --- instance actions ------------------------------------------------------------------
 
-    def _launch(self, dep: _Deployment, now: float, nodes: list[NodeInfo]) -> list[NodeInfo]:
+    def _launch(self, dep: DeploymentRecord, now: float, nodes: list[NodeInfo]) -> list[NodeInfo]:
         """Start one instance; returns `nodes` with the chosen node's free CPUs reduced."""
         spec = dep.spec
         instance_id = f"{spec.name}-{next(self._ids)}"
-        inst = _Instance(instance_id, spec.name, InstanceState.PENDING, started_at_s=now)
+        inst = InstanceRecord(instance_id, spec.name, InstanceState.PENDING, started_at_s=now)
         self._instances[instance_id] = inst
         need = self._cluster.instance_cpus(spec)
         node_id = choose_node(
@@ -394,7 +371,7 @@ class Controller:
             for n in nodes
         ]
 
-    async def _await_start(self, inst: _Instance, spec: DeploymentSpec) -> None:
+    async def _await_start(self, inst: InstanceRecord, spec: DeploymentSpec) -> None:
         assert inst.handle is not None
         try:
             ready = await self._cluster.wait_started(inst.handle, self._start_timeout_s)
@@ -417,15 +394,21 @@ class Controller:
         inst.fire(InstanceEvent.LOADED)
         self._notify()
 
-    def _fail(self, inst: _Instance, error: str) -> None:
+    def _fail(self, inst: InstanceRecord, error: str, *, start_failed: bool = True) -> None:
+        """Record a failed instance and clean up its actor.
+
+        A failed start backs the deployment off (exponentially, in clock time) and tells the
+        requests waiting for an instance why; a lost instance is simply replaced.
+        """
         inst.fire(InstanceEvent.ERROR)
         inst.error = error
         dep = self._deployments.get(inst.deployment)
         if dep is not None:
-            dep.failures += 1
-            dep.retry_at_s = self._clock.now() + min(self._max_backoff_s, 2.0**dep.failures)
-            dep.last_error = error
-            dep.error_seq += 1
+            if start_failed:
+                dep.failures += 1
+                dep.retry_at_s = self._clock.now() + min(self._max_backoff_s, 2.0**dep.failures)
+                dep.last_error = error
+                dep.error_seq += 1
             dep.failed = (dep.failed + [inst])[-3:]
         self._instances.pop(inst.instance_id, None)
         if inst.handle is not None:
@@ -437,7 +420,7 @@ class Controller:
             task.add_done_callback(_log_task_error)
         self._notify()
 
-    def _begin_stop(self, inst: _Instance) -> None:
+    def _begin_stop(self, inst: InstanceRecord) -> None:
         if inst.state in (InstanceState.STOPPING, InstanceState.STOPPED, InstanceState.FAILED):
             return
         inst.fire(InstanceEvent.STOP)
@@ -448,7 +431,7 @@ class Controller:
         inst.task = asyncio.create_task(self._stop(inst), name=f"stop-{inst.instance_id}")
         self._notify()
 
-    async def _stop(self, inst: _Instance) -> None:
+    async def _stop(self, inst: InstanceRecord) -> None:
         try:
             if inst.handle is not None:
                 await self._cluster.stop(inst.handle)
@@ -461,7 +444,7 @@ class Controller:
 
     # --- helpers ---------------------------------------------------------------------------
 
-    def _live(self, name: str, include_stopping: bool = False) -> list[_Instance]:
+    def _live(self, name: str, include_stopping: bool = False) -> list[InstanceRecord]:
         skip = {InstanceState.STOPPED, InstanceState.FAILED}
         if not include_stopping:
             skip.add(InstanceState.STOPPING)

@@ -65,7 +65,9 @@ def run(
 ) -> None:
     async def main() -> None:
         clock = FakeClock(1000.0)
-        controller = Controller(cluster, tmp_path / "ember.db", clock, reconcile_interval_s=0.05)
+        controller = Controller(
+            cluster, tmp_path / "ember.db", clock, reconcile_interval_s=0.05, probe_interval_s=0.2
+        )
         await controller.start()
         try:
             await body(controller, clock)
@@ -209,6 +211,33 @@ def test_engine_errors_keep_their_type_and_early_close_aborts(
         while (await handle.stats())["unfinished"] or (await handle.stats())["streams"]:
             assert loop.time() < deadline, "aborted request still on the engine"
             await asyncio.sleep(0.05)
+
+    run(tmp_path, cluster, body)
+
+
+def test_killed_instance_is_found_and_replaced(
+    tmp_path: Path, cluster: RayCluster, model: Path
+) -> None:
+    import ray
+
+    async def body(controller: Controller, clock: FakeClock) -> None:
+        controller.deploy(DeploymentSpec("k", str(model), min_instances=1))
+        await controller.wait_for_instance("k", START_TIMEOUT_S)
+        [victim] = controller.ready_instances("k")
+        ray.kill(victim.actor_ref.actor)  # the process dies as on a crash; nobody tells ember
+
+        def replaced() -> bool:
+            ready = controller.ready_instances("k")
+            return len(ready) == 1 and ready[0].instance_id != victim.instance_id
+
+        await until(controller, replaced, timeout_s=START_TIMEOUT_S)
+        [status] = controller.status()
+        failed = [i for i in status.instances if i.state is InstanceState.FAILED]
+        assert [i.instance_id for i in failed] == [victim.instance_id]
+        assert failed[0].error == "instance lost (actor or node died)"
+        [fresh] = controller.ready_instances("k")
+        deltas = await collect(fresh, "after", "hi", SamplingParams(max_tokens=3))
+        assert sum(len(d.new_token_ids) for d in deltas) == 3
 
     run(tmp_path, cluster, body)
 
