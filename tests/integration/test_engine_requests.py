@@ -1,0 +1,223 @@
+"""The engine's request life cycle on a tiny factory model: streaming increments, stop strings,
+abort, preemption, seeded sampling across batch compositions, export/import, bad input, and no
+KV block leaked whatever way a request ends."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember import LLM, SamplingParams
+from ember.engine import Engine, EngineConfig, RequestOutput
+from ember.engine.kv_sizing import bytes_per_block
+from ember.errors import CheckpointNotFoundError, RequestError, UnsupportedArchitectureError
+
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EMBER_CACHE_DIR", str(tmp_path_factory.mktemp("ember-cache")))
+        yield
+
+
+@pytest.fixture(scope="module")
+def model(model_factory: Callable[..., Path]) -> Path:
+    return model_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def engine(model: Path) -> Engine:
+    return Engine(EngineConfig(model=str(model), dtype="fp32", max_model_len=128))
+
+
+def _new_engine(model: Path, **kwargs: object) -> Engine:
+    return Engine(EngineConfig(model=str(model), dtype="fp32", max_model_len=128, **kwargs))  # type: ignore[arg-type]
+
+
+def _drain(engine: Engine) -> dict[str, list[RequestOutput]]:
+    """Step until idle; every output per request, in order; invariants checked every step."""
+    seen: dict[str, list[RequestOutput]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen.setdefault(out.request_id, []).append(out)
+        engine.block_manager.check()
+    for out in engine.step():  # abort reports
+        seen.setdefault(out.request_id, []).append(out)
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    return seen
+
+
+def _run(
+    engine: Engine, prompts: dict[str, list[int] | str], params: SamplingParams
+) -> dict[str, RequestOutput]:
+    for rid, prompt in prompts.items():
+        engine.add_request(rid, prompt, params)
+    return {rid: outs[-1] for rid, outs in _drain(engine).items()}
+
+
+def test_stream_increments_add_up_to_the_final_output(engine: Engine) -> None:
+    engine.add_request("s", "the people of the water", GREEDY)
+    outs = _drain(engine)["s"]
+    final = outs[-1]
+    assert final.finished and final.finish_reason == "length" and len(final.token_ids) == 40
+    assert [t for o in outs for t in o.new_token_ids] == final.token_ids
+    assert "".join(o.new_text for o in outs) == final.text
+    assert final.text == engine.tokenizer.decode(final.token_ids)
+    assert all(not o.finished for o in outs[:-1])
+
+
+def test_stop_string_ends_the_request_and_is_never_streamed(engine: Engine) -> None:
+    full = _run(engine, {"a": "one two three"}, GREEDY)["a"].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and full.count(stop) >= 1
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[stop])
+    engine.add_request("b", "one two three", params)
+    outs = _drain(engine)["b"]
+    final = outs[-1]
+    assert final.finish_reason == "stop"
+    assert final.text == full[: full.index(stop)]
+    assert "".join(o.new_text for o in outs) == final.text
+
+
+def test_stop_token_ids_and_eos_finish_with_stop(engine: Engine) -> None:
+    ref = _run(engine, {"r": [5, 6, 7]}, GREEDY)["r"].token_ids
+    params = SamplingParams(max_tokens=40, temperature=0, stop_token_ids=[ref[3]])
+    out = _run(engine, {"t": [5, 6, 7]}, params)["t"]
+    assert out.finish_reason == "stop" and out.token_ids == ref[: ref.index(ref[3]) + 1]
+
+
+def test_abort_frees_blocks_and_reports_once(engine: Engine) -> None:
+    engine.add_request("x", [5, 6, 7, 8], GREEDY)
+    engine.add_request("y", [9, 10], GREEDY)
+    engine.step()
+    engine.step()
+    engine.abort("x")
+    engine.abort("missing")  # ignored
+    outs = _drain(engine)
+    assert outs["x"][-1].finish_reason == "abort" and outs["x"][-1].finished
+    assert sum(o.finished for o in outs["x"]) == 1
+    assert outs["y"][-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "field"),
+    [
+        ("", GREEDY, "prompt"),
+        ([], GREEDY, "prompt"),
+        ([1] * 128, GREEDY, "max_model_len"),
+        ([5, 99999], GREEDY, "vocabulary"),
+        ("hi", "not params", "params"),
+    ],
+)
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(
+    engine: Engine, prompt: object, params: object, field: str
+) -> None:
+    engine.add_request("ok", [5, 6, 7], GREEDY)
+    with pytest.raises(RequestError, match=field):
+        engine.add_request("bad", prompt, params)  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match="request_id"):
+        engine.add_request("ok", [5], GREEDY)
+    outs = _drain(engine)
+    assert set(outs) == {"ok"} and outs["ok"][-1].finish_reason == "length"
+
+
+def test_unknown_model_folder_and_unsupported_architecture(tmp_path: Path, model: Path) -> None:
+    with pytest.raises(CheckpointNotFoundError, match="model"):
+        Engine(EngineConfig(model=str(tmp_path / "nope")))
+    other = tmp_path / "gpt2"
+    shutil.copytree(model, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="GPT2LMHeadModel"):
+        Engine(EngineConfig(model=str(other)))
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_any_batch(engine: Engine) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.95, seed=1234)
+    alone = _run(engine, {"s": [5, 6, 7]}, params)["s"].token_ids
+    crowd: dict[str, list[int] | str] = {f"o{i}": [9 + i] * (i + 1) for i in range(5)}
+    for i, rid in enumerate(crowd):
+        engine.add_request(rid, crowd[rid], SamplingParams(max_tokens=5 + 7 * i, seed=i))
+    engine.step()
+    engine.add_request("s2", [5, 6, 7], params)  # joins mid-way
+    outs = _drain(engine)
+    assert outs["s2"][-1].token_ids == alone
+    unseeded = SamplingParams(max_tokens=24, temperature=0.8)
+    assert (
+        len({tuple(_run(engine, {"u": [5, 6, 7]}, unseeded)["u"].token_ids) for _ in range(3)}) > 1
+    )
+
+
+def test_preemption_by_recompute_gives_the_same_tokens(model: Path, engine: Engine) -> None:
+    prompts: dict[str, list[int] | str] = {str(i): [5 + i] * (10 + 9 * i) for i in range(4)}
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    ref = _run(engine, prompts, params)
+    # 12 blocks of 16 tokens; the four requests need 4 + 4 + 5 + 5 blocks at their longest.
+    per_block = bytes_per_block(engine.model_config, 1, 16, torch.float32)
+    small = _new_engine(model, kv_cache_bytes=per_block * 12)
+    for rid, prompt in prompts.items():
+        small.add_request(rid, prompt, params)
+    preempted = 0
+    outs: dict[str, RequestOutput] = {}
+    while small.has_unfinished():
+        preempted += sum(r.num_preemptions for r in small._requests.values())
+        for out in small.step():
+            outs[out.request_id] = out
+        small.block_manager.check()
+    assert preempted > 0
+    assert small.block_manager.num_free == small.block_manager.num_blocks
+    assert {k: v.token_ids for k, v in outs.items()} == {k: v.token_ids for k, v in ref.items()}
+
+
+@pytest.mark.parametrize("include_kv", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_exported_request_resumes_with_identical_tokens(
+    model: Path, engine: Engine, include_kv: bool, temperature: float
+) -> None:
+    params = SamplingParams(max_tokens=30, temperature=temperature, seed=99, ignore_eos=True)
+    prompt = [5, 17, 33, 8, 40, 12]
+    unmoved = _run(engine, {"m": prompt}, params)["m"]
+    engine.add_request("m", prompt, params)
+    engine.add_request("other", [7, 7, 7], GREEDY)
+    streamed = []
+    for _ in range(11):
+        streamed += [t for o in engine.step() if o.request_id == "m" for t in o.new_token_ids]
+    state = engine.export_request("m", include_kv=include_kv)
+    assert (state.kv is not None) == include_kv
+    if include_kv:
+        assert state.kv is not None and state.kv.shape[2] == len(prompt) + len(streamed) - 1
+    engine.abort("m")
+    _drain(engine)
+    target = _new_engine(model)
+    target.import_request(state)
+    rest = _drain(target)["m"]
+    assert streamed + [t for o in rest for t in o.new_token_ids] == unmoved.token_ids
+    assert rest[-1].token_ids == unmoved.token_ids and rest[-1].text == unmoved.text
+
+
+def test_llm_generate_keeps_prompt_order_and_accepts_ids_and_text(model: Path) -> None:
+    llm = LLM(str(model), dtype="fp32", max_model_len=128)
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=2)
+    outs = llm.generate(["the water", [5, 6, 7], "a"], params)
+    assert [o.prompt_token_ids for o in outs][1] == [5, 6, 7]
+    assert outs[0].prompt_token_ids == llm.tokenizer.encode("the water")
+    assert all(len(o.token_ids) == 8 or o.finish_reason == "stop" for o in outs)
+    for o in outs:
+        assert o.logprobs is not None and len(o.logprobs) == len(o.token_ids)
+        for tok, lp in zip(o.token_ids, o.logprobs, strict=True):
+            assert tok in lp and lp[tok] == max(lp.values())  # greedy picks the top one
+    single = llm.generate([5, 6, 7], params)
+    assert single[0].token_ids == outs[1].token_ids
+
+
+def test_chat_template_comes_from_the_folder(engine: Engine) -> None:
+    text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|user|>\nhi</s>\n<|assistant|>\n"
