@@ -414,8 +414,9 @@ class Simulator:
 
     def _ready(self) -> None:
         self.switching = False
+        gone = {self.hosts[g] for g in self.lost}
         for rep in list(self.replicas.values()):
-            if rep.nodes & {self.hosts[g] for g in self.lost}:
+            if rep.nodes & gone:
                 self._kill(rep)
                 self.pending = True
                 continue

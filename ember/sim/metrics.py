@@ -12,7 +12,7 @@ start until the last request finishes (or the trace ends, if later work never ca
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -53,9 +53,11 @@ class SimResult:
     latencies_s: tuple[float, ...]
 
     def to_dict(self, *, with_samples: bool = False) -> dict[str, Any]:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["timeline"] = [list(x) for x in self.timeline]
-        if not with_samples:
+        if with_samples:
+            d["latencies_s"] = list(self.latencies_s)
+        else:
             d.pop("latencies_s")
         return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
 

@@ -187,8 +187,9 @@ def plan_switch(
                 for m in range(sub.tp)
             )
         if not view.first:
+            src, src_kv, src_layer = _sources(old, stop, kept_old, n_build, sub_kv, kv_layer)
             transfer_s, moved, loaded = _transfer(
-                ps, pf.shape, params, view, old, sub_place, sub_kv, kv_layer, cells, est
+                ps, pf.shape, params, view, src, sub_place, src_kv, src_layer, cells, est
             )
     placement = _merge(new, old, keep, build)
     return SwitchPlan(est, keep, build, stop, kv_stay, resume, transfer_s, moved, loaded, placement)
@@ -223,6 +224,33 @@ def _kv_layer_bytes(view: FleetView, replicas: object) -> dict[int, int]:
             tokens = rr.prompt_tokens + rr.generated_tokens
             out[rr.replica] = out.get(rr.replica, 0) + tokens * view.kv_bytes_per_token_layer
     return out
+
+
+def _sources(
+    old: Placement | None,
+    stop: Sequence[int],
+    kept: Sequence[int],
+    n_build: int,
+    kv_stay: Mapping[int, int],
+    kv_layer: Mapping[int, int] | None,
+) -> tuple[Placement | None, dict[int, int], dict[int, int] | None]:
+    """The old replicas the migration may read from: the stopped ones, plus up to `n_build`
+    untouched ones as extra senders (renumbered 0..k-1). Every old replica holds a full copy,
+    so a few senders give the planner the same choices as thousands at a fraction of its cost
+    (sim-only speed seam); KV maps are renumbered to match."""
+    if old is None:
+        return None, dict(kv_stay), dict(kv_layer) if kv_layer else None
+    chosen = list(stop) + [r for r in kept[: max(1, n_build)] if r not in stop]
+    renum = {r: k for k, r in enumerate(chosen)}
+    assign = {
+        Position(renum[p.replica], p.stage, p.shard): g
+        for p, g in old.assignment.items()
+        if p.replica in renum
+    }
+    sub = Placement(old.config.with_dp(len(chosen)), assign)
+    kv = {n: renum[o] for n, o in kv_stay.items() if o in renum}
+    layer = {renum[o]: b for o, b in (kv_layer or {}).items() if o in renum} if kv_layer else None
+    return sub, kv, layer
 
 
 def _transfer(

@@ -260,6 +260,9 @@ def _counts_to_arrivals(counts: list[float], o: _Opts, scale: float) -> list[flo
 
 
 def _count_scale(counts: list[float], o: _Opts) -> float:
+    """Factor that makes the minutes replayed (those before the horizon) average `o.rate`."""
+    if math.isfinite(o.horizon_s):
+        counts = counts[: max(1, math.ceil(o.horizon_s / 60.0))]
     total = sum(counts)
     if o.rate is None or total == 0:
         return 1.0
