@@ -215,6 +215,31 @@ def test_engine_errors_keep_their_type_and_early_close_aborts(
     run(tmp_path, cluster, body)
 
 
+def test_tensor_parallel_instance_reserves_its_ranks_and_matches_tp1(
+    tmp_path: Path, cluster: RayCluster, model: Path
+) -> None:
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+
+    async def body(controller: Controller, clock: FakeClock) -> None:
+        controller.deploy(DeploymentSpec("tp2", str(model), min_instances=1, tp=2))
+        controller.deploy(DeploymentSpec("tp1", str(model), min_instances=1))
+        await controller.wait_for_instance("tp2", START_TIMEOUT_S)
+        await controller.wait_for_instance("tp1", START_TIMEOUT_S)
+        # Two bundles of one CPU (placement group) + one CPU: 1 of 4 left.
+        assert [n.cpus_available for n in cluster.nodes()] == [1.0]
+        [h2], [h1] = controller.ready_instances("tp2"), controller.ready_instances("tp1")
+        got2 = [t for d in await collect(h2, "a", "hello world", params) for t in d.new_token_ids]
+        got1 = [t for d in await collect(h1, "a", "hello world", params) for t in d.new_token_ids]
+        assert got2 == got1 and len(got1) == 8
+        controller.delete("tp2")
+        controller.delete("tp1")
+        await until(controller, lambda: cluster.actor_names() == [])
+        # The placement group went with the actor.
+        await until(controller, lambda: [n.cpus_available for n in cluster.nodes()] == [4.0])
+
+    run(tmp_path, cluster, body)
+
+
 def test_killed_instance_is_found_and_replaced(
     tmp_path: Path, cluster: RayCluster, model: Path
 ) -> None:
