@@ -3,7 +3,8 @@
 How a CPU load goes, and why:
 - One allocation per device, an anonymous mapping advised `MADV_HUGEPAGE`: filling fresh 4 KiB
   pages costs a page fault each and caps a warm load near 4 GB/s on the reference machine;
-  with 2 MiB pages the same fill runs at memory-copy speed (measured 17-18 GB/s).
+  with 2 MiB pages the same fill runs at memory-copy speed (measured 17-18 GB/s). With
+  `reuse_host_memory` the mapping comes from a pool of freed, still-mapped buffers (hostmem).
 - Reads go straight into that allocation (no staging copy) in `chunk_bytes` pieces from a pool
   of `threads` threads (`preadv` releases the GIL).
 - `io_mode="auto"` chooses per chunk: a chunk whose pages are already in the page cache
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import mmap
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -34,11 +34,11 @@ import xxhash
 from ember.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from ember.store.dtypes import BY_NAME
 from ember.store.format import CheckpointIndex, PartitionEntry, read_index
+from ember.store.hostmem import HOST_POOL, alloc_host
 from ember.store.pagecache import resident_pages
 
 logger = logging.getLogger(__name__)
 
-_HUGE_PAGE = 2 << 20
 _IO_MODES = ("auto", "direct", "buffered")
 
 
@@ -53,6 +53,7 @@ class LoaderConfig:
     )
     verify_checksums: bool = False  # hash every block as it is read (~35% slower warm; see docs)
     huge_pages: bool = True  # advise 2 MiB pages for the host allocation
+    reuse_host_memory: bool = False  # take the host allocation from hostmem.HOST_POOL
     staging_buffers: int = 2  # CUDA: pinned staging buffers per reader thread
 
     def __post_init__(self) -> None:
@@ -209,21 +210,6 @@ def verify_blocks(chunk: Chunk, data: memoryview, directory: Path) -> None:
             )
 
 
-def alloc_host(nbytes: int, huge_pages: bool = True) -> torch.Tensor:
-    """A zero-filled uint8 tensor of `nbytes` over an anonymous mapping (2 MiB pages advised).
-    The tensor keeps the mapping alive; it is unmapped when the last view is freed."""
-    if nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    size = -(-nbytes // _HUGE_PAGE) * _HUGE_PAGE
-    mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # THP disabled in this kernel: 4 KiB pages still work
-            logger.debug("MADV_HUGEPAGE refused; using 4 KiB pages")
-    return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes)
-
-
 def tensors_from_buffer(
     index: CheckpointIndex, rank: int, base: torch.Tensor
 ) -> dict[str, torch.Tensor]:
@@ -284,7 +270,8 @@ def load(
 def _load_cpu(index: CheckpointIndex, rank: int, cfg: LoaderConfig) -> tuple[torch.Tensor, int]:
     chunks = plan_chunks(index, rank, cfg.chunk_bytes, cfg.verify_checksums)
     with PartitionFiles(index, rank, cfg.io_mode) as files:
-        base = alloc_host(index.rank_nbytes(rank), cfg.huge_pages)
+        pool = HOST_POOL if cfg.reuse_host_memory else None
+        base = alloc_host(index.rank_nbytes(rank), cfg.huge_pages, pool)
         if not chunks:
             return base, 0
         mv = base.numpy().data

@@ -19,6 +19,7 @@ from ember.errors import (
     ConfigError,
 )
 from ember.store import LoaderConfig, convert, load, read_index, verify
+from ember.store.hostmem import HostPool, alloc_host
 from ember.store.pagecache import evict, resident_fraction
 
 BLOCK = 4 << 20
@@ -226,3 +227,31 @@ def test_bad_loader_settings_name_the_field() -> None:
         LoaderConfig(chunk_bytes=1000)
     with pytest.raises(ConfigError, match="io_mode"):
         LoaderConfig(io_mode="mmap")
+
+
+def test_reused_host_memory_serves_the_next_load_without_new_mapping(
+    checkpoint: tuple[Path, dict],
+) -> None:
+    ck, src = checkpoint
+    pool = HostPool(max_idle_bytes=64 << 20)
+    first = alloc_host(read_index(ck).rank_nbytes(0), pool=pool)
+    address = first.data_ptr()
+    first.fill_(7)
+    view = first[4096:8192]
+    del first
+    assert (pool.idle_bytes, pool.hits) == (0, 0)  # a view still holds the mapping
+    del view
+    assert pool.idle_bytes >= read_index(ck).rank_nbytes(0)
+    again = alloc_host(read_index(ck).rank_nbytes(0), pool=pool)
+    assert (again.data_ptr(), pool.hits, pool.idle_bytes) == (address, 1, 0)
+    del again
+    pool.clear()
+
+
+def test_pooled_loads_give_the_source_tensors_every_time(checkpoint: tuple[Path, dict]) -> None:
+    ck, src = checkpoint
+    config = LoaderConfig(reuse_host_memory=True)
+    for _ in range(2):
+        out = load(ck, config=config)
+        assert all(torch.equal(out[k], v) for k, v in src.items())
+        del out

@@ -1,0 +1,508 @@
+"""`ember bench load`: how fast checkpoints reach memory, against the disk and memory ceilings
+and against the loaders people use.
+
+On one model (default: llama `1b`, bf16, about 2.2 GB, made by the factory once under .cache/),
+each loader runs in a fresh child process, cold (its files dropped from the page cache with
+posix_fadvise DONTNEED, checked with mincore) and warm (files cached, one excluded warm-up run),
+`--runs` times each; min and median are reported as GB/s of tensor payload. Rows:
+
+- raw reads of the same bytes: buffered (one thread, 16 MiB reads, like dd) and O_DIRECT
+  (4 threads of 16 MiB reads, like fio at queue depth 4): the disk's ceiling;
+- memory copy of the same bytes into already-mapped memory (the memory ceiling) and into fresh
+  4 KiB pages (the page-fault ceiling);
+- safetensors `load_file` + clone, `load_file` with every page touched, `torch.load(mmap=True)`
+  with every page touched;
+- peers from the `bench` extra: tensorizer (8 readers), fastsafetensors (no GDS), runai model
+  streamer;
+- ember (`ember.store.load`, defaults: fresh 2 MiB-page memory), ember into reused host memory
+  (`reuse_host_memory`, the second and later loads of a process), ember with checksums
+  verified, ember with buffered reads only.
+
+Each row also reports CPU seconds per run (user + system, all threads): on a shared machine
+wall-clock GB/s swings with other people's load, CPU cost per byte much less.
+
+With `--device cuda` (where CUDA exists) it adds pinned host-to-device bandwidth and ember and
+safetensors loads to cuda:0. Writes benchmarks/results/load.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "store"
+CHUNK = 16 << 20
+OWN_MEMORY_PEERS = ("tensorizer", "fastsafetensors", "runai", "safetensors_clone")
+LOADERS = (
+    "raw_buffered",
+    "raw_direct",
+    "safetensors_clone",
+    "safetensors_touched",
+    "torch_mmap_touched",
+    "tensorizer",
+    "fastsafetensors",
+    "runai",
+    "ember",
+    "ember_pooled",
+    "ember_verify",
+    "ember_buffered",
+)
+ENDS_IN = {
+    "safetensors_touched": "mapped file",
+    "torch_mmap_touched": "mapped file",
+    "raw_buffered": "reused buffer",
+    "raw_direct": "reused buffer",
+}
+
+
+# --- artifacts --------------------------------------------------------------------------------
+
+
+def prepare(size: str) -> dict[str, Any]:
+    """The model in every format the loaders read, made once and cached under .cache/store."""
+    from safetensors import safe_open
+
+    from ember.store import convert
+    from ember.store.factory import make_model
+
+    hf = CACHE / f"llama-{size}"
+    if not (hf / "config.json").is_file():
+        print(f"making llama {size} in {hf} ...", flush=True)
+        make_model(hf, "llama", size, "bf16", seed=0)
+    st_files = sorted(str(p) for p in hf.glob("*.safetensors"))
+    ck = CACHE / f"llama-{size}-ember"
+    if not (ck / "index.json").is_file():
+        t0 = time.perf_counter()
+        convert(hf, ck, progress=False, overwrite=True)
+        print(f"converted to {ck} in {time.perf_counter() - t0:.1f} s", flush=True)
+    pt = CACHE / f"llama-{size}.pt"
+    tz = CACHE / f"llama-{size}.tensors"
+    if not pt.is_file() or not tz.is_file():
+        import torch
+
+        state = {}
+        for f in st_files:
+            with safe_open(f, "pt") as h:
+                state.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+        if not pt.is_file():
+            torch.save(state, pt)
+        if not tz.is_file() and _has("tensorizer"):
+            from tensorizer import TensorSerializer
+
+            s = TensorSerializer(str(tz))
+            s.write_state_dict(state)
+            s.close()
+        del state
+    payload = 0
+    for f in st_files:
+        with safe_open(f, "pt") as h:
+            for k in h.keys():  # noqa: SIM118
+                sl = h.get_slice(k)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                payload += n * {"BF16": 2, "F16": 2, "F32": 4}[sl.get_dtype()]
+    return {
+        "hf": str(hf),
+        "safetensors": st_files,
+        "ember": str(ck),
+        "ember_files": sorted(str(p) for p in ck.glob("*.bin")),
+        "pt": str(pt),
+        "tensorizer": str(tz),
+        "payload_bytes": payload,
+    }
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def files_of(loader: str, art: dict[str, Any]) -> list[str]:
+    if loader.startswith("ember") or loader.startswith("raw"):
+        return art["ember_files"]
+    if loader == "torch_mmap_touched":
+        return [art["pt"]]
+    if loader == "tensorizer":
+        return [art["tensorizer"]]
+    return art["safetensors"]
+
+
+# --- loaders (run in the child) ---------------------------------------------------------------
+
+
+def touch(tensors: Any) -> int:
+    """Read one byte of every 4 KiB page (what a mapped load must do before it is really in)."""
+    total = 0
+    for t in tensors.values():
+        flat = t.reshape(-1).view(__import__("torch").uint8)
+        total += int(flat[::4096].sum())
+    return total
+
+
+def make_loader(name: str, art: dict[str, Any], device: str) -> Callable[[], Any]:
+    import torch
+
+    if name == "raw_buffered":
+        return lambda: _raw_read(art["ember_files"], direct=False, threads=1)
+    if name == "raw_direct":
+        return lambda: _raw_read(art["ember_files"], direct=True, threads=4)
+    if name == "safetensors_clone":
+        from safetensors.torch import load_file
+
+        def st_clone() -> Any:
+            out = {}
+            for f in art["safetensors"]:
+                out.update({k: v.clone() for k, v in load_file(f, device=device).items()})
+            return out
+
+        return st_clone
+    if name == "safetensors_touched":
+        from safetensors.torch import load_file
+
+        def st_touched() -> Any:
+            out = {}
+            for f in art["safetensors"]:
+                out.update(load_file(f))
+            touch(out)
+            return out
+
+        return st_touched
+    if name == "torch_mmap_touched":
+
+        def torch_mmap() -> Any:
+            out = torch.load(art["pt"], mmap=True, weights_only=True)
+            touch(out)
+            return out
+
+        return torch_mmap
+    if name == "tensorizer":
+        from tensorizer import TensorDeserializer
+
+        def tz() -> Any:
+            d = TensorDeserializer(art["tensorizer"], device=device, num_readers=8)
+            out = dict(d.items())
+            d.close()
+            return out
+
+        return tz
+    if name == "fastsafetensors":
+        from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+
+        def fst() -> Any:
+            loader = SafeTensorsFileLoader(SingleGroup(), device=device, nogds=True)
+            loader.add_filenames({0: art["safetensors"]})
+            fb = loader.copy_files_to_device()
+            out = {k: fb.get_tensor(k) for k in loader.get_keys()}
+            fb.close()
+            loader.close()
+            return out
+
+        return fst
+    if name == "runai":
+        from runai_model_streamer import SafetensorsStreamer
+
+        def runai() -> Any:
+            with SafetensorsStreamer() as s:
+                s.stream_files(art["safetensors"], device=device)
+                return dict(s.get_tensors())
+
+        return runai
+    if name.startswith("ember"):
+        from ember.store import LoaderConfig, load
+
+        cfg = {
+            "ember": LoaderConfig(),
+            "ember_pooled": LoaderConfig(reuse_host_memory=True),
+            "ember_verify": LoaderConfig(verify_checksums=True),
+            "ember_buffered": LoaderConfig(io_mode="buffered"),
+        }[name]
+        return lambda: load(art["ember"], device=device, config=cfg)
+    raise SystemExit(f"unknown loader {name}")
+
+
+def _raw_read(files: list[str], direct: bool, threads: int) -> int:
+    """Read every byte of `files` into reused buffers; returns the bytes read."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bufs = [mmap.mmap(-1, CHUNK) for _ in range(threads)]
+    total = 0
+    for f in files:
+        fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+        size = os.fstat(fd).st_size
+        offsets = list(range(0, size, CHUNK))
+
+        def read(i: int, fd: int = fd, offsets: list[int] = offsets) -> int:
+            buf = memoryview(bufs[i % threads])
+            return sum(os.preadv(fd, [buf], off) for off in offsets[i::threads])
+
+        if threads == 1:
+            total += read(0)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                total += sum(pool.map(read, range(threads)))
+        os.close(fd)
+    return total
+
+
+def child(name: str, mode: str, runs: int, art: dict[str, Any], device: str) -> dict[str, Any]:
+    from ember.store.pagecache import evict, resident_fraction
+
+    fn = make_loader(name, art, device)
+    files = files_of(name, art)
+    if mode == "warm":
+        for f in files:
+            _raw_read([f], direct=False, threads=1)
+        fn()  # warm-up, excluded (its result is dropped here)
+        gc.collect()
+    times, cpu, residual = [], [], 0.0
+    for _ in range(runs):
+        if mode == "cold":
+            residual = max([residual] + [evict(f) for f in files])
+        else:
+            residual = max([residual] + [1.0 - resident_fraction(f) for f in files])
+        c0 = _cpu_seconds()
+        t0 = time.perf_counter()
+        result = fn()
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        cpu.append(_cpu_seconds() - c0)
+        del result
+        gc.collect()
+    key = "max_resident_after_evict" if mode == "cold" else "max_not_resident"
+    return {"loader": name, "mode": mode, "seconds": times, "cpu_seconds": cpu, key: residual}
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# --- ceilings measured in the parent ------------------------------------------------------------
+
+
+def memory_rows(nbytes: int, runs: int) -> list[dict[str, Any]]:
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.ones(nbytes, dtype=torch.uint8)
+    rows = []
+    for name, fn in (
+        ("memcpy_mapped", lambda: dst.copy_(src)),
+        ("memcpy_fresh_pages", lambda: torch.empty(nbytes, dtype=torch.uint8).copy_(src)),
+    ):
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rows.append({"loader": name, "mode": "memory", "seconds": times})
+    return rows
+
+
+def cuda_rows(nbytes: int, runs: int) -> list[dict[str, Any]]:
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(runs + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return [{"loader": "pinned_h2d", "mode": "memory", "seconds": times[1:]}]
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def summarize(row: dict[str, Any], nbytes: int) -> dict[str, Any]:
+    s = row["seconds"]
+    row["best_gbps"] = nbytes / min(s) / 1e9
+    row["median_gbps"] = nbytes / statistics.median(s) / 1e9
+    row["ends_in"] = ENDS_IN.get(row["loader"], "own memory")
+    if row.get("cpu_seconds"):
+        row["gb_per_cpu_second"] = nbytes / max(statistics.median(row["cpu_seconds"]), 1e-9) / 1e9
+    return row
+
+
+def best(
+    rows: list[dict[str, Any]], names: tuple[str, ...] | list[str], mode: str
+) -> tuple[str, float]:
+    got = [
+        (r["loader"], r["best_gbps"]) for r in rows if r["loader"] in names and r["mode"] == mode
+    ]
+    return max(got, key=lambda x: x[1]) if got else ("none", float("nan"))
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets, against the best of ember's default and pooled loads."""
+    out = []
+    for mode in ("cold", "warm"):
+        mine = best(rows, ["ember", "ember_pooled"], mode)[1]
+        peer_name, peer = best(rows, OWN_MEMORY_PEERS, mode)
+        st = best(rows, ["safetensors_clone"], mode)[1]
+        if mode == "cold":
+            raw_name, raw = best(rows, ["raw_buffered", "raw_direct"], "cold")
+            out.append(_target(f"cold >= 95% of best raw read ({raw_name})", mine, 0.95 * raw))
+            out.append(_target(f"cold >= best own-memory peer ({peer_name})", mine, peer))
+        else:
+            out.append(_target(f"warm >= 2x best own-memory peer ({peer_name})", mine, 2 * peer))
+        out.append(_target(f"{mode} >= 3x safetensors load_file+clone", mine, 3 * st))
+    return out
+
+
+def _target(what: str, value: float, goal: float) -> dict[str, Any]:
+    return {"target": what, "ember_gbps": value, "needed_gbps": goal, "met": bool(value >= goal)}
+
+
+def print_table(rows: list[dict[str, Any]], tgts: list[dict[str, Any]]) -> None:
+    head = f"{'loader':<20}{'mode':<8}{'ends in':<15}{'best GB/s':>10}{'median':>8}{'GB/cpu-s':>10}"
+    print(f"\n{head}  runs (s)")
+    for r in rows:
+        secs = " ".join(f"{x:.2f}" for x in r["seconds"])
+        cpu = r.get("gb_per_cpu_second")
+        print(
+            f"{r['loader']:<20}{r['mode']:<8}{r['ends_in']:<15}{r['best_gbps']:>10.2f}"
+            f"{r['median_gbps']:>8.2f}{'' if cpu is None else f'{cpu:.2f}':>10}  {secs}"
+        )
+    print()
+    for t in tgts:
+        mark = "MET " if t["met"] else "MISS"
+        print(
+            f"[{mark}] {t['target']}: ember {t['ember_gbps']:.2f} GB/s, needs {t['needed_gbps']:.2f}"
+        )
+
+
+def machine_facts(path: str) -> dict[str, Any]:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    disk = shutil.disk_usage(path)
+    dev = subprocess.run(["df", "--output=source,fstype", path], capture_output=True, text=True)
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "disk": " ".join(dev.stdout.split()[2:]) or "unknown",
+        "disk_total_gib": round(disk.total / 2**30, 1),
+        "kernel": platform.release(),
+        "thp": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+        if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
+        else "n/a",
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def git_sha() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="1b", help="factory size of the llama model (default 1b)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="125m model, 2 runs")
+    p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to load to cuda:0")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
+    p.add_argument(
+        "--child", nargs=3, metavar=("LOADER", "MODE", "ARTIFACTS"), help=argparse.SUPPRESS
+    )
+    args = p.parse_args()
+    if args.child:
+        art = json.loads(args.child[2])
+        print(json.dumps(child(args.child[0], args.child[1], args.runs, art, args.device)))
+        return 0
+    if args.quick:
+        args.size, args.runs = "125m", 2
+    art = prepare(args.size)
+    facts = machine_facts(art["ember"])
+    nbytes = art["payload_bytes"]
+    print(f"model llama-{args.size}: {nbytes / 1e9:.2f} GB payload; device {args.device}; "
+          f"load average {facts['load_average_at_start']:.1f}", flush=True)  # fmt: skip
+    rows = [summarize(r, nbytes) for r in memory_rows(nbytes, args.runs)]
+    if args.device.startswith("cuda"):
+        rows += [summarize(r, nbytes) for r in cuda_rows(nbytes, args.runs)]
+    for name in args.loaders.split(","):
+        module = {
+            "tensorizer": "tensorizer",
+            "fastsafetensors": "fastsafetensors",
+            "runai": "runai_model_streamer",
+        }
+        if name in module and not _has(module[name]):
+            print(f"skip {name}: not installed (pip install -e '.[bench]')", flush=True)
+            continue
+        if args.device.startswith("cuda") and name in (
+            "raw_buffered",
+            "raw_direct",
+            "safetensors_touched",
+            "torch_mmap_touched",
+        ):
+            continue
+        for mode in ("cold", "warm"):
+            cmd = [sys.executable, __file__, "--runs", str(args.runs), "--device", args.device,
+                   "--child", name, mode, json.dumps(art)]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if out.returncode != 0:
+                print(f"{name} {mode} failed:\n{out.stderr[-2000:]}", flush=True)
+                continue
+            row = summarize(json.loads(out.stdout.strip().splitlines()[-1]), nbytes)
+            rows.append(row)
+            print(
+                f"{name:<22}{mode:<6}{row['best_gbps']:7.2f} / {row['median_gbps']:.2f} GB/s",
+                flush=True,
+            )
+    tgts = targets(rows)
+    print_table(rows, tgts)
+    cold = best(rows, ["ember", "ember_pooled"], "cold")[1]
+    raw = best(rows, ["raw_buffered", "raw_direct"], "cold")[1]
+    facts["load_average_at_end"] = os.getloadavg()[0]
+    result = {
+        "benchmark": "load",
+        "metric": f"ember cold load GB/s, llama-{args.size} bf16 to {args.device}",
+        "value": cold,
+        "unit": "GB/s",
+        "baseline": raw,
+        "baseline_name": "best raw sequential read of the same bytes (buffered or O_DIRECT), cold",
+        "ratio": cold / raw if raw else None,
+        "payload_bytes": nbytes,
+        "runs": args.runs,
+        "rows": rows,
+        "targets": tgts,
+        "machine": facts,
+        "git_sha": git_sha(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
