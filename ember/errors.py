@@ -47,6 +47,15 @@ class NoWeightsError(CheckpointError):
     """A source folder holds no weight files."""
 
 
+class RemoteStoreError(CheckpointError):
+    """The remote object store (S3 API) failed after every retry; the message names the object."""
+
+
+class StoreCapacityError(CheckpointError):
+    """A node-store tier cannot make room: the checkpoint is larger than the tier, or every
+    other checkpoint in it is pinned (in use or being loaded)."""
+
+
 # --- engine -----------------------------------------------------------------------------------
 
 

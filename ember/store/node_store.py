@@ -1,0 +1,342 @@
+"""The node store: the checkpoints one server keeps hot, in DRAM (shared memory), on SSD and in
+a remote object store, and the one place that moves them between tiers.
+
+`ensure(source)` returns a complete checkpoint directory in the DRAM tier, fetching it from the
+best tier that has it: DRAM (nothing to do), SSD (SSD -> DRAM), remote `s3://...` (remote ->
+SSD -> DRAM in one chunk pipeline, see `ember.store.fetch`) or a local checkpoint directory
+(-> DRAM). Concurrent calls for one checkpoint share one fetch. `start_fetch` returns at once
+with the in-progress directory a streaming reader can map (`ember.store.shm.map_streaming`).
+
+Pins: `acquire(source)` marks a DRAM copy in use by a local instance (never evicted until
+`release`); a fetch in progress pins its reservation. Eviction is LRU per tier, on demand when
+a fetch needs room, or explicit with `evict(source, tier)`.
+
+Thread-safe: one lock guards the tiers' bookkeeping; the bytes move outside it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ember.errors import CheckpointNotFoundError, ConfigError
+from ember.store.fetch import (
+    ChunkSource,
+    FetchStats,
+    LocalSource,
+    RemoteSource,
+    prepare_sinks,
+    run_fetch,
+)
+from ember.store.format import INDEX_FILE, read_index
+from ember.store.remote import RemoteConfig, RemoteStore, is_s3_url, parse_s3_url
+from ember.store.tiers import Tier, TierItem
+
+logger = logging.getLogger(__name__)
+
+TIERS = ("dram", "ssd")
+
+
+def _default_dram_dir() -> str:
+    return f"/dev/shm/ember-{os.getuid()}/dram"
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStoreConfig:
+    """One node's store. Capacities are bytes of checkpoint files; the DRAM tier must be on a
+    tmpfs (the default `/dev/shm`) for zero-copy loads."""
+
+    dram_dir: str = field(default_factory=_default_dram_dir)
+    dram_capacity_bytes: int = 8 << 30
+    ssd_dir: str = "~/.cache/ember/ssd"
+    ssd_capacity_bytes: int = 100 << 30
+    chunk_bytes: int = 16 << 20  # a multiple of the index's 4 MiB checksum block
+    fetch_threads: int = 8  # parallel ranged GETs / reads in flight
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("dram_capacity_bytes", "ssd_capacity_bytes", "chunk_bytes", "fetch_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"NodeStoreConfig.{name} must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class CachedCheckpoint:
+    """One row of `status()`: where a checkpoint is on this node."""
+
+    key: str
+    tier: str
+    nbytes: int
+    pins: int
+    last_used: float
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureResult:
+    path: Path  # the complete DRAM-tier directory
+    served_from: str  # "dram", "ssd", "remote" or "local"
+    stats: FetchStats | None
+
+
+def checkpoint_key(source: str) -> str:
+    """A stable directory name for a source: readable prefix plus a short hash."""
+    if is_s3_url(source):
+        url = parse_s3_url(source)
+        readable, ident = f"s3-{url.bucket}-{url.prefix}", f"s3://{url.bucket}/{url.prefix}"
+    else:
+        p = Path(source).expanduser().resolve()
+        readable, ident = f"local-{p.name}", str(p)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable).strip("-.")[:80]
+    return f"{readable}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+
+
+class _Fetch:
+    """One fetch in flight; waiters block on `done`."""
+
+    def __init__(self, partial: Path) -> None:
+        self.partial = partial
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.result: EnsureResult | None = None
+
+
+class NodeStore:
+    def __init__(self, config: NodeStoreConfig | None = None) -> None:
+        self.config = cfg = config or NodeStoreConfig()
+        self.dram = Tier("dram", cfg.dram_dir, cfg.dram_capacity_bytes)
+        self.ssd = Tier("ssd", cfg.ssd_dir, cfg.ssd_capacity_bytes)
+        self._remote: RemoteStore | None = None
+        self._lock = threading.Lock()
+        self._fetches: dict[str, _Fetch] = {}
+        self._sources: dict[str, str] = {}  # key -> source, for status
+
+    @property
+    def remote(self) -> RemoteStore:
+        if self._remote is None:
+            self._remote = RemoteStore(self.config.remote)
+        return self._remote
+
+    def _tier(self, name: str) -> Tier:
+        if name not in TIERS:
+            raise ConfigError(f"tier must be one of {TIERS}, got {name!r}")
+        return self.dram if name == "dram" else self.ssd
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def locate(self, source: str) -> str | None:
+        """The fastest local tier holding `source` completely, or None."""
+        key = checkpoint_key(source)
+        with self._lock:
+            if self.dram.has(key):
+                return "dram"
+            if self.ssd.has(key):
+                return "ssd"
+        return None
+
+    def status(self) -> list[CachedCheckpoint]:
+        with self._lock:
+            rows: list[tuple[str, TierItem]] = [("dram", i) for i in self.dram.items()]
+            rows += [("ssd", i) for i in self.ssd.items()]
+            return [
+                CachedCheckpoint(
+                    self._sources.get(i.key, i.key), tier, i.nbytes, i.pins, i.last_used
+                )
+                for tier, i in rows
+            ]
+
+    # --- pins ------------------------------------------------------------------------------
+
+    def acquire(self, source: str) -> Path:
+        """Pin the DRAM copy (fetching it first if needed) for a local instance."""
+        key = checkpoint_key(source)
+        while True:
+            result = self.ensure(source)
+            with self._lock:
+                if self.dram.has(key):  # else evicted since ensure returned: fetch again
+                    self.dram.pin(key)
+                    return result.path
+
+    def release(self, source: str) -> None:
+        with self._lock:
+            self.dram.unpin(checkpoint_key(source))
+
+    def evict(self, source: str, tier: str = "dram") -> bool:
+        key = checkpoint_key(source)
+        with self._lock:
+            return self._tier(tier).evict(key)
+
+    # --- fetching --------------------------------------------------------------------------
+
+    def ensure(self, source: str, tier: str = "dram") -> EnsureResult:
+        """A complete copy of `source` in `tier` ("dram" by default, or "ssd" to prefetch only
+        to disk), fetched from the best tier that has it. Blocks until done."""
+        if tier == "ssd":
+            return self._ensure_ssd(source)
+        fetch = self.start_fetch(source)
+        fetch.done.wait()
+        if fetch.error is not None:
+            raise fetch.error
+        assert fetch.result is not None
+        return fetch.result
+
+    def prefetch(self, source: str, tier: str = "dram") -> None:
+        """Start bringing `source` into `tier` in the background (controller's prefetch)."""
+        threading.Thread(
+            target=self._quiet_ensure, args=(source, tier), name="ember-prefetch", daemon=True
+        ).start()
+
+    def _quiet_ensure(self, source: str, tier: str) -> None:
+        try:
+            self.ensure(source, tier)
+        except Exception:
+            logger.exception("prefetch failed source=%s tier=%s", source, tier)
+
+    def start_fetch(self, source: str) -> _Fetch:
+        """Begin (or join) bringing `source` into DRAM; returns at once. `.partial` is the
+        directory a streaming reader may map while `.done` is unset."""
+        key = checkpoint_key(source)
+        with self._lock:
+            self._sources[key] = source
+            running = self._fetches.get(key)
+            if running is not None:
+                return running
+            fetch = _Fetch(self.dram.partial_path(key))
+            if self.dram.has(key):
+                self.dram.touch(key)
+                fetch.result = EnsureResult(self.dram.path(key), "dram", None)
+                fetch.done.set()
+                return fetch
+            self._fetches[key] = fetch
+        threading.Thread(
+            target=self._run_fetch, args=(source, key, fetch), name="ember-fetch", daemon=True
+        ).start()
+        return fetch
+
+    def _run_fetch(self, source: str, key: str, fetch: _Fetch) -> None:
+        try:
+            fetch.result = self._fetch_to_dram(source, key)
+        except BaseException as e:
+            fetch.error = e
+        finally:
+            with self._lock:
+                self._fetches.pop(key, None)
+            fetch.done.set()
+
+    def _source_for(self, source: str, key: str) -> tuple[ChunkSource, str, bool]:
+        """(chunk source, where from, whether SSD is a sink too)."""
+        with self._lock:
+            on_ssd = self.ssd.has(key)
+            if on_ssd:
+                self.ssd.pin(key)
+                self.ssd.touch(key)
+        if on_ssd:
+            return LocalSource(self.ssd.path(key)), "ssd", False
+        if is_s3_url(source):
+            return RemoteSource(self.remote, parse_s3_url(source)), "remote", True
+        path = Path(source).expanduser()
+        if not (path / INDEX_FILE).is_file():
+            raise CheckpointNotFoundError(path, "not an ember checkpoint directory (no index)")
+        return LocalSource(path), "local", False
+
+    def _fetch_to_dram(self, source: str, key: str) -> EnsureResult:
+        src, where, to_ssd = self._source_for(source, key)
+        try:
+            return self._pipeline(src, key, where, to_ssd)
+        finally:
+            if where == "ssd":
+                with self._lock:
+                    self.ssd.unpin(key)
+
+    def _pipeline(self, src: ChunkSource, key: str, where: str, to_ssd: bool) -> EnsureResult:
+        index_bytes = src.read_file(INDEX_FILE)
+        dram_partial = self.dram.partial_path(key)
+        ssd_partial = self.ssd.partial_path(key)
+        sinks = [dram_partial, *([ssd_partial] if to_ssd else [])]
+        # Parse the index from a scratch copy first: the sizes decide the reservations.
+        dram_partial.mkdir(parents=True, exist_ok=True)
+        (dram_partial / INDEX_FILE).write_bytes(index_bytes)
+        index = read_index(dram_partial)
+        nbytes = sum(p.nbytes for p in index.partitions) + len(index_bytes)
+        with self._lock:
+            try:
+                self.dram.reserve(key, nbytes)
+            except BaseException:
+                shutil.rmtree(dram_partial, ignore_errors=True)
+                raise
+            if to_ssd:
+                try:
+                    self.ssd.reserve(key, nbytes)
+                except BaseException:
+                    self.dram.abort(key, keep_partial=False)
+                    raise
+        logger.info(
+            "fetch start key=%s from=%s bytes=%d to=%s", key, where, nbytes,
+            "ssd+dram" if to_ssd else "dram",
+        )  # fmt: skip
+        try:
+            prepare_sinks(index_bytes, index, src, sinks)
+            stats = run_fetch(
+                index, src, sinks,
+                resume=ssd_partial if to_ssd else None,
+                chunk_bytes=self.config.chunk_bytes,
+                threads=self.config.fetch_threads,
+            )  # fmt: skip
+        except BaseException:
+            with self._lock:
+                self.dram.abort(key, keep_partial=False)
+                if to_ssd:
+                    self.ssd.abort(key, keep_partial=True)  # the next fetch resumes from it
+            raise
+        with self._lock:
+            if to_ssd:
+                self.ssd.commit(key)
+            path = self.dram.commit(key)
+        logger.info(
+            "fetch done key=%s from=%s bytes=%d source_bytes=%d reused_bytes=%d seconds=%.3f "
+            "gbps=%.2f", key, where, stats.nbytes, stats.from_source_bytes, stats.reused_bytes,
+            stats.seconds, stats.nbytes / max(stats.seconds, 1e-9) / 1e9,
+        )  # fmt: skip
+        return EnsureResult(path, where, stats)
+
+    def _ensure_ssd(self, source: str) -> EnsureResult:
+        """Remote -> SSD only (no DRAM copy): prefetch to disk."""
+        key = checkpoint_key(source)
+        with self._lock:
+            self._sources[key] = source
+            if self.ssd.has(key):
+                self.ssd.touch(key)
+                return EnsureResult(self.ssd.path(key), "ssd", None)
+        if not is_s3_url(source):
+            raise ConfigError(f"only s3:// sources are cached on SSD, got {source!r}")
+        src = RemoteSource(self.remote, parse_s3_url(source))
+        index_bytes = src.read_file(INDEX_FILE)
+        partial = self.ssd.partial_path(key)
+        partial.mkdir(parents=True, exist_ok=True)
+        scratch = partial.parent / f"{key}.index-{threading.get_ident()}"
+        scratch.mkdir(exist_ok=True)
+        (scratch / INDEX_FILE).write_bytes(index_bytes)
+        index = read_index(scratch)
+        (scratch / INDEX_FILE).unlink()
+        scratch.rmdir()
+        nbytes = sum(p.nbytes for p in index.partitions) + len(index_bytes)
+        with self._lock:
+            self.ssd.reserve(key, nbytes)
+        try:
+            prepare_sinks(index_bytes, index, src, [partial])
+            stats = run_fetch(
+                index, src, [partial], resume=partial,
+                chunk_bytes=self.config.chunk_bytes, threads=self.config.fetch_threads,
+            )  # fmt: skip
+        except BaseException:
+            with self._lock:
+                self.ssd.abort(key, keep_partial=True)
+            raise
+        with self._lock:
+            path = self.ssd.commit(key)
+        return EnsureResult(path, "remote", stats)

@@ -1,0 +1,235 @@
+"""The remote tier: ember checkpoints in any S3-compatible object store, through boto3.
+
+Owns: parsing `s3://bucket/prefix` URLs, uploading a checkpoint directory (partition files
+first, `index.json` last, so a half-finished upload is never a checkpoint anyone would load),
+and reading byte ranges of objects with retries and exponential backoff. One checkpoint is one
+prefix: `prefix/index.json`, `prefix/rank0-part0000.bin`, ..., plus the tokenizer and config
+files.
+
+Retries: connection errors, timeouts, 5xx and throttling are retried `max_attempts` times with
+backoff `backoff_s * 2**attempt` (capped at `max_backoff_s`); a missing object or bucket is not
+retried. A range that comes back shorter than asked is retried too (a connection cut mid-body).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ember.errors import CheckpointNotFoundError, ConfigError, RemoteStoreError
+from ember.store.format import INDEX_FILE
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    """How to reach the object store. None fields fall back to boto3's usual sources
+    (AWS_* environment variables, ~/.aws); `endpoint_url` selects any S3-compatible server."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    max_attempts: int = 5
+    backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0
+    max_connections: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"RemoteConfig.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.backoff_s < 0 or self.max_backoff_s < 0:
+            raise ConfigError("RemoteConfig.backoff_s and max_backoff_s must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Url:
+    bucket: str
+    prefix: str  # no leading or trailing slash; may be ""
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def is_s3_url(source: str) -> bool:
+    return source.startswith("s3://")
+
+
+def parse_s3_url(url: str) -> S3Url:
+    if not is_s3_url(url):
+        raise ConfigError(f"not an s3:// URL: {url!r}")
+    rest = url[len("s3://") :]
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ConfigError(f"s3 URL {url!r} names no bucket")
+    return S3Url(bucket, prefix.strip("/"))
+
+
+class RemoteStore:
+    """A boto3 S3 client with ember's retry rules. Thread-safe (boto3 clients are)."""
+
+    def __init__(self, config: RemoteConfig | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.config = cfg = config or RemoteConfig()
+        self._client: Any = boto3.session.Session().client(
+            "s3",
+            endpoint_url=cfg.endpoint_url,
+            region_name=cfg.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            aws_access_key_id=cfg.access_key_id,
+            aws_secret_access_key=cfg.secret_access_key,
+            config=Config(
+                retries={"max_attempts": 1, "mode": "standard"},  # ember retries itself
+                connect_timeout=cfg.connect_timeout_s,
+                read_timeout=cfg.read_timeout_s,
+                max_pool_connections=cfg.max_connections,
+            ),
+        )
+        self._lock = threading.Lock()
+        self.retries = 0  # retried attempts so far (tests and logs read it)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def get_bytes(self, url: S3Url, name: str) -> bytes:
+        """A whole (small) object."""
+        key = url.key(name)
+
+        def once() -> bytes:
+            return bytes(self._client.get_object(Bucket=url.bucket, Key=key)["Body"].read())
+
+        return self._retry(once, url, key)
+
+    def get_range(self, url: S3Url, name: str, start: int, nbytes: int, out: memoryview) -> None:
+        """Read bytes [start, start + nbytes) of object `name` into `out` (len >= nbytes)."""
+        key = url.key(name)
+
+        def once() -> None:
+            rng = f"bytes={start}-{start + nbytes - 1}"
+            body = self._client.get_object(Bucket=url.bucket, Key=key, Range=rng)["Body"]
+            got = 0
+            try:
+                while got < nbytes:
+                    piece = body.read(min(8 << 20, nbytes - got))
+                    if not piece:
+                        break
+                    out[got : got + len(piece)] = piece
+                    got += len(piece)
+            finally:
+                body.close()
+            if got != nbytes:
+                raise _ShortRead(f"{key}: range {rng} returned {got} of {nbytes} bytes")
+
+        self._retry(once, url, key)
+
+    def list_names(self, url: S3Url) -> dict[str, int]:
+        """Object names directly under the prefix -> sizes."""
+        prefix = url.key("")
+
+        def once() -> dict[str, int]:
+            out: dict[str, int] = {}
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=url.bucket, Prefix=prefix
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    name = obj["Key"][len(prefix) :]
+                    if name and "/" not in name:
+                        out[name] = int(obj["Size"])
+            return out
+
+        return self._retry(once, url, prefix)
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def upload_checkpoint(self, directory: str | Path, url: S3Url) -> int:
+        """Upload every file of a checkpoint directory; `index.json` goes last. Returns bytes."""
+        from boto3.s3.transfer import TransferConfig
+
+        src = Path(directory)
+        if not (src / INDEX_FILE).is_file():
+            raise CheckpointNotFoundError(src, f"no {INDEX_FILE}: not an ember checkpoint")
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name != INDEX_FILE)
+        transfer = TransferConfig(
+            multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4
+        )
+        total = 0
+        for f in [*files, src / INDEX_FILE]:
+            key = url.key(f.name)
+            self._retry(
+                lambda f=f, key=key: self._client.upload_file(  # type: ignore[misc]
+                    str(f), url.bucket, key, Config=transfer
+                ),
+                url,
+                key,
+            )
+            total += f.stat().st_size
+            logger.debug("uploaded key=%s bytes=%d", key, f.stat().st_size)
+        logger.info("pushed url=%s files=%d bytes=%d", url, len(files) + 1, total)
+        return total
+
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create `bucket` if it does not exist (tests and `ember push --create-bucket`)."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except ClientError:
+            self._client.create_bucket(Bucket=bucket)
+
+    # --- retries ---------------------------------------------------------------------------
+
+    def _retry(self, fn: Callable[[], T], url: S3Url, key: str) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        cfg = self.config
+        last: BaseException | None = None
+        for attempt in range(cfg.max_attempts):
+            try:
+                return fn()
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code in _NOT_FOUND:
+                    raise CheckpointNotFoundError(
+                        f"s3://{url.bucket}/{key}", f"no such object ({code})"
+                    ) from None
+                last = e
+            except (BotoCoreError, OSError, _ShortRead) as e:
+                last = e
+            if attempt + 1 < cfg.max_attempts:
+                with self._lock:
+                    self.retries += 1
+                delay = min(cfg.max_backoff_s, cfg.backoff_s * 2**attempt)
+                logger.warning(
+                    "s3 retry key=%s attempt=%d delay_s=%.2f error=%s",
+                    key, attempt + 1, delay, _one_line(last),
+                )  # fmt: skip
+                time.sleep(delay)
+        raise RemoteStoreError(
+            f"s3://{url.bucket}/{key}",
+            f"failed after {cfg.max_attempts} attempts: {_one_line(last)}",
+        )
+
+
+class _ShortRead(Exception):
+    pass
+
+
+def _one_line(e: BaseException | None) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0] if e else "unknown error"

@@ -1,0 +1,200 @@
+"""One local tier of the node store (DRAM in shared memory, or SSD): a directory of complete
+checkpoints with a byte capacity, LRU eviction and pins.
+
+Layout under the tier's root:
+- `<key>/`: a complete, verified checkpoint (index.json + partition files + tokenizer files).
+  It only ever appears by `rename` from `.fetching/<key>/`, so its existence means complete.
+- `.fetching/<key>/`: a fetch in progress, or one that was interrupted. Nothing loads from it
+  except the streaming reader, which trusts only chunks the fetcher marked done in `.progress`.
+- `.ember-tier`: marks the root (the engine recognises a DRAM-tier checkpoint by it).
+
+Invariants (the caller, `NodeStore`, holds its lock around every call): bytes of complete
+entries plus reservations never exceed `capacity_bytes`; a pinned entry (in use by a local
+instance, or being fetched) is never evicted; eviction takes the least recently used first.
+Not thread-safe by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.errors import StoreCapacityError
+from ember.store.format import INDEX_FILE
+
+logger = logging.getLogger(__name__)
+
+FETCHING_DIR = ".fetching"
+TIER_MARKER = ".ember-tier"
+
+
+@dataclass(slots=True)
+class TierEntry:
+    key: str
+    nbytes: int
+    last_used: float  # clock seconds
+
+
+@dataclass(frozen=True, slots=True)
+class TierItem:
+    """A read-only row of `Tier.items()` (status)."""
+
+    key: str
+    nbytes: int
+    last_used: float
+    pins: int
+
+
+class Tier:
+    def __init__(
+        self,
+        name: str,
+        root: str | Path,
+        capacity_bytes: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.root = Path(root).expanduser()
+        self.capacity_bytes = capacity_bytes
+        self._clock = clock
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / FETCHING_DIR).mkdir(exist_ok=True)
+        (self.root / TIER_MARKER).write_text(name + "\n")
+        self._entries: dict[str, TierEntry] = {}
+        self._reserved: dict[str, int] = {}
+        self._pins: dict[str, int] = {}
+        for d in sorted(self.root.iterdir()):
+            if d.is_dir() and not d.name.startswith(".") and (d / INDEX_FILE).is_file():
+                st = d.stat()
+                self._entries[d.name] = TierEntry(d.name, _dir_bytes(d), st.st_mtime)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def path(self, key: str) -> Path:
+        return self.root / key
+
+    def partial_path(self, key: str) -> Path:
+        return self.root / FETCHING_DIR / key
+
+    def has(self, key: str) -> bool:
+        return key in self._entries
+
+    def used_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values()) + sum(self._reserved.values())
+
+    def pins(self, key: str) -> int:
+        return self._pins.get(key, 0)
+
+    def items(self) -> list[TierItem]:
+        return [
+            TierItem(e.key, e.nbytes, e.last_used, self.pins(e.key))
+            for e in sorted(self._entries.values(), key=lambda e: -e.last_used)
+        ]
+
+    # --- use and pins ----------------------------------------------------------------------
+
+    def touch(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.last_used = self._clock()
+
+    def pin(self, key: str) -> None:
+        self._pins[key] = self._pins.get(key, 0) + 1
+        self.touch(key)
+
+    def unpin(self, key: str) -> None:
+        n = self._pins.get(key, 0) - 1
+        if n > 0:
+            self._pins[key] = n
+        else:
+            self._pins.pop(key, None)
+
+    # --- capacity --------------------------------------------------------------------------
+
+    def reserve(self, key: str, nbytes: int) -> list[str]:
+        """Make room for `nbytes` of a checkpoint about to be fetched into this tier, evicting
+        unpinned entries least recently used first. Returns the evicted keys."""
+        if nbytes > self.capacity_bytes:
+            raise StoreCapacityError(
+                self.root,
+                f"checkpoint {key} needs {nbytes} bytes but the {self.name} tier holds "
+                f"{self.capacity_bytes}; raise {self.name}_capacity_bytes",
+            )
+        evicted: list[str] = []
+        free = self.capacity_bytes - self.used_bytes()
+        for entry in sorted(self._entries.values(), key=lambda e: e.last_used):
+            if free >= nbytes:
+                break
+            if self.pins(entry.key) or entry.key == key:
+                continue
+            self._remove(entry.key)
+            free += entry.nbytes
+            evicted.append(entry.key)
+        if free < nbytes:
+            pinned = sorted(k for k in self._entries if self.pins(k))
+            raise StoreCapacityError(
+                self.root,
+                f"no room for {key} ({nbytes} bytes) in the {self.name} tier: {free} bytes free "
+                f"of {self.capacity_bytes}, pinned (in use or loading): {pinned}",
+            )
+        self._reserved[key] = nbytes
+        self.pin(key)
+        for k in evicted:
+            logger.info("evicted tier=%s key=%s reason=lru", self.name, k)
+        return evicted
+
+    def commit(self, key: str) -> Path:
+        """Move `.fetching/<key>` into place (atomic rename); ends the reservation's pin."""
+        src, dst = self.partial_path(key), self.path(key)
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(src, dst)
+        _fsync_dir(self.root)
+        self._entries[key] = TierEntry(key, self._reserved.pop(key, 0) or _dir_bytes(dst), 0.0)
+        self.unpin(key)
+        self.touch(key)
+        return dst
+
+    def abort(self, key: str, keep_partial: bool) -> None:
+        """Drop a reservation after a failed fetch; the partial files stay only if asked
+        (the SSD tier keeps them so the next fetch can resume)."""
+        if self._reserved.pop(key, None) is not None:
+            self.unpin(key)
+        if not keep_partial:
+            shutil.rmtree(self.partial_path(key), ignore_errors=True)
+
+    def evict(self, key: str) -> bool:
+        """Remove a complete entry; False if absent. Raises if it is pinned."""
+        if key not in self._entries:
+            return False
+        if self.pins(key):
+            raise StoreCapacityError(
+                self.path(key), f"cannot evict from {self.name}: in use or loading"
+            )
+        self._remove(key)
+        logger.info("evicted tier=%s key=%s reason=request", self.name, key)
+        return True
+
+    def _remove(self, key: str) -> None:
+        del self._entries[key]
+        # Rename first so a half-deleted directory is never mistaken for a checkpoint.
+        trash = self.root / FETCHING_DIR / f"{key}.evicting-{os.getpid()}"
+        os.rename(self.path(key), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

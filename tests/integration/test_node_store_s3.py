@@ -1,0 +1,226 @@
+"""The node store against a real S3-compatible server (moto, server mode, on 127.0.0.1):
+remote -> SSD -> DRAM fetches, zero-copy maps of the DRAM tier, LRU eviction with pins, a
+fetch cut off mid-transfer and resumed, and a flipped byte in the remote object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from s3_support import Relay, moto_server, remote_config
+
+from ember.errors import CheckpointCorruptError, RemoteStoreError, StoreCapacityError
+from ember.store import convert, load, read_index
+from ember.store.node_store import NodeStore, NodeStoreConfig, checkpoint_key
+from ember.store.remote import RemoteStore, parse_s3_url
+from ember.store.shm import is_dram_checkpoint, map_checkpoint, map_streaming
+
+pytestmark = pytest.mark.s3
+
+BLOCK = 4 << 20
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def checkpoints(
+    model_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Two small Llama checkpoints of ~17 MiB each (5 checksum blocks: several chunks)."""
+    root = tmp_path_factory.mktemp("ck")
+    out = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        hf = model_factory("llama", "tiny", "fp32", seed=seed, vocab_size=32768)
+        out[name] = convert(hf, root / name, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pushed(endpoint: str, checkpoints: dict[str, Path]) -> dict[str, str]:
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    urls = {}
+    for name, ck in checkpoints.items():
+        urls[name] = f"s3://models/ckpt/{name}"
+        remote.upload_checkpoint(ck, parse_s3_url(urls[name]))
+    return urls
+
+
+def make_store(tmp_path: Path, endpoint: str, **kw: object) -> NodeStore:
+    remote_kw = {k: kw.pop(k) for k in ("max_attempts", "backoff_s") if k in kw}
+    cfg = NodeStoreConfig(
+        dram_dir=str(Path("/dev/shm") / f"ember-test-{os.getpid()}-{tmp_path.name}"),
+        ssd_dir=str(tmp_path / "ssd"),
+        chunk_bytes=BLOCK,
+        fetch_threads=3,
+        remote=remote_config(endpoint, **remote_kw),
+        **kw,  # type: ignore[arg-type]
+    )
+    return NodeStore(cfg)
+
+
+@pytest.fixture
+def dram_cleanup() -> Iterator[list[NodeStore]]:
+    stores: list[NodeStore] = []
+    yield stores
+    import shutil
+
+    for s in stores:
+        shutil.rmtree(s.dram.root.parent if s.dram.root.name == "dram" else s.dram.root, True)
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], ck: Path) -> None:
+    want = load(ck)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+
+
+def test_cold_fetch_goes_remote_to_ssd_and_dram_in_one_pass(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    url = pushed["a"]
+    assert store.locate(url) is None
+    first = store.ensure(url)
+    assert first.served_from == "remote"
+    assert first.stats is not None
+    assert first.stats.from_source_bytes == read_index(checkpoints["a"]).rank_nbytes(0)
+    assert store.locate(url) == "dram"
+    assert store.ssd.has(checkpoint_key(url)) and store.dram.has(checkpoint_key(url))
+    assert is_dram_checkpoint(first.path)
+    assert_same_tensors(map_checkpoint(first.path), checkpoints["a"])
+    assert_same_tensors(load(store.ssd.path(checkpoint_key(url))), checkpoints["a"])
+    assert not any(store.dram.partial_path("x").parent.iterdir())  # nothing left mid-fetch
+    again = store.ensure(url)
+    assert (again.served_from, again.stats) == ("dram", None)
+    assert store.evict(url, "dram")
+    from_ssd = store.ensure(url)
+    assert from_ssd.served_from == "ssd"
+    assert_same_tensors(map_checkpoint(from_ssd.path), checkpoints["a"])
+    assert {(r.tier, r.key) for r in store.status()} == {("dram", url), ("ssd", url)}
+
+
+def test_dram_map_is_a_view_of_the_shared_memory_not_a_copy(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], dram_cleanup: list[NodeStore]
+) -> None:
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    path = store.ensure(pushed["a"]).path
+    index = read_index(path)
+    entry = next(t for t in index.tensors if t.name == "model.embed_tokens.weight")
+    tensors = map_checkpoint(path)
+    emb = tensors[entry.name]
+    before = emb.flatten()[0].item()
+    # Rewrite the first element in the tmpfs file: a view of the mapping sees the change.
+    fd = os.open(path / entry.partition, os.O_RDWR)
+    try:
+        old = os.pread(fd, 4, entry.offset)
+        os.pwrite(fd, torch.tensor([1234.5], dtype=torch.float32).numpy().tobytes(), entry.offset)
+        assert emb.flatten()[0].item() == 1234.5
+        os.pwrite(fd, old, entry.offset)
+    finally:
+        os.close(fd)
+    assert emb.flatten()[0].item() == before
+
+
+def test_streaming_map_returns_tensors_of_a_fetch_still_in_progress(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    relay.delay_s = 0.002  # ~30 MB/s: the fetch takes about half a second
+    try:
+        store = make_store(tmp_path, relay.endpoint)
+        dram_cleanup.append(store)
+        fetch = store.start_fetch(pushed["b"])
+        tensors = map_streaming(fetch.partial, timeout_s=60)
+        assert not fetch.done.is_set() or fetch.error is None
+        fetch.done.wait(60)
+        assert fetch.error is None
+        assert_same_tensors(tensors, checkpoints["b"])
+    finally:
+        relay.close()
+
+
+def test_lru_eviction_under_small_dram_never_evicts_a_pinned_checkpoint(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    one = read_index(checkpoints["a"]).rank_nbytes(0) + (64 << 10)
+    store = make_store(tmp_path, endpoint, dram_capacity_bytes=one + (1 << 20))
+    dram_cleanup.append(store)
+    a, b = pushed["a"], pushed["b"]
+    store.ensure(a)
+    store.ensure(b)  # no room for both: a, least recently used, leaves DRAM (stays on SSD)
+    assert (store.locate(a), store.locate(b)) == ("ssd", "dram")
+    store.acquire(b)  # an instance uses b
+    with pytest.raises(StoreCapacityError, match="pinned"):
+        store.ensure(a)
+    assert store.locate(b) == "dram"
+    assert not store.dram.partial_path(checkpoint_key(a)).exists()
+    store.release(b)
+    assert store.ensure(a).served_from == "ssd"
+    assert (store.locate(a), store.locate(b)) == ("dram", "ssd")
+
+
+def test_fetch_cut_off_midway_leaves_nothing_trusted_and_resumes(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        store = make_store(tmp_path, relay.endpoint, max_attempts=2, backoff_s=0.01)
+        dram_cleanup.append(store)
+        url, key = pushed["a"], checkpoint_key(pushed["a"])
+        total = read_index(checkpoints["a"]).rank_nbytes(0)
+        relay.budget_bytes = total // 2  # the server "dies" halfway through the bytes
+        with pytest.raises(RemoteStoreError):
+            store.ensure(url)
+        assert store.locate(url) is None
+        assert not store.dram.path(key).exists() and not store.dram.partial_path(key).exists()
+        assert not store.ssd.path(key).exists()
+        # A new store process on the same directories finds nothing complete...
+        restarted = make_store(tmp_path, relay.endpoint)
+        assert restarted.locate(url) is None
+        relay.heal()
+        result = restarted.ensure(url)
+        # ...and resumes: verified chunks on SSD are reused, only the rest comes over the wire.
+        assert result.stats is not None
+        assert result.stats.reused_bytes >= BLOCK
+        assert result.stats.from_source_bytes + result.stats.reused_bytes == total
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
+        assert_same_tensors(load(restarted.ssd.path(key)), checkpoints["a"])
+    finally:
+        relay.close()
+
+
+def test_flipped_byte_in_remote_object_is_detected_and_named(
+    tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
+) -> None:
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    url = parse_s3_url("s3://models/corrupt/a")
+    remote.upload_checkpoint(checkpoints["a"], url)
+    part = read_index(checkpoints["a"]).partitions[0]
+    data = bytearray((checkpoints["a"] / part.file).read_bytes())
+    where = BLOCK * 2 + 12345
+    data[where] ^= 0x01
+    remote._client.put_object(Bucket="models", Key=url.key(part.file), Body=bytes(data))
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    with pytest.raises(CheckpointCorruptError) as err:
+        store.ensure(str(url))
+    assert err.value.path == f"s3://models/corrupt/a/{part.file}"
+    assert f"[{BLOCK * 2}, {BLOCK * 3})" in err.value.reason
+    assert store.locate(str(url)) is None
+    assert not store.dram.partial_path(checkpoint_key(str(url))).exists()
