@@ -224,3 +224,30 @@ def test_flipped_byte_in_remote_object_is_detected_and_named(
     assert f"[{BLOCK * 2}, {BLOCK * 3})" in err.value.reason
     assert store.locate(str(url)) is None
     assert not store.dram.partial_path(checkpoint_key(str(url))).exists()
+
+
+def test_pushed_hf_folder_serves_from_dram_with_the_same_tokens(
+    tmp_path: Path, endpoint: str, model_factory: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch, dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    from ember import LLM, SamplingParams
+    from ember.cli.main import main
+
+    hf = model_factory("llama", "tiny", "fp32", seed=3)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    url = "s3://pushed/models/tiny"
+    argv = ["push", str(hf), url, "--endpoint-url", endpoint, "--create-bucket"]
+    assert main(argv) == 0
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    path = store.acquire(url)  # what an instance does on a node: fetch, then pin while in use
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = LLM(str(hf), max_model_len=64).generate([1, 2, 3, 4], params)[0].token_ids
+    llm = LLM(str(path), max_model_len=64)
+    try:
+        assert llm.generate([1, 2, 3, 4], params)[0].token_ids == want
+    finally:
+        llm.close()
+        store.release(url)
+    assert [r.pins for r in store.status() if r.tier == "dram"] == [0]
