@@ -3,6 +3,8 @@
 Runs every named policy (ember, spotserve, reroute, reparallelize, restart) on the same inputs
 with the discrete-event simulator (`ember.sim`), prints a table, and optionally writes a JSON
 record (`--json`) and PNG plots (`--plots`: latency CDF, GPUs alive and in use over time).
+A workload with several models (Azure Functions: one model per function) runs the serverless
+simulator instead, comparing ServerlessLLM's placement strategies.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import argparse
 import math
 
 from ember.errors import ConfigError
+
+SPOT_DEFAULT = "ember,spotserve,reroute,reparallelize,restart"
+SERVERLESS_DEFAULT = "ember,serverlessllm,locality,round_robin,random"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policies",
-        default="ember,spotserve,reroute,reparallelize,restart",
-        help="comma-separated policies to compare (default: all five)",
+        default=SPOT_DEFAULT,
+        help="comma-separated policies to compare (default: all five); for a multi-model"
+        f" workload, placement strategies (default: {SERVERLESS_DEFAULT})",
     )
     parser.add_argument(
         "--grace-period-s", type=float, default=30.0, help="preemption notice, seconds (default 30)"
@@ -62,7 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ember.sim.profile_file import read_profile
-    from ember.sim.runner import compare, format_table, parse_policies, record, write_json
+    from ember.sim.runner import (
+        compare,
+        compare_serverless,
+        format_table,
+        parse_policies,
+        parse_serverless_policies,
+        record,
+        write_json,
+    )
+    from ember.sim.serverless import ServerlessParams
     from ember.sim.spot_trace import read_spot_trace
     from ember.sim.switch import SimParams
     from ember.sim.workload import read_workload
@@ -71,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--grace-period-s must be >= 0, got {args.grace_period_s}")
     if args.rate is not None and not args.rate > 0:
         raise ConfigError(f"--rate must be > 0 requests/s, got {args.rate}")
-    policies = parse_policies(args.policies)
     trace = read_spot_trace(args.spot_trace)
     workload = read_workload(
         args.workload,
@@ -82,8 +96,16 @@ def run(args: argparse.Namespace) -> int:
         horizon_s=trace.end_s,
     )
     profile = read_profile(args.profile, gpus_per_node=trace.gpus_per_node)
-    params = SimParams(grace_period_s=args.grace_period_s)
-    results = compare(trace, workload, profile, params, policies)
+    params: SimParams | ServerlessParams
+    if len(workload.models) > 1:
+        # Many models (functions) on one fleet: ServerlessLLM's placement comparisons.
+        text = SERVERLESS_DEFAULT if args.policies == SPOT_DEFAULT else args.policies
+        names = parse_serverless_policies(text)
+        params = ServerlessParams(grace_period_s=args.grace_period_s)
+        results = compare_serverless(trace, workload, profile, params, names, args.seed)
+    else:
+        params = SimParams(grace_period_s=args.grace_period_s)
+        results = compare(trace, workload, profile, params, parse_policies(args.policies))
     print(
         f"spot trace {trace.path} ({trace.fmt}, up to {trace.max_nodes()} nodes x "
         f"{trace.gpus_per_node} GPUs, {trace.end_s:.0f} s); workload {workload.path} "

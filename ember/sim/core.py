@@ -19,7 +19,6 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 
 from ember.policy import (
     Gpu,
@@ -32,7 +31,7 @@ from ember.policy import (
     arrange_grace,
 )
 from ember.sim.fleet import BatchTimes, Replica, Requests
-from ember.sim.metrics import SimResult, summarize
+from ember.sim.metrics import Counters, SimResult, summarize
 from ember.sim.profile_file import ProfileFile
 from ember.sim.spot_trace import ADD, SpotTrace
 from ember.sim.switch import FleetView, SimParams, SwitchPlan, plan_switch
@@ -41,16 +40,6 @@ from ember.sim.workload import Workload
 logger = logging.getLogger(__name__)
 
 BATCH, SWITCH, LOST, READY, ADDED, NOTICE, RATE = range(7)
-
-
-@dataclass(slots=True)
-class Counters:
-    events: int = 0
-    switches: int = 0
-    migrations: int = 0  # switches that moved context between GPUs (no reload)
-    cold_starts: int = 0  # replicas that loaded their weights from storage
-    moved_bytes: int = 0
-    loaded_bytes: int = 0
 
 
 class Simulator:
@@ -447,7 +436,18 @@ class Simulator:
         node_s = self.node_seconds + sum(max(0.0, end - t) for t in self.alive_since.values())
         self.now = max(self.now, end)
         self._mark(self.placement.config if self.placement else None)
-        return summarize(self, node_s, wall_s)
+        slo = self.params.slo_s or 2.0 * (self.first_latency_s or 0.0) or math.inf
+        return summarize(
+            self.ps.name.value,
+            self.reqs,
+            self.trace,
+            self.c,
+            self.timeline,
+            slo_s=slo,
+            spot_usd_per_gpu_hour=self.params.spot_usd_per_gpu_hour,
+            node_seconds=node_s,
+            wall_s=wall_s,
+        )
 
 
 _NO_KV: set[int] = set()

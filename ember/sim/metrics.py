@@ -17,8 +17,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+
+@dataclass(slots=True)
+class Counters:
+    """What a run counts besides per-request times (one owner mutates it)."""
+
+    events: int = 0
+    switches: int = 0
+    migrations: int = 0  # switches (or live migrations) that moved context, no reload
+    cold_starts: int = 0  # instances/replicas that loaded weights from a storage tier
+    moved_bytes: int = 0
+    loaded_bytes: int = 0
+
+
 if TYPE_CHECKING:
-    from ember.sim.core import Simulator
+    from ember.sim.fleet import Requests
+    from ember.sim.spot_trace import SpotTrace
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,23 +80,34 @@ def _pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if x.size else math.nan
 
 
-def summarize(sim: Simulator, node_seconds: float, wall_s: float) -> SimResult:
-    r = sim.reqs
+def summarize(
+    policy: str,
+    reqs: Requests,
+    trace: SpotTrace,
+    counters: Counters,
+    timeline: list[tuple[float, int, int, str]],
+    *,
+    slo_s: float,
+    spot_usd_per_gpu_hour: float,
+    node_seconds: float,
+    wall_s: float,
+) -> SimResult:
+    r = reqs
     finish = np.asarray(r.finish, dtype=np.float64)
     arrival = np.asarray(r.arrival, dtype=np.float64)
     ok = ~np.isnan(finish)
     lat = finish[ok] - arrival[ok]
     ttft = np.asarray(r.first_token, dtype=np.float64)[ok] - arrival[ok]
-    slo = sim.params.slo_s or 2.0 * (sim.first_latency_s or 0.0) or math.inf
+    slo = slo_s
     n = len(arrival)
-    prices = sim.trace.spot_prices
-    gpus_per_node = sim.trace.gpus_per_node
+    prices = trace.spot_prices
+    gpus_per_node = trace.gpus_per_node
     if prices:
         price = sum(p for _, p in prices) / len(prices)
     else:
-        price = sim.params.spot_usd_per_gpu_hour * gpus_per_node
+        price = spot_usd_per_gpu_hour * gpus_per_node
     return SimResult(
-        policy=sim.ps.name.value,
+        policy=policy,
         requests=n,
         completed=int(ok.sum()),
         lost=int(n - ok.sum()),
@@ -96,16 +121,16 @@ def summarize(sim: Simulator, node_seconds: float, wall_s: float) -> SimResult:
         slo_attainment=float((lat <= slo).sum() / n) if n else math.nan,
         cost_usd=node_seconds / 3600.0 * price,
         gpu_hours=node_seconds / 3600.0 * gpus_per_node,
-        cold_starts=sim.c.cold_starts,
-        migrations=sim.c.migrations,
-        switches=sim.c.switches,
+        cold_starts=counters.cold_starts,
+        migrations=counters.migrations,
+        switches=counters.switches,
         restarted_requests=int(sum(1 for x in r.restarts if x)),
         recomputed_tokens=int(sum(r.recomputed)),
-        moved_gb=sim.c.moved_bytes / 1e9,
-        loaded_gb=sim.c.loaded_bytes / 1e9,
-        events=sim.c.events,
+        moved_gb=counters.moved_bytes / 1e9,
+        loaded_gb=counters.loaded_bytes / 1e9,
+        events=counters.events,
         wall_s=wall_s,
-        events_per_s=sim.c.events / wall_s if wall_s > 0 else math.inf,
-        timeline=tuple(sim.timeline),
+        events_per_s=counters.events / wall_s if wall_s > 0 else math.inf,
+        timeline=tuple(timeline),
         latencies_s=tuple(float(x) for x in np.sort(lat)),
     )

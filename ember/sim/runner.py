@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import ConfigError
 from ember.policy import POLICY_NAMES, policy_set
@@ -21,6 +21,9 @@ from ember.sim.metrics import SimResult
 from ember.sim.profile_file import ProfileFile
 from ember.sim.spot_trace import SpotTrace
 from ember.sim.switch import SimParams
+
+if TYPE_CHECKING:
+    from ember.sim.serverless import ServerlessParams
 from ember.sim.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,37 @@ def parse_policies(text: str) -> list[str]:
             f"--policies: unknown {', '.join(bad) or '(empty)'}; known: {', '.join(POLICY_NAMES)}"
         )
     return list(dict.fromkeys(names))
+
+
+def parse_serverless_policies(text: str) -> list[str]:
+    from ember.sim.serverless import SERVERLESS_POLICIES
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    bad = [p for p in names if p not in SERVERLESS_POLICIES]
+    if bad or not names:
+        raise ConfigError(
+            f"--policies: {', '.join(bad) or '(empty)'} not a placement strategy for a multi-model"
+            f" workload; known: {', '.join(SERVERLESS_POLICIES)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def compare_serverless(
+    trace: SpotTrace,
+    workload: Workload,
+    profile: ProfileFile,
+    params: ServerlessParams,
+    policies: Sequence[str],
+    seed: int = 0,
+) -> dict[str, SimResult]:
+    """ServerlessLLM's placement comparisons on a multi-model workload (same inputs each)."""
+    from ember.sim.serverless import ServerlessSimulator
+
+    out: dict[str, SimResult] = {}
+    for name in policies:
+        out[name] = ServerlessSimulator(name, trace, workload, profile, params, seed).run()
+        logger.info("sim serverless=%s p99_s=%.2f", name, out[name].p99_s)
+    return out
 
 
 def compare(
@@ -65,10 +99,10 @@ def record(
     trace: SpotTrace,
     workload: Workload,
     profile: ProfileFile,
-    params: SimParams,
+    params: SimParams | ServerlessParams,
     seed: int,
 ) -> dict[str, Any]:
-    p = asdict(params)
+    p = json.loads(json.dumps(asdict(params), default=str))
     return {
         "inputs": {
             "spot_trace": trace.path,

@@ -144,3 +144,39 @@ def test_same_seed_gives_the_same_record(tmp_path: Path, inputs) -> None:  # typ
     first = once(7)
     assert once(7) == first
     assert once(8) != first
+
+
+# --- serverless multi-model ----------------------------------------------------------------
+
+
+def test_serverless_cold_start_then_dram_hit_after_keep_alive(tmp_path: Path, inputs) -> None:  # type: ignore[no-untyped-def]
+    from ember.sim.serverless import SERVERLESS_POLICIES, ServerlessParams, ServerlessSimulator
+
+    trace, _, prof = inputs
+    # Two models; model "m" is called at 10 s and again at 200 s (after its 60 s keep-alive).
+    wl = Workload(
+        "toy",
+        "synthetic",
+        (10.0, 12.0, 200.0),
+        (512, 512, 512),
+        (10, 10, 10),
+        (0, 1, 0),
+        ("m", "n"),
+    )
+    params = ServerlessParams(keep_alive_s=60.0)
+    size = prof.weight_bytes
+    for name in SERVERLESS_POLICIES:
+        sim = ServerlessSimulator(name, trace, wl, prof, params, seed=1)
+        res = sim.run()
+        assert (res.completed, res.lost) == (3, 0), name
+        # Every node's SSD holds every checkpoint (2 copies over 2 nodes): first start reads
+        # SSD at 2 GB/s, then 2 s prefill; the later start finds the checkpoint in host DRAM
+        # (25 GB/s) wherever it was, unless it lands on the other node (SSD again).
+        first = sim.reqs.first_token[0] - 10.0
+        assert first == pytest.approx(size / 2e9 + 2.0), name
+        again = sim.reqs.first_token[2] - 200.0
+        assert again in (pytest.approx(size / 25e9 + 2.0), pytest.approx(size / 2e9 + 2.0)), name
+        assert res.cold_starts == 3, name
+    sim = ServerlessSimulator("locality", trace, wl, prof, params, seed=1)
+    sim.run()
+    assert sim.reqs.first_token[2] - 200.0 == pytest.approx(size / 25e9 + 2.0)
