@@ -1,0 +1,151 @@
+"""The node store as a Ray actor: one per node (named `ember-node-store:<node id>`, pinned to
+its node with hard affinity, no CPU reserved), wrapping `ember.store.node_store.NodeStore`.
+
+Instances on the node acquire checkpoints through it (`acquire_on_this_node`), which pins the
+DRAM copy for as long as the instance's process lives: pins are held per process id and
+reaped when that process is gone (an instance killed by Ray never says goodbye), so a crashed
+instance never keeps a checkpoint pinned forever. The controller calls `prefetch`, `evict` and
+`status` through the handle `start_node_store` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ember.store.node_store import CachedCheckpoint, NodeStore, NodeStoreConfig
+
+logger = logging.getLogger(__name__)
+
+STORE_ACTOR_PREFIX = "ember-node-store:"
+NAMESPACE = "ember"
+
+
+@dataclass(frozen=True, slots=True)
+class AcquireReport:
+    """What an instance gets back: the DRAM-tier directory and how it got there."""
+
+    path: str
+    served_from: str  # "dram", "ssd", "remote" or "local"
+    seconds: float
+
+
+def store_actor_name(node_id: str) -> str:
+    return f"{STORE_ACTOR_PREFIX}{node_id}"
+
+
+class NodeStoreActor:
+    """Actor body (wrapped with ray.remote by `start_node_store`)."""
+
+    def __init__(self, config: NodeStoreConfig) -> None:
+        self._store = NodeStore(config)
+        self._holders: dict[str, list[int]] = {}  # source -> pids holding a pin
+
+    def _reap(self) -> None:
+        for source, pids in list(self._holders.items()):
+            for pid in list(pids):
+                if not _alive(pid):
+                    pids.remove(pid)
+                    self._store.release(source)
+                    logger.info("pin reaped source=%s pid=%d", source, pid)
+            if not pids:
+                del self._holders[source]
+
+    async def acquire(self, source: str, pid: int) -> AcquireReport:
+        """Fetch `source` into DRAM if needed and pin it for process `pid`."""
+        self._reap()
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        where = self._store.locate(source) or ("remote" if source.startswith("s3://") else "local")
+        path = await loop.run_in_executor(None, self._store.acquire, source)
+        self._holders.setdefault(source, []).append(pid)
+        return AcquireReport(str(path), where, time.perf_counter() - t0)
+
+    async def release(self, source: str, pid: int) -> None:
+        pids = self._holders.get(source, [])
+        if pid in pids:
+            pids.remove(pid)
+            self._store.release(source)
+
+    async def ensure(self, source: str, tier: str = "dram") -> AcquireReport:
+        self._reap()
+        t0 = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(None, self._store.ensure, source, tier)
+        return AcquireReport(str(result.path), result.served_from, time.perf_counter() - t0)
+
+    async def prefetch(self, source: str, tier: str = "dram") -> None:
+        self._store.prefetch(source, tier)
+
+    async def evict(self, source: str, tier: str = "dram") -> bool:
+        self._reap()
+        return self._store.evict(source, tier)
+
+    async def status(self) -> list[CachedCheckpoint]:
+        self._reap()
+        return self._store.status()
+
+    async def drop_page_cache(self, source: str) -> None:
+        """Benchmarks: push the SSD copy out of the page cache (a truly cold SSD read)."""
+        from ember.store.node_store import checkpoint_key
+
+        d = self._store.ssd.path(checkpoint_key(source))
+        for f in d.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def start_node_store(node_id: str, config: NodeStoreConfig) -> Any:
+    """The node's store actor, created if it does not exist (idempotent). Hard affinity: it
+    must run on `node_id`, the node whose DRAM and SSD it manages."""
+    remote_cls: Any = ray.remote(NodeStoreActor)
+    return remote_cls.options(
+        name=store_actor_name(node_id),
+        namespace=NAMESPACE,
+        get_if_exists=True,
+        num_cpus=0,
+        max_concurrency=64,
+        max_restarts=-1,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    ).remote(config)
+
+
+def node_store_handle(node_id: str) -> Any | None:
+    """The store actor of `node_id`, or None if that node has none."""
+    try:
+        return ray.get_actor(store_actor_name(node_id), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+async def acquire_on_this_node(source: str, timeout_s: float = 600.0) -> AcquireReport | None:
+    """From inside an instance: fetch and pin `source` in this node's DRAM tier for this
+    process. None when the node runs no store actor (the caller loads as before)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    handle = node_store_handle(node_id)
+    if handle is None:
+        return None
+    report: AcquireReport = await asyncio.wait_for(
+        handle.acquire.remote(source, os.getpid()), timeout_s
+    )
+    return report

@@ -1,0 +1,183 @@
+"""Pre-started, model-less engine workers: a cold start costs loading plus the first token, not
+a process start and imports.
+
+On a small model, starting a process and importing torch, the model code and the tokenizer
+library takes longer than loading the weights from DRAM. `PooledInstanceActor` is an
+`InstanceActor` started before any deployment needs it: its constructor imports everything
+the engine needs and holds no model. `WorkerPool` (driver side, used by `RayCluster`) keeps
+`size` of them per node; `take(node_id)` hands one over (the caller `assign`s it a deployment
+and calls `start` as for any instance) and immediately starts its replacement.
+
+A pooled worker loads its checkpoint through the node store (`acquire_on_this_node`), so on a
+CPU node its weights are views into the DRAM tier's shared memory (zero copy) and the DRAM copy
+stays pinned while the instance lives. Idle workers reserve no Ray CPU (they only cost memory;
+see docs/node-store.md for the measured figure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from ember.cluster.adapter import NAMESPACE, ActorRef
+from ember.cluster.instance import InstanceActor, InstanceReady
+from ember.controller.types import DeploymentSpec
+from ember.errors import DeploymentError
+
+logger = logging.getLogger(__name__)
+
+POOL_PREFIX = "ember-pool:"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    pid: int
+    warm_s: float  # imports done in the constructor
+    rss_bytes: int  # resident memory while idle
+
+
+class PooledInstanceActor(InstanceActor):
+    """An instance actor without a deployment yet; `assign` gives it one."""
+
+    def __init__(self, cache_root: str, device: str = "cpu") -> None:
+        t0 = time.perf_counter()
+        import torch  # noqa: F401  # the point: pay for imports before a request waits
+
+        import ember.cluster.runner  # noqa: F401
+        import ember.engine.engine  # noqa: F401
+        import ember.engine.model_runner  # noqa: F401
+        import ember.engine.tokenizer  # noqa: F401
+        import ember.store.shm  # noqa: F401
+
+        super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
+        self._warm_s = time.perf_counter() - t0
+        self._source: str | None = None
+
+    async def info(self) -> WorkerInfo:
+        return WorkerInfo(os.getpid(), self._warm_s, _rss_bytes())
+
+    async def assign(self, spec: DeploymentSpec, instance_id: str) -> None:
+        if self._spec is not None:
+            raise DeploymentError(f"pooled worker already serves {self._instance_id}")
+        self._spec, self._instance_id = spec, instance_id
+
+    async def start(self) -> InstanceReady:
+        """Load through this node's store (DRAM tier, zero copy on CPU), then start the engine."""
+        if self._ready is not None:
+            return self._ready
+        if self._spec is None:
+            raise DeploymentError("pooled worker started before assign()")
+        from ember.cluster.adapter import current_node_id
+        from ember.cluster.node_store_actor import acquire_on_this_node
+        from ember.cluster.runner import EngineRunner, prepare_checkpoint
+
+        t0 = time.perf_counter()
+        node_id = current_node_id()
+        loop = asyncio.get_running_loop()
+        source = self._spec.source
+        if not source.startswith("s3://"):  # a local folder: convert once, then cache in DRAM
+            source = str(
+                await loop.run_in_executor(
+                    None, prepare_checkpoint, self._spec, self._cache_root, node_id
+                )
+            )
+        report = await acquire_on_this_node(source)
+        if report is None and source.startswith("s3://"):
+            raise DeploymentError(f"{source}: no node store on node {node_id[:12]} to fetch it")
+        path = Path(report.path) if report is not None else Path(source)
+        self._source = source if report is not None else None
+        runner = await loop.run_in_executor(
+            None, EngineRunner.create, self._spec, path, self._device
+        )
+        runner.start(loop)
+        self._runner = runner
+        self._ready = InstanceReady(node_id, str(path), time.perf_counter() - t0, os.getpid())
+        logger.info(
+            "instance ready id=%s deployment=%s node=%s load_s=%.3f from=%s pooled=true",
+            self._instance_id, self._spec.name, node_id[:12], self._ready.load_s,
+            report.served_from if report else "disk",
+        )  # fmt: skip
+        return self._ready
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class WorkerPool:
+    """`size` idle pooled workers per node, topped up after every `take`."""
+
+    def __init__(
+        self, size: int, cache_root: str, device: str = "cpu", env: dict[str, str] | None = None
+    ) -> None:
+        self.size = size
+        self._cache_root = cache_root
+        self._device = device
+        self._env = env
+        self._idle: dict[str, list[ActorRef]] = {}
+        self._ids = itertools.count()
+
+    def sync(self, node_ids: list[str]) -> None:
+        """Fill the pool on every listed node; forget nodes no longer listed."""
+        for gone in set(self._idle) - set(node_ids):
+            for ref in self._idle.pop(gone):
+                _kill(ref)
+        for node_id in node_ids:
+            idle = self._idle.setdefault(node_id, [])
+            while len(idle) < self.size:
+                idle.append(self._start(node_id))
+
+    def _start(self, node_id: str) -> ActorRef:
+        name = f"{POOL_PREFIX}{node_id[:12]}-{os.getpid()}-{next(self._ids)}"
+        remote_cls: Any = ray.remote(PooledInstanceActor)
+        actor = remote_cls.options(
+            name=name,
+            namespace=NAMESPACE,
+            num_cpus=0,
+            max_restarts=0,
+            max_concurrency=1000,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            runtime_env={"env_vars": self._env} if self._env else None,
+        ).remote(self._cache_root, self._device)
+        logger.info("pooled worker starting name=%s node=%s", name, node_id[:12])
+        return ActorRef(name=name, actor=actor)
+
+    def take(self, node_id: str | None, *, refill: bool = True) -> ActorRef | None:
+        """An idle worker on `node_id` (any node if None); None if there is none. With `refill`
+        its replacement starts at once (on a small machine it then competes with the load for
+        CPU; `refill=False` leaves topping up to the next `sync`)."""
+        nodes = [node_id] if node_id is not None else list(self._idle)
+        for n in nodes:
+            idle = self._idle.get(n)
+            if idle:
+                ref = idle.pop(0)
+                if refill:
+                    idle.append(self._start(n))
+                return ref
+        return None
+
+    def idle(self) -> dict[str, list[ActorRef]]:
+        return {k: list(v) for k, v in self._idle.items()}
+
+    def shutdown(self) -> None:
+        for refs in self._idle.values():
+            for ref in refs:
+                _kill(ref)
+        self._idle.clear()
+
+
+def _kill(ref: ActorRef) -> None:
+    try:
+        ray.kill(ref.actor, no_restart=True)
+    except Exception:  # already gone
+        logger.debug("kill of %s failed", ref.name, exc_info=True)
