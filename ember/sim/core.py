@@ -28,13 +28,12 @@ from ember.policy import (
     PolicySet,
     ResumeMode,
     RunningRequest,
-    arrange_grace,
 )
 from ember.sim.fleet import BatchTimes, Replica, Requests
 from ember.sim.metrics import Counters, SimResult, summarize
 from ember.sim.profile_file import ProfileFile
 from ember.sim.spot_trace import ADD, SpotTrace
-from ember.sim.switch import FleetView, SimParams, SwitchPlan, plan_switch
+from ember.sim.switch import FleetView, SimParams, SwitchPlan, grace_stop_s, plan_switch
 from ember.sim.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -306,34 +305,7 @@ class Simulator:
         self._push(switch_at, SWITCH, plan)
 
     def _stop_time(self, rep: Replica, deadline: float | None, plan: SwitchPlan) -> float:
-        if deadline is None or not self.ps.use_grace_period:
-            return self.now
-        if not self.ps.keep_kv:
-            return min(rep.end_s, deadline)  # the baselines run until the kill
-        t_ref = max(self.now, rep.t0 + rep.t1)
-        steps_now = rep.steps_done(t_ref)
-        reqs = self.reqs
-        rr = [
-            RunningRequest(
-                str(i), rep.index, reqs.prompt[i], reqs.gen[i] + steps_now, reqs.output[i]
-            )
-            for i in rep.batch
-        ]
-        tm = rep.times
-        step_by_batch = {b: tm.step_s[b] for b in range(1, len(tm.step_s))}
-        budget = arrange_grace(
-            rr,
-            deadline_s=deadline,
-            now_s=t_ref,
-            migration_s=plan.transfer_s,
-            prefill_s=0.0,
-            decode_step_s=rep.t2 if self.ps.published_budget else step_by_batch,
-            shrinking_batch=not self.ps.published_budget,
-        )
-        longest = max(r.remaining for r in rr)
-        if budget.steps >= longest:
-            return rep.end_s
-        return t_ref + budget.steps * rep.t2
+        return grace_stop_s(self.ps, rep, self.reqs, self.now, deadline, plan.transfer_s)
 
     def _switch(self, plan: SwitchPlan) -> None:
         interrupted: dict[int, ResumeMode] = {}

@@ -31,6 +31,7 @@ from ember.policy import (
     Position,
     ResumeMode,
     RunningRequest,
+    arrange_grace,
     choose_config,
     choose_survivors,
     estimate,
@@ -38,6 +39,7 @@ from ember.policy import (
     plan_migration,
     position_bytes,
 )
+from ember.sim.fleet import Replica, Requests
 from ember.sim.profile_file import T4_MEMORY_BYTES, ProfileFile
 
 # Prices of SpotServe's evaluation (AWS g4dn.12xlarge, 4x T4), from its artifact's
@@ -193,6 +195,43 @@ def plan_switch(
             )
     placement = _merge(new, old, keep, build)
     return SwitchPlan(est, keep, build, stop, kv_stay, resume, transfer_s, moved, loaded, placement)
+
+
+def grace_stop_s(
+    ps: PolicySet,
+    rep: Replica,
+    reqs: Requests,
+    now: float,
+    deadline: float | None,
+    transfer_s: float,
+) -> float:
+    """When a stopping replica's running batch stops: the policy's grace budget
+    (`arrange_grace`) for context-keeping policies, the kill for the baselines, now without a
+    deadline (or for `restart`, which ignores notices)."""
+    if deadline is None or not ps.use_grace_period:
+        return now
+    if not ps.keep_kv:
+        return min(rep.end_s, deadline)  # the baselines run until the kill
+    t_ref = max(now, rep.t0 + rep.t1)
+    steps_now = rep.steps_done(t_ref)
+    rr = [
+        RunningRequest(str(i), rep.index, reqs.prompt[i], reqs.gen[i] + steps_now, reqs.output[i])
+        for i in rep.batch
+    ]
+    # The simulated engine batches statically: a step costs the same until the batch ends, so
+    # ember's shrinking-batch budget is priced with that constant step here.
+    budget = arrange_grace(
+        rr,
+        deadline_s=deadline,
+        now_s=t_ref,
+        migration_s=transfer_s,
+        prefill_s=0.0,
+        decode_step_s=rep.t2,
+        shrinking_batch=not ps.published_budget,
+    )
+    if budget.steps >= max(r.remaining for r in rr):
+        return rep.end_s
+    return t_ref + budget.steps * rep.t2
 
 
 def _old_replicas(old: Placement | None) -> dict[int, list[str]]:
