@@ -370,6 +370,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append(_target(f"warm >= 2x best own-memory peer ({peer_name})", mine, 2 * peer))
         out.append(_target(f"{mode} >= 3x safetensors load_file+clone", mine, 3 * st))
+    h2d = [r["best_gbps"] for r in rows if r["loader"] == "pinned_h2d"]
+    if h2d:
+        warm = best(rows, ["ember", "ember_pooled"], "warm")[1]
+        out.append(_target("warm to GPU >= 80% of pinned host-to-device", warm, 0.8 * h2d[0]))
     return out
 
 

@@ -4,7 +4,7 @@ Tensors go through one at a time. A tensor that is neither split nor cast is cop
 fixed 16 MiB buffer, so it never sits whole in memory; one that is split (tp > 1) or cast is
 materialised once, which bounds the peak at about the largest tensor plus that buffer.
 
-The output is built in a hidden sibling directory (`.NAME.converting-PID`) whose index is
+The output is built in a hidden sibling directory (`.NAME.converting-PID-RANDOM`) whose index is
 written last, then renamed into place: an interrupted conversion leaves no directory that
 looks like a checkpoint. Output bytes depend only on the source and the arguments (tensor order
 is the source's file order, no timestamps), so converting twice gives identical files.
@@ -12,9 +12,11 @@ is the source's file order, no timestamps), so converting twice gives identical 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -138,9 +140,7 @@ def convert(
     if dst.exists() and not overwrite:
         raise ConfigError(f"{dst} already exists; remove it or pass overwrite=True (--overwrite)")
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         index = _write(source, tmp, tp, target, progress, partition_bytes, fsync)
@@ -306,7 +306,12 @@ def _write_file(path: Path, text: str, do_fsync: bool) -> None:
 
 
 def _publish(tmp: Path, dst: Path) -> None:
-    """Rename `tmp` to `dst`, replacing an old `dst` only once the new one is complete."""
+    """Rename `tmp` to `dst`, replacing an old `dst` only once the new one is complete.
+
+    Two processes converting the same source to the same `dst` at once (ranks of one engine)
+    write identical bytes; if another one publishes between our check and our rename, ours is
+    discarded and theirs kept.
+    """
     fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -314,8 +319,17 @@ def _publish(tmp: Path, dst: Path) -> None:
         os.close(fd)
     old = None
     if dst.exists():
-        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}"
-        os.rename(dst, old)
-    os.rename(tmp, dst)
+        old = dst.parent / f".{dst.name}.replaced-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.rename(dst, old)
+        except FileNotFoundError:  # another conversion moved it away first
+            old = None
+    try:
+        os.rename(tmp, dst)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (dst / INDEX_FILE).is_file():
+            raise
+        logger.info("another conversion published dst=%s first; keeping it", dst)
+        shutil.rmtree(tmp, ignore_errors=True)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

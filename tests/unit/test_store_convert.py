@@ -262,3 +262,19 @@ def test_source_file_is_left_as_it_was(tmp_path: Path) -> None:
     convert(hf, tmp_path / "ck", tp=2, progress=False)
     again = load_file(str(hf / "model.safetensors"))
     assert all(torch.equal(bits(again[k]), bits(v)) for k, v in src.items())
+
+
+def test_concurrent_conversions_to_one_destination_all_succeed(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = every_dtype_tensors()
+    hf = write_hf(tmp_path / "hf", src)
+    dst = tmp_path / "ck"
+    with ThreadPoolExecutor(4) as pool:
+        done = list(
+            pool.map(lambda _: convert(hf, dst, tp=2, progress=False, overwrite=True), range(4))
+        )
+    assert done == [dst] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]
+    out = load(dst, rank=0)
+    assert torch.equal(out["model.norm.weight"], src["model.norm.weight"])
