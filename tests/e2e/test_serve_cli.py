@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import psutil
 
 if TYPE_CHECKING:
@@ -27,10 +29,24 @@ def ember(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 
 def status_json(server: EmberServer, *extra: str) -> dict[str, Any]:
+    """`ember status --json`, as a user would run it."""
     r = ember("status", "--json", "--url", server.url, *extra)
     assert r.returncode == 0, r.stderr
     data: dict[str, Any] = json.loads(r.stdout)
     return data
+
+
+def status_http(server: EmberServer) -> dict[str, Any]:
+    """GET /admin/status directly (cheap enough to poll; each CLI run starts a Python)."""
+    r = httpx.get(server.url + "/admin/status", timeout=10.0)
+    assert r.status_code == 200, r.text
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def instance_states(server: EmberServer, name: str) -> list[str] | None:
+    d = deployment(status_http(server), name)
+    return None if d is None else [i["state"] for i in d["instances"]]
 
 
 def deployment(state: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -53,11 +69,7 @@ def test_deploy_status_delete_round_trip(
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"deployment cli-m created (source {model})"
 
-    def ready() -> bool:
-        d = deployment(status_json(ember_server), "cli-m")
-        return d is not None and [i["state"] for i in d["instances"]] == ["ready"]
-
-    wait_for(ready)
+    wait_for(lambda: instance_states(ember_server, "cli-m") == ["ready"])
     d = deployment(status_json(ember_server), "cli-m")
     assert d is not None and d["spec"]["keep_alive_s"] == 5.0 and d["spec"]["min_instances"] == 1
     [inst] = d["instances"]
@@ -68,7 +80,7 @@ def test_deploy_status_delete_round_trip(
 
     r = ember("delete", "cli-m", *url)
     assert (r.returncode, r.stdout.strip()) == (0, "deployment cli-m deleted")
-    assert deployment(status_json(ember_server), "cli-m") is None
+    assert instance_states(ember_server, "cli-m") is None
     again = ember("delete", "cli-m", *url)
     assert again.returncode == 1
     assert again.stderr.strip().startswith("ember delete: error:") and "cli-m" in again.stderr
@@ -79,8 +91,6 @@ def test_bad_deploy_and_unreachable_server_are_one_line_errors(ember_server: Emb
     r = ember("deploy", "x", "/no/such/model", "--url", ember_server.url)
     assert r.returncode == 1 and "does not exist" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = ember("deploy", "x", "/tmp", "--max-instances", "0", "--url", ember_server.url)
-    assert r.returncode == 1 and "max_instances" in r.stderr
     r = ember("status", "--url", "http://127.0.0.1:9")  # nothing listens on the discard port
     assert r.returncode == 1 and "cannot reach ember" in r.stderr
 
@@ -90,12 +100,7 @@ def test_private_ray_and_api_listen_only_on_loopback(ember_server: EmberServer) 
     wake = ember("deploy", "lo", str(_demo_source(ember_server)), "--min-instances", "1",
                  "--url", ember_server.url)  # fmt: skip
     assert wake.returncode == 0, wake.stderr
-    wait_for(
-        lambda: (
-            [i["state"] for i in deployment(status_json(ember_server), "lo")["instances"]]
-            == ["ready"]
-        )
-    )  # type: ignore[index]  # noqa: E501
+    wait_for(lambda: instance_states(ember_server, "lo") == ["ready"])
     assert ember_server.proc is not None
     root = psutil.Process(ember_server.proc.pid)
     pids = {root.pid} | {p.pid for p in root.children(recursive=True)}
@@ -120,19 +125,30 @@ def test_public_host_without_keys_is_refused_before_anything_starts(tmp_path: Pa
     assert time.monotonic() - t0 < 30 and not (tmp_path / "ember.db").exists()
 
 
-def test_restarted_server_keeps_deployments_and_admin_key_is_enforced(
+def test_restarted_server_keeps_deployments(
+    ember_server: EmberServer, model_factory: Callable[..., Path]
+) -> None:
+    model = model_factory("llama", "tiny", "fp32", seed=4)
+    ok = ember("deploy", "kept", str(model), "--max-instances", "2", "--url", ember_server.url)
+    assert ok.returncode == 0, ok.stderr
+    ember_server.restart()
+    d = deployment(status_http(ember_server), "kept")
+    assert d is not None and d["spec"]["max_instances"] == 2 and d["spec"]["source"] == str(model)
+    assert d["instances"] == []  # min 0: nothing runs until a request comes
+    assert deployment(status_http(ember_server), "ember-demo") is not None
+
+
+def test_admin_key_is_required_for_the_cli(
     start_ember_server: Callable[..., EmberServer], model_factory: Callable[..., Path]
 ) -> None:
     model = model_factory("llama", "tiny", "fp32", seed=4)
     server = start_ember_server("--no-demo", api_keys=("user-k",), admin_key="admin-k")
     url = ("--url", server.url)
-    denied = ember("deploy", "kept", str(model), *url, "--api-key", "user-k")
+    denied = ember("deploy", "m", str(model), *url, "--api-key", "user-k")
     assert denied.returncode == 1 and "EMBER_API_KEY" in denied.stderr
-    ok = ember("deploy", "kept", str(model), "--max-instances", "2", *url, "--api-key", "admin-k")
+    env = {**os.environ, "EMBER_API_KEY": "admin-k", "EMBER_URL": server.url}
+    ok = ember("deploy", "m", str(model), env=env)
     assert ok.returncode == 0, ok.stderr
-    server.restart()
-    d = deployment(status_json(server, "--api-key", "admin-k"), "kept")
-    assert d is not None and d["spec"]["max_instances"] == 2 and d["spec"]["source"] == str(model)
 
 
 def _demo_source(server: EmberServer) -> Path:
