@@ -333,9 +333,11 @@ class Simulator:
         if cfg is not None:
             times = self._times(cfg)
             for n, o in plan.keep.items():
-                rep = self.replicas[o]
-                rep.index, rep.times = n, times
-                new[n] = rep
+                kept = self.replicas.get(o)
+                if kept is None:
+                    continue  # lost a node since the plan: the next plan rebuilds it
+                kept.index, kept.times = n, times
+                new[n] = kept
             start = 0.0 if self.first and self.params.warm_start else self.params.engine_start_s
             ready_at = self.now + plan.transfer_s + (start if plan.build else 0.0)
             for n, gpus in plan.build.items():

@@ -346,7 +346,11 @@ class ServerlessSimulator:
             i
             for lst in self.instances
             for i in lst
-            if i.model != m and i.ready and not i.rep.busy and not self.queues[i.model]
+            if i.model != m
+            and i.ready
+            and not i.rep.busy
+            and not self.queues[i.model]
+            and i.server.name in self.servers
         ]
         if not idle:
             return False
@@ -426,8 +430,9 @@ class ServerlessSimulator:
         self.node_seconds += self.now - self.alive_since.pop(node)
         self.removals.setdefault(s.zone, deque()).append(self.now)
         dead, s.instances = sorted(s.instances, key=lambda i: i.iid), set()
-        for inst in dead:
+        for inst in dead:  # all out first: scaling below must not see (or evict) them
             self.instances[inst.model].remove(inst)
+        for inst in dead:
             if inst.rep.busy:
                 finished: list[int] = []
                 left = inst.rep.settle(self.now, self.reqs, finished)

@@ -180,3 +180,71 @@ def test_serverless_cold_start_then_dram_hit_after_keep_alive(tmp_path: Path, in
     sim = ServerlessSimulator("locality", trace, wl, prof, params, seed=1)
     sim.run()
     assert sim.reqs.first_token[2] - 200.0 == pytest.approx(size / 25e9 + 2.0)
+
+
+def _churn(tmp_path: Path, rng) -> tuple:  # type: ignore[no-untyped-def,type-arg]
+    """A trace whose nodes come and go faster than the grace period (2 GPUs per node)."""
+    lines, alive, serial, t = [], [], 0, 0
+    for _ in range(30):
+        t += rng.choice([5_000, 10_000, 20_000, 40_000])
+        if alive and rng.random() < 0.45:
+            gone = rng.sample(alive, rng.randint(1, len(alive)))
+            alive = [n for n in alive if n not in gone]
+            lines.append(json.dumps([t, "remove", {"nodes": gone}]))
+        else:
+            new = [f"n{serial + k}" for k in range(rng.randint(1, 3))]
+            serial += len(new)
+            alive += new
+            lines.append(json.dumps([t, "add", {"nodes": new}]))
+    lines.append(json.dumps([t + 60_000, "DONE", {"nodes": []}]))
+    (tmp_path / "churn.txt").write_text("\n".join(lines) + "\n")
+    return read_spot_trace(tmp_path / "churn.txt", gpus_per_node=2), t / 1000
+
+
+def _check_requests(sim, res, n: int, name: str) -> None:  # type: ignore[no-untyped-def]
+    r = sim.reqs
+    assert res.completed + res.lost == n, name
+    for i in range(n):
+        if r.finish[i] == r.finish[i]:  # finished (not NaN): once, after arriving, all tokens
+            assert r.finish[i] >= r.arrival[i] and r.gen[i] == r.output[i], name
+        assert 0 <= r.gen[i] <= r.output[i], name
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_churning_fleet_keeps_request_invariants(tmp_path: Path, inputs, seed: int) -> None:  # type: ignore[no-untyped-def]
+    import random as _random
+
+    rng = _random.Random(seed)
+    trace, end = _churn(tmp_path, rng)
+    _, _, prof = inputs
+    n = 60
+    arrivals = tuple(sorted(rng.uniform(0, end) for _ in range(n)))
+    outs = tuple(rng.randint(1, 60) for _ in range(n))
+    wl = Workload("churn", "synthetic", arrivals, (256,) * n, outs, (0,) * n, ("m",))
+    for name in POLICY_NAMES:
+        sim = Simulator(policy_set(name, min_gpus=1), trace, wl, prof, SimParams(drain_s=600.0))
+        _check_requests(sim, sim.run(), n, name)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_serverless_churn_keeps_requests_and_gpu_accounting(
+    tmp_path: Path, inputs, seed: int
+) -> None:  # type: ignore[no-untyped-def]
+    import random as _random
+
+    from ember.sim.serverless import SERVERLESS_POLICIES, ServerlessParams, ServerlessSimulator
+
+    rng = _random.Random(seed)
+    trace, end = _churn(tmp_path, rng)
+    _, _, prof = inputs
+    n = 150
+    arrivals = tuple(sorted(rng.uniform(0, end) for _ in range(n)))
+    outs = tuple(rng.randint(1, 30) for _ in range(n))
+    models = tuple(rng.randint(0, 7) for _ in range(n))
+    wl = Workload("x", "s", arrivals, (128,) * n, outs, models, tuple(f"m{i}" for i in range(8)))
+    for name in SERVERLESS_POLICIES:
+        params = ServerlessParams(keep_alive_s=20.0, drain_s=600.0)
+        sim = ServerlessSimulator(name, trace, wl, prof, params, seed)
+        _check_requests(sim, sim.run(), n, name)
+        for s in sim.servers.values():
+            assert s.free == s.gpus - len(s.instances) * sim.gpus_per_instance, name
