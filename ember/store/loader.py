@@ -48,9 +48,8 @@ class LoaderConfig:
 
     threads: int = 4  # reader threads; O_DIRECT needs several requests in flight
     chunk_bytes: int = 32 << 20  # bytes per read; rounded up to the checksum block when verifying
-    io_mode: str = (
-        "auto"  # "auto" (per chunk: cached -> buffered, else O_DIRECT), "direct", "buffered"
-    )
+    # "auto" (per chunk: in the page cache -> buffered, else O_DIRECT), "direct", "buffered"
+    io_mode: str = "auto"
     verify_checksums: bool = False  # hash every block as it is read (~35% slower warm; see docs)
     huge_pages: bool = True  # advise 2 MiB pages for the host allocation
     reuse_host_memory: bool = False  # take the host allocation from hostmem.HOST_POOL
