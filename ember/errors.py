@@ -26,6 +26,10 @@ class CheckpointError(EmberError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Pickle with both arguments so the error crosses process boundaries (Ray actors).
+        return (type(self), (self.path, self.reason))
+
 
 class CheckpointNotFoundError(CheckpointError):
     """The checkpoint directory, index or a partition file does not exist."""

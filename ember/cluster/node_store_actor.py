@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -106,13 +107,12 @@ class NodeStoreActor:
 
 
 def _alive(pid: int) -> bool:
+    """A running process (a killed actor can linger as a zombie until its parent reaps it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def start_node_store(node_id: str, config: NodeStoreConfig) -> Any:

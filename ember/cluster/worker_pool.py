@@ -61,9 +61,15 @@ class PooledInstanceActor(InstanceActor):
         super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
         self._warm_s = time.perf_counter() - t0
         self._source: str | None = None
+        self._timings: dict[str, float | str] = {}
 
     async def info(self) -> WorkerInfo:
         return WorkerInfo(os.getpid(), self._warm_s, _rss_bytes())
+
+    async def start_timings(self) -> dict[str, float | str]:
+        """Where `start` spent its time: store_s (node store: fetch or DRAM hit), served_from,
+        engine_s (engine construction on the DRAM copy: model, tokenizer, KV cache)."""
+        return dict(self._timings)
 
     async def assign(self, spec: DeploymentSpec, instance_id: str) -> None:
         if self._spec is not None:
@@ -90,7 +96,11 @@ class PooledInstanceActor(InstanceActor):
                     None, prepare_checkpoint, self._spec, self._cache_root, node_id
                 )
             )
+        t_fetch = time.perf_counter()
         report = await acquire_on_this_node(source)
+        self._timings["store_s"] = time.perf_counter() - t_fetch
+        self._timings["served_from"] = report.served_from if report else "disk"
+        t_engine = time.perf_counter()
         if report is None and source.startswith("s3://"):
             raise DeploymentError(f"{source}: no node store on node {node_id[:12]} to fetch it")
         path = Path(report.path) if report is not None else Path(source)
@@ -100,6 +110,7 @@ class PooledInstanceActor(InstanceActor):
         )
         runner.start(loop)
         self._runner = runner
+        self._timings["engine_s"] = time.perf_counter() - t_engine
         self._ready = InstanceReady(node_id, str(path), time.perf_counter() - t0, os.getpid())
         logger.info(
             "instance ready id=%s deployment=%s node=%s load_s=%.3f from=%s pooled=true",

@@ -1,0 +1,340 @@
+"""ember bench coldstart: time to first token with zero instances running, the checkpoint in the
+node store's DRAM tier, on its SSD tier and only in S3, against a fresh transformers process.
+
+What each number includes:
+- baseline (what a user does today): `python -c` started fresh; imports torch + transformers;
+  `from_pretrained` from the HF folder (bf16 safetensors, page cache warm) and its tokenizer;
+  tokenize the prompt; `generate(max_new_tokens=1)`. Measured from `Popen` to the token.
+- ember, per tier: a local Ray node running the node store actor and a pool of one pre-started,
+  model-less instance worker (warm, idle, excluded). Timed from the request to the first token
+  arriving back in this process: worker (take it from the pool, assign the deployment: one
+  actor call), load (the worker's `start`: node store acquire -- a DRAM hit, SSD -> DRAM, or
+  S3 -> SSD -> DRAM on the loopback moto server -- then the engine built on the DRAM copy:
+  weights are views of shared memory, tokenizer, KV cache), first token (the `generate` call
+  streaming one token back). Queueing is zero by construction: no controller queue in this
+  path (the request goes straight to the node's pool), so it is reported as such.
+- "dram, no pool": the same from DRAM, but the worker is a fresh actor process (what the pool
+  saves: process start and imports).
+SSD runs drop the SSD copy from the page cache first (posix_fadvise DONTNEED), so they read disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "coldstart"
+PROMPT = "The capital of France is"
+TIERS = ("s3", "ssd", "dram", "dram-nopool")
+
+BASELINE = r"""
+import json, sys, time
+t_start = time.time()
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+t_import = time.time()
+path = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+tok = AutoTokenizer.from_pretrained(path)
+t_load = time.time()
+ids = tok(sys.argv[2], return_tensors="pt").input_ids
+with torch.inference_mode():
+    out = model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+t_token = time.time()
+print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load,
+                  "t_token": t_token, "token": int(out[0, -1])}))
+"""
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+         if ln.startswith("model name")),
+        platform.processor(),
+    )  # fmt: skip
+    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    dev = subprocess.run(
+        ["df", "--output=source,fstype", str(ROOT)], capture_output=True, text=True
+    )
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "disk": " ".join(dev.stdout.split()[2:]) or "unknown",
+        "kernel": platform.release(),
+        "load_average_at_start": os.getloadavg()[0],
+        "shared_machine": "other work ran on this machine at the same time; numbers are noisy",
+    }
+
+
+def git_sha() -> str:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or "unknown"
+
+
+def ensure_model(size: str) -> Path:
+    from ember.store.factory import make_model
+
+    out = CACHE / f"llama-{size}-bf16"
+    if not (out / "config.json").is_file():
+        print(f"making the {size} factory model in {out} (once)", flush=True)
+        make_model(out, "llama", size, "bf16")
+    return out
+
+
+def run_baseline(hf: Path, threads: int) -> dict[str, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.time()
+    out = subprocess.run(
+        [sys.executable, "-c", BASELINE, str(hf), PROMPT],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "total_s": r["t_token"] - t0,
+        "python_s": r["t_start"] - t0,
+        "import_s": r["t_import"] - r["t_start"],
+        "load_s": r["t_load"] - r["t_import"],
+        "first_token_s": r["t_token"] - r["t_load"],
+    }
+
+
+class Harness:
+    """A private Ray node with the node store actor, a worker pool of one, a moto S3 server."""
+
+    def __init__(self, threads: int) -> None:
+        import ray
+        from moto.server import ThreadedMotoServer
+
+        from ember.cluster.adapter import RayAdapter, current_node_id
+        from ember.cluster.node_store_actor import start_node_store
+        from ember.cluster.worker_pool import WorkerPool
+        from ember.store.node_store import NodeStoreConfig
+        from ember.store.remote import RemoteConfig, RemoteStore
+
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.moto.start()
+        host, port = self.moto.get_host_and_port()
+        remote_cfg = RemoteConfig(
+            endpoint_url=f"http://{host}:{port}", access_key_id="bench",
+            secret_access_key="bench", region="us-east-1",
+        )  # fmt: skip
+        self.remote = RemoteStore(remote_cfg)
+        self.remote.ensure_bucket("bench")
+        self.shm = Path(f"/dev/shm/ember-bench-{os.getuid()}")
+        shutil.rmtree(self.shm, ignore_errors=True)
+        shutil.rmtree(CACHE / "ssd", ignore_errors=True)
+        self.adapter = RayAdapter.start_local(num_cpus=max(4, threads))
+        self.node = current_node_id()
+        cfg = NodeStoreConfig(
+            dram_dir=str(self.shm / "dram"), dram_capacity_bytes=8 << 30,
+            ssd_dir=str(CACHE / "ssd"), ssd_capacity_bytes=16 << 30, remote=remote_cfg,
+        )  # fmt: skip
+        self.store = start_node_store(self.node, cfg)
+        env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        self.env = env
+        self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env)
+        self.ray = ray
+
+    def close(self) -> None:
+        self.pool.shutdown()
+        self.adapter.shutdown()
+        self.moto.stop()
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+    def push(self, size: str, hf: Path) -> str:
+        from ember.store import convert
+        from ember.store.remote import parse_s3_url
+
+        ck = CACHE / f"llama-{size}-ember"
+        if not (ck / "index.json").is_file():
+            convert(hf, ck, progress=False, overwrite=True)
+        url = f"s3://bench/{size}"
+        self.remote.upload_checkpoint(ck, parse_s3_url(url))
+        return url
+
+    def place(self, url: str, tier: str) -> None:
+        """Put the checkpoint only where the run wants it."""
+        get = self.ray.get
+        if tier == "s3":
+            get(self.store.evict.remote(url, "dram"))
+            get(self.store.evict.remote(url, "ssd"))
+        elif tier == "ssd":
+            get(self.store.ensure.remote(url, "ssd"))
+            get(self.store.evict.remote(url, "dram"))
+            get(self.store.drop_page_cache.remote(url))
+        else:
+            get(self.store.ensure.remote(url, "dram"))
+
+    def warm_worker(self) -> Any:
+        self.pool.sync([self.node])
+        (ref,) = self.pool.idle()[self.node]
+        return self.ray.get(ref.actor.info.remote())
+
+    def cold_start(self, url: str, pooled: bool) -> dict[str, Any]:
+        return asyncio.run(self._cold_start(url, pooled))
+
+    async def _cold_start(self, url: str, pooled: bool) -> dict[str, Any]:
+        from ember import SamplingParams
+        from ember.cluster.worker_pool import PooledInstanceActor
+        from ember.controller.types import DeploymentSpec
+
+        spec = DeploymentSpec(name="bench", source=url, max_model_len=512, max_num_seqs=4)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        t0 = time.perf_counter()
+        if pooled:
+            ref = self.pool.take(self.node, refill=False)
+            assert ref is not None
+            actor = ref.actor
+        else:
+            actor = (
+                self.ray.remote(PooledInstanceActor)
+                .options(num_cpus=0, runtime_env={"env_vars": self.env})
+                .remote(str(CACHE / "ember-cache"))
+            )
+        await actor.assign.remote(spec, "bench-0")
+        t_worker = time.perf_counter()
+        await actor.start.remote()
+        t_load = time.perf_counter()
+        token = None
+        gen = actor.generate.options(num_returns="streaming").remote("r0", PROMPT, params)
+        async for obj in gen:
+            delta = await obj
+            if getattr(delta, "new_token_ids", None):
+                token = delta.new_token_ids[0]
+                break
+        t_token = time.perf_counter()
+        timings = await actor.start_timings.remote()
+        self.ray.kill(actor, no_restart=True)
+        await self._until_unpinned(url)
+        return {
+            "total_s": t_token - t0,
+            "queueing_s": 0.0,
+            "worker_s": t_worker - t0,
+            "load_s": t_load - t_worker,
+            "store_s": timings.get("store_s"),
+            "engine_s": timings.get("engine_s"),
+            "served_from": timings.get("served_from"),
+            "first_token_s": t_token - t_load,
+            "token": token,
+        }
+
+    async def _until_unpinned(self, url: str, timeout_s: float = 60.0) -> None:
+        """The killed instance's pin is gone (the store reaps pins of dead processes)."""
+        deadline = time.monotonic() + timeout_s
+        while any(r.pins for r in await self.store.status.remote() if r.key == url):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} still pinned {timeout_s} s after its instance died")
+            await asyncio.sleep(0.05)
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
+    return {**best, "runs_total_s": [round(r["total_s"], 4) for r in runs]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="0.5b,1b", help="factory sizes (default 0.5b,1b)")
+    p.add_argument("--runs", type=int, default=3, help="runs per cell; the median is reported")
+    p.add_argument("--quick", action="store_true", help="0.5b only, 1 run")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "coldstart.json"))
+    args = p.parse_args()
+    sizes = ["0.5b"] if args.quick else args.sizes.split(",")
+    runs = 1 if args.quick else args.runs
+    threads = os.cpu_count() or 1
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the moto server's request log
+    facts = machine_facts()
+    models = {s: ensure_model(s) for s in sizes}
+    results: dict[str, Any] = {}
+    harness = Harness(threads)
+    try:
+        for size in sizes:
+            hf = models[size]
+            res: dict[str, Any] = {}
+            res["baseline"] = median_run([run_baseline(hf, threads) for _ in range(runs)])
+            print(f"{size} baseline: " + json.dumps(res["baseline"]), flush=True)
+            url = harness.push(size, hf)
+            idle = harness.warm_worker()
+            res["pooled_worker_idle"] = {"rss_bytes": idle.rss_bytes, "warm_s": idle.warm_s}
+            for tier in TIERS:
+                cells = []
+                for _ in range(runs):
+                    harness.place(url, "dram" if tier == "dram-nopool" else tier)
+                    if tier != "dram-nopool":
+                        harness.warm_worker()
+                    cells.append(harness.cold_start(url, pooled=tier != "dram-nopool"))
+                    print(f"{size} {tier}: " + json.dumps(cells[-1]), flush=True)
+                res[tier] = median_run(cells)
+            results[size] = res
+            print_table(size, res)
+    finally:
+        harness.close()
+    write_json(args.out, results, facts, sizes, runs)
+    return 0
+
+
+def print_table(size: str, res: dict[str, Any]) -> None:
+    base = res["baseline"]["total_s"]
+    print(f"\ncold start to first token, llama {size} bf16 (median; seconds)")
+    head = f"{'path':<22}{'total':>8}{'queue':>8}{'worker':>8}{'load':>8}{'store':>8}"
+    print(head + f"{'engine':>8}{'1st tok':>9}{'speedup':>9}")
+    b = res["baseline"]
+    print(
+        f"{'transformers (fresh)':<22}{base:>8.3f}{'-':>8}{b['python_s'] + b['import_s']:>8.3f}"
+        f"{b['load_s']:>8.3f}{'-':>8}{'-':>8}{b['first_token_s']:>9.3f}{1.0:>8.1f}x"
+    )
+    for tier in TIERS:
+        r = res[tier]
+        print(
+            f"{'ember ' + tier:<22}{r['total_s']:>8.3f}{r['queueing_s']:>8.3f}{r['worker_s']:>8.3f}"
+            f"{r['load_s']:>8.3f}{r['store_s']:>8.3f}{r['engine_s']:>8.3f}"
+            f"{r['first_token_s']:>9.3f}{base / r['total_s']:>8.1f}x"
+        )
+    print(f"idle pooled worker: {res['pooled_worker_idle']['rss_bytes'] / 2**20:.0f} MiB RSS")
+
+
+def write_json(out: str, results: dict[str, Any], facts: dict[str, Any], sizes: list[str],
+               runs: int) -> None:  # fmt: skip
+    rows = []
+    for size, res in results.items():
+        base = res["baseline"]["total_s"]
+        for tier in TIERS:
+            rows.append({
+                "metric": f"coldstart_ttft_{tier}_{size}", "value": res[tier]["total_s"],
+                "unit": "s", "baseline": base, "ratio": base / res[tier]["total_s"],
+            })  # fmt: skip
+    doc = {
+        "benchmark": "coldstart",
+        "metric": "cold-start time to first token (zero instances running)",
+        "value": rows[0]["value"] if rows else None,
+        "unit": "s",
+        "baseline": "fresh python + transformers from_pretrained + generate 1 token",
+        "rows": rows,
+        "details": results,
+        "sizes": sizes,
+        "runs": runs,
+        "statistic": "median",
+        "machine": facts,
+        "git_sha": git_sha(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
