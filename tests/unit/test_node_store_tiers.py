@@ -1,0 +1,103 @@
+"""Tier bookkeeping (capacity, LRU order, pins, atomic commit) on plain directories, with a fake
+clock; the S3 and Ray paths are in tests/integration/test_node_store_*.py."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from ember.errors import CheckpointCorruptError, StoreCapacityError
+from ember.store.node_store import checkpoint_key
+from ember.store.tiers import Tier
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def add(tier: Tier, key: str, nbytes: int) -> None:
+    """What a fetch does: reserve, write into .fetching/<key>, commit."""
+    tier.reserve(key, nbytes)
+    d = tier.partial_path(key)
+    d.mkdir(parents=True)
+    (d / "index.json").write_text("{}")
+    (d / "rank0-part0000.bin").write_bytes(bytes(nbytes - 2))
+    tier.commit(key)
+
+
+def test_least_recently_used_unpinned_checkpoint_is_evicted_first(tmp_path: Path) -> None:
+    tier = Tier("dram", tmp_path, capacity_bytes=300, clock=Clock())
+    for key in ("a", "b", "c"):
+        add(tier, key, 100)
+    tier.touch("a")  # b is now the least recently used
+    assert tier.reserve("d", 100) == ["b"]
+    assert not tier.path("b").exists() and tier.has("a") and tier.has("c")
+
+
+def test_pinned_checkpoint_is_never_evicted_and_the_error_names_it(tmp_path: Path) -> None:
+    tier = Tier("dram", tmp_path, capacity_bytes=200, clock=Clock())
+    add(tier, "a", 100)
+    add(tier, "b", 100)
+    tier.pin("a")
+    tier.pin("b")
+    with pytest.raises(StoreCapacityError, match=r"pinned \(in use or loading\): \['a', 'b'\]"):
+        tier.reserve("c", 100)
+    with pytest.raises(StoreCapacityError, match="in use or loading"):
+        tier.evict("a")
+    tier.unpin("b")
+    assert tier.reserve("c", 100) == ["b"]
+    assert tier.has("a")
+
+
+def test_a_checkpoint_larger_than_the_tier_names_the_knob(tmp_path: Path) -> None:
+    tier = Tier("ssd", tmp_path, capacity_bytes=50)
+    with pytest.raises(StoreCapacityError, match="ssd_capacity_bytes"):
+        tier.reserve("big", 51)
+
+
+def test_only_committed_checkpoints_survive_a_restart(tmp_path: Path) -> None:
+    tier = Tier("ssd", tmp_path, capacity_bytes=1000)
+    add(tier, "done", 100)
+    tier.reserve("half", 100)
+    tier.partial_path("half").mkdir()
+    (tier.partial_path("half") / "index.json").write_text("{}")
+    restarted = Tier("ssd", tmp_path, capacity_bytes=1000)
+    assert [i.key for i in restarted.items()] == ["done"]
+    assert restarted.used_bytes() == 100
+    assert not restarted.has("half")
+
+
+def test_abort_keeps_partial_files_only_when_asked(tmp_path: Path) -> None:
+    tier = Tier("ssd", tmp_path, capacity_bytes=1000)
+    for key, keep in (("kept", True), ("dropped", False)):
+        tier.reserve(key, 100)
+        tier.partial_path(key).mkdir()
+        tier.abort(key, keep_partial=keep)
+        assert tier.partial_path(key).exists() == keep
+        assert tier.pins(key) == 0
+    assert tier.used_bytes() == 0
+
+
+def test_checkpoint_keys_are_stable_readable_and_distinct() -> None:
+    a = checkpoint_key("s3://bucket/models/llama")
+    assert a == checkpoint_key("s3://bucket/models/llama/")
+    assert a.startswith("s3-bucket-models-llama-")
+    assert a != checkpoint_key("s3://bucket/models/llama2")
+    assert "/" not in checkpoint_key("/some/local/dir")
+
+
+def test_checkpoint_errors_survive_pickling_with_path_and_reason() -> None:
+    err = pickle.loads(pickle.dumps(CheckpointCorruptError("s3://b/p/f.bin", "checksum")))
+    assert isinstance(err, CheckpointCorruptError)
+    assert (err.path, err.reason, str(err)) == (
+        "s3://b/p/f.bin",
+        "checksum",
+        "s3://b/p/f.bin: checksum",
+    )
