@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         record,
         write_json,
     )
-    from ember.sim.serverless import ServerlessParams
+    from ember.policy import POLICY_NAMES
+    from ember.sim.serverless import SERVERLESS_POLICIES, ServerlessParams
     from ember.sim.spot_trace import read_spot_trace
     from ember.sim.switch import SimParams
     from ember.sim.workload import read_workload
@@ -86,6 +87,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--grace-period-s must be >= 0, got {args.grace_period_s}")
     if args.rate is not None and not args.rate > 0:
         raise ConfigError(f"--rate must be > 0 requests/s, got {args.rate}")
+    known = set(POLICY_NAMES) | set(SERVERLESS_POLICIES)
+    unknown = [p for p in args.policies.split(",") if p.strip() and p.strip() not in known]
+    if unknown:
+        raise ConfigError(
+            f"--policies: unknown {', '.join(unknown)}; known: {', '.join(POLICY_NAMES)}"
+            f" (one model) or {', '.join(SERVERLESS_POLICIES)} (several models)"
+        )
     trace = read_spot_trace(args.spot_trace)
     workload = read_workload(
         args.workload,
