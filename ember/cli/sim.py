@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ember.policy import POLICY_NAMES
     from ember.sim.profile_file import read_profile
     from ember.sim.runner import (
         compare,
@@ -77,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
         record,
         write_json,
     )
-    from ember.policy import POLICY_NAMES
     from ember.sim.serverless import SERVERLESS_POLICIES, ServerlessParams
     from ember.sim.spot_trace import read_spot_trace
     from ember.sim.switch import SimParams
