@@ -1,8 +1,10 @@
 """The fetch pipeline: one checkpoint streamed chunk by chunk from a source (S3 or a local
 directory) into one or more tier directories at once, every chunk verified before it counts.
 
-Each chunk (a whole number of the index's 4 MiB checksum blocks) is read by one of `threads`
-workers, hashed against the index's block checksums, then written to every sink (e.g. the SSD
+The work is cut into ranges (`range_bytes`, one ranged GET each, taken by one of `threads`
+workers) and each range into chunks (a whole number of the index's 4 MiB checksum blocks)
+read from the streamed body one after another. Each chunk is hashed against the index's
+block checksums as soon as it arrives, then written to every sink (e.g. the SSD
 tier's and the DRAM tier's `.fetching/<key>/` files) before its blocks are marked done in the
 progress file. So remote -> SSD -> DRAM is one pass, not one tier after another, and a reader
 mapping the DRAM files can use a tensor as soon as the blocks under it are marked.
@@ -41,19 +43,25 @@ logger = logging.getLogger(__name__)
 PROGRESS_FILE = ".progress"
 
 
+class RangeReader(Protocol):
+    def read_exact(self, out: memoryview) -> None: ...
+    def close(self) -> None: ...
+
+
 class ChunkSource(Protocol):
     """Where a checkpoint's bytes come from."""
 
     name: str  # shown in errors: "s3://bucket/prefix" or a directory
+    range_bytes: int  # bytes per request (one GET streams this many, chunk by chunk)
 
     def extra_files(self) -> list[str]: ...
     def read_file(self, name: str) -> bytes: ...
-    def read(self, file: str, offset: int, nbytes: int, out: memoryview) -> None: ...
+    def open_range(self, file: str, offset: int, nbytes: int) -> RangeReader: ...
 
 
 class RemoteSource:
-    def __init__(self, store: RemoteStore, url: S3Url) -> None:
-        self.store, self.url, self.name = store, url, str(url)
+    def __init__(self, store: RemoteStore, url: S3Url, range_bytes: int) -> None:
+        self.store, self.url, self.name, self.range_bytes = store, url, str(url), range_bytes
 
     def extra_files(self) -> list[str]:
         return sorted(n for n in self.store.list_names(self.url) if not _is_partition(n))
@@ -61,13 +69,13 @@ class RemoteSource:
     def read_file(self, name: str) -> bytes:
         return self.store.get_bytes(self.url, name)
 
-    def read(self, file: str, offset: int, nbytes: int, out: memoryview) -> None:
-        self.store.get_range(self.url, file, offset, nbytes, out)
+    def open_range(self, file: str, offset: int, nbytes: int) -> RangeReader:
+        return self.store.open_range(self.url, file, offset, nbytes)
 
 
 class LocalSource:
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.name = directory, str(directory)
+    def __init__(self, directory: Path, range_bytes: int) -> None:
+        self.directory, self.name, self.range_bytes = directory, str(directory), range_bytes
 
     def extra_files(self) -> list[str]:
         return sorted(
@@ -77,16 +85,28 @@ class LocalSource:
     def read_file(self, name: str) -> bytes:
         return (self.directory / name).read_bytes()
 
-    def read(self, file: str, offset: int, nbytes: int, out: memoryview) -> None:
-        with open(self.directory / file, "rb", buffering=0) as f:
-            done = 0
-            while done < nbytes:
-                n = os.preadv(f.fileno(), [out[done:nbytes]], offset + done)
-                if n == 0:
-                    raise CheckpointCorruptError(
-                        self.directory / file, f"truncated: ends at byte {offset + done}"
-                    )
-                done += n
+    def open_range(self, file: str, offset: int, nbytes: int) -> RangeReader:
+        return _FileRange(self.directory / file, offset)
+
+
+class _FileRange:
+    def __init__(self, path: Path, offset: int) -> None:
+        self._path, self._pos = path, offset
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def read_exact(self, out: memoryview) -> None:
+        done = 0
+        while done < len(out):
+            n = os.preadv(self._fd, [out[done:]], self._pos)
+            if n == 0:
+                raise CheckpointCorruptError(self._path, f"truncated: ends at byte {self._pos}")
+            done += n
+            self._pos += n
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def _is_partition(name: str) -> bool:
@@ -118,19 +138,25 @@ def progress_layout(index: CheckpointIndex) -> dict[str, int]:
     return out
 
 
-def plan(index: CheckpointIndex, chunk_bytes: int) -> list[ChunkTask]:
-    if chunk_bytes % index.block_bytes:
+def plan(index: CheckpointIndex, chunk_bytes: int, range_bytes: int) -> list[list[ChunkTask]]:
+    """Ranges (one source request each, `range_bytes` long) of chunks (`chunk_bytes`, the
+    unit of verification, writing and progress), in file order."""
+    if chunk_bytes % index.block_bytes or range_bytes % chunk_bytes:
         raise ConfigError(
-            f"chunk_bytes {chunk_bytes} must be a multiple of the index block {index.block_bytes}"
+            f"chunk_bytes {chunk_bytes} must be a multiple of the index block "
+            f"{index.block_bytes}, and range_bytes {range_bytes} a multiple of chunk_bytes"
         )
     first = progress_layout(index)
-    return [
-        ChunkTask(
-            p, off, min(chunk_bytes, p.nbytes - off), first[p.file] + off // index.block_bytes
-        )
-        for p in index.partitions
-        for off in range(0, p.nbytes, chunk_bytes)
-    ]
+    out = []
+    for p in index.partitions:
+        for start in range(0, p.nbytes, range_bytes):
+            end = min(start + range_bytes, p.nbytes)
+            out.append([
+                ChunkTask(p, off, min(chunk_bytes, end - off),
+                          first[p.file] + off // index.block_bytes)
+                for off in range(start, end, chunk_bytes)
+            ])  # fmt: skip
+    return out
 
 
 def bad_block(task: ChunkTask, data: memoryview, block_bytes: int) -> tuple[int, str] | None:
@@ -146,7 +172,7 @@ def bad_block(task: ChunkTask, data: memoryview, block_bytes: int) -> tuple[int,
 def prepare_sinks(
     index_bytes: bytes, index: CheckpointIndex, source: ChunkSource, sinks: Sequence[Path]
 ) -> None:
-    """Create each sink directory with the index, the small files and zero-length-then-sized
+    """Create each sink directory with the index, the small files and sized (sparse)
     partition files, plus the progress file in the first sink. A sink already holding the same
     index (an interrupted fetch) keeps its partition bytes for resume."""
     extras = {n: source.read_file(n) for n in source.extra_files() if n != INDEX_FILE}
@@ -166,6 +192,105 @@ def prepare_sinks(
         (d / INDEX_FILE).write_bytes(index_bytes)
 
 
+class _Pipeline:
+    """The state one `run_fetch` shares between its worker threads."""
+
+    def __init__(
+        self, index: CheckpointIndex, source: ChunkSource, sinks: Sequence[Path],
+        resume: Path | None, chunk_bytes: int,
+    ) -> None:  # fmt: skip
+        self.index, self.source, self.sinks, self.resume = index, source, sinks, resume
+        self.chunk_bytes = chunk_bytes
+        self.fds = [
+            {p.file: os.open(d / p.file, os.O_RDWR) for p in index.partitions} for d in sinks
+        ]
+        self.resume_fds = (
+            {p.file: os.open(resume / p.file, os.O_RDONLY) for p in index.partitions}
+            if resume is not None and (resume / INDEX_FILE).is_file()
+            else {}
+        )
+        self._progress_fd = os.open(sinks[0] / PROGRESS_FILE, os.O_RDWR)
+        self.progress = mmap.mmap(self._progress_fd, 0)
+        self.counts = {"source": 0, "reused": 0}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def close(self) -> None:
+        self.progress.close()
+        os.close(self._progress_fd)
+        for fd in [*self.resume_fds.values(), *(fd for s in self.fds for fd in s.values())]:
+            os.close(fd)
+
+    def _buffer(self, nbytes: int) -> memoryview:
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(self.chunk_bytes)
+        return memoryview(buf)[:nbytes]
+
+    def run_range(self, chunks: list[ChunkTask]) -> None:
+        """Reuse what the resume copy already holds (verified), fetch the rest in as few
+        requests as possible, each streamed chunk by chunk."""
+        missing: list[ChunkTask] = []
+        for c in chunks:
+            if not self._try_reuse(c):
+                missing.append(c)
+        run: list[ChunkTask] = []
+        for c in missing:
+            if run and run[-1].offset + run[-1].nbytes != c.offset:
+                self._fetch_run(run)
+                run = []
+            run.append(c)
+        if run:
+            self._fetch_run(run)
+
+    def _try_reuse(self, c: ChunkTask) -> bool:
+        fd = self.resume_fds.get(c.partition.file)
+        if fd is None:
+            return False
+        view = self._buffer(c.nbytes)
+        _pread_all(fd, view, c.offset)
+        if bad_block(c, view, self.index.block_bytes) is not None:
+            return False
+        self._store(c, view, skip=self.resume)
+        return True
+
+    def _fetch_run(self, run: list[ChunkTask]) -> None:
+        first, last = run[0], run[-1]
+        reader = self.source.open_range(
+            first.partition.file, first.offset, last.offset + last.nbytes - first.offset
+        )
+        try:
+            for c in run:
+                view = self._buffer(c.nbytes)
+                reader.read_exact(view)
+                bad = bad_block(c, view, self.index.block_bytes)
+                if bad is not None:
+                    off, got = bad
+                    end = min(off + self.index.block_bytes, c.partition.nbytes)
+                    raise CheckpointCorruptError(
+                        f"{self.source.name}/{c.partition.file}",
+                        f"checksum mismatch in bytes [{off}, {end}): xxh3_64 {got}, index says "
+                        f"{c.partition.block_checksums[off // self.index.block_bytes]}",
+                    )
+                self._store(c, view, skip=None)
+        finally:
+            reader.close()
+
+    def _store(self, c: ChunkTask, view: memoryview, skip: Path | None) -> None:
+        for sink, fds in zip(self.sinks, self.fds, strict=True):
+            if sink != skip:
+                _pwrite_all(fds[c.partition.file], view, c.offset)
+        nblocks = -(-c.nbytes // self.index.block_bytes)
+        self.progress[c.first_block : c.first_block + nblocks] = b"\x01" * nblocks
+        with self._lock:
+            self.counts["source" if skip is None else "reused"] += c.nbytes
+
+    def fsync(self) -> None:
+        for sink in self.fds:
+            for fd in sink.values():
+                os.fsync(fd)
+
+
 def run_fetch(
     index: CheckpointIndex,
     source: ChunkSource,
@@ -179,55 +304,15 @@ def run_fetch(
     `prepare_sinks`), verifying each chunk; raises CheckpointCorruptError naming the source
     object on the first mismatch. The sinks' files are fsynced before returning."""
     t0 = time.perf_counter()
-    tasks = plan(index, chunk_bytes)
-    fds = [{p.file: os.open(d / p.file, os.O_RDWR) for p in index.partitions} for d in sinks]
-    resume_fds = (
-        {p.file: os.open(resume / p.file, os.O_RDONLY) for p in index.partitions}
-        if resume is not None and (resume / INDEX_FILE).is_file()
-        else {}
-    )
-    progress_fd = os.open(sinks[0] / PROGRESS_FILE, os.O_RDWR)
-    progress = mmap.mmap(progress_fd, 0)
-    counts = {"source": 0, "reused": 0}
-    lock = threading.Lock()
-    local = threading.local()
-
-    def one(task: ChunkTask) -> None:
-        buf = getattr(local, "buf", None)
-        if buf is None or len(buf) < task.nbytes:
-            buf = local.buf = bytearray(chunk_bytes)
-        view = memoryview(buf)[: task.nbytes]
-        reused = False
-        if task.partition.file in resume_fds:
-            _pread_all(resume_fds[task.partition.file], view, task.offset)
-            reused = bad_block(task, view, index.block_bytes) is None
-        if not reused:
-            source.read(task.partition.file, task.offset, task.nbytes, view)
-            bad = bad_block(task, view, index.block_bytes)
-            if bad is not None:
-                off, got = bad
-                end = min(off + index.block_bytes, task.partition.nbytes)
-                raise CheckpointCorruptError(
-                    f"{source.name}/{task.partition.file}",
-                    f"checksum mismatch in bytes [{off}, {end}): xxh3_64 {got}, index says "
-                    f"{task.partition.block_checksums[off // index.block_bytes]}",
-                )
-        for i, sink in enumerate(fds):
-            if reused and resume is not None and sinks[i] == resume:
-                continue  # already there
-            _pwrite_all(sink[task.partition.file], view, task.offset)
-        nblocks = -(-task.nbytes // index.block_bytes)
-        progress[task.first_block : task.first_block + nblocks] = b"\x01" * nblocks
-        with lock:
-            counts["reused" if reused else "source"] += task.nbytes
-
+    ranges = plan(index, chunk_bytes, max(chunk_bytes, source.range_bytes))
+    pipe = _Pipeline(index, source, sinks, resume, chunk_bytes)
     try:
-        if threads <= 1 or len(tasks) <= 1:
-            for t in tasks:
-                one(t)
+        if threads <= 1 or len(ranges) <= 1:
+            for r in ranges:
+                pipe.run_range(r)
         else:
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-fetch") as pool:
-                futures = [pool.submit(one, t) for t in tasks]  # file order: early tensors first
+                futures = [pool.submit(pipe.run_range, r) for r in ranges]  # early tensors first
                 try:
                     for f in futures:
                         f.result()
@@ -235,16 +320,11 @@ def run_fetch(
                     for f in futures:
                         f.cancel()
                     raise
-        for sink in fds:
-            for fd in sink.values():
-                os.fsync(fd)
+        pipe.fsync()
     finally:
-        progress.close()
-        os.close(progress_fd)
-        for fd in [*resume_fds.values(), *(fd for s in fds for fd in s.values())]:
-            os.close(fd)
+        pipe.close()
     total = sum(p.nbytes for p in index.partitions)
-    return FetchStats(total, counts["source"], counts["reused"], time.perf_counter() - t0)
+    return FetchStats(total, pipe.counts["source"], pipe.counts["reused"], time.perf_counter() - t0)
 
 
 def _pread_all(fd: int, out: memoryview, offset: int) -> None:

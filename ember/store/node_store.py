@@ -56,14 +56,20 @@ class NodeStoreConfig:
     dram_capacity_bytes: int = 8 << 30
     ssd_dir: str = "~/.cache/ember/ssd"
     ssd_capacity_bytes: int = 100 << 30
-    chunk_bytes: int = 16 << 20  # a multiple of the index's 4 MiB checksum block
-    fetch_threads: int = 8  # parallel ranged GETs / reads in flight
+    chunk_bytes: int = 16 << 20  # unit of verify/write/progress: a multiple of the 4 MiB block
+    range_bytes: int = 64 << 20  # bytes per ranged GET, streamed chunk by chunk
+    fetch_threads: int = 4  # ranged GETs / reads in flight
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def __post_init__(self) -> None:
         for name in ("dram_capacity_bytes", "ssd_capacity_bytes", "chunk_bytes", "fetch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"NodeStoreConfig.{name} must be positive")
+        if self.range_bytes < self.chunk_bytes or self.range_bytes % self.chunk_bytes:
+            raise ConfigError(
+                f"NodeStoreConfig.range_bytes ({self.range_bytes}) must be a multiple of "
+                f"chunk_bytes ({self.chunk_bytes})"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,13 +242,17 @@ class NodeStore:
                 self.ssd.pin(key)
                 self.ssd.touch(key)
         if on_ssd:
-            return LocalSource(self.ssd.path(key)), "ssd", False
+            return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False
         if is_s3_url(source):
-            return RemoteSource(self.remote, parse_s3_url(source)), "remote", True
+            return (
+                RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes),
+                "remote",
+                True,
+            )
         path = Path(source).expanduser()
         if not (path / INDEX_FILE).is_file():
             raise CheckpointNotFoundError(path, "not an ember checkpoint directory (no index)")
-        return LocalSource(path), "local", False
+        return LocalSource(path, self.config.range_bytes), "local", False
 
     def _fetch_to_dram(self, source: str, key: str) -> EnsureResult:
         src, where, to_ssd = self._source_for(source, key)
@@ -314,7 +324,7 @@ class NodeStore:
                 return EnsureResult(self.ssd.path(key), "ssd", None)
         if not is_s3_url(source):
             raise ConfigError(f"only s3:// sources are cached on SSD, got {source!r}")
-        src = RemoteSource(self.remote, parse_s3_url(source))
+        src = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
         index_bytes = src.read_file(INDEX_FILE)
         partial = self.ssd.partial_path(key)
         partial.mkdir(parents=True, exist_ok=True)

@@ -116,27 +116,17 @@ class RemoteStore:
 
         return self._retry(once, url, key)
 
-    def get_range(self, url: S3Url, name: str, start: int, nbytes: int, out: memoryview) -> None:
-        """Read bytes [start, start + nbytes) of object `name` into `out` (len >= nbytes)."""
-        key = url.key(name)
+    def open_range(self, url: S3Url, name: str, start: int, nbytes: int) -> RangeReader:
+        """A reader over bytes [start, start + nbytes) of `name`: one GET streamed in pieces
+        (`read_exact`), reopened from where it stopped if the connection breaks midway."""
+        return RangeReader(self, url, name, start, nbytes)
 
-        def once() -> None:
-            rng = f"bytes={start}-{start + nbytes - 1}"
-            body = self._client.get_object(Bucket=url.bucket, Key=key, Range=rng)["Body"]
-            got = 0
-            try:
-                while got < nbytes:
-                    piece = body.read(min(8 << 20, nbytes - got))
-                    if not piece:
-                        break
-                    out[got : got + len(piece)] = piece
-                    got += len(piece)
-            finally:
-                body.close()
-            if got != nbytes:
-                raise _ShortRead(f"{key}: range {rng} returned {got} of {nbytes} bytes")
+    def _open_body(self, url: S3Url, key: str, start: int, end: int) -> Any:
+        def once() -> Any:
+            rng = f"bytes={start}-{end - 1}"
+            return self._client.get_object(Bucket=url.bucket, Key=key, Range=rng)["Body"]
 
-        self._retry(once, url, key)
+        return self._retry(once, url, key)
 
     def list_names(self, url: S3Url) -> dict[str, int]:
         """Object names directly under the prefix -> sizes."""
@@ -229,6 +219,58 @@ class RemoteStore:
 
 class _ShortRead(Exception):
     pass
+
+
+class RangeReader:
+    """Sequential reads of one byte range of one object; a broken body is reopened at the
+    current position (up to `max_attempts` times, with backoff) so no byte is read twice."""
+
+    def __init__(self, store: RemoteStore, url: S3Url, name: str, start: int, nbytes: int) -> None:
+        self._store, self._url, self._key = store, url, url.key(name)
+        self._pos, self._end = start, start + nbytes
+        self._body: Any = None
+
+    def read_exact(self, out: memoryview) -> None:
+        """Fill `out` with the next len(out) bytes of the range."""
+        cfg = self._store.config
+        got, failures = 0, 0
+        while got < len(out):
+            try:
+                if self._body is None:
+                    self._body = self._store._open_body(self._url, self._key, self._pos, self._end)
+                piece = self._body.read(min(8 << 20, len(out) - got))
+                if not piece:
+                    raise _ShortRead(f"{self._key}: body ended at byte {self._pos}")
+            except (RemoteStoreError, CheckpointNotFoundError):
+                raise  # opening failed after its own retries, or the object is gone
+            except Exception as e:  # a cut connection, a timeout, an early end of body
+                self.close()
+                failures += 1
+                if failures >= cfg.max_attempts:
+                    raise RemoteStoreError(
+                        f"s3://{self._url.bucket}/{self._key}",
+                        f"read broke {failures} times at byte {self._pos}: {_one_line(e)}",
+                    ) from None
+                with self._store._lock:
+                    self._store.retries += 1
+                delay = min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (failures - 1))
+                logger.warning(
+                    "s3 reopen key=%s at=%d attempt=%d delay_s=%.2f error=%s",
+                    self._key, self._pos, failures, delay, _one_line(e),
+                )  # fmt: skip
+                time.sleep(delay)
+                continue
+            out[got : got + len(piece)] = piece
+            got += len(piece)
+            self._pos += len(piece)
+
+    def close(self) -> None:
+        if self._body is not None:
+            try:
+                self._body.close()
+            except Exception:  # already broken
+                pass
+            self._body = None
 
 
 def _one_line(e: BaseException | None) -> str:

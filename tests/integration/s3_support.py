@@ -35,11 +35,13 @@ def remote_config(endpoint: str, **kw: object) -> RemoteConfig:
 class Relay:
     """127.0.0.1 TCP relay to `target`. `budget_bytes` caps the bytes sent back to clients in
     total; once spent, every connection is cut and new ones are refused (a server that died
-    mid-transfer) until `heal()`. `delay_s` sleeps per 64 KiB relayed (a slow link)."""
+    mid-transfer) until `heal()`. `cut_once_at` cuts the connections open at that point but
+    keeps serving (a network blip). `delay_s` sleeps per 64 KiB relayed (a slow link)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.budget_bytes: int | None = None
+        self.cut_once_at: int | None = None  # cut every connection once, past this many bytes
         self.delay_s = 0.0
         self.down = False
         self.sent = 0
@@ -99,6 +101,12 @@ class Relay:
                             data = data[: max(0, budget - self.sent)]
                             self.down = True
                         self.sent += len(data)
+                        cut = self.cut_once_at is not None and self.sent >= self.cut_once_at
+                        if cut:
+                            self.cut_once_at = None
+                    if cut:
+                        self._cut_all()
+                        return
                     if self.delay_s:
                         time.sleep(self.delay_s)
                 dst.sendall(data)

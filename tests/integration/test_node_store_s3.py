@@ -55,15 +55,15 @@ def pushed(endpoint: str, checkpoints: dict[str, Path]) -> dict[str, str]:
 
 def make_store(tmp_path: Path, endpoint: str, **kw: object) -> NodeStore:
     remote_kw = {k: kw.pop(k) for k in ("max_attempts", "backoff_s") if k in kw}
-    cfg = NodeStoreConfig(
-        dram_dir=str(Path("/dev/shm") / f"ember-test-{os.getpid()}-{tmp_path.name}"),
-        ssd_dir=str(tmp_path / "ssd"),
-        chunk_bytes=BLOCK,
-        fetch_threads=3,
-        remote=remote_config(endpoint, **remote_kw),
-        **kw,  # type: ignore[arg-type]
-    )
-    return NodeStore(cfg)
+    args: dict[str, object] = {
+        "dram_dir": str(Path("/dev/shm") / f"ember-test-{os.getpid()}-{tmp_path.name}"),
+        "ssd_dir": str(tmp_path / "ssd"),
+        "chunk_bytes": BLOCK,
+        "range_bytes": 2 * BLOCK,
+        "fetch_threads": 3,
+        "remote": remote_config(endpoint, **remote_kw),
+    }
+    return NodeStore(NodeStoreConfig(**{**args, **kw}))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -179,7 +179,10 @@ def test_fetch_cut_off_midway_leaves_nothing_trusted_and_resumes(
 ) -> None:  # fmt: skip
     relay = Relay(int(endpoint.rsplit(":", 1)[1]))
     try:
-        store = make_store(tmp_path, relay.endpoint, max_attempts=2, backoff_s=0.01)
+        # One range at a time, so the chunks before the cut are complete and verified.
+        store = make_store(
+            tmp_path, relay.endpoint, max_attempts=2, backoff_s=0.01, fetch_threads=1
+        )
         dram_cleanup.append(store)
         url, key = pushed["a"], checkpoint_key(pushed["a"])
         total = read_index(checkpoints["a"]).rank_nbytes(0)
@@ -200,6 +203,25 @@ def test_fetch_cut_off_midway_leaves_nothing_trusted_and_resumes(
         assert result.stats.from_source_bytes + result.stats.reused_bytes == total
         assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
         assert_same_tensors(load(restarted.ssd.path(key)), checkpoints["a"])
+    finally:
+        relay.close()
+
+
+def test_connection_cut_mid_body_is_reopened_where_it_stopped(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        store = make_store(tmp_path, relay.endpoint, backoff_s=0.01)
+        dram_cleanup.append(store)
+        total = read_index(checkpoints["b"]).rank_nbytes(0)
+        relay.cut_once_at = total // 3
+        result = store.ensure(pushed["b"])
+        assert store.remote.retries >= 1
+        assert result.stats is not None and result.stats.from_source_bytes == total
+        assert relay.sent < total + total // 4  # reopened at the cut, not from the start
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["b"])
     finally:
         relay.close()
 
