@@ -193,6 +193,13 @@ class RayAdapter:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise InstanceLostError(f"{ref.name}: {_first_line(e)}") from None
 
+    def send(self, ref: ActorRef, method: str, *args: Any) -> None:
+        """Call an actor method without waiting for it (its result and errors are dropped).
+
+        Calls from one caller to one actor start in the order they were sent.
+        """
+        getattr(ref.actor, method).remote(*args)
+
     async def stream(self, ref: ActorRef, method: str, *args: Any) -> AsyncGenerator[Any, None]:
         """Iterate a streaming actor method; closing this iterator cancels the remote one."""
         gen = getattr(ref.actor, method).options(num_returns="streaming").remote(*args)

@@ -120,6 +120,7 @@ class RayCluster:
         return ready
 
     async def stop(self, handle: InstanceHandle) -> None:
+        await handle.close()
         await self._adapter.kill(handle.actor_ref)
         logger.info("instance stopped id=%s", handle.instance_id)
 

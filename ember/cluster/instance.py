@@ -1,13 +1,16 @@
 """One serving instance: the Ray actor that hosts an engine, and the handle callers hold.
 
 `InstanceActor` is a plain class (the adapter wraps it with `ray.remote`): it loads the model
-through `EngineRunner`, which steps the engine on a background thread, and streams each
-request's output back as `StreamDelta`s from an async generator (a Ray streaming generator on
-the caller's side). Deltas waiting when the consumer wakes are merged into one, so a busy
-instance sends one object per request per wake-up rather than one per token.
+through `EngineRunner`, which steps the engine on a background thread. Output leaves the actor
+through ONE multiplexed stream per caller (`events`, a Ray streaming generator): each item is a
+batch of (request_id, delta or error) pairs, every request's deltas merged, so a busy instance
+sends one Ray object per engine step for all its requests rather than one per request per
+token. Requests go in with `submit` (not awaited by the caller) and out with `abort`.
+(`generate`, one stream per request, remains for callers that want it.)
 
 `InstanceHandle` is what the controller and the router hold: plain Python, no Ray type leaks
-out. It counts the requests in flight through it (the router's least-loaded choice reads it).
+out. It reads the actor's event stream in one background task and hands each request its own
+deltas; it counts the requests in flight through it (the router's least-loaded choice reads it).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class InstanceActor:
         self._device = device
         self._runner: EngineRunner | None = None
         self._ready: InstanceReady | None = None
+        self._outbox: list[tuple[str, StreamDelta | BaseException]] = []
+        self._outbox_ready = asyncio.Event()
+        self._subscription = 0
 
     async def start(self) -> InstanceReady:
         """Prepare the checkpoint on this node and load the engine (idempotent)."""
@@ -122,6 +128,35 @@ class InstanceActor:
                 runner.abort(request_id)
             runner.release(request_id)
 
+    async def submit(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> None:
+        """Start a request whose output goes to the `events` stream (errors too)."""
+        if self._runner is None:
+            from ember.errors import EngineError
+
+            self._emit(request_id, EngineError(f"instance {self._instance_id} is not started"))
+            return
+        self._runner.submit(request_id, prompt, params, sink=self._emit)
+
+    async def events(self) -> AsyncIterator[list[tuple[str, StreamDelta | BaseException]]]:
+        """Batches of (request_id, delta or error) for every `submit`ted request, until shutdown.
+
+        A new subscription ends the previous one (a caller that reconnects takes over).
+        """
+        self._subscription += 1
+        mine = self._subscription
+        while mine == self._subscription and self._runner is not None:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if batch:
+                yield coalesce(batch)
+
+    def _emit(self, request_id: str, item: StreamDelta | BaseException) -> None:
+        self._outbox.append((request_id, item))
+        self._outbox_ready.set()
+
     async def abort(self, request_id: str) -> None:
         if self._runner is not None:
             self._runner.abort(request_id)
@@ -134,6 +169,17 @@ class InstanceActor:
         if self._runner is not None:
             self._runner.stop()
             self._runner = None
+        self._outbox_ready.set()  # ends the event stream
+
+
+def coalesce(
+    batch: list[tuple[str, StreamDelta | BaseException]],
+) -> list[tuple[str, StreamDelta | BaseException]]:
+    """Merge each request's consecutive deltas in a batch, keeping requests in first-seen order."""
+    by_request: dict[str, list[StreamDelta | BaseException]] = {}
+    for request_id, item in batch:
+        by_request.setdefault(request_id, []).append(item)
+    return [(rid, item) for rid, items in by_request.items() for item in _merge(items)]
 
 
 def _merge(items: list[StreamDelta | BaseException]) -> list[StreamDelta | BaseException]:
@@ -164,7 +210,8 @@ class InstanceHandle:
 
     `generate` yields `StreamDelta`s until one has `finished=True`; it raises the engine's own
     error (e.g. `RequestError` for a prompt that is too long) and `InstanceLostError` when the
-    actor died. Closing the iterator early aborts the request.
+    actor died. Closing the iterator early aborts the request. All requests share one event
+    stream from the actor, read by a background task started on first use (`close` ends it).
     """
 
     def __init__(
@@ -183,6 +230,8 @@ class InstanceHandle:
         self.node_id = node_id
         self.in_flight = 0
         self.lost = False  # set once a call found the actor dead; the controller replaces it
+        self._queues: dict[str, asyncio.Queue[StreamDelta | BaseException]] = {}
+        self._pump: asyncio.Task[None] | None = None
 
     @property
     def actor_ref(self) -> ActorRef:
@@ -198,27 +247,33 @@ class InstanceHandle:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> AsyncIterator[StreamDelta]:
+        if self.lost:
+            raise InstanceLostError(f"instance {self.instance_id} is gone")
+        if request_id in self._queues:
+            from ember.errors import RequestError
+
+            raise RequestError(f"request_id: {request_id!r} is already running here")
+        self._ensure_pump()
+        queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        self._queues[request_id] = queue
         self.in_flight += 1
         finished = False
         try:
-            stream = self._adapter.stream(self._actor, "generate", request_id, prompt, params)
-            async with contextlib.aclosing(stream):
-                async for item in stream:
-                    if isinstance(item, BaseException):
-                        finished = True
-                        raise item
-                    finished = item.finished
-                    yield item
-                    if finished:
-                        break
-        except InstanceLostError:
-            self.lost = True
-            finished = True
-            raise
+            self._adapter.send(self._actor, "submit", request_id, prompt, params)
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    if isinstance(item, InstanceLostError):
+                        self.lost = True
+                    raise item
+                finished = item.finished
+                yield item
         finally:
             self.in_flight -= 1
-            if not finished:
-                await self._abort_quietly(request_id)
+            self._queues.pop(request_id, None)
+            if not finished and not self.lost:
+                self._adapter.send(self._actor, "abort", request_id)
 
     async def abort(self, request_id: str) -> None:
         await self._adapter.call(self._actor, "abort", request_id)
@@ -228,8 +283,38 @@ class InstanceHandle:
         result: dict[str, Any] = await self._adapter.call(self._actor, "stats")
         return result
 
-    async def _abort_quietly(self, request_id: str) -> None:
+    async def close(self) -> None:
+        """Stop reading the event stream; requests still waiting get InstanceLostError."""
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
+        self._fail_all(InstanceLostError(f"instance {self.instance_id} was stopped"))
+
+    def _ensure_pump(self) -> None:
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._read_events(), name=f"events-{self.instance_id}")
+
+    async def _read_events(self) -> None:
+        error: BaseException
         try:
-            await asyncio.shield(self.abort(request_id))
-        except Exception:  # the actor may already be gone; nothing left to abort then
-            logger.debug("abort of %s on %s failed", request_id, self.instance_id, exc_info=True)
+            async with contextlib.aclosing(self._adapter.stream(self._actor, "events")) as stream:
+                async for batch in stream:
+                    for request_id, item in batch:
+                        queue = self._queues.get(request_id)
+                        if queue is not None:
+                            queue.put_nowait(item)
+            error = InstanceLostError(f"instance {self.instance_id} closed its stream")
+        except asyncio.CancelledError:
+            raise
+        except InstanceLostError as e:
+            error = e
+        except Exception as e:  # the loop boundary of the reader: fail waiters, keep their type
+            logger.exception("event stream of %s failed", self.instance_id)
+            error = InstanceLostError(f"instance {self.instance_id}: {type(e).__name__}: {e}")
+        self.lost = True
+        self._fail_all(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for queue in self._queues.values():
+            queue.put_nowait(error)

@@ -1,12 +1,13 @@
 """The engine loop inside an instance actor: one background thread owns the engine.
 
 Owns: the `Engine` object (touched only by its thread), an inbox of add/abort commands from the
-actor's event loop, and one asyncio queue per live request on the event-loop side. Each engine
-step's outputs cross to the event loop in one `call_soon_threadsafe`, so the per-token cost is
-a queue put, not a thread hop. The thread sleeps on an event when the engine has no work.
+actor's event loop, and, on the event-loop side, where each live request's output goes: its own
+asyncio queue, or a sink callback shared by many requests (the actor's multiplexed stream). Each
+engine step's outputs cross to the event loop in one `call_soon_threadsafe`, so the per-token
+cost is a queue put or a call, not a thread hop. The thread sleeps when the engine has no work.
 
-Invariants: only the engine thread calls the engine; only the event loop touches the queues; a
-request's queue receives exactly one finished delta or one exception, then nothing.
+Invariants: only the engine thread calls the engine; only the event loop touches the queues and
+sinks; a request receives exactly one finished delta or one exception, then nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import os
 import threading
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Item = StreamDelta | BaseException
+Sink = Callable[[str, Item], None]  # (request_id, delta or error), called on the event loop
 
 
 def node_cache_dir(cache_root: str | Path, node_id: str) -> Path:
@@ -55,6 +58,7 @@ class EngineRunner:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queues: dict[str, asyncio.Queue[Item]] = {}
+        self._sinks: dict[str, Sink] = {}
         self.steps = 0
         self.broken: str | None = None
 
@@ -81,20 +85,34 @@ class EngineRunner:
     # --- event-loop side -------------------------------------------------------------------
 
     def submit(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        sink: Sink | None = None,
     ) -> asyncio.Queue[Item]:
-        """Queue a request for the engine; its deltas (or one exception) arrive on the queue."""
+        """Queue a request for the engine.
+
+        Its deltas (or one exception) arrive on the returned queue, or, with `sink`, as calls
+        `sink(request_id, item)`; a sink's request is released after its last item.
+        """
         queue: asyncio.Queue[Item] = asyncio.Queue()
-        if request_id in self._queues:
+        deliver: Sink = sink if sink is not None else (lambda _rid, item: queue.put_nowait(item))
+        if request_id in self._queues or request_id in self._sinks:
             from ember.errors import RequestError
 
-            queue.put_nowait(RequestError(f"request_id: {request_id!r} is already running"))
+            deliver(request_id, RequestError(f"request_id: {request_id!r} is already running"))
             return queue
-        self._queues[request_id] = queue
+        if sink is not None:
+            self._sinks[request_id] = sink
+        else:
+            self._queues[request_id] = queue
         if self.broken is not None:
             from ember.errors import EngineError
 
-            queue.put_nowait(EngineError(f"engine stopped after an error: {self.broken}"))
+            self._deliver(
+                [EngineError(f"engine stopped after an error: {self.broken}")], [request_id]
+            )
             return queue
         self._inbox.append(("add", request_id, prompt, params))
         self._wake.set()
@@ -102,18 +120,18 @@ class EngineRunner:
 
     def abort(self, request_id: str) -> None:
         """Stop a request: its stream ends with finish_reason "abort"; the engine frees it."""
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(StreamDelta(request_id, (), "", True, "abort", 0))
+        if request_id in self._queues or request_id in self._sinks:
+            self._deliver([StreamDelta(request_id, (), "", True, "abort", 0)], [request_id])
         self._inbox.append(("abort", request_id, None, None))
         self._wake.set()
 
     def release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
+        self._sinks.pop(request_id, None)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "streams": len(self._queues),
+            "streams": len(self._queues) + len(self._sinks),
             "unfinished": self._engine.num_unfinished(),
             "steps": self.steps,
             "broken": self.broken,
@@ -134,6 +152,12 @@ class EngineRunner:
             queue = self._queues.get(request_id)
             if queue is not None:
                 queue.put_nowait(item)
+                continue
+            sink = self._sinks.get(request_id)
+            if sink is not None:
+                if isinstance(item, BaseException) or item.finished:
+                    del self._sinks[request_id]  # nothing may follow the last item
+                sink(request_id, item)
 
     # --- engine thread -----------------------------------------------------------------------
 
@@ -149,7 +173,8 @@ class EngineRunner:
                 except Exception as e:  # the thread's loop boundary: fail every request, stop
                     logger.exception("engine step failed; failing its requests")
                     self.broken = f"{type(e).__name__}: {e}"
-                    self._post([e for _ in self._queues], list(self._queues))
+                    live = [*self._queues, *self._sinks]
+                    self._post([e for _ in live], live)
                     return
                 self.steps += 1
                 for out in outputs:
