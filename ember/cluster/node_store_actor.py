@@ -149,3 +149,14 @@ async def acquire_on_this_node(source: str, timeout_s: float = 600.0) -> Acquire
         handle.acquire.remote(source, os.getpid()), timeout_s
     )
     return report
+
+
+def fetch_on_this_node(source: str, timeout_s: float = 600.0) -> Path | None:
+    """Blocking form of `acquire_on_this_node` for code running in an executor thread: the
+    DRAM-tier directory of `source`, pinned for this process; None without a store actor."""
+    node_id = ray.get_runtime_context().get_node_id()
+    handle = node_store_handle(node_id)
+    if handle is None:
+        return None
+    report: AcquireReport = ray.get(handle.acquire.remote(source, os.getpid()), timeout=timeout_s)
+    return Path(report.path)

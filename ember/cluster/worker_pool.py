@@ -59,6 +59,7 @@ class PooledInstanceActor(InstanceActor):
         import ember.store.shm  # noqa: F401
 
         super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
+        _warm_kernels()
         self._warm_s = time.perf_counter() - t0
         self._source: str | None = None
         self._timings: dict[str, float | str] = {}
@@ -118,6 +119,23 @@ class PooledInstanceActor(InstanceActor):
             report.served_from if report else "disk",
         )  # fmt: skip
         return self._ready
+
+
+def _warm_kernels() -> None:
+    """Run each kind of op a decode step uses once, on tiny tensors, in every float dtype: the
+    thread pool starts and the first-call kernel setup (oneDNN, bf16 paths) happens now, not
+    during a request's first token."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            x = torch.randn(4, 8, 64, dtype=torch.float32).to(dtype)
+            w = torch.randn(64, 64, dtype=torch.float32).to(dtype)
+            y = F.silu(F.linear(x, w)) * x
+            F.scaled_dot_product_attention(y, y, y, is_causal=True)
+            torch.softmax(y.float(), dim=-1).argmax(dim=-1)
+            F.embedding(torch.tensor([1, 2]), w)
 
 
 def _rss_bytes() -> int:

@@ -1,0 +1,156 @@
+"""What ember runs on every node besides instances: the node store actor and the pool of
+pre-started workers. `RayCluster` owns one `NodeServices` and calls it from four places:
+`sync(nodes)` each time it lists nodes (so nodes that join later get theirs), `take(...)` when
+it launches an instance, `checkpoints()` for `ember status`, `shutdown()`.
+
+Configuration comes from the environment of the `ember serve` process (so it reaches every
+node's actors as arguments, not through their environments):
+
+- EMBER_DRAM_DIR (default /dev/shm/ember-<uid>/dram), EMBER_DRAM_CAPACITY_BYTES (8 GiB)
+- EMBER_SSD_DIR (default <cache_dir>/ssd), EMBER_SSD_CAPACITY_BYTES (100 GiB)
+- EMBER_S3_ENDPOINT_URL (any S3-compatible server; default AWS), AWS_* credentials as usual
+- EMBER_WORKER_POOL_SIZE: pre-started workers per node (default 1; 0 turns the pool off)
+- EMBER_NODE_STORE=0 turns both off (instances then load as before, from local paths only).
+
+Each node's tier directories get the node id appended, so several Ray nodes on one machine (a
+local test cluster) keep separate tiers. A pooled instance reserves its CPUs through a
+placement group created when it is taken (freed when the instance is stopped), so the
+controller's view of free CPUs is the same as for an instance started from scratch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group
+
+from ember.cluster.adapter import ActorRef
+from ember.cluster.node_store_actor import start_node_store
+from ember.cluster.worker_pool import WorkerPool
+from ember.controller.types import DeploymentSpec, NodeInfo
+from ember.errors import ConfigError
+from ember.store.node_store import NodeStoreConfig
+from ember.store.remote import RemoteConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeServicesConfig:
+    enabled: bool = True
+    store: NodeStoreConfig = field(default_factory=NodeStoreConfig)
+    pool_size: int = 1
+
+    @classmethod
+    def from_env(cls, cache_dir: str, env: dict[str, str] | None = None) -> NodeServicesConfig:
+        e = dict(os.environ if env is None else env)
+
+        def num(name: str, default: int) -> int:
+            try:
+                return int(e.get(name, default))
+            except ValueError:
+                raise ConfigError(f"{name}={e[name]!r} is not an integer") from None
+
+        base = NodeStoreConfig()
+        store = NodeStoreConfig(
+            dram_dir=e.get("EMBER_DRAM_DIR", base.dram_dir),
+            dram_capacity_bytes=num("EMBER_DRAM_CAPACITY_BYTES", base.dram_capacity_bytes),
+            ssd_dir=e.get("EMBER_SSD_DIR", str(Path(cache_dir).expanduser() / "ssd")),
+            ssd_capacity_bytes=num("EMBER_SSD_CAPACITY_BYTES", base.ssd_capacity_bytes),
+            remote=RemoteConfig(endpoint_url=e.get("EMBER_S3_ENDPOINT_URL") or None),
+        )
+        pool = num("EMBER_WORKER_POOL_SIZE", 1)
+        if pool < 0:
+            raise ConfigError(f"EMBER_WORKER_POOL_SIZE must be >= 0, got {pool}")
+        return cls(e.get("EMBER_NODE_STORE", "1") != "0", store, pool)
+
+
+class NodeServices:
+    def __init__(
+        self,
+        config: NodeServicesConfig,
+        cache_root: str,
+        device: str = "cpu",
+        instance_cpus: float = 1.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self._instance_cpus = instance_cpus
+        self._stores: dict[str, Any] = {}
+        self._pool = WorkerPool(config.pool_size, cache_root, device, env)
+        self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
+
+    def store_config(self, node_id: str) -> NodeStoreConfig:
+        cfg = self.config.store
+        return replace(
+            cfg,
+            dram_dir=str(Path(cfg.dram_dir) / node_id[:12]),
+            ssd_dir=str(Path(cfg.ssd_dir).expanduser() / node_id[:12]),
+        )
+
+    def sync(self, nodes: list[NodeInfo]) -> None:
+        """Start a store actor (and fill the pool) on every alive node that has none."""
+        if not self.config.enabled:
+            return
+        alive = [n.node_id for n in nodes if n.alive]
+        for node_id in alive:
+            if node_id not in self._stores:
+                self._stores[node_id] = start_node_store(node_id, self.store_config(node_id))
+                logger.info("node store started node=%s", node_id[:12])
+        for gone in set(self._stores) - set(alive):
+            del self._stores[gone]
+        if self.config.pool_size:
+            self._pool.sync(alive)
+
+    def take(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> ActorRef | None:
+        """A pre-started worker on `node_id`, assigned to `spec`; None if the pool is off or
+        empty there (the caller starts an instance from scratch)."""
+        if not self.config.enabled or spec.tp != 1:
+            return None
+        ref = self._pool.take(node_id)
+        if ref is None:
+            return None
+        ref.actor.assign.remote(spec, instance_id)  # ordered before the caller's start()
+        pg = placement_group(
+            [{"CPU": self._instance_cpus}],
+            strategy="STRICT_PACK",
+            name=f"{ref.name}-cpus",
+            _soft_target_node_id=node_id,
+        )
+        self._taken[ref.name] = ref.actor
+        logger.info("pooled worker taken name=%s instance=%s", ref.name, instance_id)
+        return ActorRef(name=ref.name, actor=ref.actor, placement_group=pg)
+
+    def live_instance_names(self) -> list[str]:
+        """Pooled workers taken into service whose actors are still alive."""
+        alive = []
+        for name, actor in list(self._taken.items()):
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=2)
+                alive.append(name)
+            except Exception:  # dead or dying: no longer an instance
+                del self._taken[name]
+        return sorted(alive)
+
+    async def checkpoints(self, timeout_s: float = 5.0) -> dict[str, list[dict[str, Any]]]:
+        """Per node id: the checkpoints in its tiers (tier, source, bytes, pins)."""
+
+        async def one(handle: Any) -> list[dict[str, Any]]:
+            rows = await asyncio.wait_for(handle.status.remote(), timeout_s)
+            return [asdict(r) for r in rows]
+
+        ids = list(self._stores)
+        answers = await asyncio.gather(*(one(self._stores[n]) for n in ids), return_exceptions=True)
+        return {n: a for n, a in zip(ids, answers, strict=True) if isinstance(a, list)}
+
+    def shutdown(self) -> None:
+        """Stop the idle pool. Store actors end with this driver (Ray fate-sharing); their tier
+        directories stay, and the next store actor on the node finds the complete checkpoints
+        in them again."""
+        self._pool.shutdown()
