@@ -268,7 +268,9 @@ def main() -> int:
             print(f"{size} baseline: " + json.dumps(res["baseline"]), flush=True)
             url = harness.push(size, hf)
             idle = harness.warm_worker()
-            res["pooled_worker_idle"] = {"rss_bytes": idle.rss_bytes, "warm_s": idle.warm_s}
+            res["pooled_worker_idle"] = {
+                "rss_bytes": idle.rss_bytes, "uss_bytes": idle.uss_bytes, "warm_s": idle.warm_s,
+            }  # fmt: skip
             for tier in TIERS:
                 cells = []
                 for _ in range(runs):
@@ -303,7 +305,11 @@ def print_table(size: str, res: dict[str, Any]) -> None:
             f"{r['load_s']:>8.3f}{r['store_s']:>8.3f}{r['engine_s']:>8.3f}"
             f"{r['first_token_s']:>9.3f}{base / r['total_s']:>8.1f}x"
         )
-    print(f"idle pooled worker: {res['pooled_worker_idle']['rss_bytes'] / 2**20:.0f} MiB RSS")
+    idle = res["pooled_worker_idle"]
+    print(
+        f"idle pooled worker: {idle['uss_bytes'] / 2**20:.0f} MiB private (USS), "
+        f"{idle['rss_bytes'] / 2**20:.0f} MiB RSS; its imports took {idle['warm_s']:.2f} s"
+    )
 
 
 def write_json(out: str, results: dict[str, Any], facts: dict[str, Any], sizes: list[str],

@@ -42,7 +42,8 @@ POOL_PREFIX = "ember-pool:"
 class WorkerInfo:
     pid: int
     warm_s: float  # imports done in the constructor
-    rss_bytes: int  # resident memory while idle
+    rss_bytes: int  # resident memory while idle (counts shared library pages in full)
+    uss_bytes: int  # memory only this process holds: what one more idle worker costs
 
 
 class PooledInstanceActor(InstanceActor):
@@ -65,7 +66,8 @@ class PooledInstanceActor(InstanceActor):
         self._timings: dict[str, float | str] = {}
 
     async def info(self) -> WorkerInfo:
-        return WorkerInfo(os.getpid(), self._warm_s, _rss_bytes())
+        rss, uss = _memory_bytes()
+        return WorkerInfo(os.getpid(), self._warm_s, rss, uss)
 
     async def start_timings(self) -> dict[str, float | str]:
         """Where `start` spent its time: store_s (node store: fetch or DRAM hit), served_from,
@@ -138,9 +140,16 @@ def _warm_kernels() -> None:
             F.embedding(torch.tensor([1, 2]), w)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory_bytes() -> tuple[int, int]:
+    """(RSS, USS) of this process from /proc/self/smaps_rollup."""
+    fields: dict[str, int] = {}
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 2 and parts[0].endswith(":") and parts[1].isdigit():
+                fields[parts[0][:-1]] = int(parts[1]) * 1024
+    uss = fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)
+    return fields.get("Rss", 0), uss
 
 
 class WorkerPool:
