@@ -155,8 +155,12 @@ def ensure_model(models_dir: Path, size: str, quick: bool) -> Path:
     return path
 
 
-def run_worker(engine: str, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """Start a fresh process for `engine`, wait for its result; raise RuntimeError on failure."""
+def run_worker(
+    engine: str, spec: dict[str, Any], timeout_s: float, log_dir: Path | None = None
+) -> dict[str, Any]:
+    """Start a fresh process for `engine`, wait for its result; raise RuntimeError on failure.
+
+    The worker's output is kept in `log_dir` (one file per process) when given."""
     python = str(VLLM_PYTHON) if engine == "vllm" else sys.executable
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TOKENIZERS_PARALLELISM="false")
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -178,6 +182,10 @@ def run_worker(engine: str, spec: dict[str, Any], timeout_s: float) -> dict[str,
                 proc.kill()
                 proc.wait()
                 raise RuntimeError(f"{engine} worker timed out after {timeout_s:.0f} s") from None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            stamp = time.strftime("%H%M%S")
+            shutil.copy(log_path, log_dir / f"{Path(spec['model']).name}-{engine}-{stamp}.log")
         if rc != 0 or not Path(spec["result"]).is_file():
             tail = log_path.read_text()[-3000:]
             raise RuntimeError(f"{engine} worker exited {rc}:\n{tail}")
@@ -211,14 +219,14 @@ def bench_model(
         res: dict[str, Any] = {"cold_start_runs_s": []}
         try:
             if engine == "ember":  # the one-time conversion into ember's format, reported apart
-                first = run_worker(engine, dict(spec, cold_only=True), args.timeout)
+                first = run_worker(engine, dict(spec, cold_only=True), args.timeout, args.log_dir)
                 res["first_use_with_conversion_s"] = first["cold_start_s"]
             print(f"  {engine}: decode{' + throughput' if throughput else ''} ...", flush=True)
-            full = run_worker(engine, spec, args.timeout)
+            full = run_worker(engine, spec, args.timeout, args.log_dir)
             res.update(decode=full["decode"], throughput=full.get("throughput"))
             res["cold_start_runs_s"].append(full["cold_start_s"])
             for _ in range(args.cold_runs - 1):
-                cold = run_worker(engine, dict(spec, cold_only=True), args.timeout)
+                cold = run_worker(engine, dict(spec, cold_only=True), args.timeout, args.log_dir)
                 res["cold_start_runs_s"].append(cold["cold_start_s"])
             res["cold_start_s"] = statistics.median(res["cold_start_runs_s"])
             print(
@@ -253,6 +261,14 @@ def summarize(
             return float(r["throughput"]["out_tok_s"]) if r.get("throughput") else None
         return float(r["cold_start_s"])
 
+    def per_cpu_s(engine: str, metric: str) -> float | None:
+        r = per_engine.get(engine, {})
+        if "error" in r or not r:
+            return None
+        if metric == "decode_tok_s":
+            return r["decode"].get("tok_per_cpu_s_median")
+        return (r.get("throughput") or {}).get("out_tok_per_cpu_s")
+
     rows = []
     units = {"decode_tok_s": "tok/s", "throughput_out_tok_s": "out tok/s", "cold_start_s": "s"}
     for metric, unit in units.items():
@@ -283,6 +299,9 @@ def summarize(
             if target is not None:
                 row[f"target_vs_{peer}"] = target
                 row[f"met_vs_{peer}"] = None if r is None else r >= target
+        if metric != "cold_start_s":  # contention-robust companion: tokens per CPU-second
+            for name in ENGINES:
+                row[f"{name}_per_cpu_s"] = per_cpu_s(name, metric)
         if metric == "decode_tok_s":
             for name, v in (("ember", ember), ("transformers", hf), ("vllm", vl)):
                 row[f"{name}_weight_gbs"] = None if v is None else v * wbytes / 1e9
@@ -306,6 +325,11 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{_fmt(r['vllm']):>10}{_fmt(r['ratio'], 2):>16}{_fmt(r['ratio_vs_vllm'], 2):>9}"
             f"  {r['unit']}"
         )
+        if r["metric"] != "cold_start_s":
+            print(
+                f"{'':<12}{'  per CPU-second':<22}{_fmt(r['ember_per_cpu_s']):>10}"
+                f"{_fmt(r['transformers_per_cpu_s']):>14}{_fmt(r['vllm_per_cpu_s']):>10}"
+            )
         if r["metric"] == "decode_tok_s":
             print(
                 f"{'':<12}{'  weights GB/s':<22}{_fmt(r['ember_weight_gbs'], 2):>10}"
@@ -313,6 +337,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 f"   (memory: copy {r['memory_copy_gbs']:.1f} GB/s r+w, sum {r['memory_read_gbs']:.1f} GB/s)"
             )
     print("ratios: higher is better for ember (cold start: peer time / ember time)")
+    print("per CPU-second: tokens per second of CPU time of the engine's processes (robust to")
+    print("neighbours on a shared machine; spinning OpenMP threads count as busy)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = p.parse_args(argv)
+    args.log_dir = args.models_dir / "logs"
     args.runs = args.runs or (1 if args.quick else 3)
     args.cold_runs = args.cold_runs or (1 if args.quick else 3)
     engines = [e for e in args.engines.split(",") if e]

@@ -109,10 +109,33 @@ class VllmAdapter(Adapter):
 ADAPTERS = {"ember": EmberAdapter, "transformers": TransformersAdapter, "vllm": VllmAdapter}
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its children (vLLM's engine core is one).
+
+    On a shared machine wall time depends on the neighbours; CPU time much less so."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+CPU_SPENT: list[float] = []  # CPU seconds of each _timed call, in order
+
+
 def _timed(adapter: Adapter, prompts: list[list[int]], max_tokens: list[int]) -> tuple[float, int]:
+    cpu = cpu_seconds()
     start = time.perf_counter()
     counts = adapter.generate(prompts, max_tokens)
-    return time.perf_counter() - start, sum(counts)
+    elapsed = time.perf_counter() - start
+    CPU_SPENT.append(cpu_seconds() - cpu)
+    return elapsed, sum(counts)
 
 
 def measure_decode(
@@ -120,15 +143,17 @@ def measure_decode(
 ) -> dict[str, Any]:
     """Batch-1 decode rate: (new_tokens - 1) / (T(new_tokens) - T(1)), prefill cancelled out."""
     _timed(adapter, [prompt], [new_tokens])  # warm-up, excluded
-    full, first = [], []
+    full, first, cpu_rates = [], [], []
     for _ in range(runs):
         t1, _ = _timed(adapter, [prompt], [1])
         tn, n = _timed(adapter, [prompt], [new_tokens])
         assert n == new_tokens, (n, new_tokens)
         first.append(t1)
         full.append(tn)
+        cpu_rates.append((new_tokens - 1) / max(CPU_SPENT[-1] - CPU_SPENT[-2], 1e-9))
     rates = [(new_tokens - 1) / max(tn - t1, 1e-9) for tn, t1 in zip(full, first, strict=True)]
     return {
+        "tok_per_cpu_s_median": statistics.median(cpu_rates),
         "tok_s_runs": rates,
         "tok_s_median": statistics.median(rates),
         "tok_s_best": max(rates),
@@ -143,6 +168,7 @@ def measure_throughput(
     """All requests; static batches of `static_batch` in arrival order when given."""
     adapter.generate([prompts[0][:16]], [4])  # warm-up, excluded
     start = time.perf_counter()
+    cpu = cpu_seconds()
     generated = 0
     if static_batch:
         for i in range(0, len(prompts), static_batch):
@@ -152,7 +178,10 @@ def measure_throughput(
         _, generated = _timed(adapter, prompts, outputs)
     elapsed = time.perf_counter() - start
     useful = sum(outputs)
+    cpu = cpu_seconds() - cpu
     return {
+        "cpu_s": cpu,
+        "out_tok_per_cpu_s": useful / cpu,
         "elapsed_s": elapsed,
         "useful_output_tokens": useful,
         "generated_tokens": generated,
