@@ -59,13 +59,20 @@ class NodeStoreActor:
             if not pids:
                 del self._holders[source]
 
-    async def acquire(self, source: str, pid: int) -> AcquireReport:
-        """Fetch `source` into DRAM if needed and pin it for process `pid`."""
+    async def acquire(self, source: str, pid: int, streaming: bool = False) -> AcquireReport:
+        """Pin `source` in DRAM for process `pid`, fetching it if needed. With `streaming`,
+        answer as soon as the fetch has started: the path may then be the in-progress
+        `.fetching/<key>` directory, which `ember.store.shm.map_dram` maps chunk by chunk."""
         self._reap()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         where = self._store.locate(source) or ("remote" if source.startswith("s3://") else "local")
-        path = await loop.run_in_executor(None, self._store.acquire, source)
+        if streaming:
+            path, _complete = await loop.run_in_executor(
+                None, self._store.acquire_streaming, source
+            )
+        else:
+            path = await loop.run_in_executor(None, self._store.acquire, source)
         self._holders.setdefault(source, []).append(pid)
         return AcquireReport(str(path), where, time.perf_counter() - t0)
 
@@ -138,7 +145,9 @@ def node_store_handle(node_id: str) -> Any | None:
         return None
 
 
-async def acquire_on_this_node(source: str, timeout_s: float = 600.0) -> AcquireReport | None:
+async def acquire_on_this_node(
+    source: str, timeout_s: float = 600.0, *, streaming: bool = False
+) -> AcquireReport | None:
     """From inside an instance: fetch and pin `source` in this node's DRAM tier for this
     process. None when the node runs no store actor (the caller loads as before)."""
     node_id = ray.get_runtime_context().get_node_id()
@@ -146,7 +155,7 @@ async def acquire_on_this_node(source: str, timeout_s: float = 600.0) -> Acquire
     if handle is None:
         return None
     report: AcquireReport = await asyncio.wait_for(
-        handle.acquire.remote(source, os.getpid()), timeout_s
+        handle.acquire.remote(source, os.getpid(), streaming), timeout_s
     )
     return report
 

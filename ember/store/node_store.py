@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ember.errors import CheckpointNotFoundError, ConfigError
+from ember.errors import CheckpointNotFoundError, ConfigError, RequestTimeoutError
 from ember.store.fetch import (
     ChunkSource,
     FetchStats,
@@ -103,10 +103,13 @@ def checkpoint_key(source: str) -> str:
 
 
 class _Fetch:
-    """One fetch in flight; waiters block on `done`."""
+    """One fetch in flight; waiters block on `done`. `prepared` is set once the DRAM partial
+    copy holds the index, the small files and the progress file (a streaming reader may map it
+    from then on), or when the fetch ended."""
 
     def __init__(self, partial: Path) -> None:
         self.partial = partial
+        self.prepared = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.result: EnsureResult | None = None
@@ -168,6 +171,28 @@ class NodeStore:
                     self.dram.pin(key)
                     return result.path
 
+    def acquire_streaming(self, source: str, timeout_s: float = 600.0) -> tuple[Path, bool]:
+        """Pin `source` in DRAM and return as soon as it can be mapped: (the complete
+        directory, True) if it is there, else (the in-progress `.fetching/<key>` directory,
+        False) for `ember.store.shm.map_dram`, which waits for each tensor's chunks. The pin
+        holds across the fetch's commit; `release` it as for `acquire`."""
+        key = checkpoint_key(source)
+        with self._lock:
+            self.dram.pin(key)
+        try:
+            fetch = self.start_fetch(source)
+            if not fetch.prepared.wait(timeout_s):
+                raise RequestTimeoutError(f"{source}: fetch did not start in {timeout_s} s")
+            if fetch.error is not None:
+                raise fetch.error
+            if fetch.done.is_set():
+                assert fetch.result is not None
+                return fetch.result.path, True
+            return fetch.partial, False
+        except BaseException:
+            self.release(source)
+            raise
+
     def release(self, source: str) -> None:
         with self._lock:
             self.dram.unpin(checkpoint_key(source))
@@ -217,6 +242,7 @@ class NodeStore:
                 self.dram.touch(key)
                 fetch.result = EnsureResult(self.dram.path(key), "dram", None)
                 fetch.done.set()
+                fetch.prepared.set()
                 return fetch
             self._fetches[key] = fetch
         threading.Thread(
@@ -226,13 +252,14 @@ class NodeStore:
 
     def _run_fetch(self, source: str, key: str, fetch: _Fetch) -> None:
         try:
-            fetch.result = self._fetch_to_dram(source, key)
+            fetch.result = self._fetch_to_dram(source, key, fetch)
         except BaseException as e:
             fetch.error = e
         finally:
             with self._lock:
                 self._fetches.pop(key, None)
             fetch.done.set()
+            fetch.prepared.set()
 
     def _source_for(self, source: str, key: str) -> tuple[ChunkSource, str, bool]:
         """(chunk source, where from, whether SSD is a sink too)."""
@@ -254,16 +281,18 @@ class NodeStore:
             raise CheckpointNotFoundError(path, "not an ember checkpoint directory (no index)")
         return LocalSource(path, self.config.range_bytes), "local", False
 
-    def _fetch_to_dram(self, source: str, key: str) -> EnsureResult:
+    def _fetch_to_dram(self, source: str, key: str, fetch: _Fetch) -> EnsureResult:
         src, where, to_ssd = self._source_for(source, key)
         try:
-            return self._pipeline(src, key, where, to_ssd)
+            return self._pipeline(src, key, where, to_ssd, fetch)
         finally:
             if where == "ssd":
                 with self._lock:
                     self.ssd.unpin(key)
 
-    def _pipeline(self, src: ChunkSource, key: str, where: str, to_ssd: bool) -> EnsureResult:
+    def _pipeline(
+        self, src: ChunkSource, key: str, where: str, to_ssd: bool, fetch: _Fetch | None
+    ) -> EnsureResult:
         index_bytes = src.read_file(INDEX_FILE)
         dram_partial = self.dram.partial_path(key)
         ssd_partial = self.ssd.partial_path(key)
@@ -291,6 +320,8 @@ class NodeStore:
         )  # fmt: skip
         try:
             prepare_sinks(index_bytes, index, src, sinks)
+            if fetch is not None:
+                fetch.prepared.set()
             stats = run_fetch(
                 index, src, sinks,
                 resume=ssd_partial if to_ssd else None,

@@ -36,6 +36,25 @@ def is_dram_checkpoint(path: str | Path) -> bool:
     return (p.parent / TIER_MARKER).is_file() and _on_tmpfs(p)
 
 
+def is_dram_path(path: str | Path) -> bool:
+    """A DRAM-tier checkpoint, complete or still being fetched (`.fetching/<key>`)."""
+    p = Path(path)
+    if p.parent.name == FETCHING_DIR:
+        return (p.parent.parent / TIER_MARKER).is_file() and _on_tmpfs(p.parent)
+    return is_dram_checkpoint(p)
+
+
+def map_dram(
+    path: str | Path, rank: int = 0, *, timeout_s: float = 600.0
+) -> dict[str, torch.Tensor]:
+    """Zero-copy tensors of a DRAM-tier checkpoint: `map_checkpoint` for a complete one,
+    `map_streaming` (waits for each tensor's chunks) for one still being fetched."""
+    p = Path(path)
+    if p.parent.name == FETCHING_DIR:
+        return map_streaming(p, rank, timeout_s=timeout_s)
+    return map_checkpoint(p, rank)
+
+
 def _on_tmpfs(p: Path) -> bool:
     try:
         best = ""

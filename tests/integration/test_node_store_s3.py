@@ -16,7 +16,7 @@ from ember.errors import CheckpointCorruptError, RemoteStoreError, StoreCapacity
 from ember.store import convert, load, read_index
 from ember.store.node_store import NodeStore, NodeStoreConfig, checkpoint_key
 from ember.store.remote import RemoteStore, parse_s3_url
-from ember.store.shm import is_dram_checkpoint, map_checkpoint, map_streaming
+from ember.store.shm import is_dram_checkpoint, is_dram_path, map_checkpoint, map_dram
 
 pytestmark = pytest.mark.s3
 
@@ -142,12 +142,17 @@ def test_streaming_map_returns_tensors_of_a_fetch_still_in_progress(
     try:
         store = make_store(tmp_path, relay.endpoint)
         dram_cleanup.append(store)
-        fetch = store.start_fetch(pushed["b"])
-        tensors = map_streaming(fetch.partial, timeout_s=60)
-        assert not fetch.done.is_set() or fetch.error is None
-        fetch.done.wait(60)
-        assert fetch.error is None
+        url = pushed["b"]
+        path, complete = store.acquire_streaming(url)
+        assert not complete and path == store.dram.partial_path(checkpoint_key(url))
+        assert is_dram_path(path)
+        tensors = map_dram(path, timeout_s=60)
         assert_same_tensors(tensors, checkpoints["b"])
+        assert store.ensure(url).path == store.dram.path(checkpoint_key(url))  # committed
+        assert store.locate(url) == "dram"
+        assert [(r.tier, r.pins) for r in store.status()] == [("dram", 1), ("ssd", 0)]
+        store.release(url)
+        assert [r.pins for r in store.status()] == [0, 0]
     finally:
         relay.close()
 
