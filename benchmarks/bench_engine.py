@@ -341,6 +341,40 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     print("neighbours on a shared machine; spinning OpenMP threads count as busy)")
 
 
+def write_result(
+    out: Path,
+    args: argparse.Namespace,
+    engines: list[str],
+    bandwidth: dict[str, float],
+    rows: list[dict[str, Any]],
+    raw: dict[str, Any],
+    notes: list[str],
+) -> None:
+    result = {
+        "benchmark": "engine",
+        "quick": args.quick,
+        "git_sha": git_sha(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_facts(),
+        "settings": {
+            "dtype": "bf16",
+            "threads": args.threads,
+            "decode": "batch 1, 128-token prompt, 128 new tokens (32/32 quick); rate = 127 / (T(128) - T(1))",
+            "throughput": "64 ShareGPT lengths, random.Random(0).sample, clipped to 512/256; "
+            "transformers in static batches of 8 (left-padded), others all at once; ignore_eos",
+            "cold_start": "fresh process start to first generated token, model files in page cache",
+            "vllm_env": VLLM_ENV,
+            "engines": engines,
+        },
+        "memory_bandwidth": bandwidth,
+        "results": rows,
+        "raw": raw,
+        "notes": notes,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a small model and short requests")
@@ -371,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"memory bandwidth ({args.threads} threads): {bandwidth}")
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
+    out = args.out or ROOT / "benchmarks" / "results" / (
+        "engine-quick.json" if args.quick else "engine.json"
+    )
     for size in sizes:
         model = ensure_model(args.models_dir, size, args.quick)
         label = (
@@ -382,33 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         with_tp = args.quick or size in args.throughput_models.split(",")
         raw[label] = bench_model(model, engines, args, with_tp)
         rows += summarize(label, raw[label], weight_bytes_per_token(model), bandwidth)
+        write_result(out, args, engines, bandwidth, rows, raw, notes)  # after each model
     print_table(rows)
-    result = {
-        "benchmark": "engine",
-        "quick": args.quick,
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
-        "settings": {
-            "dtype": "bf16",
-            "threads": args.threads,
-            "decode": "batch 1, 128-token prompt, 128 new tokens (32/32 quick); rate = 127 / (T(128) - T(1))",
-            "throughput": "64 ShareGPT lengths, random.Random(0).sample, clipped to 512/256; "
-            "transformers in static batches of 8 (left-padded), others all at once; ignore_eos",
-            "cold_start": "fresh process start to first generated token, model files in page cache",
-            "vllm_env": VLLM_ENV,
-            "engines": engines,
-        },
-        "memory_bandwidth": bandwidth,
-        "results": rows,
-        "raw": raw,
-        "notes": notes,
-    }
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        "engine-quick.json" if args.quick else "engine.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 
