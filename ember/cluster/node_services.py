@@ -83,6 +83,10 @@ class NodeServices:
         self.config = config
         self._instance_cpus = instance_cpus
         self._stores: dict[str, Any] = {}
+        if device != "cpu" and config.pool_size:
+            # A pooled worker reserves no GPU while idle, so it could not see one once taken.
+            logger.info("worker pool off: device=%s (pooled workers are CPU-only)", device)
+            self.config = config = replace(config, pool_size=0)
         self._pool = WorkerPool(config.pool_size, cache_root, device, env)
         self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
 
@@ -128,15 +132,14 @@ class NodeServices:
         return ActorRef(name=ref.name, actor=ref.actor, placement_group=pg)
 
     def live_instance_names(self) -> list[str]:
-        """Pooled workers taken into service whose actors are still alive."""
-        alive = []
-        for name, actor in list(self._taken.items()):
-            try:
-                ray.get(actor.__ray_ready__.remote(), timeout=2)
-                alive.append(name)
-            except Exception:  # dead or dying: no longer an instance
-                del self._taken[name]
-        return sorted(alive)
+        """Pooled workers taken into service whose actors are still alive (the same view of
+        liveness as the adapter's `actor_names`: Ray's list of named actors)."""
+        if not self._taken:
+            return []
+        live = {n["name"] for n in ray.util.list_named_actors(all_namespaces=True)}
+        for name in [n for n in self._taken if n not in live]:
+            del self._taken[name]
+        return sorted(self._taken)
 
     async def checkpoints(self, timeout_s: float = 5.0) -> dict[str, list[dict[str, Any]]]:
         """Per node id: the checkpoints in its tiers (tier, source, bytes, pins)."""

@@ -275,3 +275,31 @@ class RangeReader:
 
 def _one_line(e: BaseException | None) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0] if e else "unknown error"
+
+
+def side_files_dir(source: str, cache_dir: str | Path | None = None) -> str:
+    """`source` itself, or for an s3:// checkpoint a local directory holding its small files
+    (config, tokenizer, index), downloaded once: what the API process needs to tokenize for a
+    model whose weights it never reads. Endpoint from EMBER_S3_ENDPOINT_URL."""
+    if not is_s3_url(source):
+        return source
+    import hashlib
+
+    url = parse_s3_url(source)
+    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "ember" / "s3-side-files"
+    dest = root / hashlib.sha256(str(url).encode()).hexdigest()[:16]
+    if (dest / INDEX_FILE).is_file():
+        return str(dest)
+    store = RemoteStore(RemoteConfig(endpoint_url=os.environ.get("EMBER_S3_ENDPOINT_URL")))
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    names = [n for n in store.list_names(url) if not n.endswith(".bin")]
+    for name in sorted(names, key=lambda n: n == INDEX_FILE):  # index last
+        (tmp / name).write_bytes(store.get_bytes(url, name))
+    try:
+        os.rename(tmp, dest)
+    except OSError:  # another thread or process got there first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

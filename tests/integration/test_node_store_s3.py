@@ -278,3 +278,21 @@ def test_pushed_hf_folder_serves_from_dram_with_the_same_tokens(
         llm.close()
         store.release(url)
     assert [r.pins for r in store.status() if r.tier == "dram"] == [0]
+
+
+def test_api_side_files_of_an_s3_model_tokenize_like_the_folder(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from ember.engine.tokenizer import Tokenizer
+    from ember.store.remote import side_files_dir
+
+    monkeypatch.setenv("EMBER_S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    local = Path(side_files_dir(pushed["a"], tmp_path))
+    assert side_files_dir(pushed["a"], tmp_path) == str(local)  # downloaded once
+    assert not list(local.glob("*.bin"))
+    text = "hello node store"
+    assert Tokenizer(local).encode(text) == Tokenizer(checkpoints["a"]).encode(text)
+    assert side_files_dir("/some/folder", tmp_path) == "/some/folder"
