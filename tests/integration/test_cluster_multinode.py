@@ -7,9 +7,17 @@ Each node has one logical CPU, so two instances must land on different nodes; no
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from ember import SamplingParams
@@ -26,6 +34,7 @@ START_TIMEOUT_S = 120.0
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RayCluster, Path]]:
+    """The cluster, joined by this process as a driver, and the per-node cache root."""
     from ray.cluster_utils import Cluster
 
     common = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
@@ -68,6 +77,50 @@ async def until(controller: Controller, pred: Callable[[], bool], timeout_s: flo
         assert loop.time() < deadline, "condition not reached in time"
         await controller.reconcile_once()
         await asyncio.sleep(0.05)
+
+
+def test_ember_serve_joins_the_cluster_and_serves(
+    two_nodes: tuple[RayCluster, Path], tmp_path: Path
+) -> None:
+    cluster, _ = two_nodes
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "ember", "serve", "--address", cluster.address, "--port",
+           str(port), "--state-dir", str(tmp_path / "state"), "--cache-dir", str(tmp_path / "c")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "serve.log", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "ember serve did not come up"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.25)
+        status = httpx.get(url + "/admin/status", timeout=10).json()
+        assert sorted(n["labels"]["zone"] for n in status["nodes"]) == ["a", "b"]
+        body = {"model": "ember-demo", "prompt": "hi", "max_tokens": 4}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(60) == 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    # Leaving does not stop the cluster, and the server's instance went with it.
+    assert len(cluster.nodes()) == 2 and cluster.actor_names() == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_nodes_carry_spot_and_zone_labels(two_nodes: tuple[RayCluster, Path]) -> None:
