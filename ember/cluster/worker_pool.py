@@ -50,18 +50,11 @@ class PooledInstanceActor(InstanceActor):
     """An instance actor without a deployment yet; `assign` gives it one."""
 
     def __init__(self, cache_root: str, device: str = "cpu") -> None:
-        t0 = time.perf_counter()
-        import torch  # noqa: F401  # the point: pay for imports before a request waits
-
-        import ember.cluster.runner  # noqa: F401
-        import ember.engine.engine  # noqa: F401
-        import ember.engine.model_runner  # noqa: F401
-        import ember.engine.tokenizer  # noqa: F401
-        import ember.store.shm  # noqa: F401
+        import ember.cluster.runner  # noqa: F401  # the point: pay for imports before a request
+        from ember.store.warmup import warm_engine_process
 
         super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
-        _warm_kernels()
-        self._warm_s = time.perf_counter() - t0
+        self._warm_s = warm_engine_process()
         self._source: str | None = None
         self._timings: dict[str, float | str] = {}
 
@@ -122,23 +115,6 @@ class PooledInstanceActor(InstanceActor):
             report.served_from if report else "disk",
         )  # fmt: skip
         return self._ready
-
-
-def _warm_kernels() -> None:
-    """Run each kind of op a decode step uses once, on tiny tensors, in every float dtype: the
-    thread pool starts and the first-call kernel setup (oneDNN, bf16 paths) happens now, not
-    during a request's first token."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            x = torch.randn(4, 8, 64, dtype=torch.float32).to(dtype)
-            w = torch.randn(64, 64, dtype=torch.float32).to(dtype)
-            y = F.silu(F.linear(x, w)) * x
-            F.scaled_dot_product_attention(y, y, y, is_causal=True)
-            torch.softmax(y.float(), dim=-1).argmax(dim=-1)
-            F.embedding(torch.tensor([1, 2]), w)
 
 
 def _memory_bytes() -> tuple[int, int]:
