@@ -2,9 +2,12 @@
 and against the loaders people use.
 
 On one model (default: llama `1b`, bf16, about 2.2 GB, made by the factory once under .cache/),
-each loader runs in a fresh child process, cold (its files dropped from the page cache with
-posix_fadvise DONTNEED, checked with mincore) and warm (files cached, one excluded warm-up run),
-`--runs` times each; min and median are reported as GB/s of tensor payload. Rows:
+each measured run happens in a fresh child process after one excluded warm-up run (imports,
+thread pools, a process's first allocation), cold (files dropped from the page cache with
+posix_fadvise DONTNEED, residency checked with mincore and recorded) or warm (files cached).
+Runs are interleaved: round r runs every loader once, so bursts of load from other processes
+on a shared machine spread over all loaders. `--runs` rounds (default 3); min and median are
+reported as GB/s of tensor payload. Rows:
 
 - raw reads of the same bytes: buffered (one thread, 16 MiB reads, like dd) and O_DIRECT
   (8 threads of 32 MiB reads, like fio at queue depth 8; the best setting measured here): the
@@ -268,8 +271,10 @@ def child(name: str, mode: str, runs: int, art: dict[str, Any], device: str) -> 
     if mode == "warm":
         for f in files:
             _raw_read([f], direct=False, threads=1)
-        fn()  # warm-up, excluded (its result is dropped here)
-        gc.collect()
+    # One excluded warm-up run in both modes: imports, thread pools and (for ember_pooled) the
+    # process's first allocation are paid here; cold runs evict the files again below.
+    fn()
+    gc.collect()
     times, cpu, residual = [], [], 0.0
     for _ in range(runs):
         if mode == "cold":
@@ -358,28 +363,45 @@ def best(
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, against the best of ember's default and pooled loads."""
+    """The issue's targets, for ember's default load and for its pooled (reused memory) load."""
     out = []
-    for mode in ("cold", "warm"):
-        mine = best(rows, ["ember", "ember_pooled"], mode)[1]
-        peer_name, peer = best(rows, OWN_MEMORY_PEERS, mode)
-        st = best(rows, ["safetensors_clone"], mode)[1]
-        if mode == "cold":
-            raw_name, raw = best(rows, ["raw_buffered", "raw_direct"], "cold")
-            out.append(_target(f"cold >= 95% of best raw read ({raw_name})", mine, 0.95 * raw))
-            out.append(_target(f"cold >= best own-memory peer ({peer_name})", mine, peer))
-        else:
-            out.append(_target(f"warm >= 2x best own-memory peer ({peer_name})", mine, 2 * peer))
-        out.append(_target(f"{mode} >= 3x safetensors load_file+clone", mine, 3 * st))
     h2d = [r["best_gbps"] for r in rows if r["loader"] == "pinned_h2d"]
-    if h2d:
-        warm = best(rows, ["ember", "ember_pooled"], "warm")[1]
-        out.append(_target("warm to GPU >= 80% of pinned host-to-device", warm, 0.8 * h2d[0]))
+    for variant in ("ember", "ember_pooled"):
+        for mode in ("cold", "warm"):
+            mine = best(rows, [variant], mode)[1]
+            peer_name, peer = best(rows, OWN_MEMORY_PEERS, mode)
+            st = best(rows, ["safetensors_clone"], mode)[1]
+            if mode == "cold":
+                raw_name, raw = best(rows, ["raw_buffered", "raw_direct"], "cold")
+                out.append(
+                    _target(variant, f"cold >= 95% of best raw read ({raw_name})", mine, 0.95 * raw)
+                )
+                out.append(
+                    _target(variant, f"cold >= best own-memory peer ({peer_name})", mine, peer)
+                )
+            else:
+                out.append(
+                    _target(
+                        variant, f"warm >= 2x best own-memory peer ({peer_name})", mine, 2 * peer
+                    )
+                )
+            out.append(_target(variant, f"{mode} >= 3x safetensors load_file+clone", mine, 3 * st))
+        if h2d:
+            warm = best(rows, [variant], "warm")[1]
+            out.append(
+                _target(variant, "warm to GPU >= 80% of pinned host-to-device", warm, 0.8 * h2d[0])
+            )
     return out
 
 
-def _target(what: str, value: float, goal: float) -> dict[str, Any]:
-    return {"target": what, "ember_gbps": value, "needed_gbps": goal, "met": bool(value >= goal)}
+def _target(variant: str, what: str, value: float, goal: float) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "target": what,
+        "ember_gbps": value,
+        "needed_gbps": goal,
+        "met": bool(value >= goal),
+    }
 
 
 def print_table(rows: list[dict[str, Any]], tgts: list[dict[str, Any]]) -> None:
@@ -396,7 +418,8 @@ def print_table(rows: list[dict[str, Any]], tgts: list[dict[str, Any]]) -> None:
     for t in tgts:
         mark = "MET " if t["met"] else "MISS"
         print(
-            f"[{mark}] {t['target']}: ember {t['ember_gbps']:.2f} GB/s, needs {t['needed_gbps']:.2f}"
+            f"[{mark}] {t['variant']:<13}{t['target']}: {t['ember_gbps']:.2f} GB/s, "
+            f"needs {t['needed_gbps']:.2f}"
         )
 
 
@@ -428,6 +451,31 @@ def git_sha() -> str:
     return out.stdout.strip() or "unknown"
 
 
+def runnable(name: str, device: str) -> bool:
+    module = {
+        "tensorizer": "tensorizer",
+        "fastsafetensors": "fastsafetensors",
+        "runai": "runai_model_streamer",
+    }
+    if name in module and not _has(module[name]):
+        print(f"skip {name}: not installed (pip install -e '.[bench]')", flush=True)
+        return False
+    host_only = ("raw_buffered", "raw_direct", "safetensors_touched", "torch_mmap_touched")
+    return not (device.startswith("cuda") and name in host_only)
+
+
+def run_child(
+    name: str, mode: str, runs: int, art: dict[str, Any], device: str
+) -> dict[str, Any] | None:
+    cmd = [sys.executable, __file__, "--runs", str(runs), "--device", device,
+           "--child", name, mode, json.dumps(art)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        print(f"{name} {mode} failed:\n{out.stderr[-2000:]}", flush=True)
+        return None
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="1b", help="factory size of the llama model (default 1b)")
@@ -435,6 +483,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="125m model, 2 runs")
     p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset")
     p.add_argument("--device", default="cpu", help="cpu, or cuda to load to cuda:0")
+    p.add_argument(
+        "--no-interleave", action="store_true", help="all runs of a loader in one process, in a row"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
     p.add_argument(
         "--child", nargs=3, metavar=("LOADER", "MODE", "ARTIFACTS"), help=argparse.SUPPRESS
@@ -454,43 +505,35 @@ def main() -> int:
     rows = [summarize(r, nbytes) for r in memory_rows(nbytes, args.runs)]
     if args.device.startswith("cuda"):
         rows += [summarize(r, nbytes) for r in cuda_rows(nbytes, args.runs)]
-    for name in args.loaders.split(","):
-        module = {
-            "tensorizer": "tensorizer",
-            "fastsafetensors": "fastsafetensors",
-            "runai": "runai_model_streamer",
-        }
-        if name in module and not _has(module[name]):
-            print(f"skip {name}: not installed (pip install -e '.[bench]')", flush=True)
-            continue
-        if args.device.startswith("cuda") and name in (
-            "raw_buffered",
-            "raw_direct",
-            "safetensors_touched",
-            "torch_mmap_touched",
-        ):
-            continue
-        for mode in ("cold", "warm"):
-            cmd = [sys.executable, __file__, "--runs", str(args.runs), "--device", args.device,
-                   "--child", name, mode, json.dumps(art)]  # fmt: skip
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-            if out.returncode != 0:
-                print(f"{name} {mode} failed:\n{out.stderr[-2000:]}", flush=True)
-                continue
-            row = summarize(json.loads(out.stdout.strip().splitlines()[-1]), nbytes)
-            rows.append(row)
-            print(
-                f"{name:<22}{mode:<6}{row['best_gbps']:7.2f} / {row['median_gbps']:.2f} GB/s",
-                flush=True,
-            )
+    names = [n for n in args.loaders.split(",") if runnable(n, args.device)]
+    # Interleaved: round r runs every loader once, so a burst of load from other processes on
+    # a shared machine hits all loaders alike instead of whichever ran at that moment.
+    rounds, per_child = (1, args.runs) if args.no_interleave else (args.runs, 1)
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for _ in range(rounds):
+        for name in names:
+            for mode in ("cold", "warm"):
+                got = run_child(name, mode, per_child, art, args.device)
+                if got is None:
+                    continue
+                row = merged.setdefault((name, mode), {**got, "seconds": [], "cpu_seconds": []})
+                row["seconds"] += got["seconds"]
+                row["cpu_seconds"] += got["cpu_seconds"]
+                for k in ("max_resident_after_evict", "max_not_resident"):
+                    if k in got:
+                        row[k] = max(row[k], got[k])
+                print(
+                    f"{name:<22}{mode:<6}{nbytes / min(got['seconds']) / 1e9:7.2f} GB/s", flush=True
+                )
+    rows += [summarize(r, nbytes) for r in merged.values()]
     tgts = targets(rows)
     print_table(rows, tgts)
-    cold = best(rows, ["ember", "ember_pooled"], "cold")[1]
+    cold = best(rows, ["ember"], "cold")[1]
     raw = best(rows, ["raw_buffered", "raw_direct"], "cold")[1]
     facts["load_average_at_end"] = os.getloadavg()[0]
     result = {
         "benchmark": "load",
-        "metric": f"ember cold load GB/s, llama-{args.size} bf16 to {args.device}",
+        "metric": f"ember cold load GB/s (defaults), llama-{args.size} bf16 to {args.device}",
         "value": cold,
         "unit": "GB/s",
         "baseline": raw,

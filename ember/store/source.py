@@ -80,14 +80,11 @@ class ModelSource:
     root: Path  # the folder (or the file's folder for a single safetensors file)
     weight_files: tuple[Path, ...]
     config: dict[str, Any]
+    single_file: bool = False
 
     def side_files(self) -> list[Path]:
         """Files copied next to the checkpoint: HF config, tokenizer, generation config..."""
-        if (
-            not self.root.is_dir()
-            or len(self.weight_files) == 1
-            and self.root == self.weight_files[0]
-        ):
+        if self.single_file:  # a lone .safetensors: its folder's other files are not its own
             return []
         out = []
         for p in sorted(self.root.iterdir()):
@@ -116,7 +113,7 @@ def open_source(src: str | Path) -> ModelSource:
     if p.is_file():
         if p.suffix != ".safetensors":
             raise NoWeightsError(p, "a single-file source must be a .safetensors file")
-        return ModelSource(root=p.parent, weight_files=(p,), config={})
+        return ModelSource(root=p.parent, weight_files=(p,), config={}, single_file=True)
     config: dict[str, Any] = {}
     cfg = p / "config.json"
     if cfg.is_file():

@@ -214,8 +214,10 @@ def test_existing_destination_is_refused_unless_overwrite(tmp_path: Path) -> Non
 
 def test_single_safetensors_file_source(tmp_path: Path) -> None:
     save_file({"w": torch.arange(10)}, str(tmp_path / "one.safetensors"))
+    (tmp_path / "unrelated.json").write_text("{}")
     ck = convert(tmp_path / "one.safetensors", tmp_path / "ck", progress=False)
     assert read_index(ck).config == {}
+    assert sorted(p.name for p in ck.iterdir()) == ["index.json", "rank0-part0000.bin"]
     assert torch.equal(load(ck)["w"], torch.arange(10))
 
 
