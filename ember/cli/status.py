@@ -39,6 +39,8 @@ def render(state: dict[str, Any]) -> str:
             f"  keep_alive_s={spec.get('keep_alive_s')}  queued={d.get('queued', 0)}"
             f"  in_flight={d.get('in_flight', 0)}"
         )
+        if d.get("cached_on"):
+            lines.append("  checkpoint cached on: " + ", ".join(n[:12] for n in d["cached_on"]))
         for i in insts:
             load = i.get("load_s")
             load_text = f"{load:.2f}" if isinstance(load, (int, float)) else "-"

@@ -165,7 +165,8 @@ class Controller:
                 continue
             insts = [i.info() for i in self._instances.values() if i.deployment == name]
             insts += [i.info() for i in dep.failed]
-            out.append(DeploymentStatus(spec=dep.spec, instances=tuple(insts), desired=dep.desired))
+            cached = tuple(sorted(self._checkpoint_nodes.get(dep.spec.source, ())))
+            out.append(DeploymentStatus(dep.spec, tuple(insts), dep.desired, cached))
         return out
 
     def nodes(self) -> list[NodeInfo]:

@@ -227,6 +227,7 @@ class DeploymentStatus:
     spec: DeploymentSpec
     instances: tuple[InstanceInfo, ...]
     desired: int
+    cached_on: tuple[str, ...] = ()  # nodes that converted the checkpoint (placement prefers them)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -234,6 +235,7 @@ class DeploymentStatus:
             "spec": self.spec.to_dict(),
             "desired": self.desired,
             "instances": [i.to_dict() for i in self.instances],
+            "cached_on": list(self.cached_on),
         }
 
 

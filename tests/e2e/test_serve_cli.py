@@ -74,6 +74,7 @@ def test_deploy_status_delete_round_trip(
     assert d is not None and d["spec"]["keep_alive_s"] == 5.0 and d["spec"]["min_instances"] == 1
     [inst] = d["instances"]
     assert inst["node_id"] and inst["load_s"] > 0
+    assert d["cached_on"] == [inst["node_id"]]
     text = ember("status", *url)
     assert text.returncode == 0
     assert any(line.startswith("cli-m ") and "ready=1" in line for line in text.stdout.splitlines())

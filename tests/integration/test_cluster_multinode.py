@@ -189,6 +189,7 @@ def test_instance_returns_to_the_node_that_has_its_checkpoint(
             controller.wake("b")
             await controller.wait_for_instance("b", START_TIMEOUT_S)
             assert ready_nodes(controller, "b") == [node_b]
+            assert [s.cached_on for s in controller.status()] == [(node_b,)]
         finally:
             await controller.stop()
 

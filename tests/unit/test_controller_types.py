@@ -93,8 +93,8 @@ def test_states_are_plain_strings() -> None:
 def test_status_to_dict_lists_instances_with_string_states() -> None:
     spec = DeploymentSpec("m", "/x")
     info = InstanceInfo("m-1", "m", "node-a", S.READY, 2, 1.5, 0.25)
-    d = DeploymentStatus(spec, (info,), desired=1).to_dict()
-    assert d["name"] == "m" and d["desired"] == 1
+    d = DeploymentStatus(spec, (info,), desired=1, cached_on=("node-a",)).to_dict()
+    assert d["name"] == "m" and d["desired"] == 1 and d["cached_on"] == ["node-a"]
     assert d["instances"] == [
         {
             "instance_id": "m-1",
