@@ -12,7 +12,7 @@ request holds blocks, `num_free == num_blocks`.
 
 from __future__ import annotations
 
-from collections import deque
+import heapq
 
 from ember.engine.request import Request
 
@@ -23,7 +23,9 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        # A heap: the lowest free id first, so a request's blocks tend to be consecutive and
+        # the runner can then read its context as one slice instead of a gather.
+        self._free: list[int] = list(range(num_blocks))
 
     @property
     def num_free(self) -> int:
@@ -44,7 +46,7 @@ class BlockManager:
         need = self.blocks_needed(request, num_tokens)
         assert need <= self.num_free, f"grow by {need} blocks with {self.num_free} free"
         for _ in range(need):
-            block = self._free.popleft()
+            block = heapq.heappop(self._free)
             assert self.ref_counts[block] == 0
             self.ref_counts[block] = 1
             request.block_table.append(block)
@@ -62,7 +64,7 @@ class BlockManager:
             assert self.ref_counts[block] > 0, f"double free of block {block}"
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
-                self._free.append(block)
+                heapq.heappush(self._free, block)
         request.block_table = []
         request.num_cached_tokens = 0
 

@@ -40,6 +40,8 @@ class EngineConfig:
     - `block_size_tokens`: tokens per KV block.
     - `device`: "cpu" or "cuda" / "cuda:N".
     - `seed`: seeds the per-request generators of requests that name no seed.
+    - `pack_weights`: on CPU in bf16, re-lay linear weights out for oneDNN's kernels (2-3x
+      faster decode; the plain copy from the store is released after packing).
     """
 
     model: str
@@ -52,6 +54,7 @@ class EngineConfig:
     block_size_tokens: int = 16
     device: str = "cpu"
     seed: int = 0
+    pack_weights: bool = True
 
     def __post_init__(self) -> None:
         positive = {

@@ -77,14 +77,14 @@ class Engine:
         if tp == 1:
             self._executor = load_runner(
                 str(self.checkpoint), self.model_config, ParallelContext(), device,
-                self.dtype, num_blocks, config.block_size_tokens,
+                self.dtype, num_blocks, config.block_size_tokens, config.pack_weights,
             )  # fmt: skip
         else:
             from ember.engine.parallel import TensorParallelExecutor, make_spec
 
             spec = make_spec(
                 str(self.checkpoint), self.model_config, config.device, self.dtype,
-                num_blocks, config.block_size_tokens, tp,
+                num_blocks, config.block_size_tokens, tp, config.pack_weights,
             )  # fmt: skip
             self._executor = TensorParallelExecutor(spec)
         self._rng = random.Random(config.seed)

@@ -16,7 +16,12 @@ import torch
 
 from ember.engine.config import ModelConfig
 from ember.engine.models import build_model
-from ember.engine.models.layers import AttentionMetadata, ParallelContext
+from ember.engine.models.layers import (
+    AttentionMetadata,
+    Linear,
+    ParallelContext,
+    can_pack_linears,
+)
 from ember.engine.scheduler import SchedulePlan
 
 logger = logging.getLogger(__name__)
@@ -32,6 +37,7 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         source: str = "checkpoint",
+        pack_weights: bool = True,
     ) -> None:
         self.cfg = cfg
         self.par = par
@@ -40,6 +46,9 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.model = build_model(cfg, weights, par, source)
         self.dtype = next(self.model.parameters()).dtype
+        self.packed = pack_weights and can_pack_linears(device, self.dtype)
+        if self.packed:
+            _pack(self.model)
         self.kv_heads = cfg.num_kv_heads // par.world_size
         self.attention_modules: list[Any] = [layer.self_attn for layer in self._layers()]
         self.kv_caches = [
@@ -129,6 +138,8 @@ class ModelRunner:
             pad_index=None if pad_index is None else pad_index.to(self.device),
             attn_mask=mask,
             first_prefill_single=first_single,
+            contiguous_start=_contiguous_start(tables[0], bs) if b == 1 else None,
+            upcast=self.device.type == "cpu" and self.dtype != torch.float32,
         )
         last = torch.tensor(lens).cumsum(0) - 1  # [B] index of each request's last token
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device)
@@ -151,6 +162,28 @@ class ModelRunner:
             flat.index_copy_(1, index, kv[layer].to(device=self.device, dtype=self.dtype))
 
 
+def _contiguous_start(table: list[int], block_size: int) -> int | None:
+    """The first slot when `table` is a run of consecutive block ids, else None."""
+    first = table[0]
+    if table[-1] - first != len(table) - 1 or any(b != first + i for i, b in enumerate(table)):
+        return None
+    return first * block_size
+
+
+def _pack(model: torch.nn.Module) -> None:
+    """Pack every linear weight for oneDNN, then give the other (small) parameters their own
+    memory so that the store's buffer, which only the plain weights shared, is released: one
+    copy of the weights stays, in the faster layout."""
+    packed = set()
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.pack()
+            packed.add(id(module.weight))
+    for param in model.parameters():
+        if id(param) not in packed:
+            param.data = param.data.clone()
+
+
 def load_runner(
     checkpoint: str,
     cfg: ModelConfig,
@@ -159,6 +192,7 @@ def load_runner(
     dtype: torch.dtype,
     num_blocks: int,
     block_size: int,
+    pack_weights: bool = True,
 ) -> ModelRunner:
     """Load this rank's weights from the store and build its runner (a dtype other than the
     stored one costs a cast; `Engine` converts HF folders in the right dtype to avoid it)."""
@@ -169,4 +203,4 @@ def load_runner(
     weights = load_rank(Path(checkpoint), device, par.rank)
     if any(t.dtype != dtype and t.is_floating_point() for t in weights.values()):
         weights = {k: t.to(dtype) if t.is_floating_point() else t for k, t in weights.items()}
-    return ModelRunner(cfg, weights, par, device, num_blocks, block_size, source=checkpoint)
+    return ModelRunner(cfg, weights, par, device, num_blocks, block_size, checkpoint, pack_weights)

@@ -47,6 +47,7 @@ class RankSpec:
     world_size: int
     port: int
     threads: int
+    pack_weights: bool = True
 
 
 def _free_port() -> int:
@@ -76,8 +77,9 @@ def _init(spec: RankSpec, rank: int) -> ModelRunner:
     par = ParallelContext(rank=rank, world_size=spec.world_size)
     dtype = getattr(torch, spec.dtype)
     return load_runner(
-        spec.checkpoint, spec.model_config, par, device, dtype, spec.num_blocks, spec.block_size
-    )
+        spec.checkpoint, spec.model_config, par, device, dtype, spec.num_blocks,
+        spec.block_size, spec.pack_weights,
+    )  # fmt: skip
 
 
 def _broadcast(msg: Any) -> Any:
@@ -175,6 +177,7 @@ def make_spec(
     num_blocks: int,
     block_size: int,
     world_size: int,
+    pack_weights: bool = True,
 ) -> RankSpec:
     threads = max(1, (os.cpu_count() or 1) // world_size) if device == "cpu" else 1
     return RankSpec(
@@ -187,4 +190,5 @@ def make_spec(
         world_size=world_size,
         port=_free_port(),
         threads=threads,
+        pack_weights=pack_weights,
     )

@@ -49,6 +49,8 @@ class AttentionMetadata:
     pad_index: torch.Tensor | None  # [T] row of each token in the padded [B * Lq]; None if unpadded
     attn_mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool (True = attend); None when not needed
     first_prefill_single: bool  # B == 1 and no cached prefix: plain causal attention
+    contiguous_start: int | None = None  # B == 1 with consecutive blocks: first slot of context
+    upcast: bool = False  # attend in fp32 (CPU bf16/fp16 SDPA kernels are several times slower)
 
 
 def paged_attention(
@@ -61,48 +63,55 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, H * D]
     num_tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
+    dtype = q.dtype
     k_flat = kv_cache[0].view(-1, kv_heads, head_dim)  # [slots, KVH, D]
     v_flat = kv_cache[1].view(-1, kv_heads, head_dim)
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
     gqa = heads != kv_heads
+    up = (lambda t: t.float()) if meta.upcast else (lambda t: t)
     if meta.first_prefill_single:
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],  # [1, H, T, D]
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
+            up(q.transpose(0, 1)[None]),  # [1, H, T, D]
+            up(k.transpose(0, 1)[None]),
+            up(v.transpose(0, 1)[None]),
             attn_mask=meta.attn_mask,
             is_causal=meta.attn_mask is None,
             scale=scale,
             enable_gqa=gqa,
         )  # [1, H, T, D]
-        return out[0].transpose(0, 1).reshape(num_tokens, heads * head_dim)
+        return out[0].transpose(0, 1).reshape(num_tokens, heads * head_dim).to(dtype)
     b, lq, lk = meta.num_seqs, meta.max_query_len, meta.max_context_len
-    keys = kv_cache[0][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]  # [B,Lk,KVH,D]
-    values = kv_cache[1][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]
-    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, KVH, Lk, D]
+    if meta.contiguous_start is not None:
+        s0 = meta.contiguous_start
+        keys = k_flat[s0 : s0 + lk][None]  # [1, Lk, KVH, D], a view
+        values = v_flat[s0 : s0 + lk][None]
+    else:
+        keys = kv_cache[0][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]
+        values = kv_cache[1][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]
+    keys, values = up(keys.transpose(1, 2)), up(values.transpose(1, 2))  # [B, KVH, Lk, D]
     if lq == 1:
         # Decode: the H / KVH query heads sharing a KV head become rows of one query matrix.
         group = heads // kv_heads
-        qd = q.view(b, kv_heads, group, head_dim)  # [B, KVH, G, D]
+        qd = up(q.view(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
         out = F.scaled_dot_product_attention(
             qd, keys, values, attn_mask=meta.attn_mask, scale=scale
         )  # [B, KVH, G, D]
-        return out.reshape(b, heads * head_dim)
+        return out.reshape(b, heads * head_dim).to(dtype)
     if meta.pad_index is not None:
         qp = q.new_zeros(b * lq, heads, head_dim)
         qp[meta.pad_index] = q
     else:
         qp = q
     out = F.scaled_dot_product_attention(
-        qp.view(b, lq, heads, head_dim).transpose(1, 2),  # [B, H, Lq, D]
+        up(qp.view(b, lq, heads, head_dim).transpose(1, 2)),  # [B, H, Lq, D]
         keys,
         values,
         attn_mask=meta.attn_mask,
         scale=scale,
         enable_gqa=gqa,
     )  # [B, H, Lq, D]
-    out = out.transpose(1, 2).reshape(b * lq, heads * head_dim)
+    out = out.transpose(1, 2).reshape(b * lq, heads * head_dim).to(dtype)
     return out[meta.pad_index] if meta.pad_index is not None else out
 
 
@@ -157,15 +166,54 @@ def _meta(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """`y = x W^T + b` with HF's parameter names, created without initialisation."""
+    """`y = x W^T + b` with HF's parameter names, created without initialisation.
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    With `reduce` (a row-parallel layer under tensor parallelism) the partial products are
+    summed over the ranks before the (replicated) bias is added once. After `pack()` the
+    weight is held in oneDNN's blocked layout and multiplied by its kernel, which on CPU runs
+    bf16 matrix-vector products 2-3x faster than `F.linear` on the plain layout.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, reduce: ParallelContext | None = None
+    ) -> None:
         super().__init__()
         self.weight = _meta(out_features, in_features)
         self.bias = _meta(out_features) if bias else None
+        self.reduce = reduce if reduce is not None and reduce.world_size > 1 else None
+        self.packed = False
+
+    def pack(self) -> None:
+        """Re-lay the weight out for oneDNN (a copy; the plain weight is dropped)."""
+        w = self.weight.detach()
+        self.weight = nn.Parameter(
+            torch.ops.mkldnn._reorder_linear_weight(w, 1), requires_grad=False
+        )
+        self.packed = True
+
+    def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")  # type: ignore[no-any-return]
+        return F.linear(x, self.weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.reduce is None:
+            return self._matmul(x, self.bias)
+        out = all_reduce(self._matmul(x, None), self.reduce)
+        return out + self.bias if self.bias is not None else out
+
+
+def can_pack_linears(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN packing pays off for bf16 on CPUs with native bf16 (AVX512-BF16 / AMX)."""
+    if device.type != "cpu" or dtype != torch.bfloat16:
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    try:
+        return bool(ops._is_mkldnn_bf16_supported()) and hasattr(ops, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class Embedding(nn.Module):

@@ -20,7 +20,6 @@ from ember.engine.models.layers import (
     Embedding,
     Linear,
     ParallelContext,
-    all_reduce,
     apply_rope,
     paged_attention,
     rms_norm,
@@ -51,7 +50,7 @@ class LlamaAttention(nn.Module):
         self.q_proj = Linear(d, self.heads * hd, bias=cfg.qkv_bias)
         self.k_proj = Linear(d, self.kv_heads * hd, bias=cfg.qkv_bias)
         self.v_proj = Linear(d, self.kv_heads * hd, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.heads * hd, d, bias=cfg.o_bias)
+        self.o_proj = Linear(self.heads * hd, d, bias=cfg.o_bias, reduce=par)
         self.kv_cache = torch.empty(0)  # [2, blocks, block_size, KVH, D], set by the runner
 
     def forward(
@@ -67,8 +66,7 @@ class LlamaAttention(nn.Module):
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = paged_attention(q, k, v, self.kv_cache, meta, self.scale)  # [T, H * D]
-        out = all_reduce(F.linear(out, self.o_proj.weight), self.par)
-        return out + self.o_proj.bias if self.o_proj.bias is not None else out
+        return self.o_proj(out)  # type: ignore[no-any-return]
 
 
 class LlamaMLP(nn.Module):
@@ -78,12 +76,11 @@ class LlamaMLP(nn.Module):
         d, inter = cfg.hidden_size, cfg.intermediate_size // par.world_size
         self.gate_proj = Linear(d, inter, bias=cfg.mlp_bias)
         self.up_proj = Linear(d, inter, bias=cfg.mlp_bias)
-        self.down_proj = Linear(inter, d, bias=cfg.mlp_bias)
+        self.down_proj = Linear(inter, d, bias=cfg.mlp_bias, reduce=par)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        out = all_reduce(F.linear(h, self.down_proj.weight), self.par)
-        return out + self.down_proj.bias if self.down_proj.bias is not None else out
+        return self.down_proj(h)  # type: ignore[no-any-return]
 
 
 class LlamaDecoderLayer(nn.Module):

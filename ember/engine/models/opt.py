@@ -18,7 +18,6 @@ from ember.engine.models.layers import (
     LayerNorm,
     Linear,
     ParallelContext,
-    all_reduce,
 )
 from ember.engine.models.layers import paged_attention as _paged_attention
 
@@ -36,7 +35,7 @@ class OPTAttention(nn.Module):
         self.q_proj = Linear(d, local, bias=cfg.qkv_bias)
         self.k_proj = Linear(d, local, bias=cfg.qkv_bias)
         self.v_proj = Linear(d, local, bias=cfg.qkv_bias)
-        self.out_proj = Linear(local, d, bias=cfg.o_bias)
+        self.out_proj = Linear(local, d, bias=cfg.o_bias, reduce=par)
         self.kv_cache = torch.empty(0)  # [2, blocks, block_size, H, D], set by the runner
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -45,8 +44,7 @@ class OPTAttention(nn.Module):
         k = self.k_proj(x).view(t, self.heads, self.head_dim)
         v = self.v_proj(x).view(t, self.heads, self.head_dim)
         out = _paged_attention(q, k, v, self.kv_cache, meta, self.scale)
-        out = all_reduce(F.linear(out, self.out_proj.weight), self.par)
-        return out + self.out_proj.bias if self.out_proj.bias is not None else out
+        return self.out_proj(out)  # type: ignore[no-any-return]
 
 
 class OPTDecoderLayer(nn.Module):
@@ -59,7 +57,7 @@ class OPTDecoderLayer(nn.Module):
         self.self_attn = OPTAttention(cfg, par)
         self.self_attn_layer_norm = LayerNorm(cfg.hidden_size)
         self.fc1 = Linear(cfg.hidden_size, inter, bias=cfg.mlp_bias)
-        self.fc2 = Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.fc2 = Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias, reduce=par)
         self.final_layer_norm = LayerNorm(cfg.hidden_size)
 
     def forward(self, h: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -68,8 +66,7 @@ class OPTDecoderLayer(nn.Module):
         if not self.pre_norm:
             h = self.self_attn_layer_norm(h)
         x = self.final_layer_norm(h) if self.pre_norm else h
-        x = all_reduce(F.linear(self.act(self.fc1(x)), self.fc2.weight), self.par)
-        h = h + (x + self.fc2.bias if self.fc2.bias is not None else x)
+        h = h + self.fc2(self.act(self.fc1(x)))
         return h if self.pre_norm else self.final_layer_norm(h)
 
 
