@@ -39,12 +39,23 @@ def node_cache_dir(cache_root: str | Path, node_id: str) -> Path:
 
 
 def prepare_checkpoint(spec: DeploymentSpec, cache_root: str, node_id: str) -> Path:
-    """An ember checkpoint for `spec` on this node, converting the source once if needed."""
-    from ember.engine.checkpoint import resolve
+    """An ember checkpoint for `spec` on this node, converting the source once if needed.
 
-    os.environ["EMBER_CACHE_DIR"] = str(node_cache_dir(cache_root, node_id))
-    dtype = None if spec.dtype == "auto" else spec.dtype
-    return resolve(spec.source, spec.tp, dtype)
+    Instances starting together on one node take a file lock, so the source is converted
+    once and the second instance finds the finished checkpoint.
+    """
+    import fcntl
+
+    from ember.engine.checkpoint import resolve
+    from ember.engine.config import DTYPE_NAMES
+
+    cache = node_cache_dir(cache_root, node_id)
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["EMBER_CACHE_DIR"] = str(cache)
+    want = DTYPE_NAMES.get(spec.dtype, spec.dtype)
+    with open(cache / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return resolve(spec.source, spec.tp, None if want == "auto" else want)
 
 
 class EngineRunner:

@@ -15,7 +15,8 @@ from typing import Any
 
 from ember.errors import ConfigError, DeploymentError
 
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# The engine's names (ember.engine.config.DTYPE_NAMES), without importing torch here.
+_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float", "half")
 
 
 @dataclass(frozen=True, slots=True)

@@ -114,3 +114,10 @@ def test_messages_pickle_for_ray() -> None:
     assert pickle.loads(pickle.dumps(delta)) == delta
     spec = DeploymentSpec("m", "/x")
     assert pickle.loads(pickle.dumps(spec)) == spec
+
+
+def test_spec_dtypes_are_the_engines() -> None:
+    from ember.engine.config import DTYPE_NAMES
+
+    for name in DTYPE_NAMES:
+        DeploymentSpec("m", "/x", dtype=name).validate()
