@@ -241,6 +241,19 @@ class RayAdapter:
         )
 
 
+def alive_actor_classes() -> list[str]:
+    """Class names of every ALIVE actor in the cluster, from the GCS actor table.
+
+    Works without the dashboard (which `ray.util.state.list_actors` needs and the embedded
+    default does not start); it reads Ray's private state API, so it is for checks and tests.
+    """
+    from ray._private.state import actors
+
+    return sorted(
+        str(a.get("ActorClassName", "?")) for a in actors().values() if a.get("State") == "ALIVE"
+    )
+
+
 def current_node_id() -> str:
     """The Ray node id of the calling process (inside an actor: the node it runs on)."""
     return str(ray.get_runtime_context().get_node_id())

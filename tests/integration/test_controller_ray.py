@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from ember import SamplingParams
+from ember.cluster.adapter import alive_actor_classes
 from ember.cluster.cluster import ClusterConfig, RayCluster
 from ember.cluster.instance import InstanceHandle
 from ember.controller.controller import Controller
@@ -177,9 +178,11 @@ def test_delete_stops_actors_and_frees_their_processes(
         assert len(set(pids)) == 2 and all(psutil.pid_exists(p) for p in pids)
         assert len(cluster.actor_names()) == 2
 
+        assert alive_actor_classes().count("InstanceActor") == 2
         controller.delete("d")
         await until(controller, lambda: not controller.status() and not controller._instances)
-        assert cluster.actor_names() == []
+        assert cluster.actor_names() == []  # ray.util.list_named_actors
+        await until(controller, lambda: "InstanceActor" not in alive_actor_classes())  # GCS
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while any(_alive(p) for p in pids):  # the worker process exits, its memory with it
