@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ember.errors import ConfigError
+from ember.policy.optimizer import ParallelConfig, estimate
+from ember.policy.profile import LatencyProfile
 
 _EPS = 1e-9
 
@@ -181,3 +183,38 @@ def prefer_recompute(
     if transfer_Bps <= 0 or prefill_tokens_per_s <= 0:
         raise ConfigError("transfer_Bps and prefill_tokens_per_s must be > 0")
     return tokens / prefill_tokens_per_s < kv_bytes / transfer_Bps
+
+
+def grace_for_config(
+    profile: LatencyProfile,
+    config: ParallelConfig,
+    requests: Sequence[RunningRequest],
+    *,
+    now_s: float,
+    deadline_s: float,
+    migration_s: float,
+    output_tokens: int,
+    published: bool,
+) -> GraceBudget:
+    """`arrange_grace` with the step times the optimizer's cost model gives `config`: SpotServe's
+    budget (`published`: the full batch's step) or ember's shrinking-batch one (a step time per
+    batch size that the profile has)."""
+    _, t1, t2 = estimate(profile, config, output_tokens)
+    steps: dict[int, float] = {}
+    b = 1
+    while b <= config.batch:
+        m2 = min(config.micro_decode, b)
+        if profile.has(config.tp, b // m2):
+            cfg_b = ParallelConfig(config.dp, config.tp, config.pp, b, 1, m2)
+            steps[b] = estimate(profile, cfg_b, output_tokens)[2]
+        b *= 2
+    return arrange_grace(
+        requests,
+        deadline_s=deadline_s,
+        now_s=now_s,
+        migration_s=migration_s,
+        prefill_s=t1,
+        decode_step_s=t2 if published or not steps else steps,
+        held_back=1,
+        shrinking_batch=not published,
+    )

@@ -3,7 +3,9 @@
 Unit of transfer: (layer, fragment), fragments being the hidden-dimension slices at granularity
 F = max(M_old, M_new); layer -1 is the embedding (first stage), layer L the LM head (last stage).
 For each unit a new GPU needs and does not hold, a sender is picked among the old holders that
-are still reachable (same host first, then the least loaded, then by id); with no holder left
+are still reachable (same host first, then the least loaded, then by id: holders are grouped by
+host and the cross-host choice comes from a per-unit heap, so a pick costs O(log holders) instead
+of a scan of every holder); with no holder left
 the unit is loaded from storage (`TransferKind.LOAD`), as is every missing unit when
 `peer_copies=False` (the baselines). Tensor degrees must divide one another. KV cache units move only for new replicas
 that inherit an old replica's requests (`kv_stay`).
@@ -11,7 +13,10 @@ Order: KV cache first; then "prior" transfers (sender or receiver dying), layer 
 back; then the rest front to back, so the new configuration can compute the early layers while
 later ones arrive. With a per-GPU memory limit, layer groups are taken front-most-first among
 those that keep every receiving GPU under the limit (a GPU frees a unit it no longer needs once
-its last send of it is done); PolicyError when no order fits.
+its last send of it is done). When no remaining group fits, the least-bad one goes next (the
+smallest overflow of any receiving GPU, front-most on ties), as SpotServe's planner does, and the
+plan says so (`within_memory=False`); a GPU already over its limit before any transfer also
+gives `within_memory=False`.
 Time: max over hosts of inter-host bytes / inter-host bandwidth, plus the same for intra-host
 and storage loads, plus a fixed overhead; per-layer readiness scales with bytes in plan order.
 """
@@ -19,6 +24,7 @@ and storage loads, plus a fixed overhead; per-layer readiness scales with bytes 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections import defaultdict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -79,6 +85,7 @@ class MigrationPlan:
     peak_bytes: Mapping[str, int]  # per receiving GPU, the most it holds during the plan
     moved_bytes: int
     loaded_bytes: int
+    within_memory: bool = True  # False: some GPU exceeds its limit (least-bad order taken)
 
 
 def _units_of(pos: Position, pp: int, tp: int, shape: ModelShape, frags: int) -> list[Unit]:
@@ -131,7 +138,7 @@ def plan_migration(
     missing = sorted(g for g in [*new.gpus(), *(old.gpus() if old else ())] if g not in hosts)
     if missing:
         raise PolicyError(f"hosts has no entry for GPU(s) {missing[:5]}")
-    holders: dict[Unit, list[str]] = defaultdict(list)
+    senders = _Senders(hosts)
     held: dict[str, dict[Key, int]] = defaultdict(dict)  # gpu -> unit key -> bytes
     if old is not None and oc is not None:
         for g, pos in sorted(old.by_gpu().items()):
@@ -139,12 +146,11 @@ def plan_migration(
             for u in units:
                 held[g][("w", -1, *u)] = _unit_bytes(u[0], shape, frags)
                 if g not in lost_set:
-                    holders[u].append(g)
+                    senders.add(u, g)
             kv = (kv_layer_bytes or {}).get(pos.replica, 0)
             for ly, f in units:
                 if kv and 0 <= ly < shape.layers:
                     held[g][("kv", pos.replica, ly, f)] = kv // frags
-    sent_load: dict[str, int] = defaultdict(int)
     raw: list[Transfer] = []
     needs: dict[str, set[Key]] = {}
     for pos, dst in new.assignment.items():
@@ -155,12 +161,10 @@ def plan_migration(
             if ("w", -1, *u) in mine:
                 continue
             nbytes = _unit_bytes(u[0], shape, frags)
-            cands = holders.get(u, []) if peer_copies else []
-            if not cands:
+            src = senders.pick(u, dst, nbytes) if peer_copies else None
+            if src is None:
                 raw.append(Transfer(TransferKind.LOAD, u[0], u[1], frags, None, dst, nbytes, False))
                 continue
-            src = min(cands, key=lambda g: (hosts[g] != hosts[dst], sent_load[g], g))
-            sent_load[src] += nbytes
             prior = src in dying_set or dst in dying_set
             raw.append(Transfer(TransferKind.WEIGHTS, u[0], u[1], frags, src, dst, nbytes, prior))
         r_old = (kv_stay or {}).get(pos.replica)
@@ -181,8 +185,44 @@ def plan_migration(
                 Transfer(TransferKind.KV, ly, f, frags, kv_src, dst, kv_unit, prior, replica=r_old)
             )
     limits = _limits(memory_limit_bytes, new)
-    ordered, peak = _order(raw, held, needs, limits)
-    return _estimate(ordered, peak, hosts, bw, shape)
+    ordered, peak, fits = _order(raw, held, needs, limits)
+    return _estimate(ordered, peak, fits, hosts, bw, shape)
+
+
+class _Senders:
+    """Live holders of each unit, grouped by host, with the bytes each has been given to send.
+
+    `pick` returns what a scan of every holder by (other host, bytes sent, GPU id) would: the
+    least-loaded holder on the receiver's host if there is one (a host has few GPUs), else the
+    top of the unit's heap of (bytes sent, GPU id), whose stale entries (a GPU that has sent
+    more since it was pushed) are refreshed when they surface. Loads only grow, so a refreshed
+    entry never needs to move up.
+    """
+
+    def __init__(self, hosts: Mapping[str, str]) -> None:
+        self.hosts = hosts
+        self.load: dict[str, int] = defaultdict(int)
+        self.by_host: dict[Unit, dict[str, list[str]]] = defaultdict(dict)
+        self.heap: dict[Unit, list[tuple[int, str]]] = defaultdict(list)
+
+    def add(self, u: Unit, g: str) -> None:
+        self.by_host[u].setdefault(self.hosts[g], []).append(g)
+        self.heap[u].append((0, g))  # every load is 0 while holders are added: a valid heap
+
+    def pick(self, u: Unit, dst: str, nbytes: int) -> str | None:
+        local = self.by_host.get(u, {}).get(self.hosts[dst])
+        if local:
+            src = min(local, key=lambda g: (self.load[g], g))
+        else:
+            heap = self.heap.get(u)
+            if not heap:
+                return None
+            while heap[0][0] != self.load[heap[0][1]]:
+                g = heap[0][1]
+                heapq.heapreplace(heap, (self.load[g], g))
+            src = heap[0][1]
+        self.load[src] += nbytes
+        return src
 
 
 def _in_stage(layer: int, stage: int, pp: int, layers: int) -> bool:
@@ -207,8 +247,9 @@ def _order(
     held: Mapping[str, Mapping[Key, int]],
     needs: Mapping[str, set[Key]],
     limits: Mapping[str, float],
-) -> tuple[list[Transfer], dict[str, int]]:
-    """Groups (phase, layer) in order, front-most group that fits the memory limits first."""
+) -> tuple[list[Transfer], dict[str, int], bool]:
+    """Groups (phase, layer) in order, front-most group that fits the memory limits first, the
+    least-bad group when none fits; also whether every GPU stayed within its limit."""
     groups: dict[tuple[int, int], list[Transfer]] = defaultdict(list)
     for t in raw:
         groups[(_phase(t), t.layer)].append(t)
@@ -221,27 +262,26 @@ def _order(
         for key, nbytes in held.get(g, {}).items():
             if key in needs.get(g, set()) or pending.get((g, key), 0):
                 usage[g] += nbytes
-    for g, u in usage.items():
-        if u > limits[g]:
-            raise PolicyError(f"GPU {g} already holds {u} bytes, over its limit {limits[g]:.0f}")
+    fits = all(u <= limits[g] for g, u in usage.items())
     peak = dict(usage)
     remaining = sorted(groups)
     out: list[Transfer] = []
     while remaining:
-        pick = None
+        pick, least_bad = None, (float("inf"), remaining[0])
         for gk in remaining:
             incoming: dict[str, int] = defaultdict(int)
             for t in groups[gk]:
                 incoming[t.dst] += t.nbytes
-            if all(usage.get(d, 0) + b <= limits.get(d, float("inf")) for d, b in incoming.items()):
+            over = max(
+                (usage.get(d, 0) + b - limits.get(d, float("inf")) for d, b in incoming.items()),
+                default=0.0,
+            )
+            if over <= 0:
                 pick = gk
                 break
+            least_bad = min(least_bad, (over, gk))
         if pick is None:
-            gk = remaining[0]
-            raise PolicyError(
-                f"no transfer order keeps every GPU under its memory limit "
-                f"(stuck at layer {gk[1]}, {len(remaining)} layer groups left)"
-            )
+            pick, fits = least_bad[1], False
         remaining.remove(pick)
         batch = sorted(groups[pick], key=lambda t: (t.dst, t.fragment, t.src or "", t.kind.value))
         for t in batch:
@@ -256,12 +296,13 @@ def _order(
                 if t.src in usage:
                     usage[t.src] -= held[t.src][t.key]
         out.extend(batch)
-    return out, peak
+    return out, peak, fits
 
 
 def _estimate(
     ordered: list[Transfer],
     peak: dict[str, int],
+    fits: bool,
     hosts: Mapping[str, str],
     bw: LinkBandwidth,
     shape: ModelShape,
@@ -304,4 +345,5 @@ def _estimate(
         peak_bytes=dict(sorted(peak.items())),
         moved_bytes=moved,
         loaded_bytes=total_bytes - moved,
+        within_memory=fits,
     )

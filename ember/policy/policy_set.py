@@ -5,7 +5,7 @@ names and what each one means:
 
 | name | config on change | context kept | interrupted requests | grace period |
 |---|---|---|---|---|
-| `ember` | optimizer (published ranking; opt-in knobs) | KM map, KV + weights | KV kept, else recompute with tokens kept; shrinking-batch budget | used |
+| `ember` | optimizer (published ranking), current shape held unless a change pays | KM map, KV + weights (weights from storage when faster) | KV kept, else recompute with tokens kept; shrinking-batch budget | used |
 | `spotserve` | optimizer as published | KM map, KV + weights | KV kept for the most-progressed, others restart | used, published budget |
 | `reroute` | TP/PP fixed at the first choice, only D changes | none: new replicas load from storage | restart from scratch elsewhere | used until the kill |
 | `reparallelize` | optimizer as published | none: every replica restarts and reloads | restart from scratch | used until the kill |
@@ -25,6 +25,7 @@ from typing import Any
 from ember.errors import ConfigError
 from ember.policy.device_map import MappingStrategy
 from ember.policy.grace import ResumeMode
+from ember.policy.hysteresis import HysteresisConfig
 from ember.policy.optimizer import OptimizerConfig
 from ember.policy.startup import PlacementConfig
 
@@ -64,6 +65,11 @@ class PolicySet:
     survivors_by_tokens: rank replicas to keep by tokens saved (ember) or by decode step.
     progressive: the new configuration starts once the front layers arrive (`prefix_ready_s`).
     memory_limit: order transfers to respect each GPU's memory.
+    load_when_faster: read the built replicas' weights from storage instead when that is faster
+        than the peer transfers (few senders and many receivers: a growing fleet); KV still
+        moves peer to peer.
+    hysteresis: keep the current shape unless a change pays for its pause (hysteresis.py);
+        None: take the optimizer's choice on every change (SpotServe).
     """
 
     name: PolicyName
@@ -79,6 +85,8 @@ class PolicySet:
     survivors_by_tokens: bool = False
     progressive: bool = True
     memory_limit: bool = True
+    load_when_faster: bool = False
+    hysteresis: HysteresisConfig | None = None
     placement: PlacementStrategy = PlacementStrategy.SERVERLESSLLM
     placement_config: PlacementConfig = field(default_factory=PlacementConfig.serverlessllm)
 
@@ -102,6 +110,8 @@ def policy_set(name: str | PolicyName, *, min_gpus: int = 1, max_batch: int = 4)
             dropped=ResumeMode.RECOMPUTE,
             published_budget=False,
             survivors_by_tokens=True,
+            load_when_faster=True,
+            hysteresis=HysteresisConfig(),
             placement=PlacementStrategy.EMBER,
             placement_config=PlacementConfig.ember(),
         )

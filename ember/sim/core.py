@@ -21,19 +21,21 @@ import time
 from collections import deque
 
 from ember.policy import (
+    FleetView,
     Gpu,
-    ModelShape,
     ParallelConfig,
     Placement,
     PolicySet,
+    Reconfiguration,
     ResumeMode,
     RunningRequest,
+    expected_interval_s,
 )
 from ember.sim.fleet import BatchTimes, Replica, Requests
 from ember.sim.metrics import Counters, SimResult, summarize
 from ember.sim.profile_file import ProfileFile
 from ember.sim.spot_trace import ADD, SpotTrace
-from ember.sim.switch import FleetView, SimParams, SwitchPlan, grace_stop_s, plan_switch
+from ember.sim.switch import SimParams, grace_stop_s, plan_switch
 from ember.sim.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ class Simulator:
         self.c = Counters()
         self.timeline: list[tuple[float, int, int, str]] = []
         self.first_latency_s: float | None = None
-        self._kv_tok = ModelShape.kv_bytes_per_token_layer(profile.hidden_size)
+        self.change_times: list[float] = []  # trace-driven fleet and rate changes
         self._schedule_trace()
 
     # --- event plumbing -------------------------------------------------------------------
@@ -146,6 +148,7 @@ class Simulator:
             self._notice(payload)  # type: ignore[arg-type]
         elif kind == RATE:
             self.rate = float(payload)  # type: ignore[arg-type]
+            self.change_times.append(self.now)
             self._reconfigure()
 
     # --- serving --------------------------------------------------------------------------
@@ -197,6 +200,7 @@ class Simulator:
             for g in gpus:
                 self.hosts[g] = node
             self.alive_since[node] = self.now
+        self.change_times.append(self.now)
         if self.placement is not None:
             self._mark(self.placement.config)
         self._reconfigure(self.now + self.params.grace_period_s)
@@ -205,6 +209,7 @@ class Simulator:
         if not self.ps.use_grace_period:
             return  # the restart baseline ignores notices
         deadline = self.now + self.params.grace_period_s
+        self.change_times.append(self.now)
         for node in nodes:
             if node in self.alive_since:
                 self.noticed[node] = deadline
@@ -221,6 +226,7 @@ class Simulator:
             self.lost.update(self.node_gpus[node])
         if not gone:
             return
+        self.change_times.append(self.now)
         self._mark(self.placement.config if self.placement else None)
         killed = [r for r in self.replicas.values() if r.nodes & gone]
         for rep in killed:
@@ -268,7 +274,7 @@ class Simulator:
             if n not in dying_nodes
             for g in self.node_gpus[n]
         ]
-        running: list[tuple[int, RunningRequest]] = []
+        running: list[RunningRequest] = []
         for rep in self.replicas.values():
             if rep.busy:
                 steps = rep.steps_done(self.now)
@@ -277,19 +283,22 @@ class Simulator:
                     rr = RunningRequest(
                         str(i), rep.index, self.reqs.prompt[i], g, self.reqs.output[i]
                     )
-                    running.append((i, rr))
-        view = FleetView(
-            self.placement,
-            usable,
-            dying,
-            frozenset(self.lost),
-            self.hosts,
+                    running.append(rr)
+        view = FleetView(self.placement, usable, self.hosts, dying, frozenset(self.lost))
+        hyst = self.ps.hysteresis
+        horizon = expected_interval_s(self.change_times, hyst.history_window) if hyst else math.inf
+        plan = plan_switch(
+            self.ps,
+            self.pf,
+            self.params,
+            view,
             running,
-            self._kv_tok,
-            self.first,
+            rate=self.rate,
+            now=self.now,
+            fixed=self.fixed,
+            horizon_s=horizon,
         )
-        plan = plan_switch(self.ps, self.pf, self.params, view, self.rate, self.fixed)
-        if plan is None:
+        if not plan.changes:
             return
         self.switching = True
         switch_at = self.now
@@ -304,10 +313,10 @@ class Simulator:
             switch_at = max(switch_at, end)
         self._push(switch_at, SWITCH, plan)
 
-    def _stop_time(self, rep: Replica, deadline: float | None, plan: SwitchPlan) -> float:
+    def _stop_time(self, rep: Replica, deadline: float | None, plan: Reconfiguration) -> float:
         return grace_stop_s(self.ps, rep, self.reqs, self.now, deadline, plan.transfer_s)
 
-    def _switch(self, plan: SwitchPlan) -> None:
+    def _switch(self, plan: Reconfiguration) -> None:
         interrupted: dict[int, ResumeMode] = {}
         kv_home: dict[int, int] = {}  # request -> old replica, for KV-keeping requests
         for r in plan.stop:
@@ -320,7 +329,7 @@ class Simulator:
                 self._completed(finished)
                 lost_kv = bool(set(rep.gpus) & self.lost)
                 for i in left:
-                    mode = plan.resume.get(i, self.ps.dropped)
+                    mode = plan.survival.resume.get(str(i), self.ps.dropped)
                     if mode is ResumeMode.KEEP_KV and lost_kv:
                         mode = self.ps.dropped
                     interrupted[i] = mode
@@ -338,13 +347,15 @@ class Simulator:
                     continue  # lost a node since the plan: the next plan rebuilds it
                 kept.index, kept.times = n, times
                 new[n] = kept
-            start = 0.0 if self.first and self.params.warm_start else self.params.engine_start_s
-            ready_at = self.now + plan.transfer_s + (start if plan.build else 0.0)
+            warm = self.first and self.params.warm_start  # loaded before t = 0
+            start = 0.0 if warm else self.params.engine_start_s
+            transfer = 0.0 if warm else plan.transfer_s
+            ready_at = self.now + transfer + (start if plan.build else 0.0)
             for n, gpus in plan.build.items():
                 built = Replica(n, list(gpus), {self.hosts[g] for g in gpus}, times)
                 built.ready_s, built.accepting = ready_at, False
                 new[n] = built
-            by_old = {o: n for n, o in plan.kv_stay.items()}
+            by_old = {o: n for n, o in plan.survival.kv_stay.items()}
             for i, o in sorted(kv_home.items()):
                 home = new[by_old[o]]
                 if len(home.kv) < home.times_batch:
@@ -365,10 +376,11 @@ class Simulator:
         else:
             self._ready()
 
-    def _account(self, plan: SwitchPlan) -> None:
+    def _account(self, plan: Reconfiguration) -> None:
         self.c.switches += 1
-        self.c.moved_bytes += plan.moved_bytes
-        self.c.loaded_bytes += plan.loaded_bytes
+        if not (self.first and self.params.warm_start):  # the first load happens before t = 0
+            self.c.moved_bytes += plan.moved_bytes
+            self.c.loaded_bytes += plan.loaded_bytes
         if plan.build and not self.first:
             if self.ps.reuse_context:
                 self.c.migrations += 1
