@@ -36,6 +36,7 @@ from ember.errors import DeploymentError
 logger = logging.getLogger(__name__)
 
 POOL_PREFIX = "ember-pool:"
+ASSIGN_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class PooledInstanceActor(InstanceActor):
         self._warm_s = warm_engine_process()
         self._source: str | None = None
         self._timings: dict[str, float | str] = {}
+        self._assigned = asyncio.Event()
 
     async def info(self) -> WorkerInfo:
         rss, uss = _memory_bytes()
@@ -71,13 +73,18 @@ class PooledInstanceActor(InstanceActor):
         if self._spec is not None:
             raise DeploymentError(f"pooled worker already serves {self._instance_id}")
         self._spec, self._instance_id = spec, instance_id
+        self._assigned.set()
 
     async def start(self) -> InstanceReady:
         """Load through this node's store (DRAM tier, zero copy on CPU), then start the engine."""
         if self._ready is not None:
             return self._ready
-        if self._spec is None:
-            raise DeploymentError("pooled worker started before assign()")
+        try:  # assign() was sent first, but an async actor may run the two in either order
+            await asyncio.wait_for(self._assigned.wait(), ASSIGN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise DeploymentError(
+                f"pooled worker was not assigned a deployment within {ASSIGN_TIMEOUT_S:g} s"
+            ) from None
         from ember.cluster.adapter import current_node_id
         from ember.cluster.node_store_actor import acquire_on_this_node
         from ember.cluster.runner import EngineRunner, prepare_checkpoint

@@ -65,6 +65,9 @@ class Tier:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / FETCHING_DIR).mkdir(exist_ok=True)
         (self.root / TIER_MARKER).write_text(name + "\n")
+        for link in (self.root / FETCHING_DIR).iterdir():
+            if link.is_symlink():
+                link.unlink()
         self._entries: dict[str, TierEntry] = {}
         self._reserved: dict[str, int] = {}
         self._pins: dict[str, int] = {}
@@ -119,6 +122,7 @@ class Tier:
     def reserve(self, key: str, nbytes: int) -> list[str]:
         """Make room for `nbytes` of a checkpoint about to be fetched into this tier, evicting
         unpinned entries least recently used first. Returns the evicted keys."""
+        self._unlink(key)
         if nbytes > self.capacity_bytes:
             raise StoreCapacityError(
                 self.root,
@@ -149,11 +153,16 @@ class Tier:
         return evicted
 
     def commit(self, key: str) -> Path:
-        """Move `.fetching/<key>` into place (atomic rename); ends the reservation's pin."""
+        """Move `.fetching/<key>` into place (atomic rename); ends the reservation's pin.
+
+        `.fetching/<key>` then becomes a symlink to `<key>`: a streaming reader handed the
+        in-progress path before the commit (an engine reading its tokenizer from it) finds the
+        same files there after it. The link goes when the entry is evicted or fetched again."""
         src, dst = self.partial_path(key), self.path(key)
         if dst.exists():
             shutil.rmtree(dst)
         os.rename(src, dst)
+        os.symlink(Path("..") / key, src)
         _fsync_dir(self.root)
         self._entries[key] = TierEntry(key, self._reserved.pop(key, 0) or _dir_bytes(dst), 0.0)
         self.unpin(key)
@@ -180,8 +189,14 @@ class Tier:
         logger.info("evicted tier=%s key=%s reason=request", self.name, key)
         return True
 
+    def _unlink(self, key: str) -> None:
+        link = self.partial_path(key)
+        if link.is_symlink():
+            link.unlink()
+
     def _remove(self, key: str) -> None:
         del self._entries[key]
+        self._unlink(key)
         # Rename first so a half-deleted directory is never mistaken for a checkpoint.
         trash = self.root / FETCHING_DIR / f"{key}.evicting-{os.getpid()}"
         os.rename(self.path(key), trash)

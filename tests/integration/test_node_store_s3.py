@@ -100,7 +100,9 @@ def test_cold_fetch_goes_remote_to_ssd_and_dram_in_one_pass(
     assert is_dram_checkpoint(first.path)
     assert_same_tensors(map_checkpoint(first.path), checkpoints["a"])
     assert_same_tensors(load(store.ssd.path(checkpoint_key(url))), checkpoints["a"])
-    assert not any(store.dram.partial_path("x").parent.iterdir())  # nothing left mid-fetch
+    # Nothing left mid-fetch: only the link from the in-progress path to the complete copy.
+    fetching = store.dram.partial_path("x").parent
+    assert [p.is_symlink() for p in fetching.iterdir()] == [True]
     again = store.ensure(url)
     assert (again.served_from, again.stats) == ("dram", None)
     assert store.evict(url, "dram")

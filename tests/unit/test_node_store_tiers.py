@@ -101,3 +101,14 @@ def test_checkpoint_errors_survive_pickling_with_path_and_reason() -> None:
         "checksum",
         "s3://b/p/f.bin: checksum",
     )
+
+
+def test_in_progress_path_keeps_leading_to_the_files_after_commit_until_eviction(
+    tmp_path: Path,
+) -> None:
+    tier = Tier("dram", tmp_path, capacity_bytes=1000)
+    add(tier, "a", 100)
+    assert tier.partial_path("a").resolve() == tier.path("a").resolve()
+    assert (tier.partial_path("a") / "index.json").read_text() == "{}"
+    assert tier.evict("a")
+    assert not tier.partial_path("a").is_symlink() and not tier.path("a").exists()
