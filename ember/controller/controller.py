@@ -77,6 +77,7 @@ class Controller:
         self._changed: asyncio.Event | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._cleanups: set[asyncio.Task[None]] = set()  # kills of failed instances' actors
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -101,6 +102,7 @@ class Controller:
         for inst in list(self._instances.values()):
             self._begin_stop(inst)
         tasks = [i.task for i in self._instances.values() if i.task is not None]
+        tasks += list(self._cleanups)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._instances.clear()
@@ -418,6 +420,8 @@ class Controller:
             task = asyncio.create_task(
                 self._cluster.stop(handle), name=f"cleanup-{inst.instance_id}"
             )
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
             task.add_done_callback(_log_task_error)
         self._notify()
 
