@@ -243,6 +243,29 @@ def test_tensor_parallel_instance_reserves_its_ranks_and_matches_tp1(
     run(tmp_path, cluster, body)
 
 
+def test_engine_change_drains_the_busy_instance_and_replaces_it(
+    tmp_path: Path, cluster: RayCluster, model: Path
+) -> None:
+    async def body(controller: Controller, clock: FakeClock) -> None:
+        controller.deploy(DeploymentSpec("u", str(model), min_instances=1))
+        await controller.wait_for_instance("u", START_TIMEOUT_S)
+        [old] = controller.ready_instances("u")
+        stream = old.generate("long", "hi", SamplingParams(max_tokens=300, ignore_eos=True))
+        first = await stream.__anext__()
+        controller.deploy(DeploymentSpec("u", str(model), min_instances=1, max_num_seqs=8))
+        assert states(controller, "u") == [InstanceState.DRAINING]
+        assert controller.ready_instances("u") == []  # the router sends it nothing new
+        rest = [d async for d in stream]  # the running request finishes on the old instance
+        assert len(first.new_token_ids) + sum(len(d.new_token_ids) for d in rest) == 300
+        assert rest[-1].finish_reason == "length"
+        await controller.wait_for_instance("u", START_TIMEOUT_S)
+        [new] = controller.ready_instances("u")
+        assert new.instance_id != old.instance_id
+        await until(controller, lambda: states(controller, "u") == [InstanceState.READY])
+
+    run(tmp_path, cluster, body)
+
+
 def test_killed_instance_is_found_and_replaced(
     tmp_path: Path, cluster: RayCluster, model: Path
 ) -> None:
