@@ -21,21 +21,23 @@ import time
 from collections import deque
 
 from ember.policy import (
-    FleetView,
-    Gpu,
     ParallelConfig,
     Placement,
     PolicySet,
     Reconfiguration,
     ResumeMode,
-    RunningRequest,
-    expected_interval_s,
 )
 from ember.sim.fleet import BatchTimes, Replica, Requests
 from ember.sim.metrics import Counters, SimResult, summarize
 from ember.sim.profile_file import ProfileFile
 from ember.sim.spot_trace import ADD, SpotTrace
-from ember.sim.switch import SimParams, grace_stop_s, plan_switch
+from ember.sim.switch import (
+    SimParams,
+    fleet_view,
+    grace_stop_s,
+    plan_switch,
+    running_requests,
+)
 from ember.sim.workload import Workload
 
 logger = logging.getLogger(__name__)
@@ -267,37 +269,14 @@ class Simulator:
         if notice is not None:
             deadline = notice if deadline is None else min(deadline, notice)
         dying_nodes = set(self.noticed) if self.ps.use_grace_period else set()
-        dying = frozenset(g for n in dying_nodes for g in self.node_gpus[n])
-        usable = [
-            Gpu(g, n)
-            for n in sorted(self.alive_since)
-            if n not in dying_nodes
-            for g in self.node_gpus[n]
-        ]
-        running: list[RunningRequest] = []
-        for rep in self.replicas.values():
-            if rep.busy:
-                steps = rep.steps_done(self.now)
-                for i in rep.batch:
-                    g = min(self.reqs.gen[i] + steps, self.reqs.output[i])
-                    rr = RunningRequest(
-                        str(i), rep.index, self.reqs.prompt[i], g, self.reqs.output[i]
-                    )
-                    running.append(rr)
-        view = FleetView(self.placement, usable, self.hosts, dying, frozenset(self.lost))
-        hyst = self.ps.hysteresis
-        horizon = expected_interval_s(self.change_times, hyst.history_window) if hyst else math.inf
-        plan = plan_switch(
-            self.ps,
-            self.pf,
-            self.params,
-            view,
-            running,
-            rate=self.rate,
-            now=self.now,
-            fixed=self.fixed,
-            horizon_s=horizon,
+        view = fleet_view(
+            self.placement, self.alive_since, self.node_gpus, dying_nodes, self.hosts, self.lost
         )
+        running = running_requests(self.replicas.values(), self.reqs, self.now)
+        plan = plan_switch(
+            self.ps, self.pf, self.params, view, running, rate=self.rate, now=self.now,
+            fixed=self.fixed, change_times=self.change_times,
+        )  # fmt: skip
         if not plan.changes:
             return
         self.switching = True
@@ -308,13 +287,14 @@ class Simulator:
                 continue
             stopping.accepting = False
             busy = stopping.busy
-            stopping.stop_s = self._stop_time(stopping, deadline, plan) if busy else self.now
+            stopping.stop_s = (
+                grace_stop_s(self.ps, stopping, self.reqs, self.now, deadline, plan.transfer_s)
+                if busy
+                else self.now
+            )
             end = min(stopping.stop_s, stopping.end_s) if busy else self.now
             switch_at = max(switch_at, end)
         self._push(switch_at, SWITCH, plan)
-
-    def _stop_time(self, rep: Replica, deadline: float | None, plan: Reconfiguration) -> float:
-        return grace_stop_s(self.ps, rep, self.reqs, self.now, deadline, plan.transfer_s)
 
     def _switch(self, plan: Reconfiguration) -> None:
         interrupted: dict[int, ResumeMode] = {}

@@ -7,6 +7,7 @@ matplotlib is imported here only (Agg backend, no display), so the simulator its
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ember.sim.metrics import SimResult
 
@@ -27,16 +28,8 @@ def write_plots(results: dict[str, SimResult], out_dir: str | Path, title: str =
         if lat:
             ys = [(i + 1) / r.requests for i in range(len(lat))]
             ax.step(lat, ys, where="post", label=f"{name} (P99 {r.p99_s:.1f} s)")
-    ax.set_xlabel("end-to-end latency (s)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(f"Latency CDF {title}".strip())
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    p = out / "latency_cdf.png"
-    fig.tight_layout()
-    fig.savefig(p)
-    plt.close(fig)
-    paths.append(p)
+    labels = ("end-to-end latency (s)", "fraction of requests", f"Latency CDF {title}")
+    paths.append(_save(fig, ax, out / "latency_cdf.png", labels, legend_size=8))
 
     fig, ax = plt.subplots(figsize=(7.2, 4.0), dpi=90)
     first = next(iter(results.values()), None)
@@ -53,14 +46,21 @@ def write_plots(results: dict[str, SimResult], out_dir: str | Path, title: str =
         if name in ("ember", "spotserve") or len(results) == 1:
             for t, _, u, label in r.timeline:
                 ax.annotate(label, (t, u), fontsize=6, color=line.get_color(), rotation=20)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("GPUs")
-    ax.set_title(f"Fleet and chosen configuration {title}".strip())
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    p = out / "gpus_over_time.png"
-    fig.tight_layout()
-    fig.savefig(p)
-    plt.close(fig)
-    paths.append(p)
+    labels = ("time (s)", "GPUs", f"Fleet and chosen configuration {title}")
+    paths.append(_save(fig, ax, out / "gpus_over_time.png", labels, legend_size=7))
     return paths
+
+
+def _save(fig: Any, ax: Any, path: Path, labels: tuple[str, str, str], legend_size: int) -> Path:
+    """Axis labels, title, grid and legend; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2].strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -21,8 +21,7 @@ import heapq
 import math
 import random
 import time
-from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from collections import deque
 from typing import cast
 
 from ember.policy import (
@@ -32,7 +31,6 @@ from ember.policy import (
     PlacementConfig,
     PlacementDecision,
     PlacementStrategy,
-    RunningInstance,
     ServerState,
     Tier,
     desired_instances,
@@ -44,65 +42,12 @@ from ember.policy import (
 from ember.sim.fleet import BatchTimes, Replica, Requests
 from ember.sim.metrics import Counters, SimResult, summarize
 from ember.sim.profile_file import ProfileFile
+from ember.sim.servers import Instance, Server, ServerlessParams, server_states
 from ember.sim.spot_trace import ADD, SpotTrace
-from ember.sim.switch import G4DN_SPOT_USD_PER_GPU_HOUR
 from ember.sim.workload import Workload
 
 SERVERLESS_POLICIES = tuple(p.value for p in PlacementStrategy)
 BATCH, READY, IDLE, LOST, ADDED, NOTICE = range(6)
-
-
-def _default_bandwidth() -> dict[Tier, float]:
-    # DRAM->GPU 25 GB/s: ServerlessLLM's hard-coded PCIe figure; SSD 2 GB/s and peer 50 Gbps:
-    # the policy's LinkBandwidth defaults (SpotServe's network); remote 1 GB/s: an assumption.
-    return {Tier.DRAM: 25e9, Tier.SSD: 2e9, Tier.PEER: 50e9 / 8, Tier.REMOTE: 1e9}
-
-
-@dataclass(frozen=True, slots=True)
-class ServerlessParams:
-    keep_alive_s: float = 60.0
-    target_concurrency: int = 4
-    max_instances: int = 8
-    dram_models: int = 4  # checkpoints a server's host DRAM keeps (LRU)
-    ssd_copies: int = 2  # servers whose SSD holds each checkpoint when they join
-    grace_period_s: float = 30.0
-    max_batch: int = 4
-    drain_s: float = 3600.0
-    gpu_memory_bytes: int = 16 * 2**30
-    spot_usd_per_gpu_hour: float = G4DN_SPOT_USD_PER_GPU_HOUR
-    bandwidth: dict[Tier, float] = field(default_factory=_default_bandwidth)
-
-
-class _Server:
-    __slots__ = (
-        "name",
-        "zone",
-        "gpus",
-        "free",
-        "instances",
-        "dram",
-        "ssd",
-        "noticed",
-        "queue_until",
-    )
-
-    def __init__(self, name: str, zone: str, gpus: int, ssd: set[int]) -> None:
-        self.name, self.zone, self.gpus, self.free = name, zone, gpus, gpus
-        self.instances: set[_Instance] = set()
-        self.dram: OrderedDict[int, None] = OrderedDict()
-        self.ssd = ssd
-        self.noticed = False
-        self.queue_until = 0.0
-
-
-class _Instance:
-    __slots__ = ("iid", "model", "server", "rep", "ready", "last_used", "draining")
-
-    def __init__(self, iid: int, model: int, server: _Server, rep: Replica) -> None:
-        self.iid, self.model, self.server, self.rep = iid, model, server, rep
-        self.ready = False
-        self.last_used = 0.0
-        self.draining = False
 
 
 class ServerlessSimulator:
@@ -146,9 +91,9 @@ class ServerlessSimulator:
         self.pcfg = (
             PlacementConfig.ember() if self.name is PlacementStrategy.EMBER else PlacementConfig()
         )
-        self.servers: dict[str, _Server] = {}
+        self.servers: dict[str, Server] = {}
         self.queues: list[deque[int]] = [deque() for _ in workload.models]
-        self.instances: list[list[_Instance]] = [[] for _ in workload.models]
+        self.instances: list[list[Instance]] = [[] for _ in workload.models]
         self.last_busy: list[float | None] = [None] * len(workload.models)
         self.starving: set[int] = set()
         self.removals: dict[str, deque[float]] = {}
@@ -206,7 +151,7 @@ class ServerlessSimulator:
 
     def _handle(self, kind: int, payload: object) -> None:
         if kind == BATCH:
-            inst, epoch = cast(tuple[_Instance, int], payload)
+            inst, epoch = cast(tuple[Instance, int], payload)
             if epoch == inst.rep.epoch and inst.rep.busy:
                 finished: list[int] = []
                 inst.rep.settle(self.now, self.reqs, finished)
@@ -214,13 +159,13 @@ class ServerlessSimulator:
                 self._serve(inst.model)
                 self._went_idle(inst)
         elif kind == READY:
-            inst = cast(_Instance, payload)
+            inst = cast(Instance, payload)
             if inst in inst.server.instances:
                 inst.ready, inst.last_used = True, self.now
                 self._serve(inst.model)
                 self._went_idle(inst)
         elif kind == IDLE:
-            self._idle(cast(_Instance, payload))
+            self._idle(cast(Instance, payload))
         elif kind == ADDED:
             node, zone = cast(tuple[str, str], payload)
             self._added(node, zone)
@@ -251,7 +196,7 @@ class ServerlessSimulator:
             self.last_busy[m] = self.now
         self._scale(m)
 
-    def _went_idle(self, inst: _Instance) -> None:
+    def _went_idle(self, inst: Instance) -> None:
         if inst.ready and not inst.rep.busy:
             inst.last_used = self.now
             self._push(self.now + self.params.keep_alive_s, IDLE, inst)
@@ -273,13 +218,13 @@ class ServerlessSimulator:
                 return
         self.starving.discard(m)
 
-    def _idle(self, inst: _Instance) -> None:
+    def _idle(self, inst: Instance) -> None:
         if inst not in inst.server.instances or inst.rep.busy or self.queues[inst.model]:
             return
         if self.now - inst.last_used >= self.params.keep_alive_s - 1e-9:
             self._remove(inst)
 
-    def _remove(self, inst: _Instance, rescale: bool = True) -> None:
+    def _remove(self, inst: Instance, rescale: bool = True) -> None:
         inst.server.instances.discard(inst)
         inst.server.free += self.gpus_per_instance
         self.instances[inst.model].remove(inst)
@@ -289,44 +234,17 @@ class ServerlessSimulator:
 
     # --- placement ------------------------------------------------------------------------
 
-    def _tiers(self, s: _Server, m: int) -> dict[str, Tier]:
-        key = self.wl.models[m]
-        if any(i.model == m and i.ready and not i.rep.busy for i in s.instances):
-            return {key: Tier.GPU}
-        if m in s.dram:
-            return {key: Tier.DRAM}
-        if m in s.ssd:
-            return {key: Tier.SSD}
-        return {}
-
     def _states(self, m: int) -> list[ServerState]:
-        out = []
-        for s in self.servers.values():
-            recent = self.removals.get(s.zone, deque())
-            while recent and recent[0] < self.now - 3600.0:
-                recent.popleft()
-            zone_nodes = sum(1 for x in self.servers.values() if x.zone == s.zone)
-            out.append(
-                ServerState(
-                    s.name,
-                    s.free,
-                    self._tiers(s, m),
-                    self.params.bandwidth,
-                    max(0.0, s.queue_until - self.now),
-                    tuple(
-                        RunningInstance(
-                            str(i.iid),
-                            self.specs[i.model],
-                            tuple(self.reqs.prompt[r] + self.reqs.gen[r] for r in i.rep.batch),
-                        )
-                        for i in sorted(s.instances, key=lambda i: i.iid)
-                    ),
-                    s.noticed,
-                    min(1.0, len(recent) / max(1, zone_nodes)),
-                    self.params.spot_usd_per_gpu_hour,
-                )
-            )
-        return out
+        return server_states(
+            self.servers,
+            m,
+            self.wl.models[m],
+            now=self.now,
+            removals=self.removals,
+            params=self.params,
+            specs=self.specs,
+            reqs=self.reqs,
+        )
 
     def _decide(self, m: int) -> PlacementDecision | None:
         states, spec = self._states(m), self.specs[m]
@@ -370,7 +288,7 @@ class ServerlessSimulator:
         if s.free < self.gpus_per_instance:
             return False
         self.next_iid += 1
-        inst = _Instance(self.next_iid, m, s, Replica(self.next_iid, [], {s.name}, self.times))
+        inst = Instance(self.next_iid, m, s, Replica(self.next_iid, [], {s.name}, self.times))
         s.instances.add(inst)
         s.free -= self.gpus_per_instance
         self.instances[m].append(inst)
@@ -386,7 +304,7 @@ class ServerlessSimulator:
         self._push(self.now + d.startup_s, READY, inst)
         return True
 
-    def _migrate(self, inst: _Instance, dst: _Server, pause_s: float) -> None:
+    def _migrate(self, inst: Instance, dst: Server, pause_s: float) -> None:
         """Live-migrate `inst` to `dst`: its running batch pauses `pause_s` (re-prefill there)."""
         self.c.migrations += 1
         src = inst.server
@@ -407,7 +325,7 @@ class ServerlessSimulator:
     def _added(self, node: str, zone: str) -> None:
         share = self.params.ssd_copies / max(1, self.trace.max_nodes())
         ssd = {m for m in range(len(self.specs)) if self.ssd_rng.random() < share}
-        self.servers[node] = _Server(node, zone, self.trace.gpus_per_node, ssd)
+        self.servers[node] = Server(node, zone, self.trace.gpus_per_node, ssd)
         self.alive_since[node] = self.now
         self._mark()
         for m in sorted(self.starving):
