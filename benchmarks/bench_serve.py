@@ -9,8 +9,8 @@ exactly the tokens it asks for):
    time to first token (add_request -> first token out of step()). p50 and p99. Target: <= 10 ms
    at p50.
 2. Throughput: the same request mix (lengths drawn with a fixed seed from the ShareGPT length
-   trace, prompts <= 512 tokens, outputs <= 256) sent all at once over HTTP, vs the engine
-   running the same requests in-process. Output tokens/s, median of 3 timed passes after one
+   trace, prompts <= 512 tokens, outputs <= 128) sent all at once over HTTP, vs the engine
+   running the same requests in-process. Output tokens/s, median of 2 timed passes after one
    untimed warm-up pass on each side. Target: >= 90% of the engine's.
 
 The engine and the server run one after the other, never at the same time (2 cores), and the
@@ -47,6 +47,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS_CSV = Path("/work/shared/traces/workload/sharegpt/lengths.csv")
 MODEL_NAME = "bench"
+# Prompts <= 512 and outputs <= 128 fit; it also bounds the KV cache both sides allocate.
+MAX_MODEL_LEN = 1024
 
 
 def machine_facts() -> dict[str, Any]:
@@ -112,7 +114,9 @@ def engine_side(
 
     # An instance actor runs torch with `instance_cpus` threads: give the baseline the same.
     torch.set_num_threads(max(1, int(ClusterConfig().instance_cpus)))
-    engine = Engine(EngineConfig(model=str(model), max_num_seqs=max_num_seqs))
+    engine = Engine(
+        EngineConfig(model=str(model), max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN)
+    )
     try:
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
         ttfts = []
@@ -156,7 +160,11 @@ def start_server(state: Path) -> tuple[subprocess.Popen[bytes], str]:
     cmd = [sys.executable, "-m", "ember", "serve", "--port", str(port), "--no-demo",
            "--state-dir", str(state / "state"), "--cache-dir", str(state / "cache")]  # fmt: skip
     log = (state / "serve.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # "local": a private Ray instance even when another one runs on this machine.
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -185,6 +193,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 def deploy(url: str, model: Path, max_num_seqs: int) -> None:
     spec = {"name": MODEL_NAME, "source": str(model), "min_instances": 1, "max_instances": 1,
             "keep_alive_s": 3600.0, "max_num_seqs": max_num_seqs, "max_queue": 4096,
+            "max_model_len": MAX_MODEL_LEN,
             "request_timeout_s": 1800.0}  # fmt: skip
     r = httpx.post(url + "/admin/deployments", json=spec, timeout=30)
     r.raise_for_status()
@@ -253,11 +262,11 @@ def main() -> int:
     ap.add_argument("--out", help="JSON path (default benchmarks/results/serve[-quick].json)")
     args = ap.parse_args()
     size = args.size or ("tiny" if args.quick else "125m")
-    n_req = args.requests or (16 if args.quick else 64)
+    n_req = args.requests or (16 if args.quick else 32)
     n_ttft = 20 if args.quick else 50
-    max_prompt, max_output = (128, 64) if args.quick else (512, 256)
-    max_num_seqs = 64
-    repeats = 3
+    max_prompt, max_output = (128, 64) if args.quick else (512, 128)
+    max_num_seqs = 32
+    repeats = 2
 
     import logging
 

@@ -11,7 +11,7 @@ Routes:
     POST /admin/deployments                      create or update (body: DeploymentSpec JSON)
     DELETE /admin/deployments/{name}             delete (404 if unknown)
     GET  /admin/status                           deployments, instances, nodes (`ember status`)
-    GET  /admin/requests/{request_id}            one journal entry (prompt, generated token ids)
+    GET  /admin/requests[/{request_id}]          active journal entries, or one (prompt, token ids)
     GET  /health, /metrics                       liveness; Prometheus text format (no key needed)
 """
 
@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from ember.api.auth import KeyChecker
 from ember.api.config import ApiConfig
 from ember.api.generation import Generation
-from ember.api.journal import RequestJournal
+from ember.api.journal import JournalEntry, RequestJournal
 from ember.api.metrics import ApiMetrics
 from ember.api.responses import install_error_handlers
 from ember.api.router import ControllerLike, Router
@@ -145,24 +145,32 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
                 out["nodes"] = []
         return out
 
+    @app.get("/admin/requests", dependencies=[Depends(admin)])
+    async def journal_active() -> dict[str, Any]:
+        return {"active": [_entry_dict(e) for e in router.journal.active()]}
+
     @app.get("/admin/requests/{request_id}", dependencies=[Depends(admin)])
     async def journal_entry(request_id: str) -> dict[str, Any]:
         entry = router.journal.get(request_id)
         if entry is None:
             raise HTTPException(404, f"no journal entry for request {request_id!r}")
-        return {
-            "request_id": entry.request_id,
-            "model": entry.model,
-            "instance_id": entry.instance_id,
-            "prompt": entry.prompt,
-            "prompt_tokens": entry.prompt_tokens,
-            "token_ids": list(entry.token_ids),
-            "text": entry.text,
-            "finished": entry.finished,
-            "finish_reason": entry.finish_reason,
-        }
+        return _entry_dict(entry)
 
     return app
+
+
+def _entry_dict(entry: JournalEntry) -> dict[str, Any]:
+    return {
+        "request_id": entry.request_id,
+        "model": entry.model,
+        "instance_id": entry.instance_id,
+        "prompt": entry.prompt,
+        "prompt_tokens": entry.prompt_tokens,
+        "token_ids": list(entry.token_ids),
+        "text": entry.text,
+        "finished": entry.finished,
+        "finish_reason": entry.finish_reason,
+    }
 
 
 def _field_of(message: str) -> str | None:

@@ -112,10 +112,10 @@ class Generation:
             spec = self._controller.get(body.model)
             prompt: str | list[int] = body.prompt  # type: ignore[assignment]  # one prompt
             tokenizer = None
-            if isinstance(prompt, list) or body.logprobs is not None:
+            if isinstance(prompt, list):
+                prompts.check_token_ids(self.tokenizers.vocab_size(spec.source), prompt)
+            if body.logprobs is not None:
                 tokenizer = self.tokenizers.get(spec.source)
-                if isinstance(prompt, list):
-                    prompts.check_token_ids(tokenizer, prompt)
             params = self._params(body, body.max_tokens, body.logprobs)
             request_id = f"cmpl-{uuid.uuid4().hex}"
             stream = self._router.generate(body.model, request_id, prompt, params)

@@ -10,8 +10,10 @@ tokenizer files) and cached per source.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ember.engine.tokenizer import Tokenizer
@@ -19,11 +21,24 @@ from ember.errors import InvalidRequestError
 
 
 class TokenizerCache:
-    """One `Tokenizer` per deployment source, loaded on first use."""
+    """One `Tokenizer` (and the model's vocabulary size) per deployment source, loaded once."""
 
     def __init__(self) -> None:
         self._by_source: dict[str, Tokenizer] = {}
+        self._vocab: dict[str, int] = {}
         self._lock = threading.Lock()
+
+    def vocab_size(self, source: str) -> int:
+        """The model's vocabulary (config.json `vocab_size`; often padded past the tokenizer's)."""
+        size = self._vocab.get(source)
+        if size is None:
+            cfg = Path(source) / "config.json"
+            try:
+                size = int(json.loads(cfg.read_text())["vocab_size"])
+            except (OSError, ValueError, KeyError, TypeError):
+                size = self.get(source).vocab_size
+            self._vocab[source] = size
+        return size
 
     def get(self, source: str) -> Tokenizer:
         tok = self._by_source.get(source)
@@ -37,6 +52,7 @@ class TokenizerCache:
 
     def forget(self, source: str) -> None:
         self._by_source.pop(source, None)
+        self._vocab.pop(source, None)
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
@@ -44,9 +60,8 @@ def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def check_token_ids(tokenizer: Tokenizer, ids: Sequence[int]) -> None:
+def check_token_ids(vocab: int, ids: Sequence[int]) -> None:
     """Refuse prompt token ids outside the model's vocabulary (400, param "prompt")."""
-    vocab = tokenizer.vocab_size
     bad = [i for i in ids if i >= vocab]
     if bad:
         raise InvalidRequestError(

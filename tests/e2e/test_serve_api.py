@@ -59,6 +59,13 @@ def deploy(server: EmberServer, name: str, source: Path, **spec: Any) -> None:
     assert r.status_code in (200, 201), r.text
 
 
+def metric(server: EmberServer, series: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def actor_processes(server: EmberServer) -> list[psutil.Process]:
     assert server.proc is not None
     out = []
@@ -247,6 +254,28 @@ def test_client_disconnect_aborts_the_request(client: openai.OpenAI, server: Emb
     entry = admin(server, "GET", f"/admin/requests/{rid}").json()
     assert len(entry["token_ids"]) < 1500
     wait_for(lambda: deployment(server, MODEL)["in_flight"] == 0, 30, "no request in flight")
+
+
+def test_client_gone_before_a_plain_response_aborts_it(server: EmberServer) -> None:
+    body = {"model": MODEL, "prompt": "people", "max_tokens": 2000, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    gone_before = metric(
+        server, 'ember_requests_total{endpoint="completions",model="tiny2",status="499"}'
+    )
+    with pytest.raises(httpx.TimeoutException):  # the client gives up and closes the connection
+        httpx.post(server.base_url + "/completions", json=body, timeout=httpx.Timeout(0.5))
+
+    def active() -> list[dict[str, Any]]:
+        return [e for e in admin(server, "GET", "/admin/requests").json()["active"]
+                if e["prompt"] == "people"]  # fmt: skip
+
+    wait_for(lambda: active() == [], 30, "request ended")
+    wait_for(lambda: deployment(server, MODEL)["in_flight"] == 0, 30, "no request in flight")
+    # 499: the request ended because its client left, not because it finished.
+    assert (
+        metric(server, 'ember_requests_total{endpoint="completions",model="tiny2",status="499"}')
+        == gone_before + 1
+    )
 
 
 def test_delete_stops_every_instance_actor(server: EmberServer) -> None:

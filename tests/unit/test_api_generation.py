@@ -85,6 +85,13 @@ async def test_completion_plain_and_streamed_match_the_engine(
     assert chunks[-1].usage.completion_tokens == 10
     assert chunks[-1].usage.total_tokens == 10 + len(ref.prompt_token_ids)
 
+    metrics = (await stack.client.get("/metrics")).text
+    assert 'ember_requests_total{endpoint="completions",model="tiny",status="200"} 3.0' in metrics
+    assert 'ember_time_to_first_token_seconds_count{model="tiny"} 3.0' in metrics
+    assert 'ember_generation_tokens_total{model="tiny"} 30.0' in metrics
+    assert 'ember_instances{model="tiny",state="ready"} 1.0' in metrics
+    assert 'ember_instance_load_seconds_count{model="tiny",tier="disk"} 1.0' in metrics
+
 
 async def test_chat_renders_the_template_and_streams_role_then_content(
     stack: Any, reference: dict[str, Any]
