@@ -4,8 +4,8 @@ Unit of transfer: (layer, fragment), fragments being the hidden-dimension slices
 F = max(M_old, M_new); layer -1 is the embedding (first stage), layer L the LM head (last stage).
 For each unit a new GPU needs and does not hold, a sender is picked among the old holders that
 are still reachable (same host first, then the least loaded, then by id: holders are grouped by
-host and the cross-host choice comes from a per-unit heap, so a pick costs O(log holders) instead
-of a scan of every holder); with no holder left
+host and the cross-host choice comes from one heap per old (stage, shard) position, so a pick
+costs O(log holders) instead of a scan of every holder); with no holder left
 the unit is loaded from storage (`TransferKind.LOAD`), as is every missing unit when
 `peer_copies=False` (the baselines). Tensor degrees must divide one another. KV cache units move only for new replicas
 that inherit an old replica's requests (`kv_stay`).
@@ -145,8 +145,8 @@ def plan_migration(
             units = _units_of(pos, oc.pp, oc.tp, shape, frags)
             for u in units:
                 held[g][("w", -1, *u)] = _unit_bytes(u[0], shape, frags)
-                if g not in lost_set:
-                    senders.add(u, g)
+            if g not in lost_set:
+                senders.add(g, (pos.stage, pos.shard), units)
             kv = (kv_layer_bytes or {}).get(pos.replica, 0)
             for ly, f in units:
                 if kv and 0 <= ly < shape.layers:
@@ -192,36 +192,43 @@ def plan_migration(
 class _Senders:
     """Live holders of each unit, grouped by host, with the bytes each has been given to send.
 
-    `pick` returns what a scan of every holder by (other host, bytes sent, GPU id) would: the
-    least-loaded holder on the receiver's host if there is one (a host has few GPUs), else the
-    top of the unit's heap of (bytes sent, GPU id), whose stale entries (a GPU that has sent
-    more since it was pushed) are refreshed when they surface. Loads only grow, so a refreshed
-    entry never needs to move up.
+    Every unit is held by the GPUs of one old (stage, shard) position, one per old replica, and
+    each GPU belongs to exactly one such group; so one heap of (bytes sent, GPU id) per group
+    serves all of its units, and a pick from the heap only changes its own top. `pick` returns
+    what a scan of every holder by (other host, bytes sent, GPU id) would: the least-loaded
+    holder on the receiver's host if there is one (a host has few GPUs), else the heap's top;
+    an entry left stale by a same-host pick is refreshed when it surfaces (loads only grow).
     """
 
     def __init__(self, hosts: Mapping[str, str]) -> None:
         self.hosts = hosts
         self.load: dict[str, int] = defaultdict(int)
-        self.by_host: dict[Unit, dict[str, list[str]]] = defaultdict(dict)
-        self.heap: dict[Unit, list[tuple[int, str]]] = defaultdict(list)
+        self.group_of: dict[Unit, tuple[int, int]] = {}
+        self.by_host: dict[tuple[int, int], dict[str, list[str]]] = defaultdict(dict)
+        self.heap: dict[tuple[int, int], list[tuple[int, str]]] = defaultdict(list)
 
-    def add(self, u: Unit, g: str) -> None:
-        self.by_host[u].setdefault(self.hosts[g], []).append(g)
-        self.heap[u].append((0, g))  # every load is 0 while holders are added: a valid heap
+    def add(self, g: str, group: tuple[int, int], units: list[Unit]) -> None:
+        self.by_host[group].setdefault(self.hosts[g], []).append(g)
+        heapq.heappush(self.heap[group], (0, g))
+        for u in units:
+            self.group_of[u] = group
 
     def pick(self, u: Unit, dst: str, nbytes: int) -> str | None:
-        local = self.by_host.get(u, {}).get(self.hosts[dst])
+        group = self.group_of.get(u)
+        if group is None:
+            return None
+        local = self.by_host[group].get(self.hosts[dst])
         if local:
             src = min(local, key=lambda g: (self.load[g], g))
-        else:
-            heap = self.heap.get(u)
-            if not heap:
-                return None
-            while heap[0][0] != self.load[heap[0][1]]:
-                g = heap[0][1]
-                heapq.heapreplace(heap, (self.load[g], g))
-            src = heap[0][1]
+            self.load[src] += nbytes
+            return src
+        heap = self.heap[group]
+        while heap[0][0] != self.load[heap[0][1]]:
+            g = heap[0][1]
+            heapq.heapreplace(heap, (self.load[g], g))
+        src = heap[0][1]
         self.load[src] += nbytes
+        heapq.heapreplace(heap, (self.load[src], src))
         return src
 
 

@@ -15,7 +15,8 @@ Order of decisions (each a pure function of this package):
    with the old placement for context-keeping policies, plain order otherwise);
 5. transfers: `plan_migration` (peer to peer for ember/SpotServe, from storage for the
    baselines; ember takes the storage plan instead when it is faster, as when a few old
-   replicas would have to feed many new ones) and the time until the built replicas serve
+   replicas would have to feed many new ones; it is tried only when the peer plan is slower
+   than every host reading all its new positions from disk) and the time until the built replicas serve
    (progressive start when allowed);
 6. grace budget: `arrange_grace` for the stopped replicas' requests, when a deadline is given.
 
@@ -217,101 +218,129 @@ def plan_reconfiguration(
     )
     old = view.current
     reps = old_replicas(old)
-    bad = set(view.dying) | set(view.lost)
     if est is None:
         stop = tuple(sorted(reps))
-        survival = _survival(policy, requests, set(stop), [], 0)
+        survival = _survival(policy, requests, set(stop), 0, 0)
         grace = _grace(policy, profile, old, requests, stop, now_s, deadline_s, 0.0)
         return Reconfiguration(
             None, None, {}, {}, stop, survival, None, 0.0, 0, 0, grace, held, wanted
         )
     new = est.config
+    bad = set(view.dying) | set(view.lost)
     intact = [r for r, gs in sorted(reps.items()) if not (set(gs) & bad)]
     kept_old = intact[: new.dp] if old is not None and same_shape(old.config, new) else []
     if policy.restart_all and old is not None and (old.config != new or len(intact) < len(reps)):
         kept_old = []  # the reparallelization baseline restarts every replica on any change
     stop = tuple(r for r in sorted(reps) if r not in kept_old)
-    n_build = new.dp - len(kept_old)
     keep = dict(enumerate(kept_old))
     stopped = [r for r in requests if r.replica in set(stop)]
-    survival = _survival(policy, stopped, set(stop), stopped, n_build, offset=len(keep))
-    grace = None
-    build: dict[int, tuple[str, ...]] = {}
-    plan, transfer_s, moved, loaded = None, 0.0, 0, 0
-    sub_place: Placement | None = None
-    if n_build > 0:
+    survival = _survival(policy, stopped, set(stop), new.dp - len(keep), len(keep))
+    built = _Built({}, None, 0.0, 0, 0)
+    if new.dp > len(keep):
         taken = {g for r in kept_old for g in reps[r]}
         cands = [g for g in view.usable if g.gpu_id not in taken]
-        sub = new.with_dp(n_build)
-        exact = (
-            cuts.exact_mapping_cells is None or len(cands) * sub.gpus <= cuts.exact_mapping_cells
-        )
-        kv_sub = {n - len(keep): o for n, o in survival.kv_stay.items()}  # built-replica numbering
-        kv_bytes = {o: b for o, b in kv_layer_bytes(stopped, shape).items() if o in kv_sub.values()}
-        reuse = old is not None and policy.reuse_context
-        mapping = map_devices(
-            sub,
-            cands,
-            shape,
-            old=old if reuse else None,
-            kv_stay=kv_sub or None,
-            kv_layer_bytes=kv_bytes or None,
-            strategy=policy.mapping if exact and old is not None else MappingStrategy.PLAIN,
-        )
-        sub_place = mapping.placement
-        for j in range(n_build):
-            build[len(keep) + j] = tuple(
-                sub_place.assignment[Position(j, p, m)]
-                for p in range(sub.pp)
-                for m in range(sub.tp)
-            )
-        if exact:
-            src = senders(old, stop, kept_old, n_build, cuts.trim_senders) if reuse else None
-
-            def plan_for(peers: bool) -> MigrationPlan:
-                return plan_migration(
-                    src.placement if src else None,
-                    sub_place,
-                    shape,
-                    view.hosts,
-                    dying=view.dying,
-                    lost=view.lost,
-                    kv_stay=src.renumber_kv(kv_sub) if src else None,
-                    kv_layer_bytes=src.renumber_bytes(kv_bytes) if src else None,
-                    memory_limit_bytes=memory_limit_bytes if policy.memory_limit else None,
-                    bandwidth=bw,
-                    peer_copies=peers,
-                )
-
-            plan = plan_for(policy.reuse_context)
-            if policy.reuse_context and policy.load_when_faster:
-                loaded_plan = plan_for(False)
-                if loaded_plan.estimated_s < plan.estimated_s:
-                    plan = loaded_plan
-            transfer_s, moved, loaded = plan.estimated_s, plan.moved_bytes, plan.loaded_bytes
-            if policy.progressive and len(plan.prefix_ready_s) > 1:
-                transfer_s = max(plan.prefix_ready_s[1], plan.estimated_s - est.prefill_s)
-        else:
-            transfer_s, total = _per_host_bound(sub_place, shape, view.hosts, bw, reuse)
-            moved, loaded = (total, 0) if reuse else (0, total)
-    grace = _grace(policy, profile, old, requests, stop, now_s, deadline_s, transfer_s)
-    placement = merge(new, old, keep, build)
+        built = _build(
+            policy, shape, view, est, cands, kept_old, stop, stopped, survival, bw, cuts,
+            memory_limit_bytes,
+        )  # fmt: skip
+    grace = _grace(policy, profile, old, requests, stop, now_s, deadline_s, built.transfer_s)
+    placement = merge(new, old, keep, built.gpus)
     return Reconfiguration(
-        est, placement, keep, build, stop, survival, plan, transfer_s, moved, loaded, grace,
-        held, wanted,
+        est, placement, keep, built.gpus, stop, survival, built.plan, built.transfer_s,
+        built.moved_bytes, built.loaded_bytes, grace, held, wanted,
     )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Built:
+    gpus: Mapping[int, tuple[str, ...]]  # new replica -> its GPUs, position order
+    plan: MigrationPlan | None
+    transfer_s: float
+    moved_bytes: int
+    loaded_bytes: int
+
+
+def _build(
+    policy: PolicySet,
+    shape: ModelShape,
+    view: FleetView,
+    est: ConfigEstimate,
+    cands: Sequence[Gpu],
+    kept_old: Sequence[int],
+    stop: Sequence[int],
+    stopped: Sequence[RunningRequest],
+    survival: Survival,
+    bw: LinkBandwidth,
+    cuts: Shortcuts,
+    memory_limit_bytes: int | None,
+) -> _Built:
+    """Map the replicas to build onto `cands` and price getting their weights (and KV) there."""
+    old, n_keep = view.current, len(kept_old)
+    sub = est.config.with_dp(est.config.dp - n_keep)
+    exact = cuts.exact_mapping_cells is None or len(cands) * sub.gpus <= cuts.exact_mapping_cells
+    kv_sub = {n - n_keep: o for n, o in survival.kv_stay.items()}  # built-replica numbering
+    kv_bytes = {o: b for o, b in kv_layer_bytes(stopped, shape).items() if o in kv_sub.values()}
+    reuse = old is not None and policy.reuse_context
+    sub_place = map_devices(
+        sub,
+        cands,
+        shape,
+        old=old if reuse else None,
+        kv_stay=kv_sub or None,
+        kv_layer_bytes=kv_bytes or None,
+        strategy=policy.mapping if exact and old is not None else MappingStrategy.PLAIN,
+    ).placement
+    gpus = {
+        n_keep + j: tuple(
+            sub_place.assignment[Position(j, p, m)] for p in range(sub.pp) for m in range(sub.tp)
+        )
+        for j in range(sub.dp)
+    }
+    if not exact:
+        t, total = _per_host_bound(sub_place, shape, view.hosts, bw, reuse)
+        return _Built(gpus, None, t, *((total, 0) if reuse else (0, total)))
+    src = senders(old, stop, kept_old, sub.dp, cuts.trim_senders) if reuse else None
+
+    def plan_for(peers: bool) -> MigrationPlan:
+        return plan_migration(
+            src.placement if src else None,
+            sub_place,
+            shape,
+            view.hosts,
+            dying=view.dying,
+            lost=view.lost,
+            kv_stay=src.renumber_kv(kv_sub) if src else None,
+            kv_layer_bytes=src.renumber_bytes(kv_bytes) if src else None,
+            memory_limit_bytes=memory_limit_bytes if policy.memory_limit else None,
+            bandwidth=bw,
+            peer_copies=peers,
+        )
+
+    plan = plan_for(policy.reuse_context)
+    # Storage is tried only when the peer plan is slower than every host reading all of its
+    # new positions from its own disk (a quick bound); the storage plan itself reads less.
+    if policy.reuse_context and policy.load_when_faster:
+        disk_bound, _ = _per_host_bound(sub_place, shape, view.hosts, bw, over_network=False)
+        if plan.estimated_s > disk_bound:
+            from_storage = plan_for(False)
+            if from_storage.estimated_s < plan.estimated_s:
+                plan = from_storage
+    t = plan.estimated_s
+    if policy.progressive and len(plan.prefix_ready_s) > 1:
+        t = max(plan.prefix_ready_s[1], plan.estimated_s - est.prefill_s)
+    return _Built(gpus, plan, t, plan.moved_bytes, plan.loaded_bytes)
 
 
 def _survival(
     policy: PolicySet,
     requests: Sequence[RunningRequest],
     stop: set[int],
-    stopped: Sequence[RunningRequest],
     n_build: int,
-    offset: int = 0,
+    offset: int,
 ) -> Survival:
     """Built replica (numbered from `offset`) -> stopped old replica whose KV it takes over, and
     how every request of a stopped replica resumes."""
+    stopped = [r for r in requests if r.replica in stop]
     kv: dict[int, int] = {}
     if policy.keep_kv and n_build > 0 and stopped:
         surv = choose_survivors(
