@@ -160,7 +160,8 @@ class Engine:
         self._aborted.append(self._output(request, request.detokenizer.text))
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a request runs or waits, or an abort is still to be reported."""
+        return self.scheduler.has_unfinished() or bool(self._aborted)
 
     def num_unfinished(self) -> int:
         return self.scheduler.num_unfinished()

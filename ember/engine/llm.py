@@ -48,6 +48,9 @@ class LLM:
     def tokenizer(self):  # type: ignore[no-untyped-def]
         return self.engine.tokenizer
 
+    def get_tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.engine.tokenizer
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],

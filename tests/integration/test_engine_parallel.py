@@ -97,3 +97,13 @@ def test_bf16_packed_weights_match_plain_weights(model_factory: Callable[..., Pa
     scale = first[1].abs().max()
     assert ((first[0] - first[1]).abs().max() / scale).item() < 2e-2
     assert tokens[True] == tokens[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_engine_gives_the_cpu_greedy_tokens(model_factory: Callable[..., Path]) -> None:
+    path = model_factory("llama")
+    cfg = {"model": str(path), "dtype": "fp32", "max_model_len": 128}
+    cpu = _generate(Engine(EngineConfig(**cfg)), PROMPTS)  # type: ignore[arg-type]
+    gpu = Engine(EngineConfig(**cfg, device="cuda"))  # type: ignore[arg-type]
+    assert _generate(gpu, PROMPTS) == cpu

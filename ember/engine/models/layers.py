@@ -87,9 +87,11 @@ def paged_attention(
         keys = k_flat[s0 : s0 + lk][None]  # [1, Lk, KVH, D], a view
         values = v_flat[s0 : s0 + lk][None]
     else:
-        keys = kv_cache[0][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]
-        values = kv_cache[1][meta.block_tables].view(b, -1, kv_heads, head_dim)[:, :lk]
-    keys, values = up(keys.transpose(1, 2)), up(values.transpose(1, 2))  # [B, KVH, Lk, D]
+        blocks = meta.block_tables.view(-1)
+        keys = kv_cache[0].index_select(0, blocks).view(b, -1, kv_heads, head_dim)[:, :lk]
+        values = kv_cache[1].index_select(0, blocks).view(b, -1, kv_heads, head_dim)[:, :lk]
+    # Upcast before the transpose: converting a strided view is several times slower.
+    keys, values = up(keys).transpose(1, 2), up(values).transpose(1, 2)  # [B, KVH, Lk, D]
     if lq == 1:
         # Decode: the H / KVH query heads sharing a KV head become rows of one query matrix.
         group = heads // kv_heads
