@@ -213,6 +213,9 @@ class Router:
             await self._controller.wait_for_instance(model, min(remaining, 1.0))
         except RequestTimeoutError:
             pass  # the caller re-checks its own deadline
+        except Exception:  # start failed or deployment deleted: the next wake is a new cold start
+            state.waking = False
+            raise
 
     def _pick(self, model: str, spec: DeploymentSpec, state: _Load) -> Any:
         """Least-loaded ready instance below its slot cap (ties rotate); takes the slot."""

@@ -168,3 +168,20 @@ async def test_admin_deploy_status_delete(tmp_path: Path) -> None:
         assert (await c.delete("/admin/deployments/demo")).json() == {"deleted": "demo"}
         _assert_error(await c.delete("/admin/deployments/demo"), 404)
         assert (await c.get("/v1/models")).json()["data"] == []
+
+
+async def test_instance_that_fails_to_start_is_503_and_the_next_wake_counts_again(
+    tmp_path: Path,
+) -> None:
+    # The source exists but holds no model: the instance's start fails while requests wait.
+    async with serving(tmp_path, (_spec(tmp_path, "broken"),)) as s:
+        body = {"model": "broken", "prompt": "x"}
+        err = _assert_error(await s.client.post("/v1/completions", json=body), 503)
+        assert err["code"] == "deployment_unavailable" and "failed to start" in err["message"]
+        assert s.app.state.router.load("broken") == (0, 0)
+        metrics = (await s.client.get("/metrics")).text
+        assert 'ember_cold_starts_total{model="broken"} 1.0' in metrics
+        assert (
+            'ember_requests_total{endpoint="completions",model="broken",status="503"} 1.0'
+            in metrics
+        )
