@@ -1,0 +1,44 @@
+"""The admin client's URL/key resolution and its mapping of HTTP errors to one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.cli.admin_client import DEFAULT_URL, AdminClient, _error
+from ember.errors import AuthenticationError, ConfigError, ModelNotFoundError, ServingError
+
+
+def test_flags_win_over_environment_which_wins_over_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("EMBER_URL", raising=False)
+    monkeypatch.delenv("EMBER_API_KEY", raising=False)
+    c = AdminClient(None, None)
+    assert (c.url, c.api_key) == (DEFAULT_URL, None)
+    monkeypatch.setenv("EMBER_URL", "http://127.0.0.1:9000/")
+    monkeypatch.setenv("EMBER_API_KEY", "env-key")
+    c = AdminClient(None, None)
+    assert (c.url, c.api_key) == ("http://127.0.0.1:9000", "env-key")
+    c = AdminClient("http://127.0.0.1:7", "flag-key")
+    assert (c.url, c.api_key) == ("http://127.0.0.1:7", "flag-key")
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (401, AuthenticationError),
+        (403, AuthenticationError),
+        (404, ModelNotFoundError),
+        (400, ConfigError),
+        (422, ConfigError),
+        (503, ServingError),
+    ],
+)
+def test_http_errors_map_to_ember_errors(status: int, kind: type) -> None:
+    err = _error(status, "the message")
+    assert type(err) is kind
+    assert "the message" in str(err) and "\n" not in str(err)
+
+
+def test_auth_errors_say_how_to_pass_a_key() -> None:
+    assert "EMBER_API_KEY" in str(_error(401, "bad key"))
