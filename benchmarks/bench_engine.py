@@ -37,6 +37,7 @@ LENGTHS_CSV = ROOT.parent / "shared" / "traces" / "workload" / "sharegpt" / "len
 VLLM_PYTHON = ROOT / ".vllm-venv" / "bin" / "python"
 WORKER = Path(__file__).resolve().parent / "engine_worker.py"
 ENGINES = ("ember", "transformers", "vllm")
+LABELS = {"125m": "llama-134m", "1b": "llama-1.1b"}
 VLLM_ENV = {
     "VLLM_CPU_OMP_THREADS_BIND": "0-1",
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
@@ -192,28 +193,30 @@ def run_worker(
         return json.loads(Path(spec["result"]).read_text())
 
 
-def bench_model(
-    model: Path, engines: list[str], args: argparse.Namespace, with_throughput: bool
-) -> dict[str, Any]:
-    """Every engine on one model: decode and throughput in one process, then cold-start runs."""
+def base_spec(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(0)
-    q = args.quick
-    decode_prompt = token_ids(rng, 32 if q else 128)
-    throughput = None
-    if with_throughput:
-        lengths = sharegpt_workload(8 if q else 64, 0, 64 if q else 512, 32 if q else 256)
-        throughput = {
-            "prompts": [token_ids(rng, p) for p, _ in lengths],
-            "outputs": [o for _, o in lengths],
-        }
-    spec = {
+    return {
         "model": str(model),
         "threads": args.threads,
         "max_model_len": 1024,
         "kv_cache_bytes": 4 << 30,  # as VLLM_CPU_KVCACHE_SPACE=4
-        "decode": {"prompt": decode_prompt, "new_tokens": 32 if q else 128, "runs": args.runs},
-        "throughput": throughput,
+        "short_prompt": token_ids(rng, 16),
+        "decode": None,
+        "throughput": None,
     }
+
+
+def bench_decode(model: Path, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """(a) and (c) for every engine: one process measures decode and is the first cold start,
+    then `cold_runs - 1` more processes that stop at their first token."""
+    q = args.quick
+    rng = random.Random(1)
+    decode = {
+        "prompt": token_ids(rng, 32 if q else 128),
+        "new_tokens": 32 if q else 128,
+        "runs": args.runs,
+    }
+    spec = dict(base_spec(model, args), decode=decode)
     out: dict[str, Any] = {}
     for engine in engines:
         res: dict[str, Any] = {"cold_start_runs_s": []}
@@ -221,22 +224,18 @@ def bench_model(
             if engine == "ember":  # the one-time conversion into ember's format, reported apart
                 first = run_worker(engine, dict(spec, cold_only=True), args.timeout, args.log_dir)
                 res["first_use_with_conversion_s"] = first["cold_start_s"]
-            print(f"  {engine}: decode{' + throughput' if throughput else ''} ...", flush=True)
+            print(f"  {engine}: decode ...", flush=True)
             full = run_worker(engine, spec, args.timeout, args.log_dir)
-            res.update(decode=full["decode"], throughput=full.get("throughput"))
+            res["decode"] = full["decode"]
             res["cold_start_runs_s"].append(full["cold_start_s"])
             for _ in range(args.cold_runs - 1):
                 cold = run_worker(engine, dict(spec, cold_only=True), args.timeout, args.log_dir)
                 res["cold_start_runs_s"].append(cold["cold_start_s"])
             res["cold_start_s"] = statistics.median(res["cold_start_runs_s"])
             print(
-                f"  {engine}: decode {full['decode']['tok_s_median']:.1f} tok/s, cold start "
-                f"{res['cold_start_s']:.1f} s"
-                + (
-                    f", throughput {full['throughput']['out_tok_s']:.1f} out tok/s"
-                    if throughput
-                    else ""
-                ),
+                f"  {engine}: decode {full['decode']['tok_s_median']:.1f} tok/s "
+                f"({full['decode']['tok_per_cpu_s_median']:.1f} per CPU-s), "
+                f"cold start {res['cold_start_s']:.1f} s",
                 flush=True,
             )
         except RuntimeError as e:
@@ -246,28 +245,61 @@ def bench_model(
     return out
 
 
+def bench_throughput(model: Path, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """(b) for every engine, each in its own process."""
+    q = args.quick
+    rng = random.Random(2)
+    lengths = sharegpt_workload(8 if q else 64, 0, 64 if q else 512, 32 if q else 256)
+    throughput = {
+        "prompts": [token_ids(rng, p) for p, _ in lengths],
+        "outputs": [o for _, o in lengths],
+    }
+    spec = dict(base_spec(model, args), throughput=throughput)
+    out: dict[str, Any] = {}
+    for engine in engines:
+        print(f"  {engine}: throughput ...", flush=True)
+        try:
+            full = run_worker(engine, spec, args.timeout, args.log_dir)
+            out[engine] = {"throughput": full["throughput"], "cold_start_s": full["cold_start_s"]}
+            t = full["throughput"]
+            print(
+                f"  {engine}: {t['out_tok_s']:.1f} out tok/s "
+                f"({t['out_tok_per_cpu_s']:.1f} per CPU-s)",
+                flush=True,
+            )
+        except RuntimeError as e:
+            print(f"  {engine}: FAILED: {str(e).splitlines()[0]}", flush=True)
+            out[engine] = {"error": str(e)[-2000:]}
+    return out
+
+
 def summarize(
     label: str, per_engine: dict[str, Any], wbytes: int, bandwidth: dict[str, float]
 ) -> list[dict[str, Any]]:
     """Rows of metric, value (ember), baseline (transformers), vllm, ratios, targets."""
 
+    def result(engine: str, metric: str) -> dict[str, Any]:
+        part = "throughput" if metric == "throughput_out_tok_s" else "decode"
+        r = per_engine.get(part, {}).get(engine, {})
+        return {} if "error" in r else r
+
     def value(engine: str, metric: str) -> float | None:
-        r = per_engine.get(engine, {})
-        if "error" in r or not r:
+        r = result(engine, metric)
+        if not r:
             return None
         if metric == "decode_tok_s":
             return float(r["decode"]["tok_s_median"])
         if metric == "throughput_out_tok_s":
-            return float(r["throughput"]["out_tok_s"]) if r.get("throughput") else None
+            return float(r["throughput"]["out_tok_s"])
         return float(r["cold_start_s"])
 
     def per_cpu_s(engine: str, metric: str) -> float | None:
-        r = per_engine.get(engine, {})
-        if "error" in r or not r:
+        r = result(engine, metric)
+        if not r:
             return None
         if metric == "decode_tok_s":
-            return r["decode"].get("tok_per_cpu_s_median")
-        return (r.get("throughput") or {}).get("out_tok_per_cpu_s")
+            return float(r["decode"]["tok_per_cpu_s_median"])
+        return float(r["throughput"]["out_tok_per_cpu_s"])
 
     rows = []
     units = {"decode_tok_s": "tok/s", "throughput_out_tok_s": "out tok/s", "cold_start_s": "s"}
@@ -381,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="125m,1b", help="llama factory sizes (default 125m,1b)")
     p.add_argument("--throughput-models", default="125m", help="sizes that run (b) (default 125m)")
     p.add_argument("--engines", default=",".join(ENGINES), help="subset of ember,transformers,vllm")
+    p.add_argument(
+        "--parts", default="decode,throughput", help="decode (with cold start), throughput"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=None, help="decode runs per engine (default 3)")
     p.add_argument("--cold-runs", type=int, default=None, help="cold-start processes (default 3)")
@@ -408,18 +443,32 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "benchmarks" / "results" / (
         "engine-quick.json" if args.quick else "engine.json"
     )
-    for size in sizes:
-        model = ensure_model(args.models_dir, size, args.quick)
-        label = (
-            "llama-quick"
-            if args.quick
-            else {"125m": "llama-134m", "1b": "llama-1.1b"}.get(size, size)
-        )
-        print(f"== {label} ({model})", flush=True)
-        with_tp = args.quick or size in args.throughput_models.split(",")
-        raw[label] = bench_model(model, engines, args, with_tp)
-        rows += summarize(label, raw[label], weight_bytes_per_token(model), bandwidth)
-        write_result(out, args, engines, bandwidth, rows, raw, notes)  # after each model
+    parts = [p for p in args.parts.split(",") if p]
+    models = {size: ensure_model(args.models_dir, size, args.quick) for size in sizes}
+    labels = {
+        size: "llama-quick" if args.quick else LABELS.get(size, f"llama-{size}") for size in sizes
+    }
+    for part in ("decode", "throughput"):  # decode and cold start first: they are quicker
+        if part not in parts:
+            continue
+        for size, model in models.items():
+            if part == "throughput" and not (
+                args.quick or size in args.throughput_models.split(",")
+            ):
+                continue
+            label = labels[size]
+            print(f"== {label} {part} ({model})", flush=True)
+            bench = bench_decode if part == "decode" else bench_throughput
+            raw.setdefault(label, {})[part] = bench(model, engines, args)
+            rows = [
+                row
+                for size2, model2 in models.items()
+                if labels[size2] in raw
+                for row in summarize(
+                    labels[size2], raw[labels[size2]], weight_bytes_per_token(model2), bandwidth
+                )
+            ]
+            write_result(out, args, engines, bandwidth, rows, raw, notes)  # after each part
     print_table(rows)
     print(f"wrote {out}")
     return 0

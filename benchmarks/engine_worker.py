@@ -5,8 +5,9 @@ ember and transformers and with .vllm-venv's python for vLLM, so this file impor
 standard library at the top; each engine's packages are imported inside its adapter.
 
 SPEC.json: {"engine", "model", "spawn_time" (the parent's time.time() just before it started
-this process), "threads", "max_model_len", "cold_only", "decode": {"prompt", "new_tokens",
-"runs"}, "throughput": {"prompts", "outputs"}, "result"}. The worker writes its result JSON to
+this process), "threads", "max_model_len", "kv_cache_bytes", "short_prompt", "cold_only",
+"decode": {"prompt", "new_tokens", "runs"} or null, "throughput": {"prompts", "outputs"} or
+null, "result"}. The worker writes its result JSON to
 SPEC["result"]: cold start (process start to first generated token), decode timings, throughput.
 """
 
@@ -197,14 +198,14 @@ def main(spec_path: str) -> int:
     t0 = time.time()
     adapter = ADAPTERS[engine](spec)
     result["init_s"] = time.time() - t0
-    short = spec["decode"]["prompt"][:16]
-    adapter.generate([short], [1])
+    adapter.generate([spec["short_prompt"]], [1])
     result["cold_start_s"] = time.time() - spec["spawn_time"]
     result["first_generate_s"] = time.time() - t0 - result["init_s"]
     if not spec.get("cold_only"):
-        d = spec["decode"]
-        result["decode"] = measure_decode(adapter, d["prompt"], d["new_tokens"], d["runs"])
-        tp = spec["throughput"]
+        d = spec.get("decode")
+        if d:
+            result["decode"] = measure_decode(adapter, d["prompt"], d["new_tokens"], d["runs"])
+        tp = spec.get("throughput")
         if tp:
             static = 8 if engine == "transformers" else None
             result["throughput"] = measure_throughput(adapter, tp["prompts"], tp["outputs"], static)
