@@ -83,6 +83,7 @@ class NodeServices:
         self.config = config
         self._instance_cpus = instance_cpus
         self._stores: dict[str, Any] = {}
+        self._ready: dict[str, Any] = {}  # node id -> ObjectRef ready once its store started
         if device != "cpu" and config.pool_size:
             # A pooled worker reserves no GPU while idle, so it could not see one once taken.
             logger.info("worker pool off: device=%s (pooled workers are CPU-only)", device)
@@ -106,9 +107,11 @@ class NodeServices:
         for node_id in alive:
             if node_id not in self._stores:
                 self._stores[node_id] = start_node_store(node_id, self.store_config(node_id))
+                self._ready[node_id] = self._stores[node_id].__ray_ready__.remote()
                 logger.info("node store started node=%s", node_id[:12])
         for gone in set(self._stores) - set(alive):
             del self._stores[gone]
+            self._ready.pop(gone, None)
         if self.config.pool_size:
             self._pool.sync(alive)
 
@@ -131,6 +134,15 @@ class NodeServices:
         logger.info("pooled worker taken name=%s instance=%s", ref.name, instance_id)
         return ActorRef(name=ref.name, actor=ref.actor, placement_group=pg)
 
+    def _started(self, node_id: str) -> bool:
+        ref = self._ready.get(node_id)
+        if ref is None:
+            return True
+        done, _ = ray.wait([ref], timeout=0)
+        if done:
+            del self._ready[node_id]
+        return bool(done)
+
     def live_instance_names(self) -> list[str]:
         """Pooled workers taken into service whose actors are still alive (the same view of
         liveness as the adapter's `actor_names`: Ray's list of named actors)."""
@@ -141,14 +153,15 @@ class NodeServices:
             del self._taken[name]
         return sorted(self._taken)
 
-    async def checkpoints(self, timeout_s: float = 5.0) -> dict[str, list[dict[str, Any]]]:
-        """Per node id: the checkpoints in its tiers (tier, source, bytes, pins)."""
+    async def checkpoints(self, timeout_s: float = 1.0) -> dict[str, list[dict[str, Any]]]:
+        """Per node id: the checkpoints in its tiers (tier, source, bytes, pins). Stores still
+        starting, or slower than `timeout_s`, are left out (status must answer promptly)."""
 
         async def one(handle: Any) -> list[dict[str, Any]]:
             rows = await asyncio.wait_for(handle.status.remote(), timeout_s)
             return [asdict(r) for r in rows]
 
-        ids = list(self._stores)
+        ids = [n for n in self._stores if self._started(n)]
         answers = await asyncio.gather(*(one(self._stores[n]) for n in ids), return_exceptions=True)
         return {n: a for n, a in zip(ids, answers, strict=True) if isinstance(a, list)}
 
