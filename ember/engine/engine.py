@@ -265,6 +265,14 @@ class Engine:
             raise RequestError(
                 f"request has {len(ids)} tokens but max_model_len is {self.max_model_len}"
             )
+        kv = state.kv
+        cfg = self.model_config
+        want = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+        if kv is not None and (kv.dim() != 5 or (*kv.shape[:2], *kv.shape[3:]) != want):
+            raise RequestError(
+                f"kv has shape {tuple(kv.shape)}; this model needs [{want[0]}, 2, tokens, "
+                f"{want[2]}, {want[3]}]"
+            )
         generator = torch.Generator(device="cpu")
         generator.set_state(torch.frombuffer(bytearray(state.rng_state), dtype=torch.uint8))
         request = Request(
@@ -278,7 +286,6 @@ class Engine:
             emitted_text_len=state.text_emitted,
         )
         self._requests[state.request_id] = request
-        kv = state.kv
         if (
             kv is not None
             and kv.shape[2] == len(ids) - 1

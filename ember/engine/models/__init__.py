@@ -9,25 +9,15 @@ used as they are, so the weights exist once). Missing or unexpected names raise
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
 
 import torch
 from torch import nn
 
 from ember.engine.config import ModelConfig
-from ember.engine.models.layers import AttentionMetadata, ParallelContext
+from ember.engine.models.layers import ParallelContext
 from ember.engine.models.llama import LlamaForCausalLM
 from ember.engine.models.opt import OPTForCausalLM
 from ember.errors import CheckpointFormatError, UnsupportedArchitectureError
-
-
-class CausalLM(Protocol):
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor: ...
-
-    def compute_logits(self, h: torch.Tensor) -> torch.Tensor: ...
-
 
 HEAD = "lm_head.weight"
 
