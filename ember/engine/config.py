@@ -42,6 +42,8 @@ class EngineConfig:
     - `seed`: seeds the per-request generators of requests that name no seed.
     - `pack_weights`: on CPU in bf16, re-lay linear weights out for oneDNN's kernels (2-3x
       faster decode; the plain copy from the store is released after packing).
+    - `pack_in_background`: pack on a thread while the first requests are served with the
+      plain weights (fast cold start); False packs before the engine starts serving.
     """
 
     model: str
@@ -55,6 +57,7 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     pack_weights: bool = True
+    pack_in_background: bool = True
 
     def __post_init__(self) -> None:
         positive = {

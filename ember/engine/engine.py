@@ -78,6 +78,7 @@ class Engine:
             self._executor = load_runner(
                 str(self.checkpoint), self.model_config, ParallelContext(), device,
                 self.dtype, num_blocks, config.block_size_tokens, config.pack_weights,
+                config.pack_in_background,
             )  # fmt: skip
         else:
             from ember.engine.parallel import TensorParallelExecutor, make_spec
@@ -85,6 +86,7 @@ class Engine:
             spec = make_spec(
                 str(self.checkpoint), self.model_config, config.device, self.dtype,
                 num_blocks, config.block_size_tokens, tp, config.pack_weights,
+                config.pack_in_background,
             )  # fmt: skip
             self._executor = TensorParallelExecutor(spec)
         self._rng = random.Random(config.seed)

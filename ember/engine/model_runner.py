@@ -8,10 +8,16 @@ model's dtype, attached to the layer's attention module. Slot `s` of a layer is 
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
+import threading
+import time
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from ember.engine.config import ModelConfig
@@ -38,6 +44,7 @@ class ModelRunner:
         block_size: int,
         source: str = "checkpoint",
         pack_weights: bool = True,
+        pack_in_background: bool = True,
     ) -> None:
         self.cfg = cfg
         self.par = par
@@ -46,23 +53,16 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.model = build_model(cfg, weights, par, source)
         self.dtype = next(self.model.parameters()).dtype
-        self.packed = pack_weights and can_pack_linears(device, self.dtype)
-        if self.packed:
-            _pack(self.model)
+        self.packed = False
+        self._packer: WeightPacker | None = None
+        if pack_weights and can_pack_linears(device, self.dtype):
+            self._packer = WeightPacker(self.model)
+            if not pack_in_background:
+                self.wait_packed()
         self.kv_heads = cfg.num_kv_heads // par.world_size
         self.attention_modules: list[Any] = [layer.self_attn for layer in self._layers()]
-        self.kv_caches = [
-            torch.zeros(
-                2,
-                num_blocks,
-                block_size,
-                self.kv_heads,
-                cfg.head_dim,
-                dtype=self.dtype,
-                device=device,
-            )  # fmt: skip
-            for _ in self.attention_modules
-        ]
+        shape = (2, num_blocks, block_size, self.kv_heads, cfg.head_dim)
+        self.kv_caches = [_zeros(shape, self.dtype, device) for _ in self.attention_modules]
         for module, cache in zip(self.attention_modules, self.kv_caches, strict=True):
             module.kv_cache = cache
         logger.info(
@@ -75,9 +75,24 @@ class ModelRunner:
         layers = inner.decoder.layers if self.cfg.is_opt else inner.layers
         return list(layers)  # type: ignore[arg-type]
 
+    def wait_packed(self) -> None:
+        """Block until the packed weights are in use (no-op when not packing)."""
+        if self._packer is not None:
+            self._packer.wait()
+            self._install_packed()
+
+    def _install_packed(self) -> None:
+        # Called between steps only, so no forward ever sees a half-swapped layer.
+        packer = self._packer
+        if packer is None or not packer.finished():
+            return
+        self._packer = None
+        self.packed = packer.install()
+
     @torch.inference_mode()
     def execute(self, plan: SchedulePlan, want_logits: bool = True) -> torch.Tensor | None:
         """Logits [len(plan.seqs), vocab] (float32) of each request's last token."""
+        self._install_packed()
         input_ids, positions, meta, last = self._prepare(plan)
         hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         if not want_logits:
@@ -162,6 +177,16 @@ class ModelRunner:
             flat.index_copy_(1, index, kv[layer].to(device=self.device, dtype=self.dtype))
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On CPU it comes from calloc (fresh zero pages from the OS, touched only
+    when written) so a large KV cache costs nothing at start-up; `torch.zeros` would write every
+    page. Zeros matter: masked-out slots are still multiplied by 0, and 0 * NaN is NaN."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 def _contiguous_start(table: list[int], block_size: int) -> int | None:
     """The first slot when `table` is a run of consecutive block ids, else None."""
     first = table[0]
@@ -170,18 +195,74 @@ def _contiguous_start(table: list[int], block_size: int) -> int | None:
     return first * block_size
 
 
-def _pack(model: torch.nn.Module) -> None:
-    """Pack every linear weight for oneDNN, then give the other (small) parameters their own
-    memory so that the store's buffer, which only the plain weights shared, is released: one
-    copy of the weights stays, in the faster layout."""
-    packed = set()
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.pack()
+_LIVE_PACKERS: weakref.WeakSet[WeightPacker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_packers() -> None:
+    for packer in list(_LIVE_PACKERS):
+        packer.stop()
+
+
+class WeightPacker:
+    """Packs every linear weight for oneDNN on a background thread, so that the first requests
+    are served (with the plain weights) while it runs; `install` swaps the packed weights in
+    and gives the other, small parameters their own memory so that the store's buffer, which
+    only the plain weights still shared, is released: one copy of the weights stays, in the
+    faster layout. bf16 results before and after the swap can differ in the last bits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.modules = [m for m in model.modules() if isinstance(m, Linear)]
+        self.result: list[torch.Tensor] | None = None
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        _LIVE_PACKERS.add(self)
+        self._thread = threading.Thread(target=self._run, name="ember-pack", daemon=True)
+        self._started = time.perf_counter()
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            out = []
+            with torch.inference_mode():
+                for m in self.modules:
+                    if self._stop.is_set():
+                        raise RuntimeError("interpreter exit")
+                    out.append(m.packed_weight())
+            self.result = out
+        except BaseException as e:  # noqa: BLE001 - reported by install(), serving goes on
+            self.error = e
+
+    def finished(self) -> bool:
+        return not self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Abandon packing after the current layer (interpreter exit: a thread killed inside
+        a C++ op aborts the process)."""
+        self._stop.set()
+        self._thread.join()
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def install(self) -> bool:
+        if self.result is None:
+            logger.warning("weight packing failed, serving with plain weights: %r", self.error)
+            return False
+        packed = set()
+        for module, weight in zip(self.modules, self.result, strict=True):
+            module.install_packed(weight)
             packed.add(id(module.weight))
-    for param in model.parameters():
-        if id(param) not in packed:
-            param.data = param.data.clone()
+        for param in self.model.parameters():
+            if id(param) not in packed:
+                param.data = param.data.clone()
+        self.result = None
+        logger.info(
+            "packed_weights layers=%d seconds=%.2f", len(self.modules),
+            time.perf_counter() - self._started,
+        )  # fmt: skip
+        return True
 
 
 def load_runner(
@@ -193,6 +274,7 @@ def load_runner(
     num_blocks: int,
     block_size: int,
     pack_weights: bool = True,
+    pack_in_background: bool = True,
 ) -> ModelRunner:
     """Load this rank's weights from the store and build its runner (a dtype other than the
     stored one costs a cast; `Engine` converts HF folders in the right dtype to avoid it)."""

@@ -48,6 +48,7 @@ class RankSpec:
     port: int
     threads: int
     pack_weights: bool = True
+    pack_in_background: bool = True
 
 
 def _free_port() -> int:
@@ -78,7 +79,7 @@ def _init(spec: RankSpec, rank: int) -> ModelRunner:
     dtype = getattr(torch, spec.dtype)
     return load_runner(
         spec.checkpoint, spec.model_config, par, device, dtype, spec.num_blocks,
-        spec.block_size, spec.pack_weights,
+        spec.block_size, spec.pack_weights, spec.pack_in_background,
     )  # fmt: skip
 
 
@@ -178,6 +179,7 @@ def make_spec(
     block_size: int,
     world_size: int,
     pack_weights: bool = True,
+    pack_in_background: bool = True,
 ) -> RankSpec:
     threads = max(1, (os.cpu_count() or 1) // world_size) if device == "cpu" else 1
     return RankSpec(
@@ -191,4 +193,5 @@ def make_spec(
         port=_free_port(),
         threads=threads,
         pack_weights=pack_weights,
+        pack_in_background=pack_in_background,
     )

@@ -85,7 +85,11 @@ def test_bf16_packed_weights_match_plain_weights(model_factory: Callable[..., Pa
     logits: dict[bool, list[torch.Tensor]] = {}
     tokens: dict[bool, dict[str, list[int]]] = {}
     for pack in (True, False):
-        engine = Engine(EngineConfig(model=str(path), max_model_len=128, pack_weights=pack))
+        engine = Engine(
+            EngineConfig(
+                model=str(path), max_model_len=128, pack_weights=pack, pack_in_background=False
+            )
+        )
         assert engine.dtype == torch.bfloat16
         inner = engine._executor
         recorder = _Recorder(inner)
@@ -97,6 +101,12 @@ def test_bf16_packed_weights_match_plain_weights(model_factory: Callable[..., Pa
     scale = first[1].abs().max()
     assert ((first[0] - first[1]).abs().max() / scale).item() < 2e-2
     assert tokens[True] == tokens[False]
+    # Packing on a thread while serving: the swap happens between steps, tokens are unchanged.
+    background = Engine(EngineConfig(model=str(path), max_model_len=128))
+    assert _generate(background, PROMPTS) == tokens[False]
+    background._executor.wait_packed()
+    assert background._executor.packed == can_pack_linears(torch.device("cpu"), torch.bfloat16)
+    assert _generate(background, PROMPTS) == tokens[False]
 
 
 @pytest.mark.gpu

@@ -171,7 +171,7 @@ class Linear(nn.Module):
     """`y = x W^T + b` with HF's parameter names, created without initialisation.
 
     With `reduce` (a row-parallel layer under tensor parallelism) the partial products are
-    summed over the ranks before the (replicated) bias is added once. After `pack()` the
+    summed over the ranks before the (replicated) bias is added once. After `install_packed` the
     weight is held in oneDNN's blocked layout and multiplied by its kernel, which on CPU runs
     bf16 matrix-vector products 2-3x faster than `F.linear` on the plain layout.
     """
@@ -185,12 +185,14 @@ class Linear(nn.Module):
         self.reduce = reduce if reduce is not None and reduce.world_size > 1 else None
         self.packed = False
 
-    def pack(self) -> None:
-        """Re-lay the weight out for oneDNN (a copy; the plain weight is dropped)."""
-        w = self.weight.detach()
-        self.weight = nn.Parameter(
-            torch.ops.mkldnn._reorder_linear_weight(w, 1), requires_grad=False
-        )
+    def packed_weight(self) -> torch.Tensor:
+        """The weight re-laid out for oneDNN (a new tensor; safe to compute on another thread
+        while this layer keeps serving with the plain weight)."""
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), 1)  # type: ignore[no-any-return]
+
+    def install_packed(self, packed: torch.Tensor) -> None:
+        """Serve from `packed` from now on; the plain weight is dropped."""
+        self.weight = nn.Parameter(packed, requires_grad=False)
         self.packed = True
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
