@@ -7,15 +7,24 @@ What each number includes:
   tokenize the prompt; `generate(max_new_tokens=1)`. Measured from `Popen` to the token.
 - ember, per tier: a local Ray node running the node store actor and a pool of one pre-started,
   model-less instance worker (warm, idle, excluded). Timed from the request to the first token
-  arriving back in this process: worker (take it from the pool, assign the deployment: one
-  actor call), load (the worker's `start`: node store acquire -- a DRAM hit, SSD -> DRAM, or
-  S3 -> SSD -> DRAM on the loopback moto server -- then the engine built on the DRAM copy:
-  weights are views of shared memory, tokenizer, KV cache), first token (the `generate` call
-  streaming one token back). Queueing is zero by construction: no controller queue in this
-  path (the request goes straight to the node's pool), so it is reported as such.
-- "dram, no pool": the same from DRAM, but the worker is a fresh actor process (what the pool
+  arriving back in this process:
+  worker: take the worker from the pool and assign it the deployment (one actor call);
+  load: the worker's `start`: `store` = the node store's acquire, which answers as soon as the
+  checkpoint can be mapped (a DRAM hit, or a fetch S3 -> SSD -> DRAM / SSD -> DRAM started),
+  then `engine` = the engine built on the DRAM copy while the fetch streams in (weights are
+  views of shared memory, mapped tensor by tensor as their chunks are verified; tokenizer; KV
+  cache);
+  first token: the `generate` call streaming the first token back.
+  Queueing is zero by construction: no controller queue in this path (the request goes
+  straight to the node's pool), so it is reported as such.
+- "dram-packed": the same, but the engine re-lays the bf16 weights out for oneDNN at load
+  (`EMBER_POOL_PACK_WEIGHTS=1`): a private copy per instance, faster decode. The last column
+  (time per output token over 16 more tokens) shows what each choice costs afterwards.
+- "dram-nopool": the same from DRAM, but the worker is a fresh actor process (what the pool
   saves: process start and imports).
 SSD runs drop the SSD copy from the page cache first (posix_fadvise DONTNEED), so they read disk.
+The S3 server is moto on loopback: every ranged GET makes it copy the whole object in Python,
+so S3 numbers measure moto more than the pipeline (64 MiB ranges keep the request count low).
 """
 
 from __future__ import annotations
@@ -36,7 +45,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "coldstart"
 PROMPT = "The capital of France is"
-TIERS = ("s3", "ssd", "dram", "dram-nopool")
+TIERS = ("s3", "ssd", "dram", "dram-packed", "dram-nopool")
+DECODE_TOKENS = 16  # after the first, to report the time per output token
 
 BASELINE = r"""
 import json, sys, time
@@ -145,10 +155,12 @@ class Harness:
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.env = env
         self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env)
+        self.packed_pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=True)
         self.ray = ray
 
     def close(self) -> None:
         self.pool.shutdown()
+        self.packed_pool.shutdown()
         self.adapter.shutdown()
         self.moto.stop()
         shutil.rmtree(self.shm, ignore_errors=True)
@@ -177,24 +189,26 @@ class Harness:
         else:
             get(self.store.ensure.remote(url, "dram"))
 
-    def warm_worker(self) -> Any:
-        self.pool.sync([self.node])
-        (ref,) = self.pool.idle()[self.node]
+    def warm_worker(self, packed: bool = False) -> Any:
+        pool = self.packed_pool if packed else self.pool
+        pool.sync([self.node])
+        (ref,) = pool.idle()[self.node]
         return self.ray.get(ref.actor.info.remote())
 
-    def cold_start(self, url: str, pooled: bool) -> dict[str, Any]:
-        return asyncio.run(self._cold_start(url, pooled))
+    def cold_start(self, url: str, tier: str) -> dict[str, Any]:
+        return asyncio.run(self._cold_start(url, tier))
 
-    async def _cold_start(self, url: str, pooled: bool) -> dict[str, Any]:
+    async def _cold_start(self, url: str, tier: str) -> dict[str, Any]:
         from ember import SamplingParams
         from ember.cluster.worker_pool import PooledInstanceActor
         from ember.controller.types import DeploymentSpec
 
         spec = DeploymentSpec(name="bench", source=url, max_model_len=512, max_num_seqs=4)
-        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=1 + DECODE_TOKENS, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
-        if pooled:
-            ref = self.pool.take(self.node, refill=False)
+        if tier != "dram-nopool":
+            pool = self.packed_pool if tier == "dram-packed" else self.pool
+            ref = pool.take(self.node, refill=False)
             assert ref is not None
             actor = ref.actor
         else:
@@ -207,14 +221,17 @@ class Harness:
         t_worker = time.perf_counter()
         await actor.start.remote()
         t_load = time.perf_counter()
-        token = None
+        tokens: list[int] = []
+        t_token = t_end = 0.0
         gen = actor.generate.options(num_returns="streaming").remote("r0", PROMPT, params)
         async for obj in gen:
             delta = await obj
-            if getattr(delta, "new_token_ids", None):
-                token = delta.new_token_ids[0]
+            if not tokens and delta.new_token_ids:
+                t_token = time.perf_counter()
+            tokens += delta.new_token_ids
+            if delta.finished:
+                t_end = time.perf_counter()
                 break
-        t_token = time.perf_counter()
         timings = await actor.start_timings.remote()
         self.ray.kill(actor, no_restart=True)
         await self._until_unpinned(url)
@@ -227,7 +244,8 @@ class Harness:
             "engine_s": timings.get("engine_s"),
             "served_from": timings.get("served_from"),
             "first_token_s": t_token - t_load,
-            "token": token,
+            "tpot_s": (t_end - t_token) / max(1, len(tokens) - 1),
+            "token": tokens[0] if tokens else None,
         }
 
     async def _until_unpinned(self, url: str, timeout_s: float = 60.0) -> None:
@@ -274,10 +292,10 @@ def main() -> int:
             for tier in TIERS:
                 cells = []
                 for _ in range(runs):
-                    harness.place(url, "dram" if tier == "dram-nopool" else tier)
+                    harness.place(url, "dram" if tier.startswith("dram") else tier)
                     if tier != "dram-nopool":
-                        harness.warm_worker()
-                    cells.append(harness.cold_start(url, pooled=tier != "dram-nopool"))
+                        harness.warm_worker(packed=tier == "dram-packed")
+                    cells.append(harness.cold_start(url, tier))
                     print(f"{size} {tier}: " + json.dumps(cells[-1]), flush=True)
                 res[tier] = median_run(cells)
             results[size] = res
@@ -292,18 +310,18 @@ def print_table(size: str, res: dict[str, Any]) -> None:
     base = res["baseline"]["total_s"]
     print(f"\ncold start to first token, llama {size} bf16 (median; seconds)")
     head = f"{'path':<22}{'total':>8}{'queue':>8}{'worker':>8}{'load':>8}{'store':>8}"
-    print(head + f"{'engine':>8}{'1st tok':>9}{'speedup':>9}")
+    print(head + f"{'engine':>8}{'1st tok':>9}{'speedup':>9}{'tpot ms':>9}")
     b = res["baseline"]
     print(
         f"{'transformers (fresh)':<22}{base:>8.3f}{'-':>8}{b['python_s'] + b['import_s']:>8.3f}"
-        f"{b['load_s']:>8.3f}{'-':>8}{'-':>8}{b['first_token_s']:>9.3f}{1.0:>8.1f}x"
+        f"{b['load_s']:>8.3f}{'-':>8}{'-':>8}{b['first_token_s']:>9.3f}{1.0:>8.1f}x{'-':>9}"
     )
     for tier in TIERS:
         r = res[tier]
         print(
             f"{'ember ' + tier:<22}{r['total_s']:>8.3f}{r['queueing_s']:>8.3f}{r['worker_s']:>8.3f}"
             f"{r['load_s']:>8.3f}{r['store_s']:>8.3f}{r['engine_s']:>8.3f}"
-            f"{r['first_token_s']:>9.3f}{base / r['total_s']:>8.1f}x"
+            f"{r['first_token_s']:>9.3f}{base / r['total_s']:>8.1f}x{r['tpot_s'] * 1e3:>9.1f}"
         )
     idle = res["pooled_worker_idle"]
     print(

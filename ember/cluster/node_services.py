@@ -10,6 +10,8 @@ node's actors as arguments, not through their environments):
 - EMBER_SSD_DIR (default <cache_dir>/ssd), EMBER_SSD_CAPACITY_BYTES (100 GiB)
 - EMBER_S3_ENDPOINT_URL (any S3-compatible server; default AWS), AWS_* credentials as usual
 - EMBER_WORKER_POOL_SIZE: pre-started workers per node (default 1; 0 turns the pool off)
+- EMBER_POOL_PACK_WEIGHTS=1: pooled instances re-lay bf16 weights out for oneDNN (faster
+  decode, a private copy per instance) instead of mapping the DRAM tier with no copy
 - EMBER_NODE_STORE=0 turns both off (instances then load as before, from local paths only).
 
 Each node's tier directories get the node id appended, so several Ray nodes on one machine (a
@@ -46,6 +48,7 @@ class NodeServicesConfig:
     enabled: bool = True
     store: NodeStoreConfig = field(default_factory=NodeStoreConfig)
     pool_size: int = 1
+    pack_weights: bool = False  # pooled instances: keep zero-copy views (see worker_pool)
 
     @classmethod
     def from_env(cls, cache_dir: str, env: dict[str, str] | None = None) -> NodeServicesConfig:
@@ -68,7 +71,8 @@ class NodeServicesConfig:
         pool = num("EMBER_WORKER_POOL_SIZE", 1)
         if pool < 0:
             raise ConfigError(f"EMBER_WORKER_POOL_SIZE must be >= 0, got {pool}")
-        return cls(e.get("EMBER_NODE_STORE", "1") != "0", store, pool)
+        pack = e.get("EMBER_POOL_PACK_WEIGHTS", "0") not in ("0", "", "false")
+        return cls(e.get("EMBER_NODE_STORE", "1") != "0", store, pool, pack)
 
 
 class NodeServices:
@@ -88,7 +92,7 @@ class NodeServices:
             # A pooled worker reserves no GPU while idle, so it could not see one once taken.
             logger.info("worker pool off: device=%s (pooled workers are CPU-only)", device)
             self.config = config = replace(config, pool_size=0)
-        self._pool = WorkerPool(config.pool_size, cache_root, device, env)
+        self._pool = WorkerPool(config.pool_size, cache_root, device, env, config.pack_weights)
         self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
 
     def store_config(self, node_id: str) -> NodeStoreConfig:

@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -32,6 +32,9 @@ from ember.cluster.adapter import NAMESPACE, ActorRef
 from ember.cluster.instance import InstanceActor, InstanceReady
 from ember.controller.types import DeploymentSpec
 from ember.errors import DeploymentError
+
+if TYPE_CHECKING:
+    from ember.cluster.runner import EngineRunner
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +53,12 @@ class WorkerInfo:
 class PooledInstanceActor(InstanceActor):
     """An instance actor without a deployment yet; `assign` gives it one."""
 
-    def __init__(self, cache_root: str, device: str = "cpu") -> None:
+    def __init__(self, cache_root: str, device: str = "cpu", pack_weights: bool = False) -> None:
         import ember.cluster.runner  # noqa: F401  # the point: pay for imports before a request
         from ember.store.warmup import warm_engine_process
 
         super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
+        self._pack_weights = pack_weights
         self._warm_s = warm_engine_process()
         self._source: str | None = None
         self._timings: dict[str, float | str] = {}
@@ -87,7 +91,7 @@ class PooledInstanceActor(InstanceActor):
             ) from None
         from ember.cluster.adapter import current_node_id
         from ember.cluster.node_store_actor import acquire_on_this_node
-        from ember.cluster.runner import EngineRunner, prepare_checkpoint
+        from ember.cluster.runner import prepare_checkpoint
 
         t0 = time.perf_counter()
         node_id = current_node_id()
@@ -109,9 +113,7 @@ class PooledInstanceActor(InstanceActor):
             raise DeploymentError(f"{source}: no node store on node {node_id[:12]} to fetch it")
         path = Path(report.path) if report is not None else Path(source)
         self._source = source if report is not None else None
-        runner = await loop.run_in_executor(
-            None, EngineRunner.create, self._spec, path, self._device
-        )
+        runner = await loop.run_in_executor(None, self._runner_for, path)
         runner.start(loop)
         self._runner = runner
         self._timings["engine_s"] = time.perf_counter() - t_engine
@@ -122,6 +124,27 @@ class PooledInstanceActor(InstanceActor):
             report.served_from if report else "disk",
         )  # fmt: skip
         return self._ready
+
+    def _runner_for(self, path: Path) -> EngineRunner:
+        """`EngineRunner.create`'s engine, with `pack_weights` chosen by the pool: unpacked,
+        the weights stay views of the DRAM tier (no copy, shared by every instance of the model
+        on the node); packed, each instance re-lays them out for oneDNN (a private copy that
+        costs load time and memory, for faster bf16 decode)."""
+        from ember.cluster.runner import EngineRunner
+        from ember.engine.config import EngineConfig
+        from ember.engine.engine import Engine
+
+        spec = self._spec
+        config = EngineConfig(
+            model=str(path),
+            dtype=spec.dtype,
+            tensor_parallel_size=spec.tp,
+            max_model_len=spec.max_model_len,
+            max_num_seqs=spec.max_num_seqs,
+            device=self._device,
+            pack_weights=self._pack_weights,
+        )
+        return EngineRunner(Engine(config))
 
 
 def _memory_bytes() -> tuple[int, int]:
@@ -140,9 +163,15 @@ class WorkerPool:
     """`size` idle pooled workers per node, topped up after every `take`."""
 
     def __init__(
-        self, size: int, cache_root: str, device: str = "cpu", env: dict[str, str] | None = None
+        self,
+        size: int,
+        cache_root: str,
+        device: str = "cpu",
+        env: dict[str, str] | None = None,
+        pack_weights: bool = False,
     ) -> None:
         self.size = size
+        self._pack_weights = pack_weights
         self._cache_root = cache_root
         self._device = device
         self._env = env
@@ -170,7 +199,7 @@ class WorkerPool:
             max_concurrency=1000,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
             runtime_env={"env_vars": self._env} if self._env else None,
-        ).remote(self._cache_root, self._device)
+        ).remote(self._cache_root, self._device, self._pack_weights)
         logger.info("pooled worker starting name=%s node=%s", name, node_id[:12])
         return ActorRef(name=name, actor=actor)
 
