@@ -1,7 +1,8 @@
 """What ember runs on every node besides instances: the node store actor and the pool of
 pre-started workers. `RayCluster` owns one `NodeServices` and calls it from four places:
 `sync(nodes)` each time it lists nodes (so nodes that join later get theirs), `take(...)` when
-it launches an instance, `checkpoints()` for `ember status`, `shutdown()`.
+it launches an instance, `checkpoints()` for `ember status`, `shutdown()`. `prefetch` and
+`evict` are there for the controller's placement policy (`cluster.services.prefetch(...)`).
 
 Configuration comes from the environment of the `ember serve` process (so it reaches every
 node's actors as arguments, not through their environments):
@@ -168,6 +169,21 @@ class NodeServices:
         ids = [n for n in self._stores if self._started(n)]
         answers = await asyncio.gather(*(one(self._stores[n]) for n in ids), return_exceptions=True)
         return {n: a for n, a in zip(ids, answers, strict=True) if isinstance(a, list)}
+
+    def prefetch(self, source: str, node_id: str, tier: str = "dram") -> None:
+        """Start bringing `source` into `node_id`'s `tier` (returns at once)."""
+        store = self._stores.get(node_id)
+        if store is None:
+            raise ConfigError(f"node {node_id[:12]} runs no node store")
+        store.prefetch.remote(source, tier)
+
+    async def evict(self, source: str, node_id: str, tier: str = "dram") -> bool:
+        """Drop `source` from `node_id`'s `tier`; False if it was not there. Raises
+        StoreCapacityError if an instance on the node is using it."""
+        store = self._stores.get(node_id)
+        if store is None:
+            raise ConfigError(f"node {node_id[:12]} runs no node store")
+        return bool(await store.evict.remote(source, tier))
 
     def shutdown(self) -> None:
         """Stop the idle pool. Store actors end with this driver (Ray fate-sharing); their tier
