@@ -154,3 +154,19 @@ def map_streaming(
 ) -> dict[str, torch.Tensor]:
     """All of rank's tensors from a fetch in progress, returned once every block is verified."""
     return dict(iter_streaming(directory, rank, timeout_s=timeout_s))
+
+
+def wait_fetched(path: str | Path, *, timeout_s: float = 600.0, poll_s: float = 0.01) -> Path:
+    """For a device that reads files (CUDA): a DRAM-tier `.fetching/<key>` path becomes usable
+    once the fetch has committed; returns the complete directory (other paths unchanged)."""
+    p = Path(path)
+    if p.parent.name != FETCHING_DIR:
+        return p
+    deadline = time.monotonic() + timeout_s
+    while not _finished(p):
+        if time.monotonic() > deadline:
+            raise RequestTimeoutError(f"{p}: fetch not finished in {timeout_s} s")
+        if not p.exists():
+            raise CheckpointCorruptError(p, "fetch abandoned before it finished")
+        time.sleep(poll_s)
+    return p.parent.parent / p.name
