@@ -112,3 +112,18 @@ def test_in_progress_path_keeps_leading_to_the_files_after_commit_until_eviction
     assert (tier.partial_path("a") / "index.json").read_text() == "{}"
     assert tier.evict("a")
     assert not tier.partial_path("a").is_symlink() and not tier.path("a").exists()
+
+
+def test_wait_fetched_returns_the_complete_copy_once_committed(tmp_path: Path) -> None:
+    import threading
+
+    from ember.store.shm import wait_fetched
+
+    tier = Tier("dram", tmp_path, capacity_bytes=1000)
+    tier.reserve("a", 100)
+    tier.partial_path("a").mkdir()
+    timer = threading.Timer(0.2, tier.commit, args=("a",))
+    timer.start()
+    assert wait_fetched(tier.partial_path("a"), timeout_s=10) == tier.path("a")
+    timer.join()
+    assert wait_fetched(tier.path("a")) == tier.path("a")
