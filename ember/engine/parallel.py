@@ -131,6 +131,7 @@ class TensorParallelExecutor:
         ]
         for p in self._procs:
             p.start()
+        self._threads_before = torch.get_num_threads()
         try:
             self.runner = _init(spec, 0)
         except BaseException:
@@ -162,6 +163,7 @@ class TensorParallelExecutor:
             for p in self._procs:
                 p.join(timeout=30)
             self._kill()
+            torch.set_num_threads(self._threads_before)
 
     def _kill(self) -> None:
         for p in self._procs:
