@@ -41,6 +41,7 @@ from ember.store.tiers import Tier, TierItem
 logger = logging.getLogger(__name__)
 
 TIERS = ("dram", "ssd")
+SOURCE_FILE = ".ember-source"  # in each tier copy: the source it was fetched from
 
 
 def _default_dram_dir() -> str:
@@ -153,11 +154,17 @@ class NodeStore:
             rows: list[tuple[str, TierItem]] = [("dram", i) for i in self.dram.items()]
             rows += [("ssd", i) for i in self.ssd.items()]
             return [
-                CachedCheckpoint(
-                    self._sources.get(i.key, i.key), tier, i.nbytes, i.pins, i.last_used
-                )
+                CachedCheckpoint(self._source_of(tier, i.key), tier, i.nbytes, i.pins, i.last_used)
                 for tier, i in rows
             ]
+
+    def _source_of(self, tier: str, key: str) -> str:
+        known = self._sources.get(key)
+        if known is None:
+            f = self._tier(tier).path(key) / SOURCE_FILE
+            known = f.read_text() if f.is_file() else key
+            self._sources[key] = known
+        return known
 
     # --- pins ------------------------------------------------------------------------------
 
@@ -320,6 +327,8 @@ class NodeStore:
         )  # fmt: skip
         try:
             prepare_sinks(index_bytes, index, src, sinks)
+            for d in sinks:  # so status names the source after a restart too
+                (d / SOURCE_FILE).write_text(self._sources.get(key, key))
             if fetch is not None:
                 fetch.prepared.set()
             stats = run_fetch(
@@ -370,6 +379,7 @@ class NodeStore:
             self.ssd.reserve(key, nbytes)
         try:
             prepare_sinks(index_bytes, index, src, [partial])
+            (partial / SOURCE_FILE).write_text(source)
             stats = run_fetch(
                 index, src, [partial], resume=partial,
                 chunk_bytes=self.config.chunk_bytes, threads=self.config.fetch_threads,

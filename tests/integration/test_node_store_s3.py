@@ -210,6 +210,8 @@ def test_fetch_cut_off_midway_leaves_nothing_trusted_and_resumes(
         assert result.stats.from_source_bytes + result.stats.reused_bytes == total
         assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
         assert_same_tensors(load(restarted.ssd.path(key)), checkpoints["a"])
+        again = make_store(tmp_path, relay.endpoint)  # a third process: finds both copies
+        assert {(r.tier, r.key) for r in again.status()} == {("dram", url), ("ssd", url)}
     finally:
         relay.close()
 
