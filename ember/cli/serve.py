@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import re
+import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     config = _merge(load_config(args.config), args)
     api_config = _api_config(config)
     api_config.validate()  # refuses a non-loopback host without keys before anything starts
+    _check_port_free(config.host, config.port)  # before Ray starts, not after
     models = [_model_spec(m) for m in args.model]
     asyncio.run(_serve(config, api_config, models))
     return 0
@@ -102,6 +104,19 @@ def _api_config(config: ServeConfig) -> Any:
         )
     except TypeError as e:
         raise ConfigError(f"api: {e}") from None
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(
+                f"port: cannot bind {host}:{port} ({e.strerror}); is another server running? "
+                "choose another with --port"
+            ) from None
 
 
 def _model_spec(text: str) -> DeploymentSpec:

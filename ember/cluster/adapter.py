@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -58,16 +59,19 @@ class RayAdapter:
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         if ray.is_initialized():
             raise DeploymentError("Ray is already initialised in this process")
-        ray.init(
-            num_cpus=num_cpus,
-            labels=labels or None,
-            include_dashboard=False,
-            dashboard_host=LOOPBACK,
-            _node_ip_address=LOOPBACK,
-            namespace=NAMESPACE,
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-        )
+        try:
+            ray.init(
+                num_cpus=num_cpus,
+                labels=labels or None,
+                include_dashboard=False,
+                dashboard_host=LOOPBACK,
+                _node_ip_address=LOOPBACK,
+                namespace=NAMESPACE,
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+            )
+        except Exception as e:  # Ray's own errors are many and untyped: one line for the user
+            raise DeploymentError(f"cannot start a local Ray instance: {_first_line(e)}") from e
         logger.info("ray started address=%s num_cpus=%s", _gcs_address(), num_cpus)
         return cls(owns_cluster=True)
 
@@ -78,10 +82,14 @@ class RayAdapter:
             raise ConfigError("address: must be 'auto' or HOST:PORT")
         if ray.is_initialized():
             raise DeploymentError("Ray is already initialised in this process")
+        if address != "auto":
+            _check_reachable(address)  # ray.init would retry an unreachable GCS for minutes
         try:
             ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise DeploymentError(f"cannot join the Ray cluster at {address}: {e}") from None
+        except Exception as e:  # ConnectionError, timeouts, version mismatches, auth
+            raise DeploymentError(
+                f"cannot join the Ray cluster at {address}: {_first_line(e)}"
+            ) from None
         logger.info("ray joined address=%s", _gcs_address())
         return cls(owns_cluster=False)
 
@@ -273,6 +281,19 @@ def _available_by_node() -> dict[str, dict[str, float]]:
     except Exception:  # an older or newer Ray without this view: treat every node as full
         logger.warning("per-node free resources unavailable; placement falls back to Ray")
         return {}
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"address: {address!r} must be 'auto' or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise DeploymentError(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({e.strerror or e}); "
+            "is `ray start --head` running?"
+        ) from None
 
 
 def _cause(e: Any) -> BaseException:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -167,3 +168,21 @@ def _demo_source(server: EmberServer) -> Path:
 
 def _loopback(ip: str) -> bool:
     return ip.startswith("127.") or ip == "::1" or ip.startswith("::ffff:127.")
+
+
+def test_busy_port_and_unreachable_cluster_are_one_line_errors(
+    ember_server: EmberServer, tmp_path: Path
+) -> None:
+    state = ("--state-dir", str(tmp_path))
+    busy = ember("serve", "--port", str(ember_server.port), *state)
+    assert busy.returncode == 1
+    assert busy.stderr.strip().splitlines() == [
+        f"ember serve: error: port: cannot bind 127.0.0.1:{ember_server.port} (Address already "
+        "in use); is another server running? choose another with --port"
+    ]
+    with socket.socket() as probe:  # a free port, so only the cluster address is wrong
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    gone = ember("serve", "--address", "127.0.0.1:9", "--port", port, *state)
+    assert gone.returncode == 1 and len(gone.stderr.strip().splitlines()) == 1
+    assert "cannot join the Ray cluster at 127.0.0.1:9: nothing answers there" in gone.stderr
