@@ -148,6 +148,8 @@ class InstanceActor:
         mine = self._subscription
         while mine == self._subscription and self._runner is not None:
             await self._outbox_ready.wait()
+            if mine != self._subscription:
+                break  # superseded while waiting: the newer stream takes the batch
             self._outbox_ready.clear()
             batch, self._outbox = self._outbox, []
             if batch:
