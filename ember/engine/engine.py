@@ -303,6 +303,12 @@ class Engine:
         else:
             self.scheduler.add(request)
 
+    def wait_for_packing(self) -> None:
+        """Block until background weight packing (bf16 on CPU) is done and in use; benchmarks
+        call it to time the steady state. A no-op when nothing is being packed."""
+        runner = getattr(self._executor, "runner", self._executor)
+        runner.wait_packed()
+
     def close(self) -> None:
         """Stop tensor-parallel rank processes (a no-op for tp=1)."""
         close = getattr(self._executor, "close", None)
