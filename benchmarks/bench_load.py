@@ -280,6 +280,9 @@ def child(name: str, mode: str, runs: int, art: dict[str, Any], device: str) -> 
         if mode == "cold":
             residual = max([residual] + [evict(f) for f in files])
         else:
+            # Again after the warm-up: under memory pressure its allocation can push the files
+            # out of the page cache, and the run would not be warm.
+            _raw_read(files, direct=False, threads=1)
             residual = max([residual] + [1.0 - resident_fraction(f) for f in files])
         c0 = _cpu_seconds()
         t0 = time.perf_counter()
