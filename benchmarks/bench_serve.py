@@ -13,8 +13,9 @@ exactly the tokens it asks for):
    running the same requests in-process. Output tokens/s, median of 2 timed passes after one
    untimed warm-up pass on each side. Target: >= 90% of the engine's.
 
-The engine and the server run one after the other, never at the same time (2 cores), and the
-in-process engine uses as many torch threads as an instance actor does (`instance_cpus`, 1 by
+The two sides never run at the same time (2 cores) but alternate in rounds (10 TTFT requests
+each, then whole passes of the mix), so a busy neighbour on a shared machine slows both alike;
+the in-process engine uses as many torch threads as an instance actor does (`instance_cpus`, 1 by
 default). Prompts are token ids, so both sides see exactly the same prompt lengths.
 
     python benchmarks/bench_serve.py [--quick] [--size tiny|125m] [--url http://127.0.0.1:8000]
@@ -102,48 +103,59 @@ def request_mix(n: int, max_prompt: int, max_output: int, vocab: int, seed: int 
 # --- the engine in-process ---------------------------------------------------------------------
 
 
-def engine_side(
-    model: Path, ttft_prompt: list[int], n_ttft: int, mix: list, max_num_seqs: int, repeats: int
-):
-    import torch
+class InProcess:
+    """The baseline: an Engine in this process, with the threads an instance actor gets."""
 
-    from ember import SamplingParams
-    from ember.cluster.cluster import ClusterConfig
-    from ember.engine.config import EngineConfig
-    from ember.engine.engine import Engine
+    def __init__(self, model: Path, max_num_seqs: int) -> None:
+        import torch
 
-    # An instance actor runs torch with `instance_cpus` threads: give the baseline the same.
-    torch.set_num_threads(max(1, int(ClusterConfig().instance_cpus)))
-    engine = Engine(
-        EngineConfig(model=str(model), max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN)
-    )
-    try:
+        from ember.cluster.cluster import ClusterConfig
+        from ember.engine.config import EngineConfig
+        from ember.engine.engine import Engine
+
+        # An instance actor runs torch with `instance_cpus` threads: give the baseline the same.
+        torch.set_num_threads(max(1, int(ClusterConfig().instance_cpus)))
+        self.engine = Engine(
+            EngineConfig(model=str(model), max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN)
+        )
+        self._ids = 0
+
+    def _id(self) -> str:
+        self._ids += 1
+        return f"r{self._ids}"
+
+    def ttft(self, prompt: list[int]) -> float:
+        """add_request -> the first step output that carries a token."""
+        from ember import SamplingParams
+
+        engine = self.engine
         one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-        ttfts = []
-        for i in range(n_ttft + 10):
-            t0 = time.perf_counter()
-            engine.add_request(f"t{i}", ttft_prompt, one)
-            got = False
-            while not got:
-                got = any(o.new_token_ids for o in engine.step())
-            if i >= 10:  # the first requests warm the allocator and kernels
-                ttfts.append(time.perf_counter() - t0)
-            while engine.has_unfinished():
-                engine.step()
-        runs = []
-        for r in range(repeats + 1):  # the first pass warms up the batch shapes, untimed
-            t0 = time.perf_counter()
-            for i, (prompt, out) in enumerate(mix):
-                params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
-                engine.add_request(f"m{r}-{i}", prompt, params)
-            tokens = 0
-            while engine.has_unfinished():
-                tokens += sum(len(o.new_token_ids) for o in engine.step())
-            if r:
-                runs.append((tokens, time.perf_counter() - t0))
-    finally:
-        engine.close()
-    return ttfts, runs
+        t0 = time.perf_counter()
+        engine.add_request(self._id(), prompt, one)
+        got = False
+        while not got:
+            got = any(o.new_token_ids for o in engine.step())
+        dt = time.perf_counter() - t0
+        while engine.has_unfinished():
+            engine.step()
+        return dt
+
+    def mix(self, mix: list) -> tuple[int, float]:
+        """(output tokens, seconds) for the whole request mix, scheduled by the engine."""
+        from ember import SamplingParams
+
+        engine = self.engine
+        t0 = time.perf_counter()
+        for prompt, out in mix:
+            params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
+            engine.add_request(self._id(), prompt, params)
+        tokens = 0
+        while engine.has_unfinished():
+            tokens += sum(len(o.new_token_ids) for o in engine.step())
+        return tokens, time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 # --- ember over HTTP ---------------------------------------------------------------------------
@@ -221,27 +233,44 @@ async def http_ttft(client: httpx.AsyncClient, prompt: list[int]) -> float:
     return first
 
 
-async def http_side(url: str, ttft_prompt: list[int], n_ttft: int, mix: list, repeats: int):
+async def http_mix(client: httpx.AsyncClient, mix: list) -> tuple[int, float]:
+    """(output tokens, seconds) for the whole request mix sent at once."""
+
+    async def one(prompt: list[int], out: int) -> int:
+        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": out, "temperature": 0,
+                "ignore_eos": True}  # fmt: skip
+        r = await client.post("/v1/completions", json=body)
+        r.raise_for_status()
+        return int(r.json()["usage"]["completion_tokens"])
+
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(*(one(p, o) for p, o in mix))
+    return sum(counts), time.perf_counter() - t0
+
+
+async def interleaved(
+    url: str, base: InProcess, prompt: list[int], rounds: int, per_round: int, mix: list,
+    passes: int,
+) -> tuple[list[float], list[float], list[tuple[int, float]], list[tuple[int, float]]]:  # fmt: skip
+    """Alternate the two sides in rounds, so a busy neighbour on the machine slows both alike.
+    The engine side blocks the event loop while it runs: nothing else is in flight then."""
     limits = httpx.Limits(max_connections=len(mix) + 4, max_keepalive_connections=len(mix) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=1800, limits=limits) as client:
-        for _ in range(10):
-            await http_ttft(client, ttft_prompt)
-        ttfts = [await http_ttft(client, ttft_prompt) for _ in range(n_ttft)]
-
-        async def one(prompt: list[int], out: int) -> int:
-            body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": out, "temperature": 0,
-                    "ignore_eos": True}  # fmt: skip
-            r = await client.post("/v1/completions", json=body)
-            r.raise_for_status()
-            return int(r.json()["usage"]["completion_tokens"])
-
-        runs = []
-        for r in range(repeats + 1):  # the first pass warms up, untimed
-            t0 = time.perf_counter()
-            counts = await asyncio.gather(*(one(p, o) for p, o in mix))
-            if r:
-                runs.append((sum(counts), time.perf_counter() - t0))
-    return ttfts, runs
+        for _ in range(10):  # warm-up, untimed
+            base.ttft(prompt)
+            await http_ttft(client, prompt)
+        e_ttft: list[float] = []
+        h_ttft: list[float] = []
+        for _ in range(rounds):
+            e_ttft += [base.ttft(prompt) for _ in range(per_round)]
+            h_ttft += [await http_ttft(client, prompt) for _ in range(per_round)]
+        base.mix(mix)  # warm-up passes (batch shapes), untimed
+        await http_mix(client, mix)
+        e_runs, h_runs = [], []
+        for _ in range(passes):
+            e_runs.append(base.mix(mix))
+            h_runs.append(await http_mix(client, mix))
+    return e_ttft, h_ttft, e_runs, h_runs
 
 
 def _instance_cpus() -> float:
@@ -283,15 +312,20 @@ def main() -> int:
         print(f"model: llama {size} bf16 (random weights); {n_req} requests; "
               f"{sum(len(p) for p, _ in mix)} prompt / {sum(o for _, o in mix)} output tokens")  # fmt: skip
 
-        e_ttft, e_runs = engine_side(model, ttft_prompt, n_ttft, mix, max_num_seqs, repeats)
+        base = InProcess(model, max_num_seqs)
         proc = None
         url = args.url
         try:
             if url is None:
                 proc, url = start_server(work)
             deploy(url, model, max_num_seqs)
-            h_ttft, h_runs = asyncio.run(http_side(url, ttft_prompt, n_ttft, mix, repeats))
+            t = time.perf_counter()
+            e_ttft, h_ttft, e_runs, h_runs = asyncio.run(
+                interleaved(url, base, ttft_prompt, n_ttft // 10, 10, mix, repeats)
+            )
+            print(f"measured in {time.perf_counter() - t:.0f} s", flush=True)
         finally:
+            base.close()
             if proc is not None:
                 stop_server(proc)
     finally:
