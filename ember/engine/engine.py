@@ -38,6 +38,7 @@ class Executor(Protocol):
     def execute(self, plan: SchedulePlan) -> torch.Tensor | None: ...
     def read_kv(self, slots: Sequence[int]) -> torch.Tensor: ...
     def write_kv(self, slots: Sequence[int], kv: torch.Tensor) -> None: ...
+    def close(self) -> None: ...
 
 
 class Engine:
@@ -45,6 +46,7 @@ class Engine:
         self.config = config
         tp = config.tensor_parallel_size
         want = DTYPE_NAMES[config.dtype]
+        _check_source_architecture(config.model)
         self.checkpoint = resolve(config.model, tp, None if want == "auto" else want)
         hf = read_config(self.checkpoint)
         self.model_config = ModelConfig.from_hf(hf)
@@ -73,7 +75,7 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=eos,
         )
-        self._executor: Any
+        self._executor: Executor
         if tp == 1:
             self._executor = load_runner(
                 str(self.checkpoint), self.model_config, ParallelContext(), device,
@@ -175,6 +177,7 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.seqs:
             logits = self._executor.execute(plan)
+            assert logits is not None
             outputs.extend(self._postprocess(plan, logits))
         return outputs
 
@@ -306,20 +309,28 @@ class Engine:
     def wait_for_packing(self) -> None:
         """Block until background weight packing (bf16 on CPU) is done and in use; benchmarks
         call it to time the steady state. A no-op when nothing is being packed."""
-        runner = getattr(self._executor, "runner", self._executor)
+        runner: Any = getattr(self._executor, "runner", self._executor)
         runner.wait_packed()
 
     def close(self) -> None:
         """Stop tensor-parallel rank processes (a no-op for tp=1)."""
-        close = getattr(self._executor, "close", None)
-        if close is not None:
-            close()
+        self._executor.close()
 
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_source_architecture(model: str) -> None:
+    """Fail on an unsupported HF folder before spending time converting it."""
+    import json
+    from pathlib import Path
+
+    path = Path(model).expanduser() / "config.json"
+    if path.is_file() and not (path.parent / "index.json").is_file():
+        ModelConfig.from_hf(json.loads(path.read_text()))
 
 
 def _model_name(model: str) -> str:

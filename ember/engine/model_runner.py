@@ -75,6 +75,11 @@ class ModelRunner:
         layers = inner.decoder.layers if self.cfg.is_opt else inner.layers
         return list(layers)  # type: ignore[arg-type]
 
+    def close(self) -> None:
+        """Stop a background packing job (nothing else to release)."""
+        if self._packer is not None:
+            self._packer.stop()
+
     def wait_packed(self) -> None:
         """Block until the packed weights are in use (no-op when not packing)."""
         if self._packer is not None:

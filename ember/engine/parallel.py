@@ -156,6 +156,7 @@ class TensorParallelExecutor:
         if self._closed:
             return
         self._closed = True
+        self.runner.close()
         try:
             _broadcast(("stop",))
             dist.destroy_process_group()
