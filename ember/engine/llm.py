@@ -80,9 +80,10 @@ class LLM:
             self.engine.step()  # drain the abort outputs
             raise
         final: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         while len(final) < len(ids):
             for out in self.engine.step():
-                if out.finished:
+                if out.finished and out.request_id in wanted:
                     final[out.request_id] = out
         return [final[rid] for rid in ids]
 
