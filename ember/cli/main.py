@@ -41,23 +41,36 @@ def _available() -> dict[str, tuple[str, str]]:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _requested(argv: Sequence[str]) -> str | None:
+    """The command named on the line (the first word that is one), without importing anything."""
+    for word in argv:
+        if word in COMMANDS:
+            return word
+        if not word.startswith("-"):
+            return None
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; only the requested command's module is imported (torch and Ray load late)."""
     parser = argparse.ArgumentParser(
         prog="ember",
         description="ember: serverless LLM serving on spot and on-demand GPU fleets.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    requested = _requested(argv)
     for name, (module, help_text) in _available().items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(f"ember.cli.{module}")
-        mod.add_arguments(p)
         p.set_defaults(_module=module)
+        if name == requested:
+            importlib.import_module(f"ember.cli.{module}").add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

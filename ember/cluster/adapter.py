@@ -61,6 +61,9 @@ class RayAdapter:
             raise DeploymentError("Ray is already initialised in this process")
         try:
             ray.init(
+                # "local" always starts a new instance: with no address, ray.init would join
+                # a cluster that `ray start` left running on this machine.
+                address="local",
                 num_cpus=num_cpus,
                 labels=labels or None,
                 include_dashboard=False,
