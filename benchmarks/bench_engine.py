@@ -206,7 +206,9 @@ def base_spec(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def bench_decode(model: Path, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def bench_decode(
+    model: Path, engines: list[str], args: argparse.Namespace, out: dict[str, Any], save: Any
+) -> None:
     """(a) and (c) for every engine: one process measures decode and is the first cold start,
     then `cold_runs - 1` more processes that stop at their first token."""
     q = args.quick
@@ -217,7 +219,6 @@ def bench_decode(model: Path, engines: list[str], args: argparse.Namespace) -> d
         "runs": args.runs,
     }
     spec = dict(base_spec(model, args), decode=decode)
-    out: dict[str, Any] = {}
     for engine in engines:
         res: dict[str, Any] = {"cold_start_runs_s": []}
         try:
@@ -242,10 +243,12 @@ def bench_decode(model: Path, engines: list[str], args: argparse.Namespace) -> d
             print(f"  {engine}: FAILED: {str(e).splitlines()[0]}", flush=True)
             res = {"error": str(e)[-2000:]}
         out[engine] = res
-    return out
+        save()  # after each engine, so an interrupted run keeps what it measured
 
 
-def bench_throughput(model: Path, engines: list[str], args: argparse.Namespace) -> dict[str, Any]:
+def bench_throughput(
+    model: Path, engines: list[str], args: argparse.Namespace, out: dict[str, Any], save: Any
+) -> None:
     """(b) for every engine, each in its own process."""
     q = args.quick
     rng = random.Random(2)
@@ -255,7 +258,6 @@ def bench_throughput(model: Path, engines: list[str], args: argparse.Namespace) 
         "outputs": [o for _, o in lengths],
     }
     spec = dict(base_spec(model, args), throughput=throughput)
-    out: dict[str, Any] = {}
     for engine in engines:
         print(f"  {engine}: throughput ...", flush=True)
         try:
@@ -270,7 +272,7 @@ def bench_throughput(model: Path, engines: list[str], args: argparse.Namespace) 
         except RuntimeError as e:
             print(f"  {engine}: FAILED: {str(e).splitlines()[0]}", flush=True)
             out[engine] = {"error": str(e)[-2000:]}
-    return out
+        save()
 
 
 def summarize(
@@ -459,16 +461,19 @@ def main(argv: list[str] | None = None) -> int:
             label = labels[size]
             print(f"== {label} {part} ({model})", flush=True)
             bench = bench_decode if part == "decode" else bench_throughput
-            raw.setdefault(label, {})[part] = bench(model, engines, args)
-            rows = [
-                row
-                for size2, model2 in models.items()
-                if labels[size2] in raw
-                for row in summarize(
-                    labels[size2], raw[labels[size2]], weight_bytes_per_token(model2), bandwidth
-                )
-            ]
-            write_result(out, args, engines, bandwidth, rows, raw, notes)  # after each part
+
+            def save() -> None:
+                rows[:] = [
+                    row
+                    for size2, model2 in models.items()
+                    if labels[size2] in raw
+                    for row in summarize(
+                        labels[size2], raw[labels[size2]], weight_bytes_per_token(model2), bandwidth
+                    )
+                ]
+                write_result(out, args, engines, bandwidth, rows, raw, notes)
+
+            bench(model, engines, args, raw.setdefault(label, {}).setdefault(part, {}), save)
     print_table(rows)
     print(f"wrote {out}")
     return 0
