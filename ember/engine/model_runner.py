@@ -109,61 +109,78 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size
         seqs = plan.seqs
-        b = len(seqs)
         lens = [len(s.token_ids) for s in seqs]
-        starts = [s.start_position for s in seqs]
-        ctx = [st + n for st, n in zip(starts, lens, strict=True)]
-        lq, lk = max(lens), max(ctx)
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [list(s.block_table) + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-        cpu = torch.device("cpu")
         input_ids: list[int] = []
         pos_list: list[int] = []
-        for s, st, n in zip(seqs, starts, lens, strict=True):
+        slot_list: list[int] = []
+        for s, n in zip(seqs, lens, strict=True):
             input_ids.extend(s.token_ids)
-            pos_list.extend(range(st, st + n))
-        block_tables = torch.tensor(tables, dtype=torch.long, device=cpu)  # [B, max_blocks]
-        positions = torch.tensor(pos_list, dtype=torch.long, device=cpu)  # [T]
-        if lq == 1:
-            seq_of_token = torch.arange(b)
+            pos_list.extend(range(s.start_position, s.start_position + n))
+            table = s.block_table
+            slot_list.extend(table[p // bs] * bs + p % bs for p in pos_list[-n:])
+        upcast = self.device.type == "cpu" and self.dtype != torch.float32
+        slots = torch.tensor(slot_list, dtype=torch.long).to(self.device)  # [T]
+        if plan.is_prefill:
+            meta = self._prefill_meta(plan, lens, slots, upcast)
         else:
-            seq_of_token = torch.repeat_interleave(torch.arange(b), torch.tensor(lens))
-        slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
-        window = self.cfg.sliding_window
-        first_single = b == 1 and starts[0] == 0
-        pad_index = None
-        if lq > 1 and any(n != lq for n in lens):
-            offsets = torch.tensor(starts).repeat_interleave(torch.tensor(lens))
-            pad_index = seq_of_token * lq + (positions - offsets)
-        mask = None
-        need_mask = window is not None or b > 1 or (lq > 1 and not first_single)
-        if need_mask:
-            # Query positions, padded rows at position 0 (they attend to key 0 and are dropped).
-            qpos = torch.zeros(b, lq, dtype=torch.long)
-            if pad_index is None:
-                qpos.view(-1)[:] = positions
-            else:
-                qpos.view(-1)[pad_index] = positions
-            keys = torch.arange(lk)[None, None, :]  # [1, 1, Lk]
-            allowed = keys <= qpos[:, :, None]  # [B, Lq, Lk]
-            if window is not None:
-                allowed &= keys > qpos[:, :, None] - window
-            mask = allowed[:, None].to(self.device)  # [B, 1, Lq, Lk]
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(self.device),
-            block_tables=block_tables.to(self.device),
-            num_seqs=b,
-            max_query_len=lq,
-            max_context_len=lk,
-            pad_index=None if pad_index is None else pad_index.to(self.device),
-            attn_mask=mask,
-            first_prefill_single=first_single,
-            contiguous_start=_contiguous_start(tables[0], bs) if b == 1 else None,
-            upcast=self.device.type == "cpu" and self.dtype != torch.float32,
-        )
+            meta = self._decode_meta(plan, slots, upcast)
         last = torch.tensor(lens).cumsum(0) - 1  # [B] index of each request's last token
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device)
-        return ids, positions.to(self.device), meta, last.to(self.device)
+        positions = torch.tensor(pos_list, dtype=torch.long).to(self.device)
+        return ids, positions, meta, last.to(self.device)
+
+    def _prefill_meta(
+        self, plan: SchedulePlan, lens: list[int], slots: torch.Tensor, upcast: bool
+    ) -> AttentionMetadata:
+        assert all(s.start_position == 0 for s in plan.seqs), "prefills start at position 0"
+        bounds, masks = [], []
+        start = 0
+        window = self.cfg.sliding_window
+        for n in lens:
+            bounds.append((start, start + n))
+            start += n
+            mask = None
+            if window is not None and n > window:
+                i = torch.arange(n)
+                allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+                mask = allowed.to(self.device)  # [n, n]
+            masks.append(mask)
+        return AttentionMetadata(
+            slot_mapping=slots,
+            is_prefill=True,
+            upcast=upcast,
+            seq_bounds=tuple(bounds),
+            prefill_masks=tuple(masks),
+        )
+
+    def _decode_meta(
+        self, plan: SchedulePlan, slots: torch.Tensor, upcast: bool
+    ) -> AttentionMetadata:
+        seqs = plan.seqs
+        b = len(seqs)
+        ctx = [s.start_position + 1 for s in seqs]
+        lk = max(ctx)
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = [list(s.block_table) + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        window = self.cfg.sliding_window
+        mask = None
+        if b > 1 or (window is not None and lk > window):
+            keys = torch.arange(lk)[None, :]  # [1, Lk]
+            pos = torch.tensor(ctx)[:, None] - 1  # [B, 1]
+            allowed = keys <= pos
+            if window is not None:
+                allowed &= keys > pos - window
+            mask = allowed[:, None, None, :].to(self.device)  # [B, 1, 1, Lk]
+        contiguous = _contiguous_start(tables[0], self.block_size) if b == 1 else None
+        return AttentionMetadata(
+            slot_mapping=slots,
+            is_prefill=False,
+            upcast=upcast,
+            block_tables=None if contiguous is not None else torch.tensor(tables).to(self.device),
+            max_context_len=lk,
+            attn_mask=mask,
+            contiguous_start=contiguous,
+        )
 
     def read_kv(self, slots: Sequence[int]) -> torch.Tensor:
         """K/V of `slots` as a CPU tensor [layers, 2, len(slots), kv_heads, head_dim]."""

@@ -1,12 +1,13 @@
 """Building blocks shared by the model code: paged attention, rotary embeddings, RMSNorm, and the
 tensor-parallel reduction.
 
-Attention works on a flat batch of `T` new tokens from `B` requests (prefill and decode alike):
-their K/V are written into the paged cache at `slot_mapping`, then each request's context is
-gathered from its blocks and attended with `scaled_dot_product_attention` under a mask built
-once per step (causal, padding, optional sliding window). Two fast paths skip the gather: a
-single request's first prefill (causal over the new tokens) and decode steps (Lq == 1), where
-the query heads of a KV group are stacked as rows so GQA needs no K/V expansion.
+Attention works on a flat batch of `T` new tokens from `B` requests: their K/V are written into
+the paged cache at `slot_mapping`. In a prefill step each request attends causally over its own
+new tokens (one `scaled_dot_product_attention` call per request: no padding, no gather). In a
+decode step each request's context is gathered from its blocks (or read as one slice when a
+lone request's blocks are consecutive) and attended in one batched call under a mask built once
+per step (context length, optional sliding window); the query heads of a KV group are stacked as
+rows so GQA needs no K/V expansion.
 """
 
 from __future__ import annotations
@@ -39,18 +40,24 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 
 @dataclass(frozen=True, slots=True)
 class AttentionMetadata:
-    """Per-step inputs of every attention layer (built once by the model runner)."""
+    """Per-step inputs of every attention layer (built once by the model runner).
+
+    A prefill step holds whole requests from position 0 (the scheduler recomputes preempted
+    requests in full), so each request's new tokens attend causally to themselves; a decode
+    step holds one token per request, which attends to the request's cached context.
+    """
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    block_tables: torch.Tensor  # [B, max_blocks] block ids (padded with 0)
-    num_seqs: int  # B
-    max_query_len: int  # Lq
-    max_context_len: int  # Lk: longest context after this step's tokens
-    pad_index: torch.Tensor | None  # [T] row of each token in the padded [B * Lq]; None if unpadded
-    attn_mask: torch.Tensor | None  # [B, 1, Lq, Lk] bool (True = attend); None when not needed
-    first_prefill_single: bool  # B == 1 and no cached prefix: plain causal attention
-    contiguous_start: int | None = None  # B == 1 with consecutive blocks: first slot of context
+    is_prefill: bool
     upcast: bool = False  # attend in fp32 (CPU bf16/fp16 SDPA kernels are several times slower)
+    # prefill
+    seq_bounds: tuple[tuple[int, int], ...] = ()  # each request's [start, end) in the flat batch
+    prefill_masks: tuple[torch.Tensor | None, ...] = ()  # [n, n] sliding-window mask, or causal
+    # decode
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] block ids (padded with 0)
+    max_context_len: int = 0  # Lk: the longest context, this step's token included
+    attn_mask: torch.Tensor | None = None  # [B, 1, 1, Lk] bool (True = attend); None: all
+    contiguous_start: int | None = None  # B == 1 with consecutive blocks: first slot of context
 
 
 def paged_attention(
@@ -68,53 +75,40 @@ def paged_attention(
     v_flat = kv_cache[1].view(-1, kv_heads, head_dim)
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
-    gqa = heads != kv_heads
     up = (lambda t: t.float()) if meta.upcast else (lambda t: t)
-    if meta.first_prefill_single:
-        out = F.scaled_dot_product_attention(
-            up(q.transpose(0, 1)[None]),  # [1, H, T, D]
-            up(k.transpose(0, 1)[None]),
-            up(v.transpose(0, 1)[None]),
-            attn_mask=meta.attn_mask,
-            is_causal=meta.attn_mask is None,
-            scale=scale,
-            enable_gqa=gqa,
-        )  # [1, H, T, D]
-        return out[0].transpose(0, 1).reshape(num_tokens, heads * head_dim).to(dtype)
-    b, lq, lk = meta.num_seqs, meta.max_query_len, meta.max_context_len
+    if meta.is_prefill:
+        # One call per request over its own tokens: no padding, no gather.
+        out = q.new_empty(num_tokens, heads * head_dim)
+        for (s, e), mask in zip(meta.seq_bounds, meta.prefill_masks, strict=True):
+            o = F.scaled_dot_product_attention(
+                up(q[s:e]).transpose(0, 1)[None],  # [1, H, n, D]
+                up(k[s:e]).transpose(0, 1)[None],  # [1, KVH, n, D]
+                up(v[s:e]).transpose(0, 1)[None],
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=scale,
+                enable_gqa=heads != kv_heads,
+            )  # [1, H, n, D]
+            out[s:e] = o[0].transpose(0, 1).reshape(e - s, heads * head_dim)
+        return out
+    b, lk = num_tokens, meta.max_context_len
     if meta.contiguous_start is not None:
         s0 = meta.contiguous_start
         keys = k_flat[s0 : s0 + lk][None]  # [1, Lk, KVH, D], a view
         values = v_flat[s0 : s0 + lk][None]
     else:
+        assert meta.block_tables is not None
         blocks = meta.block_tables.view(-1)
         keys = kv_cache[0].index_select(0, blocks).view(b, -1, kv_heads, head_dim)[:, :lk]
         values = kv_cache[1].index_select(0, blocks).view(b, -1, kv_heads, head_dim)[:, :lk]
     # Upcast before the transpose: converting a strided view is several times slower.
     keys, values = up(keys).transpose(1, 2), up(values).transpose(1, 2)  # [B, KVH, Lk, D]
-    if lq == 1:
-        # Decode: the H / KVH query heads sharing a KV head become rows of one query matrix.
-        group = heads // kv_heads
-        qd = up(q.view(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
-        out = F.scaled_dot_product_attention(
-            qd, keys, values, attn_mask=meta.attn_mask, scale=scale
-        )  # [B, KVH, G, D]
-        return out.reshape(b, heads * head_dim).to(dtype)
-    if meta.pad_index is not None:
-        qp = q.new_zeros(b * lq, heads, head_dim)
-        qp[meta.pad_index] = q
-    else:
-        qp = q
-    out = F.scaled_dot_product_attention(
-        up(qp.view(b, lq, heads, head_dim).transpose(1, 2)),  # [B, H, Lq, D]
-        keys,
-        values,
-        attn_mask=meta.attn_mask,
-        scale=scale,
-        enable_gqa=gqa,
-    )  # [B, H, Lq, D]
-    out = out.transpose(1, 2).reshape(b * lq, heads * head_dim).to(dtype)
-    return out[meta.pad_index] if meta.pad_index is not None else out
+    # The H / KVH query heads sharing a KV head become rows of one query matrix (GQA without
+    # expanding K/V).
+    group = heads // kv_heads
+    qd = up(q.view(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
+    out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.attn_mask, scale=scale)
+    return out.reshape(b, heads * head_dim).to(dtype)  # [B, H * D]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
