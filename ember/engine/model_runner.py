@@ -24,13 +24,18 @@ from ember.engine.config import ModelConfig
 from ember.engine.models import build_model
 from ember.engine.models.layers import (
     AttentionMetadata,
+    DecodeGroup,
     Linear,
     ParallelContext,
     can_pack_linears,
 )
-from ember.engine.scheduler import SchedulePlan
+from ember.engine.scheduler import ScheduledSeq, SchedulePlan
 
 logger = logging.getLogger(__name__)
+
+# Decode requests attended per call. Contexts are padded to the longest in a group, so groups of
+# requests sorted by length waste little; fewer, larger groups save per-call overhead.
+DECODE_GROUP_SIZE = 8
 
 
 class ModelRunner:
@@ -157,27 +162,42 @@ class ModelRunner:
         self, plan: SchedulePlan, slots: torch.Tensor, upcast: bool
     ) -> AttentionMetadata:
         seqs = plan.seqs
-        b = len(seqs)
         ctx = [s.start_position + 1 for s in seqs]
-        lk = max(ctx)
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [list(s.block_table) + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        if len(seqs) <= DECODE_GROUP_SIZE:
+            groups = [self._decode_group(list(range(len(seqs))), seqs, ctx, whole=True)]
+        else:
+            # Requests sorted by context length, in groups: little padding, few calls.
+            order = sorted(range(len(seqs)), key=ctx.__getitem__)
+            groups = [
+                self._decode_group(order[i : i + DECODE_GROUP_SIZE], seqs, ctx, whole=False)
+                for i in range(0, len(order), DECODE_GROUP_SIZE)
+            ]
+        return AttentionMetadata(
+            slot_mapping=slots, is_prefill=False, upcast=upcast, decode_groups=tuple(groups)
+        )
+
+    def _decode_group(
+        self, members: list[int], seqs: Sequence[ScheduledSeq], ctx: list[int], whole: bool
+    ) -> DecodeGroup:
+        bs = self.block_size
+        lk = max(ctx[i] for i in members)
+        n_blocks = -(-lk // bs)
+        tables = [list(seqs[i].block_table[:n_blocks]) for i in members]
+        tables = [t + [0] * (n_blocks - len(t)) for t in tables]
         window = self.cfg.sliding_window
         mask = None
-        if b > 1 or (window is not None and lk > window):
+        if any(ctx[i] != lk for i in members) or (window is not None and lk > window):
             keys = torch.arange(lk)[None, :]  # [1, Lk]
-            pos = torch.tensor(ctx)[:, None] - 1  # [B, 1]
+            pos = torch.tensor([ctx[i] - 1 for i in members])[:, None]  # [G, 1]
             allowed = keys <= pos
             if window is not None:
                 allowed &= keys > pos - window
-            mask = allowed[:, None, None, :].to(self.device)  # [B, 1, 1, Lk]
-        contiguous = _contiguous_start(tables[0], self.block_size) if b == 1 else None
-        return AttentionMetadata(
-            slot_mapping=slots,
-            is_prefill=False,
-            upcast=upcast,
+            mask = allowed[:, None, None, :].to(self.device)  # [G, 1, 1, Lk]
+        contiguous = _contiguous_start(tables[0], bs) if len(members) == 1 else None
+        return DecodeGroup(
+            rows=None if whole else torch.tensor(members).to(self.device),
             block_tables=None if contiguous is not None else torch.tensor(tables).to(self.device),
-            max_context_len=lk,
+            context_len=lk,
             attn_mask=mask,
             contiguous_start=contiguous,
         )

@@ -221,3 +221,15 @@ def test_llm_generate_keeps_prompt_order_and_accepts_ids_and_text(model: Path) -
 def test_chat_template_comes_from_the_folder(engine: Engine) -> None:
     text = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
     assert text == "<|user|>\nhi</s>\n<|assistant|>\n"
+
+
+def test_a_large_mixed_batch_gives_each_request_its_tokens_alone(engine: Engine) -> None:
+    # More running requests than one decode attention group, contexts of very different lengths.
+    prompts: dict[str, list[int] | str] = {
+        str(i): [(7 * i + j) % 1000 + 4 for j in range(3 + 9 * i)] for i in range(12)
+    }
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    together = _run(engine, prompts, params)
+    for rid, prompt in prompts.items():
+        alone = _run(engine, {rid: prompt}, params)[rid]
+        assert alone.token_ids == together[rid].token_ids, rid

@@ -13,6 +13,7 @@ rows so GQA needs no K/V expansion.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,19 @@ class AttentionMetadata:
     seq_bounds: tuple[tuple[int, int], ...] = ()  # each request's [start, end) in the flat batch
     prefill_masks: tuple[torch.Tensor | None, ...] = ()  # [n, n] sliding-window mask, or causal
     # decode
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] block ids (padded with 0)
-    max_context_len: int = 0  # Lk: the longest context, this step's token included
-    attn_mask: torch.Tensor | None = None  # [B, 1, 1, Lk] bool (True = attend); None: all
-    contiguous_start: int | None = None  # B == 1 with consecutive blocks: first slot of context
+    decode_groups: tuple[DecodeGroup, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decode requests attended in one call: requests of similar context length, so that
+    padding every context to the group's longest wastes little."""
+
+    rows: torch.Tensor | None  # [G] the requests' rows in the step's batch; None: all, in order
+    block_tables: torch.Tensor | None  # [G, blocks] block ids (padded with 0); None if contiguous
+    context_len: int  # Lk: the group's longest context, this step's token included
+    attn_mask: torch.Tensor | None  # [G, 1, 1, Lk] bool (True = attend); None: attend to all
+    contiguous_start: int | None = None  # one request with consecutive blocks: its first slot
 
 
 def paged_attention(
@@ -91,24 +101,41 @@ def paged_attention(
             )  # [1, H, n, D]
             out[s:e] = o[0].transpose(0, 1).reshape(e - s, heads * head_dim)
         return out
-    b, lk = num_tokens, meta.max_context_len
-    if meta.contiguous_start is not None:
-        s0 = meta.contiguous_start
-        keys = k_flat[s0 : s0 + lk][None]  # [1, Lk, KVH, D], a view
-        values = v_flat[s0 : s0 + lk][None]
-    else:
-        assert meta.block_tables is not None
-        blocks = meta.block_tables.view(-1)
-        keys = kv_cache[0].index_select(0, blocks).view(b, -1, kv_heads, head_dim)[:, :lk]
-        values = kv_cache[1].index_select(0, blocks).view(b, -1, kv_heads, head_dim)[:, :lk]
-    # Upcast before the transpose: converting a strided view is several times slower.
-    keys, values = up(keys).transpose(1, 2), up(values).transpose(1, 2)  # [B, KVH, Lk, D]
     # The H / KVH query heads sharing a KV head become rows of one query matrix (GQA without
     # expanding K/V).
-    group = heads // kv_heads
+    b, group = num_tokens, heads // kv_heads
     qd = up(q.view(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
-    out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=meta.attn_mask, scale=scale)
+    if len(meta.decode_groups) == 1 and meta.decode_groups[0].rows is None:
+        out = _decode_group(qd, kv_cache, meta.decode_groups[0], up, scale)
+    else:
+        out = torch.empty_like(qd)
+        for g in meta.decode_groups:
+            assert g.rows is not None
+            out.index_copy_(0, g.rows, _decode_group(qd[g.rows], kv_cache, g, up, scale))
     return out.reshape(b, heads * head_dim).to(dtype)  # [B, H * D]
+
+
+def _decode_group(
+    qd: torch.Tensor,  # [G, KVH, group, D]
+    kv_cache: torch.Tensor,
+    g: DecodeGroup,
+    up: Callable[[torch.Tensor], torch.Tensor],
+    scale: float,
+) -> torch.Tensor:  # [G, KVH, group, D]
+    n, kv_heads, _, head_dim = qd.shape
+    lk = g.context_len
+    if g.contiguous_start is not None:
+        s0 = g.contiguous_start
+        keys = kv_cache[0].view(-1, kv_heads, head_dim)[s0 : s0 + lk][None]  # [1, Lk, KVH, D]
+        values = kv_cache[1].view(-1, kv_heads, head_dim)[s0 : s0 + lk][None]
+    else:
+        assert g.block_tables is not None
+        blocks = g.block_tables.view(-1)
+        keys = kv_cache[0].index_select(0, blocks).view(n, -1, kv_heads, head_dim)[:, :lk]
+        values = kv_cache[1].index_select(0, blocks).view(n, -1, kv_heads, head_dim)[:, :lk]
+    # Upcast before the transpose: converting a strided view is several times slower.
+    keys, values = up(keys).transpose(1, 2), up(values).transpose(1, 2)  # [G, KVH, Lk, D]
+    return F.scaled_dot_product_attention(qd, keys, values, attn_mask=g.attn_mask, scale=scale)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
