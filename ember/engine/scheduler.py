@@ -157,9 +157,14 @@ class Scheduler:
 
 
 def _seq(request: Request, start: int) -> ScheduledSeq:
+    out = request.output_token_ids
+    if start == request.num_tokens - 1:  # decode: just the last token, without a list copy
+        tokens: tuple[int, ...] = (out[-1] if out else request.prompt_token_ids[-1],)
+    else:
+        tokens = tuple(request.all_token_ids[start:])
     return ScheduledSeq(
         request_id=request.request_id,
-        token_ids=tuple(request.all_token_ids[start:]),
+        token_ids=tokens,
         start_position=start,
         block_table=tuple(request.block_table),
     )
