@@ -88,5 +88,10 @@ def checkpoint_tp(checkpoint: Path) -> int:
 def load_rank(checkpoint: Path, device: torch.device, rank: int) -> dict[str, torch.Tensor]:
     """This rank's tensors (HF names, local shards) on `device`."""
     from ember.store import load
+    from ember.store.shm import is_dram_path, map_dram, wait_fetched
 
+    if is_dram_path(checkpoint):  # the node store's DRAM tier
+        if device.type == "cpu":
+            return map_dram(checkpoint, rank)  # views of the shared memory, no copy
+        checkpoint = wait_fetched(checkpoint)  # a device read needs the complete files
     return dict(load(checkpoint, device=str(device), rank=rank))
