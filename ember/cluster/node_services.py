@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.placement_group import placement_group
@@ -38,8 +38,9 @@ from ember.cluster.node_store_actor import start_node_store
 from ember.cluster.worker_pool import WorkerPool
 from ember.controller.types import DeploymentSpec, NodeInfo
 from ember.errors import ConfigError
-from ember.store.node_store import NodeStoreConfig
-from ember.store.remote import RemoteConfig
+
+if TYPE_CHECKING:  # ember.store imports torch: only store actors and instances load it
+    from ember.store.node_store import NodeStoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,15 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class NodeServicesConfig:
     enabled: bool = True
-    store: NodeStoreConfig = field(default_factory=NodeStoreConfig)
+    store: NodeStoreConfig | None = None  # None: NodeStoreConfig's defaults
     pool_size: int = 1
     pack_weights: bool = False  # pooled instances: keep zero-copy views (see worker_pool)
 
     @classmethod
     def from_env(cls, cache_dir: str, env: dict[str, str] | None = None) -> NodeServicesConfig:
+        from ember.store.node_store import NodeStoreConfig
+        from ember.store.remote import RemoteConfig
+
         e = dict(os.environ if env is None else env)
 
         def num(name: str, default: int) -> int:
@@ -97,7 +101,9 @@ class NodeServices:
         self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
 
     def store_config(self, node_id: str) -> NodeStoreConfig:
-        cfg = self.config.store
+        from ember.store.node_store import NodeStoreConfig
+
+        cfg = self.config.store or NodeStoreConfig()
         return replace(
             cfg,
             dram_dir=str(Path(cfg.dram_dir) / node_id[:12]),

@@ -16,12 +16,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ember.store.node_store import CachedCheckpoint, NodeStore, NodeStoreConfig
+if TYPE_CHECKING:  # ember.store imports torch; the controller's process imports this module
+    from ember.store.node_store import CachedCheckpoint, NodeStoreConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class NodeStoreActor:
     """Actor body (wrapped with ray.remote by `start_node_store`)."""
 
     def __init__(self, config: NodeStoreConfig) -> None:
+        from ember.store.node_store import NodeStore
+
         self._store = NodeStore(config)
         self._holders: dict[str, list[int]] = {}  # source -> pids holding a pin
 
