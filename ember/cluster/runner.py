@@ -44,6 +44,14 @@ def prepare_checkpoint(spec: DeploymentSpec, cache_root: str, node_id: str) -> P
     Instances starting together on one node take a file lock, so the source is converted
     once and the second instance finds the finished checkpoint.
     """
+    if spec.source.startswith("s3://"):  # fetched (S3 -> SSD -> DRAM) by this node's store
+        from ember.cluster.node_store_actor import fetch_on_this_node
+        from ember.errors import DeploymentError
+
+        path = fetch_on_this_node(spec.source)
+        if path is None:
+            raise DeploymentError(f"{spec.source}: node {node_id[:12]} runs no node store")
+        return path
     import fcntl
 
     from ember.engine.checkpoint import resolve
