@@ -16,6 +16,9 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# No pre-started workers unless a test asks (tests count instance processes); node store tests
+# turn the pool on themselves.
+os.environ.setdefault("EMBER_WORKER_POOL_SIZE", "0")
 
 
 @pytest.fixture(scope="session")
