@@ -143,6 +143,12 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
             except Exception:  # the cluster may be unreachable; status still answers
                 logger.exception("admin status: listing nodes failed")
                 out["nodes"] = []
+        checkpoints = getattr(controller, "checkpoints", None)
+        if callable(checkpoints):  # which tier holds which checkpoint on each node
+            try:
+                out["checkpoints"] = await checkpoints()
+            except Exception:
+                logger.exception("admin status: listing node stores failed")
         return out
 
     @app.get("/admin/requests", dependencies=[Depends(admin)])

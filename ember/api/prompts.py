@@ -32,7 +32,7 @@ class TokenizerCache:
         """The model's vocabulary (config.json `vocab_size`; often padded past the tokenizer's)."""
         size = self._vocab.get(source)
         if size is None:
-            cfg = Path(source) / "config.json"
+            cfg = Path(_local(source)) / "config.json"
             try:
                 size = int(json.loads(cfg.read_text())["vocab_size"])
             except (OSError, ValueError, KeyError, TypeError):
@@ -46,13 +46,22 @@ class TokenizerCache:
             with self._lock:
                 tok = self._by_source.get(source)
                 if tok is None:
-                    tok = Tokenizer(source)
+                    tok = Tokenizer(_local(source))
                     self._by_source[source] = tok
         return tok
 
     def forget(self, source: str) -> None:
         self._by_source.pop(source, None)
         self._vocab.pop(source, None)
+
+
+def _local(source: str) -> str:
+    """An s3:// model's tokenizer and config files, downloaded once (node stores fetch weights)."""
+    if not source.startswith("s3://"):
+        return source
+    from ember.store.remote import side_files_dir
+
+    return side_files_dir(source)
 
 
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> str:

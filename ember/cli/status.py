@@ -61,4 +61,13 @@ def render(state: dict[str, Any]) -> str:
                 f"gpus={n.get('gpus_available', 0):g}/{n.get('gpus_total', 0):g}"
                 + (f" labels={labels}" if labels else "")
             )
+    checkpoints = state.get("checkpoints") or {}
+    if checkpoints:
+        lines.append("checkpoints (node store tiers):")
+        for node_id, rows in sorted(checkpoints.items()):
+            for r in rows:
+                lines.append(
+                    f"  {node_id[:12]:<12} {r['tier']:<5} {r['nbytes'] / 1e9:>7.2f} GB"
+                    f" pins={r['pins']}  {r['key']}"
+                )
     return "\n".join(lines)

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ember.controller.placement import choose_node
 from ember.controller.records import ClusterBackend, DeploymentRecord, InstanceRecord
@@ -113,7 +113,8 @@ class Controller:
     def deploy(self, spec: DeploymentSpec) -> None:
         """Create or update a deployment; an update restarts its instances on a new source."""
         spec.validate()
-        if not Path(spec.source).expanduser().exists():
+        remote = spec.source.startswith("s3://")  # fetched by the node stores
+        if not remote and not Path(spec.source).expanduser().exists():
             raise DeploymentError(f"source: {spec.source} does not exist on this machine")
         self._store.save(spec)
         dep = self._deployments.get(spec.name)
@@ -173,6 +174,11 @@ class Controller:
 
     def nodes(self) -> list[NodeInfo]:
         return self._cluster.nodes()
+
+    async def checkpoints(self) -> dict[str, list[dict[str, Any]]]:
+        """Per node, the checkpoints in its node store's tiers ({} without node stores)."""
+        fn = getattr(self._cluster, "checkpoints", None)
+        return await fn() if callable(fn) else {}
 
     def ready_instances(self, name: str) -> list[InstanceHandle]:
         """Handles of the deployment's ready instances ([] for an unknown name)."""
