@@ -257,6 +257,90 @@ class Harness:
             await asyncio.sleep(0.05)
 
 
+def http_cold_starts(endpoint: str, url: str, runs: int, threads: int) -> dict[str, Any]:
+    """The whole serving path: `ember serve` (its own private Ray, node store actor, pool of
+    one), a deployment of `url` with min_instances=0 and keep_alive_s=1, and one completion
+    request (1 token, not streamed) timed from send to response: queueing in the router and
+    controller, the pooled worker, the load and the token, plus HTTP. The first request fetches
+    from S3; after each scale-to-zero the next one starts from the DRAM tier."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    work = CACHE / "http-run"
+    shutil.rmtree(work, ignore_errors=True)
+    shm = Path(f"/dev/shm/ember-bench-http-{os.getuid()}")
+    env = {
+        **os.environ, "EMBER_WORKER_POOL_SIZE": "1", "EMBER_S3_ENDPOINT_URL": endpoint,
+        "EMBER_DRAM_DIR": str(shm), "EMBER_SSD_DIR": str(work / "ssd"),
+        "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+        "OMP_NUM_THREADS": str(threads),
+    }  # fmt: skip
+    log = open(CACHE / "http-serve.log", "wb")  # noqa: SIM115  # closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember", "serve", "--port", str(port), "--no-demo",
+         "--state-dir", str(work / "state"), "--cache-dir", str(work / "cache")],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    out: dict[str, Any] = {}
+    try:
+        _wait_http(base + "/health", 180)
+        spec = {"name": "m", "source": url, "min_instances": 0, "keep_alive_s": 1.0,
+                "max_model_len": 512, "max_num_seqs": 4}  # fmt: skip
+        httpx.post(base + "/admin/deployments", json=spec, timeout=30).raise_for_status()
+        body = {"model": "m", "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0}
+        times = []
+        for i in range(1 + runs):
+            _wait_scaled_to_zero(base, 120)
+            time.sleep(3.0)  # the pool's replacement worker finishes starting
+            t0 = time.perf_counter()
+            r = httpx.post(base + "/v1/completions", json=body, timeout=300)
+            r.raise_for_status()
+            times.append(time.perf_counter() - t0)
+            print(f"http request {i} ({'s3' if i == 0 else 'dram'}): {times[-1]:.3f} s", flush=True)
+        out = {"s3_total_s": times[0], "dram_total_s": sorted(times[1:])[len(times[1:]) // 2],
+               "dram_runs_s": [round(t, 4) for t in times[1:]]}  # fmt: skip
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+        shutil.rmtree(shm, ignore_errors=True)
+    return out
+
+
+def _wait_http(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer in {timeout_s} s")
+
+
+def _wait_scaled_to_zero(base: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = httpx.get(base + "/admin/status", timeout=10).json()
+        if all(not d.get("instances") for d in state.get("deployments", [])):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the deployment did not scale to zero in {timeout_s} s")
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     best = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
     return {**best, "runs_total_s": [round(r["total_s"], 4) for r in runs]}
@@ -267,6 +351,7 @@ def main() -> int:
     p.add_argument("--sizes", default="0.5b,1b", help="factory sizes (default 0.5b,1b)")
     p.add_argument("--runs", type=int, default=3, help="runs per cell; the median is reported")
     p.add_argument("--quick", action="store_true", help="0.5b only, 1 run")
+    p.add_argument("--no-http", action="store_true", help="skip the `ember serve` HTTP runs")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "coldstart.json"))
     args = p.parse_args()
     sizes = ["0.5b"] if args.quick else args.sizes.split(",")
@@ -291,7 +376,7 @@ def main() -> int:
             }  # fmt: skip
             for tier in TIERS:
                 cells = []
-                for _ in range(runs):
+                for _ in range(1 if tier == "s3" else runs):  # S3 runs are moto-bound, slow
                     harness.place(url, "dram" if tier.startswith("dram") else tier)
                     if tier != "dram-nopool":
                         harness.warm_worker(packed=tier == "dram-packed")
@@ -300,6 +385,17 @@ def main() -> int:
                 res[tier] = median_run(cells)
             results[size] = res
             print_table(size, res)
+        if not args.no_http:
+            size = sizes[0]
+            endpoint = harness.remote.config.endpoint_url or ""
+            results[size]["http"] = http_cold_starts(endpoint, f"s3://bench/{size}", runs, threads)
+            base = results[size]["baseline"]["total_s"]
+            h = results[size]["http"]
+            print(
+                f"\nember serve over HTTP, {size}: first request (S3) {h['s3_total_s']:.3f} s, "
+                f"after scale to zero (DRAM) {h['dram_total_s']:.3f} s "
+                f"({base / h['dram_total_s']:.1f}x the baseline)"
+            )
     finally:
         harness.close()
     write_json(args.out, results, facts, sizes, runs)
@@ -340,6 +436,13 @@ def write_json(out: str, results: dict[str, Any], facts: dict[str, Any], sizes: 
                 "metric": f"coldstart_ttft_{tier}_{size}", "value": res[tier]["total_s"],
                 "unit": "s", "baseline": base, "ratio": base / res[tier]["total_s"],
             })  # fmt: skip
+        for where in ("s3", "dram"):
+            if res.get("http"):
+                value = res["http"][f"{where}_total_s"]
+                rows.append({
+                    "metric": f"coldstart_http_{where}_{size}", "value": value, "unit": "s",
+                    "baseline": base, "ratio": base / value,
+                })  # fmt: skip
     doc = {
         "benchmark": "coldstart",
         "metric": "cold-start time to first token (zero instances running)",

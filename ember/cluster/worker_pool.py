@@ -105,7 +105,7 @@ class PooledInstanceActor(InstanceActor):
             )
         t_fetch = time.perf_counter()
         # Streaming: the engine is built while the fetch runs; its weights map chunk by chunk.
-        report = await acquire_on_this_node(source, streaming=False)
+        report = await acquire_on_this_node(source, streaming=True)
         self._timings["store_s"] = time.perf_counter() - t_fetch
         self._timings["served_from"] = report.served_from if report else "disk"
         t_engine = time.perf_counter()

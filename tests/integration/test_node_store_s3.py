@@ -300,3 +300,32 @@ def test_api_side_files_of_an_s3_model_tokenize_like_the_folder(
     text = "hello node store"
     assert Tokenizer(local).encode(text) == Tokenizer(checkpoints["a"]).encode(text)
     assert side_files_dir("/some/folder", tmp_path) == "/some/folder"
+
+
+def test_engine_built_on_a_fetch_in_progress_serves_the_same_tokens(
+    tmp_path: Path, endpoint: str, model_factory: Callable[..., Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    from ember import LLM, SamplingParams
+
+    hf = model_factory("llama", "tiny", "fp32", seed=3)
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    url = "s3://models/streamed/tiny"
+    remote.upload_checkpoint(convert(hf, tmp_path / "ck", progress=False), parse_s3_url(url))
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    relay.delay_s = 0.05  # slow enough that the engine starts before the last chunk lands
+    try:
+        store = make_store(tmp_path, relay.endpoint)
+        dram_cleanup.append(store)
+        path, complete = store.acquire_streaming(url)
+        assert not complete and ".fetching" in str(path)
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        llm = LLM(str(path), max_model_len=64)  # tokenizer, config, weights mapped as they land
+        got = llm.generate([1, 2, 3, 4], params)[0].token_ids
+        llm.close()
+        want = LLM(str(hf), max_model_len=64).generate([1, 2, 3, 4], params)[0].token_ids
+        assert got == want
+        store.release(url)
+    finally:
+        relay.close()

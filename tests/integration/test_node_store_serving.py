@@ -1,0 +1,110 @@
+"""The node store inside serving: the controller deploys `s3://` models on a private Ray whose
+node runs a store actor and a pool of one pre-started worker (moto S3 server on 127.0.0.1).
+The instance comes from the pool, loads from the DRAM tier (zero copy) and serves the same
+greedy tokens as a local engine; status shows the checkpoint's tiers and pin; deleting the
+deployment unpins it and leaves no instance behind; evict and prefetch move it between tiers."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from s3_support import CREDENTIALS, moto_server, remote_config
+
+from ember import LLM, SamplingParams
+from ember.cli.status import render
+from ember.cluster.cluster import ClusterConfig, RayCluster
+from ember.cluster.worker_pool import POOL_PREFIX
+from ember.controller.controller import Controller
+from ember.controller.types import DeploymentSpec
+from ember.policy.clock import FakeClock
+from ember.store import convert
+from ember.store.remote import RemoteStore, parse_s3_url
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.timeout(300)]
+
+URL = "s3://served/tiny"
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def served(
+    model_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RayCluster, Path]]:
+    hf = model_factory("llama", "tiny", "fp32", seed=21)
+    root = tmp_path_factory.mktemp("ns-serving")
+    shm = Path("/dev/shm") / f"ember-test-serving-{uuid.uuid4().hex[:8]}"
+    env = {
+        "EMBER_WORKER_POOL_SIZE": "1",
+        "EMBER_DRAM_DIR": str(shm),
+        "EMBER_SSD_DIR": str(root / "ssd"),
+        "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
+    }
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        for k, v in {**env, "EMBER_S3_ENDPOINT_URL": endpoint}.items():
+            mp.setenv(k, v)
+        remote = RemoteStore(remote_config(endpoint))
+        remote.ensure_bucket("served")
+        remote.upload_checkpoint(convert(hf, root / "ck", progress=False), parse_s3_url(URL))
+        cluster = RayCluster(ClusterConfig(num_cpus=4, cache_dir=str(root / "cache")))
+        try:
+            yield cluster, hf
+        finally:
+            cluster.shutdown()
+            shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
+    tmp_path: Path, served: tuple[RayCluster, Path]
+) -> None:
+    cluster, hf = served
+    want = LLM(str(hf), max_model_len=64).generate([3, 1, 4, 1, 5], PARAMS)[0].token_ids
+
+    async def body() -> None:
+        controller = Controller(
+            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
+        )
+        await controller.start()
+        try:
+            cluster.nodes()  # starts the node's store actor and fills its pool
+            controller.deploy(DeploymentSpec("s3m", URL, min_instances=1, max_model_len=64))
+            await controller.wait_for_instance("s3m", 120.0)
+            [handle] = controller.ready_instances("s3m")
+            assert [n for n in cluster.actor_names() if n.startswith(POOL_PREFIX)] != []
+            tokens = [
+                t async for d in handle.generate("r", [3, 1, 4, 1, 5], PARAMS)
+                for t in d.new_token_ids
+            ]  # fmt: skip
+            assert tokens == want
+            [(node, rows)] = (await controller.checkpoints()).items()
+            assert sorted((r["tier"], r["key"], r["pins"]) for r in rows) == [
+                ("dram", URL, 1), ("ssd", URL, 0),
+            ]  # fmt: skip
+            text = render({"deployments": [], "checkpoints": {node: rows}})
+            assert f"{node[:12]}" in text and "dram" in text and URL in text
+            controller.delete("s3m")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while cluster.actor_names() or any(
+                r["pins"] for r in (await controller.checkpoints())[node]
+            ):
+                assert loop.time() < deadline, cluster.actor_names()
+                await controller.reconcile_once()
+                await asyncio.sleep(0.1)
+            # The controller's levers: evict from DRAM (the SSD copy stays), prefetch it back.
+            assert await cluster.services.evict(URL, node, "dram")
+            tiers = {r["tier"] for r in (await controller.checkpoints())[node]}
+            assert tiers == {"ssd"}
+            cluster.services.prefetch(URL, node, "dram")
+            while {r["tier"] for r in (await controller.checkpoints())[node]} != {"ssd", "dram"}:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
+        finally:
+            await controller.stop()
+
+    asyncio.run(body())
