@@ -49,7 +49,7 @@ class ModelRunner:
         block_size: int,
         source: str = "checkpoint",
         pack_weights: bool = True,
-        pack_in_background: bool = True,
+        pack_in_background: bool = False,
     ) -> None:
         self.cfg = cfg
         self.par = par
@@ -316,7 +316,7 @@ def load_runner(
     num_blocks: int,
     block_size: int,
     pack_weights: bool = True,
-    pack_in_background: bool = True,
+    pack_in_background: bool = False,
 ) -> ModelRunner:
     """Load this rank's weights from the store and build its runner (a dtype other than the
     stored one costs a cast; `Engine` converts HF folders in the right dtype to avoid it)."""

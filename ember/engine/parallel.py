@@ -48,7 +48,7 @@ class RankSpec:
     port: int
     threads: int
     pack_weights: bool = True
-    pack_in_background: bool = True
+    pack_in_background: bool = False
 
 
 def _free_port() -> int:
@@ -182,7 +182,7 @@ def make_spec(
     block_size: int,
     world_size: int,
     pack_weights: bool = True,
-    pack_in_background: bool = True,
+    pack_in_background: bool = False,
 ) -> RankSpec:
     threads = max(1, (os.cpu_count() or 1) // world_size) if device == "cpu" else 1
     return RankSpec(

@@ -102,7 +102,7 @@ def test_bf16_packed_weights_match_plain_weights(model_factory: Callable[..., Pa
     assert ((first[0] - first[1]).abs().max() / scale).item() < 2e-2
     assert tokens[True] == tokens[False]
     # Packing on a thread while serving: the swap happens between steps, tokens are unchanged.
-    background = Engine(EngineConfig(model=str(path), max_model_len=128))
+    background = Engine(EngineConfig(model=str(path), max_model_len=128, pack_in_background=True))
     assert _generate(background, PROMPTS) == tokens[False]
     background._executor.wait_packed()
     assert background._executor.packed == can_pack_linears(torch.device("cpu"), torch.bfloat16)
