@@ -28,7 +28,9 @@ against the gain before it changes shape (what SpotServe lacks):
   of one and neither is faster (the optimizer's batch-2 preference saves nothing there).
 
 H is not known in advance; the caller estimates it from the fleet's recent history
-(`expected_interval_s`: the mean gap between its last changes, infinite before two), so a
+(`expected_interval_s`: the mean gap between its last changes, infinite until `min_gaps` gaps
+have been seen: one gap says nothing about how often the fleet changes, and trusting it held
+SpotServe's A_S fleet on a slower shape for the whole trace), so a
 fleet that stays still long enough (about 100 pauses, half an hour for a 20B model) reshapes as
 SpotServe does and a churning one holds its shape. Pure functions; no
 clock is read here.
@@ -52,6 +54,7 @@ class HysteresisConfig:
     """rate_headroom: the current shape is held only while its throughput is at least
         rate * (1 + rate_headroom).
     history_window: how many recent fleet-change gaps `expected_interval_s` averages.
+    min_gaps: fewer gaps than this give no estimate (H infinite: the optimizer's choice stands).
     max_paused_fraction: a change is refused when the requests its pause delays are more than
         this fraction of those served before the next change (P / H): above 1 - q of them, the
         q-quantile latency rises by up to the pause (0.01: protect the P99).
@@ -59,6 +62,7 @@ class HysteresisConfig:
 
     rate_headroom: float = 0.25
     history_window: int = 8
+    min_gaps: int = 2
     max_paused_fraction: float = 0.01
 
     def __post_init__(self) -> None:
@@ -72,6 +76,11 @@ class HysteresisConfig:
             )
         if self.history_window < 1:
             raise ConfigError(f"history_window must be >= 1, got {self.history_window}")
+        if not 1 <= self.min_gaps <= self.history_window:
+            raise ConfigError(
+                f"min_gaps must be in [1, history_window={self.history_window}], "
+                f"got {self.min_gaps}"
+            )
 
 
 def same_shape(a: ParallelConfig, b: ParallelConfig) -> bool:
@@ -147,13 +156,14 @@ def hold_shape(
     return not horizon_s * saving_s > pause_s * pause_s / 2.0
 
 
-def expected_interval_s(change_times_s: Sequence[float], window: int) -> float:
-    """Mean gap between the last `window` + 1 distinct fleet-change times (inf before two)."""
+def expected_interval_s(change_times_s: Sequence[float], window: int, min_gaps: int = 1) -> float:
+    """Mean gap between the last `window` + 1 distinct fleet-change times (inf until there are
+    `min_gaps` gaps)."""
     distinct: list[float] = []
     for t in change_times_s:
         if not distinct or t > distinct[-1]:
             distinct.append(t)
     recent = distinct[-(window + 1) :]
-    if len(recent) < 2:
+    if len(recent) < max(2, min_gaps + 1):
         return math.inf
     return (recent[-1] - recent[0]) / (len(recent) - 1)

@@ -100,7 +100,9 @@ def plan_switch(
     """The policy's decision for this change (request ids are the simulator's request indices);
     ember's hysteresis expects the fleet to stay as long as its recent changes were apart."""
     hyst = ps.hysteresis
-    horizon_s = expected_interval_s(change_times, hyst.history_window) if hyst else math.inf
+    horizon_s = (
+        expected_interval_s(change_times, hyst.history_window, hyst.min_gaps) if hyst else math.inf
+    )
     return plan_reconfiguration(
         ps,
         pf.profile,

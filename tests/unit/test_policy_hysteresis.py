@@ -95,6 +95,16 @@ def test_expected_interval_is_the_mean_recent_gap() -> None:
     assert expected_interval_s([5.0, 5.0], 8) == math.inf  # one distinct time
     assert expected_interval_s([0.0, 10.0, 10.0, 40.0], 8) == 20.0
     assert expected_interval_s([0.0, 100.0, 110.0, 120.0], 2) == 10.0  # last two gaps only
+    # With min_gaps=2 one gap is no estimate; the second gap gives one.
+    assert expected_interval_s([0.0, 240.0], 8, min_gaps=2) == math.inf
+    assert expected_interval_s([0.0, 240.0, 300.0], 8, min_gaps=2) == 150.0
+
+
+def test_hysteresis_config_rejects_min_gaps_outside_window() -> None:
+    with pytest.raises(ConfigError, match="min_gaps"):
+        HysteresisConfig(history_window=4, min_gaps=5)
+    with pytest.raises(ConfigError, match="min_gaps"):
+        HysteresisConfig(min_gaps=0)
 
 
 def test_bad_knobs_name_the_field() -> None:
