@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from ember.engine.config import ModelConfig
-from ember.engine.models import build_model
+from ember.engine.models import build_model, cpu_attention
 from ember.engine.models.layers import (
     AttentionMetadata,
     DecodeGroup,
+    KernelDecode,
     Linear,
     ParallelContext,
     can_pack_linears,
@@ -70,6 +71,8 @@ class ModelRunner:
         self.kv_caches = [_zeros(shape, self.dtype, device) for _ in self.attention_modules]
         for module, cache in zip(self.attention_modules, self.kv_caches, strict=True):
             module.kv_cache = cache
+        # The CPU decode kernel when it can read this cache (else torch ops, see layers.py).
+        self.use_kernel = bool(self.kv_caches) and cpu_attention.supports(self.kv_caches[0])
         logger.info(
             "model_runner arch=%s rank=%d/%d dtype=%s device=%s kv_blocks=%d block_size=%d",
             cfg.architecture, par.rank, par.world_size, self.dtype, device, num_blocks, block_size,
@@ -163,6 +166,10 @@ class ModelRunner:
     ) -> AttentionMetadata:
         seqs = plan.seqs
         ctx = [s.start_position + 1 for s in seqs]
+        if self.use_kernel:
+            return AttentionMetadata(
+                slot_mapping=slots, is_prefill=False, decode_kernel=self._kernel_meta(seqs, ctx)
+            )
         if len(seqs) <= DECODE_GROUP_SIZE:
             groups = [self._decode_group(list(range(len(seqs))), seqs, ctx, whole=True)]
         else:
@@ -174,6 +181,21 @@ class ModelRunner:
             ]
         return AttentionMetadata(
             slot_mapping=slots, is_prefill=False, upcast=upcast, decode_groups=tuple(groups)
+        )
+
+    def _kernel_meta(self, seqs: Sequence[ScheduledSeq], ctx: list[int]) -> KernelDecode:
+        bs = self.block_size
+        n_blocks = [-(-c // bs) for c in ctx]
+        tables = np.zeros((len(seqs), max(n_blocks)), dtype=np.int32)
+        for row, (s, n) in enumerate(zip(seqs, n_blocks, strict=True)):
+            tables[row, :n] = s.block_table[:n]
+        window = self.cfg.sliding_window
+        starts = [max(c - window, 0) for c in ctx] if window is not None else [0] * len(ctx)
+        return KernelDecode(
+            block_tables=torch.from_numpy(tables),
+            context_lens=torch.tensor(ctx, dtype=torch.int32),
+            window_starts=torch.tensor(starts, dtype=torch.int32),
+            max_len=max(c - s for c, s in zip(ctx, starts, strict=True)),
         )
 
     def _decode_group(

@@ -8,6 +8,7 @@ is below the numeric tolerance (a near-tie); the comparison stops there.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from ember.engine import Engine, EngineConfig, SamplingParams
+from ember.engine.models import cpu_attention
 from ember.store.factory import LLAMA3_ROPE_SCALING
 
 transformers = pytest.importorskip("transformers")
@@ -64,6 +66,11 @@ class LogitRecorder:
         return getattr(self.inner, name)
 
 
+def KERNEL_IN_USE() -> bool:  # noqa: N802 - reads like the constant it is within one test
+    """Whether engines started now attend decode steps with the CPU kernel."""
+    return cpu_attention.load() is not None and os.environ.get("EMBER_CPU_KERNELS", "1") != "0"
+
+
 def _prompts(vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
@@ -71,6 +78,7 @@ def _prompts(vocab: int) -> list[list[int]]:
 
 def _run_engine(path: Path, prompts: list[list[int]]) -> tuple[dict[str, list[int]], LogitRecorder]:
     engine = Engine(EngineConfig(model=str(path), dtype="fp32", max_model_len=256))
+    assert engine._executor.use_kernel == KERNEL_IN_USE()  # type: ignore[attr-defined]
     recorder = LogitRecorder(engine._executor)
     engine._executor = recorder
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -118,6 +126,19 @@ def _hf_greedy(hf: Any, prompt: list[int]) -> list[int]:
 def test_greedy_tokens_and_logits_match_transformers(
     case: str, model_factory: Callable[..., Path]
 ) -> None:
+    _check_case(case, model_factory)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral-sliding-window"])
+def test_torch_attention_fallback_matches_transformers(
+    case: str, model_factory: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the CPU kernel cannot be built (or on CUDA), decode attention runs on torch ops."""
+    monkeypatch.setenv("EMBER_CPU_KERNELS", "0")
+    _check_case(case, model_factory)
+
+
+def _check_case(case: str, model_factory: Callable[..., Path]) -> None:
     arch, overrides = CASES[case]
     path = model_factory(arch, **overrides)
     hf = transformers.AutoModelForCausalLM.from_pretrained(

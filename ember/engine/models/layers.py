@@ -4,10 +4,11 @@ tensor-parallel reduction.
 Attention works on a flat batch of `T` new tokens from `B` requests: their K/V are written into
 the paged cache at `slot_mapping`. In a prefill step each request attends causally over its own
 new tokens (one `scaled_dot_product_attention` call per request: no padding, no gather). In a
-decode step each request's context is gathered from its blocks (or read as one slice when a
-lone request's blocks are consecutive) and attended in one batched call under a mask built once
-per step (context length, optional sliding window); the query heads of a KV group are stacked as
-rows so GQA needs no K/V expansion.
+decode step on CPU (bf16 or fp32 cache) a small C kernel (`cpu_attention`) reads each request's
+K/V from its blocks in place; elsewhere each request's context is gathered from its blocks (or
+read as one slice when a lone request's blocks are consecutive) and attended in batched calls
+under a mask built once per step (context length, optional sliding window); the query heads of a
+KV group are stacked as rows so GQA needs no K/V expansion.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.engine.config import RopeConfig
+from ember.engine.models import cpu_attention
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,18 @@ class AttentionMetadata:
     prefill_masks: tuple[torch.Tensor | None, ...] = ()  # [n, n] sliding-window mask, or causal
     # decode
     decode_groups: tuple[DecodeGroup, ...] = ()
+    decode_kernel: KernelDecode | None = None  # set: the CPU kernel attends over the blocks
+
+
+@dataclass(frozen=True, slots=True)
+class KernelDecode:
+    """A decode step's inputs for the CPU paged-attention kernel (`cpu_attention`), which reads
+    each request's K/V from its blocks in place: no gather, no padding, no upcast copy."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int32 (padded with 0)
+    context_lens: torch.Tensor  # [B] int32: keys 0..len-1, this step's token included
+    window_starts: torch.Tensor  # [B] int32: the first key visible (sliding window), else 0
+    max_len: int  # the largest context_len - window_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +118,12 @@ def paged_attention(
     # The H / KVH query heads sharing a KV head become rows of one query matrix (GQA without
     # expanding K/V).
     b, group = num_tokens, heads // kv_heads
+    kd = meta.decode_kernel
+    if kd is not None:
+        out = cpu_attention.paged_decode_attention(
+            q, kv_cache, kd.block_tables, kd.context_lens, kd.window_starts, kd.max_len, scale
+        )  # [B, H, D] float32
+        return out.view(b, heads * head_dim).to(dtype)
     qd = up(q.view(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
     if len(meta.decode_groups) == 1 and meta.decode_groups[0].rows is None:
         out = _decode_group(qd, kv_cache, meta.decode_groups[0], up, scale)

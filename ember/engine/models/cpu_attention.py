@@ -1,0 +1,252 @@
+"""Decode attention straight over the paged KV cache on CPU: a small C kernel built on first use.
+
+torch has no paged attention on CPU: attending a decode step with torch ops means gathering
+every request's blocks into a new tensor, upcasting bf16 to fp32 and calling SDPA, which moves
+the KV bytes four to five times (measured 0.5 s of a 0.6 s step for 64 requests of ~600 tokens
+on the 134M shape). This kernel reads each request's K and V once, from their blocks, in the
+cache's own dtype (bf16 or fp32), and accumulates in fp32: per (request, KV head) it computes
+the scores of the `H / KVH` query heads of that group, a softmax, and the weighted sum of V.
+Work items are shared by `threads` pthreads (no OpenMP runtime of our own next to torch's).
+
+The C source is compiled once per source hash and CPU by the system C compiler into
+`$EMBER_CACHE_DIR/kernels/` (default `~/.cache/ember/kernels`) and loaded with ctypes. Without a
+compiler, or if the build fails, `load()` returns None and attention falls back to torch ops.
+`EMBER_CPU_KERNELS=0` when an engine starts makes it use the fallback.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    const float* q; const void* kc; const void* vc; const int32_t* tables; int max_blocks;
+    const int32_t* ctx; const int32_t* starts; float* out; int B, H, KVH, D, bs; float scale;
+    int max_len; int bf16; int chunks; int next;
+} job_t;
+
+static inline float ld(const void* p, size_t i, const int bf16) {
+    if (bf16) {
+        union { uint32_t u; float f; } v;
+        v.u = (uint32_t)((const uint16_t*)p)[i] << 16;
+        return v.f;
+    }
+    return ((const float*)p)[i];
+}
+
+/* One work item: request b, KV heads [k0, k1). Tokens are walked in order and, per token, the
+   item's heads are read together: a token's K (or V) row is contiguous in the cache, so memory
+   is streamed rather than visited at a stride (which would leave the kernel latency-bound). */
+static inline __attribute__((always_inline)) void item(
+        job_t* j, int b, int k0, int k1, float* scores, float* acc, const int bf16) {
+    const int KVH = j->KVH, D = j->D, bs = j->bs, H = j->H, g = H / KVH;
+    const int L = j->ctx[b], s0 = j->starts[b], n = L - s0, nh = (k1 - k0) * g;
+    const int32_t* table = j->tables + (size_t)b * j->max_blocks;
+    const float* qb = j->q + ((size_t)b * H + (size_t)k0 * g) * D;
+    const size_t es = bf16 ? 2 : 4;
+    for (int t = s0; t < L; t++) {
+        size_t row = (((size_t)table[t / bs] * bs + t % bs) * KVH + k0) * D;
+        const char* kp = (const char*)j->kc + row * es;
+        for (int h = 0; h < nh; h++) {
+            const float* qh = qb + (size_t)h * D;
+            const char* kh = kp + (size_t)(h / g) * D * es;
+            float s = 0.f;
+            for (int d = 0; d < D; d++) s += qh[d] * ld(kh, d, bf16);
+            scores[(size_t)h * n + (t - s0)] = s * j->scale;
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        float* sc = scores + (size_t)h * n;
+        float m = -INFINITY;
+        for (int t = 0; t < n; t++) m = sc[t] > m ? sc[t] : m;
+        float sum = 0.f;
+        for (int t = 0; t < n; t++) { float e = expf(sc[t] - m); sc[t] = e; sum += e; }
+        float inv = 1.f / sum;
+        for (int t = 0; t < n; t++) sc[t] *= inv;
+    }
+    memset(acc, 0, sizeof(float) * (size_t)nh * D);
+    for (int t = s0; t < L; t++) {
+        size_t row = (((size_t)table[t / bs] * bs + t % bs) * KVH + k0) * D;
+        const char* vp = (const char*)j->vc + row * es;
+        for (int h = 0; h < nh; h++) {
+            const float p = scores[(size_t)h * n + (t - s0)];
+            const char* vh = vp + (size_t)(h / g) * D * es;
+            float* a = acc + (size_t)h * D;
+            for (int d = 0; d < D; d++) a[d] += p * ld(vh, d, bf16);
+        }
+    }
+    memcpy(j->out + ((size_t)b * H + (size_t)k0 * g) * D, acc, sizeof(float) * (size_t)nh * D);
+}
+
+static void* worker(void* arg) {
+    job_t* j = (job_t*)arg;
+    const int g = j->H / j->KVH, per = (j->KVH + j->chunks - 1) / j->chunks;
+    float* scores = (float*)malloc(sizeof(float) * (size_t)per * g * (j->max_len > 0 ? j->max_len : 1));
+    float* acc = (float*)malloc(sizeof(float) * (size_t)per * g * j->D);
+    const int total = j->B * j->chunks;
+    for (;;) {
+        int it = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (it >= total) break;
+        int b = it / j->chunks, c = it % j->chunks;
+        int k0 = c * per, k1 = k0 + per < j->KVH ? k0 + per : j->KVH;
+        if (k0 >= k1) continue;
+        if (j->bf16) item(j, b, k0, k1, scores, acc, 1); else item(j, b, k0, k1, scores, acc, 0);
+    }
+    free(scores);
+    free(acc);
+    return NULL;
+}
+
+int ember_paged_decode_attention(
+        const float* q, const void* kc, const void* vc, const int32_t* tables, int max_blocks,
+        const int32_t* ctx, const int32_t* starts, float* out, int B, int H, int KVH, int D,
+        int bs, float scale, int max_len, int bf16, int threads) {
+    int n = threads < 1 ? 1 : threads;
+    /* Whole requests per item when there are enough of them; else split the KV heads. */
+    int chunks = (4 * n + B - 1) / B;
+    if (chunks > KVH) chunks = KVH;
+    job_t j = {q, kc, vc, tables, max_blocks, ctx, starts, out, B, H, KVH, D, bs, scale,
+               max_len, bf16, chunks, 0};
+    if (n > B * chunks) n = B * chunks;
+    pthread_t tids[64];
+    if (n > 64) n = 64;
+    int started = 0;
+    for (int i = 1; i < n; i++) {
+        if (pthread_create(&tids[started], NULL, worker, &j) != 0) break;
+        started++;
+    }
+    worker(&j);
+    for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
+    return 0;
+}
+"""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("EMBER_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "ember") / "kernels"
+
+
+def _cpu_tag() -> str:
+    """The CPU's model and flags: `-march=native` code is only valid on the CPU it was built on."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        facts = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        facts = [platform.processor()]
+    return "\n".join(facts)
+
+
+def _build(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, obj, lib = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
+        src.write_text(_SOURCE)
+        # -ffast-math when compiling only (vectorised reductions and expf); not when linking, so
+        # crtfastmath.o, which would flush denormals in the whole process, stays out.
+        flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"]
+        subprocess.run(
+            [cc, *flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True
+        )
+        subprocess.run(
+            [cc, "-shared", "-pthread", str(obj), "-o", str(lib), "-lm"],
+            check=True,
+            capture_output=True,
+        )
+        os.replace(lib, target)  # atomic: a concurrent builder never sees half a file
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library (built on first use), or None when it cannot be had."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        key = hashlib.sha256((_SOURCE + _cpu_tag()).encode()).hexdigest()[:16]
+        target = _cache_root() / f"paged_attention-{key}.so"
+        try:
+            if not target.is_file():
+                _build(target)
+                logger.info("cpu_kernel built=%s", target)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = e.stderr.decode(errors="replace")[-500:] if hasattr(e, "stderr") else ""
+            logger.warning("cpu_kernel unavailable, torch fallback: %r %s", e, detail)
+            return None
+        fn = lib.ember_paged_decode_attention
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+            ctypes.c_int,
+        ]  # fmt: skip
+        _lib = lib
+        return lib
+
+
+def supports(cache: torch.Tensor) -> bool:
+    """Whether the kernel can attend over `cache` (CPU, bf16 or fp32, the library loads, and
+    `EMBER_CPU_KERNELS` is not "0")."""
+    return (
+        os.environ.get("EMBER_CPU_KERNELS", "1") != "0"
+        and cache.device.type == "cpu"
+        and cache.dtype in (torch.bfloat16, torch.float32)
+        and cache.is_contiguous()
+        and load() is not None
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, D]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, KVH, D] bf16 or fp32, contiguous
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    context_lens: torch.Tensor,  # [B] int32: keys 0..len-1 (this step's token included)
+    window_starts: torch.Tensor,  # [B] int32: first visible key (0 without a sliding window)
+    max_len: int,  # the largest context_len - window_start
+    scale: float,
+) -> torch.Tensor:  # [B, H, D] float32
+    lib = load()
+    assert lib is not None and kv_cache.is_contiguous()
+    b, heads, head_dim = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    qf = q.float().contiguous()
+    out = torch.empty_like(qf)
+    half = kv_cache[0].numel() * kv_cache.element_size()
+    base = kv_cache.data_ptr()
+    lib.ember_paged_decode_attention(
+        qf.data_ptr(), base, base + half, block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), window_starts.data_ptr(), out.data_ptr(), b, heads, kv_heads,
+        head_dim, block_size, scale, max_len, int(kv_cache.dtype == torch.bfloat16),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
