@@ -36,6 +36,7 @@ import xxhash
 
 from ember.errors import CheckpointCorruptError, ConfigError
 from ember.store.format import INDEX_FILE, CheckpointIndex, PartitionEntry
+from ember.store.pagecache import resident_pages
 from ember.store.remote import RemoteStore, S3Url
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class RemoteSource:
 class LocalSource:
     def __init__(self, directory: Path, range_bytes: int) -> None:
         self.directory, self.name, self.range_bytes = directory, str(directory), range_bytes
+        # file -> "mostly not in the page cache when this fetch first opened it": decided once
+        # per file, since readahead makes the ranges after the first look cached.
+        self._cold: dict[str, bool] = {}
 
     def extra_files(self) -> list[str]:
         return sorted(
@@ -86,22 +90,42 @@ class LocalSource:
         return (self.directory / name).read_bytes()
 
     def open_range(self, file: str, offset: int, nbytes: int) -> RangeReader:
-        return _FileRange(self.directory / file, offset)
+        path = self.directory / file
+        cold = self._cold.get(file)
+        if cold is None:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                resident, total = resident_pages(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+            cold = self._cold.setdefault(file, resident * 2 < total)
+        return _FileRange(path, offset, drop_behind=cold)
 
 
 class _FileRange:
-    def __init__(self, path: Path, offset: int) -> None:
-        self._path, self._pos = path, offset
+    """A byte range of a local file (the SSD tier, or a checkpoint directory), read buffered.
+
+    Buffered, not O_DIRECT: on the reference VM the kernel's readahead (8 MiB here) keeps more
+    requests in flight than a few O_DIRECT threads do, and filling the DRAM tier from the SSD
+    tier measured 1.8-2.0 GB/s buffered against 1.0-1.5 GB/s with O_DIRECT (4-8 threads,
+    16-32 MiB reads). With `drop_behind` (the file was not cached when the fetch began) the
+    pages each read brought into the page cache are dropped right after it
+    (`POSIX_FADV_DONTNEED`), so filling the DRAM tier leaves no second copy in the page cache."""
+
+    def __init__(self, path: Path, offset: int, drop_behind: bool) -> None:
+        self._path, self._pos, self._drop_behind = path, offset, drop_behind
         self._fd = os.open(path, os.O_RDONLY)
 
     def read_exact(self, out: memoryview) -> None:
-        done = 0
+        start, done = self._pos, 0
         while done < len(out):
             n = os.preadv(self._fd, [out[done:]], self._pos)
             if n == 0:
                 raise CheckpointCorruptError(self._path, f"truncated: ends at byte {self._pos}")
             done += n
             self._pos += n
+        if self._drop_behind:
+            os.posix_fadvise(self._fd, start, done, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -156,6 +180,23 @@ def plan(index: CheckpointIndex, chunk_bytes: int, range_bytes: int) -> list[lis
                           first[p.file] + off // index.block_bytes)
                 for off in range(start, end, chunk_bytes)
             ])  # fmt: skip
+    return out
+
+
+def interleave(ranges: list[list[ChunkTask]]) -> list[list[ChunkTask]]:
+    """Ranges reordered round-robin over partition files (first range of each file, then the
+    second of each...), each file's ranges still in order. Why: a write into a file holds that
+    file's inode lock for the whole copy (tmpfs: 4 KiB page allocation included, about 2.4 GB/s
+    on one core here), so threads writing one file at a time fill a tier at one core's speed,
+    while threads spread over files fill it in parallel (measured 5.6 GB/s with 2 threads on 2
+    files against 2.4 GB/s on one)."""
+    by_file: dict[str, list[list[ChunkTask]]] = {}
+    for r in ranges:
+        by_file.setdefault(r[0].partition.file, []).append(r)
+    queues = list(by_file.values())
+    out: list[list[ChunkTask]] = []
+    for i in range(max((len(q) for q in queues), default=0)):
+        out += [q[i] for q in queues if i < len(q)]
     return out
 
 
@@ -304,7 +345,7 @@ def run_fetch(
     `prepare_sinks`), verifying each chunk; raises CheckpointCorruptError naming the source
     object on the first mismatch. The sinks' files are fsynced before returning."""
     t0 = time.perf_counter()
-    ranges = plan(index, chunk_bytes, max(chunk_bytes, source.range_bytes))
+    ranges = interleave(plan(index, chunk_bytes, max(chunk_bytes, source.range_bytes)))
     pipe = _Pipeline(index, source, sinks, resume, chunk_bytes)
     try:
         if threads <= 1 or len(ranges) <= 1:
@@ -312,7 +353,7 @@ def run_fetch(
                 pipe.run_range(r)
         else:
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ember-fetch") as pool:
-                futures = [pool.submit(pipe.run_range, r) for r in ranges]  # early tensors first
+                futures = [pool.submit(pipe.run_range, r) for r in ranges]
                 try:
                     for f in futures:
                         f.result()

@@ -19,7 +19,7 @@ from ember.errors import (
     ConfigError,
 )
 from ember.store import LoaderConfig, convert, load, read_index, verify
-from ember.store.hostmem import HostPool, alloc_host
+from ember.store.hostmem import HOST_POOL, HostPool, alloc_host
 from ember.store.pagecache import evict, resident_fraction
 
 BLOCK = 4 << 20
@@ -255,3 +255,40 @@ def test_pooled_loads_give_the_source_tensors_every_time(checkpoint: tuple[Path,
         out = load(ck, config=config)
         assert all(torch.equal(out[k], v) for k, v in src.items())
         del out
+
+
+def test_default_load_reuses_freed_memory_but_never_memory_still_referenced(
+    checkpoint: tuple[Path, dict],
+) -> None:
+    ck, src = checkpoint
+    name = next(iter(src))
+    HOST_POOL.clear()  # what earlier tests freed
+    first = load(ck)  # defaults: host memory from the process-wide pool
+    first_ptr = first[name].data_ptr()
+    kept = first[name][:2]  # one small view keeps the whole allocation alive
+    del first
+    second = load(ck)
+    assert second[name].data_ptr() != first_ptr  # the live view's memory was not handed out
+    second[name].zero_()
+    assert torch.equal(kept, src[name][:2])  # and nothing wrote into it
+    del kept
+    second_ptr = second[name].data_ptr()
+    del second
+    third = load(ck)
+    assert third[name].data_ptr() in (first_ptr, second_ptr)  # a freed allocation came back
+    assert all(torch.equal(third[k], v) for k, v in src.items())  # overwritten, not stale
+
+
+def test_idle_pooled_memory_is_released_after_idle_s() -> None:
+    now = [100.0]
+    pool = HostPool(max_idle_bytes=64 << 20, idle_s=30.0, clock=lambda: now[0])
+    buf = alloc_host(1 << 20, pool=pool)
+    del buf
+    now[0] += 29.0
+    assert (pool.expire(), pool.idle_bytes) == (1, 2 << 20)  # one 2 MiB-rounded mapping kept
+    now[0] += 1.0
+    assert (pool.expire(), pool.idle_bytes) == (0, 0)
+    again = alloc_host(1 << 20, pool=pool)
+    assert (pool.hits, pool.misses) == (0, 2)  # the expired mapping was not reused
+    del again
+    pool.clear()
