@@ -1,6 +1,6 @@
 """The fetch pipeline from a local directory (what an SSD -> DRAM fill runs): every byte
 arrives verified, concurrent ranges go to different files, and a read from disk does not leave a
-second copy of the checkpoint in the page cache."""
+second copy of the checkpoint in the page cache (it reads uncached files with O_DIRECT)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_local_fetch_copies_every_partition_byte_for_byte(
         assert (tmp_path / "sink" / p.file).read_bytes() == (checkpoint / p.file).read_bytes()
 
 
-def test_fetch_from_disk_drops_what_it_read_from_the_page_cache(
+def test_fetch_from_disk_leaves_no_copy_in_the_page_cache(
     checkpoint: Path, tmp_path: Path
 ) -> None:
     files = [checkpoint / p.file for p in read_index(checkpoint).partitions]
@@ -70,7 +70,7 @@ def test_fetch_from_disk_drops_what_it_read_from_the_page_cache(
         pytest.skip("this file system keeps the files cached (tmpfs?)")
     fetch(checkpoint, tmp_path / "sink", threads=1)
     left = max(resident_fraction(f) for f in files)
-    assert left < 0.5  # would be 1.0 without drop-behind
+    assert left < 0.5  # read with O_DIRECT; buffered reads would leave 1.0
 
 
 def test_fetch_of_a_cached_source_leaves_it_cached(checkpoint: Path, tmp_path: Path) -> None:
