@@ -91,7 +91,9 @@ class HostPool:
         self.idle_s = idle_s
         self._clock = clock
         self._idle: list[tuple[float, mmap.mmap]] = []  # (freed at, mapping), oldest first
-        self._lock = threading.Lock()
+        # Re-entrant: a lease finalizer (give back) can run from a garbage collection triggered
+        # inside take() on the same thread.
+        self._lock = threading.RLock()
         self._timer: threading.Timer | None = None
         self.hits = 0
         self.misses = 0
