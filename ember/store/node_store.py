@@ -59,7 +59,7 @@ class NodeStoreConfig:
     ssd_capacity_bytes: int = 100 << 30
     chunk_bytes: int = 16 << 20  # unit of verify/write/progress: a multiple of the 4 MiB block
     range_bytes: int = 64 << 20  # bytes per ranged GET, streamed chunk by chunk
-    fetch_threads: int = 4  # ranged GETs / reads in flight
+    fetch_threads: int = 8  # ranged GETs / reads in flight (8: measured, see docs/node-store.md)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def __post_init__(self) -> None:
