@@ -9,14 +9,18 @@ exactly the tokens it asks for):
    time to first token (add_request -> first token out of step()). p50 and p99. Target: <= 10 ms
    at p50.
 2. Throughput: the same request mix (lengths drawn with a fixed seed from the ShareGPT length
-   trace, prompts <= 512 tokens, outputs <= 128) sent all at once over HTTP, vs the engine
-   running the same requests in-process. Output tokens/s, median of 2 timed passes after one
-   untimed warm-up pass on each side. Target: >= 90% of the engine's.
+   trace, prompts <= 512 tokens, outputs <= 128; 128 requests on the tiny model, 32 on 125m) at
+   the same concurrency on both sides (32 = max_num_seqs requests in flight; a new one starts as
+   soon as one ends), over HTTP vs the engine running the same requests in-process. Output
+   tokens/s, median of the timed passes (3 tiny, 2 125m) after one untimed warm-up pass on each
+   side. Target: >= 90% of the engine's.
 
 The two sides never run at the same time (2 cores) but alternate in rounds (10 TTFT requests
 each, then whole passes of the mix), so a busy neighbour on a shared machine slows both alike;
 the in-process engine uses as many torch threads as an instance actor does (`instance_cpus`, 1 by
-default). Prompts are token ids, so both sides see exactly the same prompt lengths.
+default) and the same weight layout (`--pack-weights`, packed by default; the server's pooled
+workers are told through EMBER_POOL_PACK_WEIGHTS). Prompts are token ids, so both sides see
+exactly the same prompt lengths.
 
     python benchmarks/bench_serve.py [--quick] [--size tiny|125m] [--url http://127.0.0.1:8000]
 
@@ -106,7 +110,7 @@ def request_mix(n: int, max_prompt: int, max_output: int, vocab: int, seed: int 
 class InProcess:
     """The baseline: an Engine in this process, with the threads an instance actor gets."""
 
-    def __init__(self, model: Path, max_num_seqs: int) -> None:
+    def __init__(self, model: Path, max_num_seqs: int, pack_weights: bool) -> None:
         import torch
 
         from ember.cluster.cluster import ClusterConfig
@@ -116,7 +120,12 @@ class InProcess:
         # An instance actor runs torch with `instance_cpus` threads: give the baseline the same.
         torch.set_num_threads(max(1, int(ClusterConfig().instance_cpus)))
         self.engine = Engine(
-            EngineConfig(model=str(model), max_num_seqs=max_num_seqs, max_model_len=MAX_MODEL_LEN)
+            EngineConfig(
+                model=str(model),
+                max_num_seqs=max_num_seqs,
+                max_model_len=MAX_MODEL_LEN,
+                pack_weights=pack_weights,
+            )
         )
         self._ids = 0
 
@@ -140,18 +149,25 @@ class InProcess:
             engine.step()
         return dt
 
-    def mix(self, mix: list) -> tuple[int, float]:
-        """(output tokens, seconds) for the whole request mix, scheduled by the engine."""
+    def mix(self, mix: list, concurrency: int) -> tuple[int, float]:
+        """(output tokens, seconds) for the whole request mix, at most `concurrency` requests
+        in the engine at once (a new one is added as soon as one finishes, as a client would)."""
         from ember import SamplingParams
 
         engine = self.engine
+        pending = list(reversed(mix))
+        live = 0
         t0 = time.perf_counter()
-        for prompt, out in mix:
-            params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
-            engine.add_request(self._id(), prompt, params)
         tokens = 0
-        while engine.has_unfinished():
-            tokens += sum(len(o.new_token_ids) for o in engine.step())
+        while pending or engine.has_unfinished():
+            while pending and live < concurrency:
+                prompt, out = pending.pop()
+                params = SamplingParams(max_tokens=out, temperature=0.0, ignore_eos=True)
+                engine.add_request(self._id(), prompt, params)
+                live += 1
+            for o in engine.step():
+                tokens += len(o.new_token_ids)
+                live -= bool(o.finished)
         return tokens, time.perf_counter() - t0
 
     def close(self) -> None:
@@ -167,13 +183,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(state: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(state: Path, pack_weights: bool) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     cmd = [sys.executable, "-m", "ember", "serve", "--port", str(port), "--no-demo",
            "--state-dir", str(state / "state"), "--cache-dir", str(state / "cache")]  # fmt: skip
     log = (state / "serve.log").open("wb")
     # "local": a private Ray instance even when another one runs on this machine.
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           # The instances' engines lay their weights out as the baseline's does.
+           "EMBER_POOL_PACK_WEIGHTS": "1" if pack_weights else "0"}  # fmt: skip
     proc = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
     )
@@ -233,24 +251,34 @@ async def http_ttft(client: httpx.AsyncClient, prompt: list[int]) -> float:
     return first
 
 
-async def http_mix(client: httpx.AsyncClient, mix: list) -> tuple[int, float]:
-    """(output tokens, seconds) for the whole request mix sent at once."""
+async def http_mix(url: str, mix: list, concurrency: int) -> tuple[int, float]:
+    """(output tokens, seconds) for the whole request mix, `concurrency` requests at a time.
 
-    async def one(prompt: list[int], out: int) -> int:
-        body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": out, "temperature": 0,
-                "ignore_eos": True}  # fmt: skip
-        r = await client.post("/v1/completions", json=body)
-        r.raise_for_status()
-        return int(r.json()["usage"]["completion_tokens"])
+    aiohttp (what `vllm bench serve` uses; a dependency of ray[default]) spends about a third
+    of httpx's CPU per request, and the client shares the machine's cores with the server."""
+    import aiohttp
 
-    t0 = time.perf_counter()
-    counts = await asyncio.gather(*(one(p, o) for p, o in mix))
-    return sum(counts), time.perf_counter() - t0
+    slots = asyncio.Semaphore(concurrency)
+    conn = aiohttp.TCPConnector(limit=concurrency + 4)
+    timeout = aiohttp.ClientTimeout(total=1800)
+    async with aiohttp.ClientSession(url, connector=conn, timeout=timeout) as session:
+
+        async def one(prompt: list[int], out: int) -> int:
+            body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": out, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            async with slots, session.post("/v1/completions", json=body) as r:
+                r.raise_for_status()
+                return int((await r.json())["usage"]["completion_tokens"])
+
+        await one(*mix[0])  # opens a connection outside the timed part
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*(one(p, o) for p, o in mix))
+        return sum(counts), time.perf_counter() - t0
 
 
 async def interleaved(
     url: str, base: InProcess, prompt: list[int], rounds: int, per_round: int, mix: list,
-    passes: int,
+    passes: int, concurrency: int,
 ) -> tuple[list[float], list[float], list[tuple[int, float]], list[tuple[int, float]]]:  # fmt: skip
     """Alternate the two sides in rounds, so a busy neighbour on the machine slows both alike.
     The engine side blocks the event loop while it runs: nothing else is in flight then."""
@@ -264,12 +292,12 @@ async def interleaved(
         for _ in range(rounds):
             e_ttft += [base.ttft(prompt) for _ in range(per_round)]
             h_ttft += [await http_ttft(client, prompt) for _ in range(per_round)]
-        base.mix(mix)  # warm-up passes (batch shapes), untimed
-        await http_mix(client, mix)
+        base.mix(mix, concurrency)  # warm-up passes (batch shapes), untimed
+        await http_mix(url, mix, concurrency)
         e_runs, h_runs = [], []
         for _ in range(passes):
-            e_runs.append(base.mix(mix))
-            h_runs.append(await http_mix(client, mix))
+            e_runs.append(base.mix(mix, concurrency))
+            h_runs.append(await http_mix(url, mix, concurrency))
     return e_ttft, h_ttft, e_runs, h_runs
 
 
@@ -289,13 +317,23 @@ def main() -> int:
     ap.add_argument("--url", help="use this running ember server instead of starting one")
     ap.add_argument("--requests", type=int, help="requests in the throughput mix")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/serve[-quick].json)")
+    ap.add_argument(
+        "--pack-weights", type=int, choices=(0, 1), default=1,
+        help="engine weight layout on both sides (1: packed for oneDNN, the engine's default; "
+        "0: plain, what pooled workers use unless EMBER_POOL_PACK_WEIGHTS=1)",
+    )  # fmt: skip
+    ap.add_argument("--note", default="", help="free text stored in the JSON")
     args = ap.parse_args()
+    pack = bool(args.pack_weights)
     size = args.size or ("tiny" if args.quick else "125m")
-    n_req = args.requests or (16 if args.quick else 32)
+    # A tiny model's requests are quick: more of them, so the pass is long enough that its
+    # start (requests arriving) and end (last responses) do not dominate it.
+    n_req = args.requests or {"tiny": 64 if args.quick else 128, "125m": 32}[size]
     n_ttft = 20 if args.quick else 50
     max_prompt, max_output = (128, 64) if args.quick else (512, 128)
     max_num_seqs = 32
-    repeats = 2
+    concurrency = max_num_seqs  # requests in flight at once, on both sides
+    repeats = 3 if size == "tiny" else 2
 
     import logging
 
@@ -312,16 +350,16 @@ def main() -> int:
         print(f"model: llama {size} bf16 (random weights); {n_req} requests; "
               f"{sum(len(p) for p, _ in mix)} prompt / {sum(o for _, o in mix)} output tokens")  # fmt: skip
 
-        base = InProcess(model, max_num_seqs)
+        base = InProcess(model, max_num_seqs, pack)
         proc = None
         url = args.url
         try:
             if url is None:
-                proc, url = start_server(work)
+                proc, url = start_server(work, pack)
             deploy(url, model, max_num_seqs)
             t = time.perf_counter()
             e_ttft, h_ttft, e_runs, h_runs = asyncio.run(
-                interleaved(url, base, ttft_prompt, n_ttft // 10, 10, mix, repeats)
+                interleaved(url, base, ttft_prompt, n_ttft // 10, 10, mix, repeats, concurrency)
             )
             print(f"measured in {time.perf_counter() - t:.0f} s", flush=True)
         finally:
@@ -382,12 +420,16 @@ def main() -> int:
             "ttft_samples": n_ttft,
             "ttft_prompt_tokens": len(ttft_prompt),
             "max_num_seqs": max_num_seqs,
+            "concurrency": concurrency,
+            "passes": repeats,
+            "engine_pack_weights": pack,
             "lengths": "sharegpt trace" if LENGTHS_CSV.is_file() else "uniform",
             "server": args.url or "ember serve (local Ray, one instance)",
         },  # fmt: skip
         "machine": machine_facts(),
         "git_sha": git_sha(),
         "quick": args.quick,
+        "note": args.note,
         "load_average_at_end": os.getloadavg(),
     }
     out = Path(args.out) if args.out else (

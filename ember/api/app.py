@@ -65,10 +65,11 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
     app.state.generation = generation
     install_error_handlers(app)
 
-    def user(authorization: str | None = Header(default=None)) -> None:
+    # async: FastAPI runs a plain `def` dependency in a worker thread, a thread hop per request.
+    async def user(authorization: str | None = Header(default=None)) -> None:
         keys.check_user(authorization)
 
-    def admin(authorization: str | None = Header(default=None)) -> None:
+    async def admin(authorization: str | None = Header(default=None)) -> None:
         keys.check_admin(authorization)
 
     def card(spec: DeploymentSpec) -> dict[str, Any]:

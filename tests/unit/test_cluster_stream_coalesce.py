@@ -37,3 +37,14 @@ def test_an_error_is_never_merged_away() -> None:
     first = delta("a", (1,), "x")
     out = coalesce([("a", first), ("a", err)])
     assert out == [("a", first), ("a", err)]
+
+
+def test_wire_rows_round_trip_deltas_and_errors() -> None:
+    from ember.cluster.instance import pack, unpack
+
+    d = StreamDelta("a", (1, 2), "xy", True, "stop", 3, ({1: -0.1}, {2: -0.2}))
+    row = pack("a", d)
+    assert all(type(v) in (str, tuple, bool, int, type(None)) for v in row)  # plain, cheap
+    assert unpack(row) == d
+    err = RequestError("prompt is empty")
+    assert unpack(pack("a", err)) is err
