@@ -62,9 +62,7 @@ def test_local_fetch_copies_every_partition_byte_for_byte(
         assert (tmp_path / "sink" / p.file).read_bytes() == (checkpoint / p.file).read_bytes()
 
 
-def test_fetch_from_disk_leaves_no_copy_in_the_page_cache(
-    checkpoint: Path, tmp_path: Path
-) -> None:
+def test_fetch_from_disk_leaves_no_copy_in_the_page_cache(checkpoint: Path, tmp_path: Path) -> None:
     files = [checkpoint / p.file for p in read_index(checkpoint).partitions]
     if max(evict(f) for f in files) > 0.0:
         pytest.skip("this file system keeps the files cached (tmpfs?)")
