@@ -36,13 +36,14 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import git_sha, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "coldstart"
@@ -67,27 +68,6 @@ t_token = time.time()
 print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load,
                   "t_token": t_token, "token": int(out[0, -1])}))
 """
-
-
-def machine_facts() -> dict[str, Any]:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    dev = subprocess.run(
-        ["df", "--output=source,fstype", str(ROOT)], capture_output=True, text=True
-    )
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "disk": " ".join(dev.stdout.split()[2:]) or "unknown",
-        "kernel": platform.release(),
-        "load_average_at_start": os.getloadavg()[0],
-        "note": "a shared machine: compare load_average_at_start/_at_end; busy runs are noisy",
-    }
 
 
 def disk_read_gbps(path: Path, threads: int = 32, chunk: int = 4 << 20) -> float:
@@ -124,11 +104,6 @@ def disk_read_gbps(path: Path, threads: int = 32, chunk: int = 4 << 20) -> float
         return n / (time.perf_counter() - t0) / 1e9
     finally:
         os.close(fd)
-
-
-def git_sha() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
 
 
 def ensure_model(size: str) -> Path:
@@ -408,7 +383,14 @@ def main() -> int:
     p.add_argument("--no-http", action="store_true", help="skip the `ember serve` HTTP runs")
     p.add_argument("--tiers", default=",".join(TIERS), help=f"subset of {','.join(TIERS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "coldstart.json"))
+    p.add_argument(
+        "--device", default="cpu", help="cuda: to the GPU, without Ray (see coldstart_gpu.py)"
+    )
     args = p.parse_args()
+    if args.device.startswith("cuda"):
+        import coldstart_gpu
+
+        return int(coldstart_gpu.main(sys.argv[1:]))
     sizes = ["0.5b"] if args.quick else args.sizes.split(",")
     runs = 1 if args.quick else args.runs
     tiers = [t for t in args.tiers.split(",") if t]

@@ -10,9 +10,13 @@ In one run, on the same random-weight model (from ember's factory), dtype bf16 a
       ember's one-time conversion of the HF folder is done beforehand and reported apart).
 Each engine runs in its own process (benchmarks/engine_worker.py); vLLM in .vllm-venv's python
 (benchmarks/setup_vllm_cpu.sh), skipped with a note when that venv is missing.
+With `--device cuda` ember and transformers run on cuda:0 (vLLM's CPU build cannot), and the
+weight bytes read per second of decode stand next to the GPU's measured copy bandwidth.
 
 Usage: ember bench engine [--quick] [--models 125m,1b] [--engines ember,transformers,vllm]
-Writes benchmarks/results/engine.json (engine-quick.json with --quick).
+       [--device cpu|cuda]
+Writes benchmarks/results/engine.json (engine-quick.json with --quick, engine-cuda.json on
+CUDA).
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -31,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import git_sha, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS_CSV = ROOT.parent / "shared" / "traces" / "workload" / "sharegpt" / "lengths.csv"
@@ -61,48 +66,36 @@ QUICK_OVERRIDES = {
 }
 
 
-def machine_facts() -> dict[str, Any]:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    disk = shutil.disk_usage(ROOT)
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "disk_total_gib": round(disk.total / 2**30, 1),
-        "disk_free_gib": round(disk.free / 2**30, 1),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-    }
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def memory_bandwidth_gbs(threads: int, nbytes: int = 1 << 30) -> dict[str, float]:
-    """Best of 5: a tensor copy (read + write bytes) and a sum (read bytes), with `threads`."""
+def memory_bandwidth_gbs(
+    threads: int, device: str = "cpu", nbytes: int = 1 << 30
+) -> dict[str, float]:
+    """Best of 5: a tensor copy (read + write bytes) and a sum (read bytes), with `threads` on
+    CPU, or in the device's memory on CUDA (4 GiB there: several times the L2)."""
     import torch
 
     torch.set_num_threads(threads)
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    cuda = device.startswith("cuda")
+    if cuda:
+        nbytes = 4 << 30
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    dst.copy_(src)  # first-call setup, excluded
+    src.sum()
+    sync()
     copy, read = [], []
     for _ in range(5):
         t = time.perf_counter()
         dst.copy_(src)
+        sync()
         copy.append(2 * nbytes / (time.perf_counter() - t) / 1e9)
         t = time.perf_counter()
         src.sum()
+        sync()
         read.append(nbytes / (time.perf_counter() - t) / 1e9)
+    del src, dst
+    if cuda:
+        torch.cuda.empty_cache()
     return {"copy_read_write_gbs": max(copy), "sum_read_gbs": max(read)}
 
 
@@ -198,6 +191,7 @@ def base_spec(model: Path, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": str(model),
         "threads": args.threads,
+        "device": args.device,
         "max_model_len": 1024,
         "kv_cache_bytes": 4 << 30,  # as VLLM_CPU_KVCACHE_SPACE=4
         "short_prompt": token_ids(rng, 16),
@@ -392,6 +386,7 @@ def write_result(
         "machine": machine_facts(),
         "settings": {
             "dtype": "bf16",
+            "device": args.device,
             "threads": args.threads,
             "decode": "batch 1, 128-token prompt, 128 new tokens (32/32 quick); rate = 127 / (T(128) - T(1))",
             "throughput": "64 ShareGPT lengths, random.Random(0).sample, clipped to 512/256; "
@@ -419,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         "--parts", default="decode,throughput", help="decode (with cold start), throughput"
     )
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: ember and transformers on cuda:0")
     p.add_argument("--runs", type=int, default=None, help="decode runs per engine (default 3)")
     p.add_argument("--cold-runs", type=int, default=None, help="cold-start processes (default 3)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
@@ -432,19 +428,22 @@ def main(argv: list[str] | None = None) -> int:
     args.cold_runs = args.cold_runs or (1 if args.quick else 3)
     engines = [e for e in args.engines.split(",") if e]
     notes = []
+    if args.device != "cpu" and "vllm" in engines:
+        engines.remove("vllm")
+        notes.append("vLLM skipped: its CPU build is the one set up here; it does not run on CUDA")
+        print(notes[-1])
     if "vllm" in engines and not VLLM_PYTHON.exists():
         engines.remove("vllm")
         notes.append(f"vLLM skipped: {VLLM_PYTHON} missing (run bash benchmarks/setup_vllm_cpu.sh)")
         print(notes[-1])
     os.environ.setdefault("EMBER_CACHE_DIR", str(args.models_dir / "ember-cache"))
     sizes = ["quick"] if args.quick else [s for s in args.models.split(",") if s]
-    bandwidth = memory_bandwidth_gbs(args.threads)
-    print(f"memory bandwidth ({args.threads} threads): {bandwidth}")
+    bandwidth = memory_bandwidth_gbs(args.threads, args.device)
+    print(f"memory bandwidth ({args.device}, {args.threads} threads): {bandwidth}")
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
-    out = args.out or ROOT / "benchmarks" / "results" / (
-        "engine-quick.json" if args.quick else "engine.json"
-    )
+    suffix = ("-quick" if args.quick else "") + ("" if args.device == "cpu" else "-cuda")
+    out = args.out or ROOT / "benchmarks" / "results" / f"engine{suffix}.json"
     parts = [p for p in args.parts.split(",") if p]
     models = {size: ensure_model(args.models_dir, size, args.quick) for size in sizes}
     labels = {

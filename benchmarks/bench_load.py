@@ -29,8 +29,11 @@ reported as GB/s of tensor payload. Rows:
 Each row also reports CPU seconds per run (user + system, all threads): on a shared machine
 wall-clock GB/s swings with other people's load, CPU cost per byte much less.
 
-With `--device cuda` (where CUDA exists) it adds pinned host-to-device bandwidth and ember and
-safetensors loads to cuda:0. Writes benchmarks/results/load.json (or --out).
+With `--device cuda` (where CUDA exists) the loads go to cuda:0 and the rows are: pinned
+host-to-device bandwidth (the ceiling), the raw disk reads, safetensors `load_file(device=)` +
+clone, ember with its defaults and with 8 and 16 reader threads, and ember from a copy in
+shared memory (`/dev/shm`, the node store's DRAM tier; warm only, tmpfs has no cold). Writes
+benchmarks/results/load.json (load-cuda.json on CUDA; or --out).
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import gc
 import json
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -49,6 +51,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from machine import git_sha, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "store"
@@ -68,6 +72,21 @@ LOADERS = (
     "ember_verify",
     "ember_buffered",
 )
+# On CUDA: reader-thread counts for a many-core GPU host, and the DRAM tier as the source.
+CUDA_LOADERS = (
+    "raw_direct",
+    "raw_buffered",
+    "safetensors_clone",
+    "tensorizer",
+    "fastsafetensors",
+    "runai",
+    "ember",
+    "ember_8t",
+    "ember_16t",
+    "ember_dram",
+)
+WARM_ONLY = ("ember_dram",)  # a tmpfs file cannot be evicted to disk
+DRAM_DIR = Path("/dev/shm") / f"ember-bench-load-{os.getuid()}"
 ENDS_IN = {
     "safetensors_touched": "mapped file",
     "torch_mmap_touched": "mapped file",
@@ -88,8 +107,8 @@ RAW_SETTINGS = {
 # --- artifacts --------------------------------------------------------------------------------
 
 
-def prepare(size: str) -> dict[str, Any]:
-    """The model in every format the loaders read, made once and cached under .cache/store."""
+def prepare(size: str, loaders: list[str]) -> dict[str, Any]:
+    """The model in every format `loaders` read, made once and cached under .cache/store."""
     from safetensors import safe_open
 
     from ember.store import convert
@@ -107,16 +126,18 @@ def prepare(size: str) -> dict[str, Any]:
         print(f"converted to {ck} in {time.perf_counter() - t0:.1f} s", flush=True)
     pt = CACHE / f"llama-{size}.pt"
     tz = CACHE / f"llama-{size}.tensors"
-    if not pt.is_file() or not tz.is_file():
+    want_pt = "torch_mmap_touched" in loaders and not pt.is_file()
+    want_tz = "tensorizer" in loaders and _has("tensorizer") and not tz.is_file()
+    if want_pt or want_tz:
         import torch
 
         state = {}
         for f in st_files:
             with safe_open(f, "pt") as h:
                 state.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
-        if not pt.is_file():
+        if want_pt:
             torch.save(state, pt)
-        if not tz.is_file() and _has("tensorizer"):
+        if want_tz:
             from tensorizer import TensorSerializer
 
             s = TensorSerializer(str(tz))
@@ -149,7 +170,22 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def dram_copy(art: dict[str, Any]) -> str | None:
+    """The ember checkpoint copied into shared memory (made once per run), or None without room."""
+    dst = DRAM_DIR / Path(art["ember"]).name
+    if (dst / "index.json").is_file():
+        return str(dst)
+    need = sum(os.path.getsize(f) for f in art["ember_files"]) + (1 << 30)
+    if not DRAM_DIR.parent.is_dir() or shutil.disk_usage(DRAM_DIR.parent).free < need:
+        return None
+    shutil.rmtree(DRAM_DIR, ignore_errors=True)
+    shutil.copytree(art["ember"], dst)
+    return str(dst)
+
+
 def files_of(loader: str, art: dict[str, Any]) -> list[str]:
+    if loader == "ember_dram":
+        return sorted(str(p) for p in Path(art["ember_dram"]).glob("*.bin"))
     if loader.startswith("ember") or loader.startswith("raw"):
         return art["ember_files"]
     if loader == "torch_mmap_touched":
@@ -246,8 +282,12 @@ def make_loader(name: str, art: dict[str, Any], device: str) -> Callable[[], Any
             "ember_fresh": LoaderConfig(reuse_host_memory=False),
             "ember_verify": LoaderConfig(verify_checksums=True),
             "ember_buffered": LoaderConfig(io_mode="buffered"),
+            "ember_8t": LoaderConfig(threads=8),
+            "ember_16t": LoaderConfig(threads=16),
+            "ember_dram": LoaderConfig(),
         }[name]
-        return lambda: load(art["ember"], device=device, config=cfg)
+        path = art["ember_dram"] if name == "ember_dram" else art["ember"]
+        return lambda: load(path, device=device, config=cfg)
     raise SystemExit(f"unknown loader {name}")
 
 
@@ -402,7 +442,18 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The issue's targets, for ember's default load (pooled memory) and into fresh memory."""
     out = []
     h2d = [r["best_gbps"] for r in rows if r["loader"] == "pinned_h2d"]
+    if h2d:  # on CUDA: every ember variant against the host-to-device ceiling
+        for r in rows:
+            if r["loader"].startswith("ember") and r["mode"] == "warm":
+                out.append(
+                    _target(
+                        r["loader"], "warm to GPU >= 80% of pinned host-to-device",
+                        r["best_gbps"], 0.8 * h2d[0],
+                    )
+                )  # fmt: skip
     for variant in ("ember", "ember_fresh"):
+        if not any(r["loader"] == variant for r in rows):
+            continue
         for mode in ("cold", "warm"):
             mine = best(rows, [variant], mode)[1]
             peer_name, peer = best(rows, OWN_MEMORY_PEERS, mode)
@@ -422,11 +473,6 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     )
                 )
             out.append(_target(variant, f"{mode} >= 3x safetensors load_file+clone", mine, 3 * st))
-        if h2d:
-            warm = best(rows, [variant], "warm")[1]
-            out.append(
-                _target(variant, "warm to GPU >= 80% of pinned host-to-device", warm, 0.8 * h2d[0])
-            )
     return out
 
 
@@ -459,34 +505,6 @@ def print_table(rows: list[dict[str, Any]], tgts: list[dict[str, Any]]) -> None:
         )
 
 
-def machine_facts(path: str) -> dict[str, Any]:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    disk = shutil.disk_usage(path)
-    dev = subprocess.run(["df", "--output=source,fstype", path], capture_output=True, text=True)
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "disk": " ".join(dev.stdout.split()[2:]) or "unknown",
-        "disk_total_gib": round(disk.total / 2**30, 1),
-        "kernel": platform.release(),
-        "thp": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-        if Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-        else "n/a",
-        "load_average_at_start": os.getloadavg()[0],
-    }
-
-
-def git_sha() -> str:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or "unknown"
-
-
 def runnable(name: str, device: str) -> bool:
     module = {
         "tensorizer": "tensorizer",
@@ -496,7 +514,7 @@ def runnable(name: str, device: str) -> bool:
     if name in module and not _has(module[name]):
         print(f"skip {name}: not installed (pip install -e '.[bench]')", flush=True)
         return False
-    host_only = (*RAW, "safetensors_touched", "torch_mmap_touched")
+    host_only = ("safetensors_touched", "torch_mmap_touched")  # tensors that map a host file
     return not (device.startswith("cuda") and name in host_only)
 
 
@@ -517,12 +535,14 @@ def main() -> int:
     p.add_argument("--size", default="1b", help="factory size of the llama model (default 1b)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="125m model, 2 runs")
-    p.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset")
+    p.add_argument(
+        "--loaders", default=None, help="comma-separated subset (default: every row for the device)"
+    )
     p.add_argument("--device", default="cpu", help="cpu, or cuda to load to cuda:0")
     p.add_argument(
         "--no-interleave", action="store_true", help="all runs of a loader in one process, in a row"
     )
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
+    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/load.json)")
     p.add_argument(
         "--child", nargs=3, metavar=("LOADER", "MODE", "ARTIFACTS"), help=argparse.SUPPRESS
     )
@@ -533,7 +553,14 @@ def main() -> int:
         return 0
     if args.quick:
         args.size, args.runs = "125m", 2
-    art = prepare(args.size)
+    cuda = args.device.startswith("cuda")
+    args.loaders = args.loaders or ",".join(CUDA_LOADERS if cuda else LOADERS)
+    args.out = args.out or str(
+        ROOT / "benchmarks" / "results" / ("load-cuda.json" if cuda else "load.json")
+    )
+    art = prepare(args.size, args.loaders.split(","))
+    if "ember_dram" in args.loaders.split(","):
+        art["ember_dram"] = dram_copy(art)
     facts = machine_facts(art["ember"])
     nbytes = art["payload_bytes"]
     print(f"model llama-{args.size}: {nbytes / 1e9:.2f} GB payload; device {args.device}; "
@@ -542,6 +569,9 @@ def main() -> int:
     if args.device.startswith("cuda"):
         rows += [summarize(r, nbytes) for r in cuda_rows(nbytes, args.runs)]
     names = [n for n in args.loaders.split(",") if runnable(n, args.device)]
+    if "ember_dram" in names and not art.get("ember_dram"):
+        print(f"skip ember_dram: no room for a copy under {DRAM_DIR.parent}", flush=True)
+        names.remove("ember_dram")
     # Interleaved: round r runs every loader once, so a burst of load from other processes on
     # a shared machine hits all loaders alike instead of whichever ran at that moment.
     rounds, per_child = (1, args.runs) if args.no_interleave else (args.runs, 1)
@@ -549,6 +579,8 @@ def main() -> int:
     for _ in range(rounds):
         for name in names:
             for mode in ("cold", "warm"):
+                if mode == "cold" and name in WARM_ONLY:
+                    continue
                 got = run_child(name, mode, per_child, art, args.device)
                 if got is None:
                     continue
@@ -561,6 +593,7 @@ def main() -> int:
                 print(
                     f"{name:<22}{mode:<6}{nbytes / min(got['seconds']) / 1e9:7.2f} GB/s", flush=True
                 )
+    shutil.rmtree(DRAM_DIR, ignore_errors=True)
     rows += [summarize(r, nbytes) for r in merged.values()]
     tgts = targets(rows)
     print_table(rows, tgts)

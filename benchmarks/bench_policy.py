@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from machine import git_sha, machine_facts
 
 from ember.policy import (
     Gpu,
@@ -62,33 +60,7 @@ RATE_RPS = 1.5
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(
-            int(x.split()[1])
-            for x in Path("/proc/meminfo").read_text().splitlines()
-            if x.startswith("MemTotal")
-        )
-    except (OSError, StopIteration):
-        mem_kb = 0
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "disk_free_gib": round(shutil.disk_usage(ROOT).free / 2**30, 1),
-        "python": platform.python_version(),
-        "git_sha": sha,
-    }
+    return {**machine_facts(), "git_sha": git_sha()}
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:

@@ -34,7 +34,6 @@ import asyncio
 import csv
 import json
 import os
-import platform
 import random
 import shutil
 import signal
@@ -45,41 +44,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
+from machine import git_sha, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS_CSV = Path("/work/shared/traces/workload/sharegpt/lengths.csv")
 MODEL_NAME = "bench"
 # Prompts <= 512 and outputs <= 128 fit; it also bounds the KV cache both sides allocate.
 MAX_MODEL_LEN = 1024
-
-
-def machine_facts() -> dict[str, Any]:
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-         if ln.startswith("model name")),
-        platform.processor(),
-    )  # fmt: skip
-    mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    disk = shutil.disk_usage(ROOT)
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "disk_total_gib": round(disk.total / 2**30, 1),
-        "disk_free_gib": round(disk.free / 2**30, 1),
-        "python": platform.python_version(),
-    }
-
-
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import git_sha, machine_facts
 
 from ember.policy import LinkBandwidth
 from ember.sim.profile_file import read_profile
@@ -58,34 +56,7 @@ SEGMENTS = {"A_S": "trace_0304_real.txt", "B_S": "trace_0506_real.txt"}
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor()
-    mem_kb = 0
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = next(
-            int(x.split()[1])
-            for x in Path("/proc/meminfo").read_text().splitlines()
-            if x.startswith("MemTotal")
-        )
-    except (OSError, StopIteration):
-        pass
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        sha = "unknown"
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "disk_free_gib": round(shutil.disk_usage(ROOT).free / 2**30, 1),
-        "python": platform.python_version(),
-        "git_sha": sha,
-    }
+    return {**machine_facts(), "git_sha": git_sha()}
 
 
 def repro(segment: str, plots: bool) -> dict[str, Any]:

@@ -42,7 +42,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import free_port, git_sha, machine_facts  # noqa: E402
+from bench_serve import free_port  # noqa: E402
+from machine import git_sha, machine_facts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_BIN = ROOT / ".vllm-venv" / "bin"

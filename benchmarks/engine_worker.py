@@ -5,10 +5,11 @@ ember and transformers and with .vllm-venv's python for vLLM, so this file impor
 standard library at the top; each engine's packages are imported inside its adapter.
 
 SPEC.json: {"engine", "model", "spawn_time" (the parent's time.time() just before it started
-this process), "threads", "max_model_len", "kv_cache_bytes", "short_prompt", "cold_only",
-"decode": {"prompt", "new_tokens", "runs"} or null, "throughput": {"prompts", "outputs"} or
-null, "result"}. The worker writes its result JSON to
-SPEC["result"]: cold start (process start to first generated token), decode timings, throughput.
+this process), "threads", "device" ("cpu" or "cuda"; vLLM's CPU build runs on CPU only),
+"max_model_len", "kv_cache_bytes", "short_prompt", "cold_only", "decode": {"prompt",
+"new_tokens", "runs"} or null, "throughput": {"prompts", "outputs"} or null, "result"}. The
+worker writes its result JSON to SPEC["result"]: cold start (process start to first generated
+token), decode timings, throughput.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class EmberAdapter(Adapter):
             max_model_len=spec["max_model_len"],
             max_num_seqs=64,
             kv_cache_bytes=spec["kv_cache_bytes"],
+            device=spec.get("device", "cpu"),
         )
 
     def generate(self, prompts: list[list[int]], max_tokens: list[int]) -> list[int]:
@@ -69,8 +71,10 @@ class TransformersAdapter(Adapter):
         import transformers
 
         self.torch = torch
+        self.device = spec.get("device", "cpu")
+        placed = {} if self.device == "cpu" else {"device_map": self.device}  # needs accelerate
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            spec["model"], dtype=torch.bfloat16
+            spec["model"], dtype=torch.bfloat16, **placed
         )
         self.model.eval()
         self.pad_id = int(self.model.config.pad_token_id or 0)
@@ -86,13 +90,15 @@ class TransformersAdapter(Adapter):
         n = max(max_tokens)  # a static batch runs until its longest request is done
         with torch.inference_mode():
             out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
                 max_new_tokens=n,
                 min_new_tokens=n,
                 do_sample=False,
                 pad_token_id=self.pad_id,
             )
+        if self.device != "cpu":
+            torch.cuda.synchronize()
         return [out.shape[1] - width] * len(prompts)
 
 

@@ -59,7 +59,7 @@ class PooledInstanceActor(InstanceActor):
 
         super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
         self._pack_weights = pack_weights
-        self._warm_s = warm_engine_process()
+        self._warm_s = warm_engine_process(device)
         self._source: str | None = None
         self._timings: dict[str, float | str] = {}
         self._assigned = asyncio.Event()

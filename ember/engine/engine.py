@@ -91,6 +91,8 @@ class Engine:
                 config.pack_in_background,
             )  # fmt: skip
             self._executor = TensorParallelExecutor(spec)
+        # Seconds this process spent loading weights (None where rank processes load them).
+        self.load_s: float | None = getattr(self._executor, "load_s", None)
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []

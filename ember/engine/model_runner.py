@@ -59,9 +59,18 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.model = build_model(cfg, weights, par, source)
         self.dtype = next(self.model.parameters()).dtype
+        self.load_s = 0.0  # seconds spent loading the weights (set by load_runner)
         self.packed = False
         self._packer: WeightPacker | None = None
+        self._threads_while_packing: int | None = None
         if pack_weights and can_pack_linears(device, self.dtype):
+            threads = torch.get_num_threads()
+            if pack_in_background and threads > 1:
+                # The packer keeps one core busy: serve on the others meanwhile. With every
+                # core's worth of serving threads plus the packer, each parallel region waits
+                # for a descheduled thread (steps measured 10x slower on 2 cores).
+                self._threads_while_packing = threads
+                torch.set_num_threads(threads - 1)
             self._packer = WeightPacker(self.model)
             if not pack_in_background:
                 self.wait_packed()
@@ -101,6 +110,9 @@ class ModelRunner:
             return
         self._packer = None
         self.packed = packer.install()
+        if self._threads_while_packing is not None:
+            torch.set_num_threads(self._threads_while_packing)
+            self._threads_while_packing = None
 
     @torch.inference_mode()
     def execute(self, plan: SchedulePlan, want_logits: bool = True) -> torch.Tensor | None:
@@ -346,7 +358,16 @@ def load_runner(
 
     from ember.engine.checkpoint import load_rank
 
+    t0 = time.perf_counter()
     weights = load_rank(Path(checkpoint), device, par.rank)
     if any(t.dtype != dtype and t.is_floating_point() for t in weights.values()):
         weights = {k: t.to(dtype) if t.is_floating_point() else t for k, t in weights.items()}
-    return ModelRunner(cfg, weights, par, device, num_blocks, block_size, checkpoint, pack_weights)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    load_s = time.perf_counter() - t0
+    runner = ModelRunner(
+        cfg, weights, par, device, num_blocks, block_size, checkpoint, pack_weights,
+        pack_in_background,
+    )  # fmt: skip
+    runner.load_s = load_s
+    return runner

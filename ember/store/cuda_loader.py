@@ -23,6 +23,7 @@ from ember.store.loader import (
     Chunk,
     LoaderConfig,
     PartitionFiles,
+    chunk_size,
     plan_chunks,
     read_chunk,
 )
@@ -45,6 +46,13 @@ def _give_staging(nbytes: int, bufs: list[torch.Tensor]) -> None:
         _staging_free.setdefault(nbytes, []).extend(bufs)
 
 
+def reserve_staging(cfg: LoaderConfig) -> None:
+    """Pin the staging buffers a load with `cfg` uses, ahead of time (a pre-started worker does
+    this, so a cold start does not pay for pinning)."""
+    count = cfg.threads * cfg.staging_buffers
+    _give_staging(cfg.chunk_bytes, _take_staging(cfg.chunk_bytes, count))
+
+
 def load_cuda(
     index: CheckpointIndex, rank: int, device: torch.device, cfg: LoaderConfig
 ) -> tuple[torch.Tensor, int]:
@@ -57,7 +65,9 @@ def load_cuda(
     base = torch.empty(total, dtype=torch.uint8, device=device)
     if not chunks:
         return base, 0
-    chunk_bytes = max(c.nbytes for c in chunks)
+    # One chunk per buffer, sized by the config rather than by this checkpoint's partitions, so
+    # every load with the same config reuses the same pinned buffers.
+    chunk_bytes = chunk_size(index, cfg.chunk_bytes, cfg.verify_checksums)
     workers = min(cfg.threads, len(chunks))
     lanes: list[list[Chunk]] = [chunks[i::workers] for i in range(workers)]
     direct_count = [0] * workers

@@ -143,11 +143,17 @@ def _open_direct(path: Path, required: bool) -> int:
         return -1
 
 
+def chunk_size(index: CheckpointIndex, chunk_bytes: int, verify: bool) -> int:
+    """Bytes per chunk: `chunk_bytes`, rounded up to whole checksum blocks when verifying."""
+    if verify:
+        return -(-chunk_bytes // index.block_bytes) * index.block_bytes
+    return chunk_bytes
+
+
 def plan_chunks(index: CheckpointIndex, rank: int, chunk_bytes: int, verify: bool) -> list[Chunk]:
     """Every partition of `rank` cut into chunks, in file order; dest offsets concatenate the
     partitions in index order."""
-    if verify:
-        chunk_bytes = -(-chunk_bytes // index.block_bytes) * index.block_bytes
+    chunk_bytes = chunk_size(index, chunk_bytes, verify)
     out = []
     base = 0
     for p in index.partitions_for(rank):

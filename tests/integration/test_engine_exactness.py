@@ -59,7 +59,7 @@ class LogitRecorder:
     def execute(self, plan: Any) -> torch.Tensor:
         logits = self.inner.execute(plan)
         for seq, row in zip(plan.seqs, logits, strict=True):
-            self.rows.setdefault(seq.request_id, []).append(row.clone())
+            self.rows.setdefault(seq.request_id, []).append(row.to("cpu", copy=True))
         return logits
 
     def __getattr__(self, name: str) -> Any:
@@ -76,9 +76,12 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
 
 
-def _run_engine(path: Path, prompts: list[list[int]]) -> tuple[dict[str, list[int]], LogitRecorder]:
-    engine = Engine(EngineConfig(model=str(path), dtype="fp32", max_model_len=256))
-    assert engine._executor.use_kernel == KERNEL_IN_USE()  # type: ignore[attr-defined]
+def _run_engine(
+    path: Path, prompts: list[list[int]], device: str
+) -> tuple[dict[str, list[int]], LogitRecorder]:
+    engine = Engine(EngineConfig(model=str(path), dtype="fp32", max_model_len=256, device=device))
+    kernel = KERNEL_IN_USE() and device == "cpu"
+    assert engine._executor.use_kernel == kernel  # type: ignore[attr-defined]
     recorder = LogitRecorder(engine._executor)
     engine._executor = recorder
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
@@ -138,15 +141,23 @@ def test_torch_attention_fallback_matches_transformers(
     _check_case(case, model_factory)
 
 
-def _check_case(case: str, model_factory: Callable[..., Path]) -> None:
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_engine_matches_transformers(case: str, model_factory: Callable[..., Path]) -> None:
+    """The same checks with the engine on the GPU (fp32; transformers on CPU is the reference)."""
+    _check_case(case, model_factory, device="cuda")
+
+
+def _check_case(case: str, model_factory: Callable[..., Path], device: str = "cpu") -> None:
     arch, overrides = CASES[case]
     path = model_factory(arch, **overrides)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         path, dtype=torch.float32, attn_implementation="eager"
     ).eval()
     prompts = _prompts(hf.config.vocab_size)
-    batch_tokens, batch_rec = _run_engine(path, prompts)
-    single_tokens, single_rec = _run_engine(path, prompts[4:5])
+    batch_tokens, batch_rec = _run_engine(path, prompts, device)
+    single_tokens, single_rec = _run_engine(path, prompts[4:5], device)
     for i, prompt in enumerate(prompts):
         _compare(hf, prompt, batch_tokens[str(i)], batch_rec.rows[str(i)])
     _compare(hf, prompts[4], single_tokens["0"], single_rec.rows["0"])

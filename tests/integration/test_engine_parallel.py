@@ -117,3 +117,33 @@ def test_cuda_engine_gives_the_cpu_greedy_tokens(model_factory: Callable[..., Pa
     cpu = _generate(Engine(EngineConfig(**cfg)), PROMPTS)  # type: ignore[arg-type]
     gpu = Engine(EngineConfig(**cfg, device="cuda"))  # type: ignore[arg-type]
     assert _generate(gpu, PROMPTS) == cpu
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("source,target", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_request_moves_between_a_gpu_and_a_cpu_engine_with_its_kv(
+    model_factory: Callable[..., Path], source: str, target: str, temperature: float
+) -> None:
+    """Exported mid-way with its KV blocks on one device, resumed on the other: the tokens
+    are those the request gets unmoved (greedy, and seeded sampling from the same RNG state)."""
+    path = model_factory("llama")
+    cfg = {"model": str(path), "dtype": "fp32", "max_model_len": 128}
+    params = SamplingParams(max_tokens=32, temperature=temperature, seed=7, ignore_eos=True)
+    first = Engine(EngineConfig(**cfg, device=source))  # type: ignore[arg-type]
+    first.add_request("m", PROMPTS[1], params)
+    unmoved = _generate_rest(first)
+    first.add_request("m", PROMPTS[1], params)
+    head: list[int] = []
+    for _ in range(9):
+        head += [t for o in first.step() for t in o.new_token_ids]
+    state = first.export_request("m", include_kv=True)
+    assert state.kv is not None and state.kv.device.type == "cpu"
+    first.abort("m")
+    first.step()
+    assert first.block_manager.num_free == first.block_manager.num_blocks
+    second = Engine(EngineConfig(**cfg, device=target))  # type: ignore[arg-type]
+    second.import_request(state)
+    assert head + _generate_rest(second) == unmoved
+    assert second.block_manager.num_free == second.block_manager.num_blocks

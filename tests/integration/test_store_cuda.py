@@ -37,3 +37,58 @@ def test_cuda_load_matches_cpu_load(
         for name, t in gpu.items():
             assert t.device.type == "cuda"
             assert torch.equal(t.cpu(), cpu[name]), name
+
+
+def test_warm_worker_pins_the_staging_buffers_a_load_then_reuses(
+    model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    from ember.store import cuda_loader
+    from ember.store.warmup import warm_engine_process
+
+    warm_engine_process("cuda")
+    cfg = LoaderConfig()
+    idle = cuda_loader._staging_free[cfg.chunk_bytes]
+    assert len(idle) >= cfg.threads * cfg.staging_buffers
+    assert all(b.is_pinned() for b in idle)
+    before = {b.data_ptr() for b in idle}
+    ck = convert(model_factory("llama", "tiny", "bf16"), tmp_path / "ck", progress=False)
+    load(ck, device="cuda", config=cfg)
+    assert {b.data_ptr() for b in cuda_loader._staging_free[cfg.chunk_bytes]} == before
+
+
+def test_cuda_engine_loads_from_the_node_stores_dram_tier(
+    model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """An instance on a GPU reads the DRAM tier's copy (shared memory) through the pinned
+    staging path, and generates what a CPU engine mapping the same copy generates."""
+    import os
+    import shutil
+
+    from ember.engine import Engine, EngineConfig, SamplingParams
+    from ember.store.node_store import NodeStore, NodeStoreConfig
+    from ember.store.shm import is_dram_checkpoint
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    root = shm / f"ember-test-cuda-{os.getpid()}"
+    try:
+        store = NodeStore(
+            NodeStoreConfig(dram_dir=str(root / "dram"), ssd_dir=str(tmp_path / "ssd"))
+        )
+        ck = convert(model_factory("llama", "tiny", "fp32"), tmp_path / "ck", progress=False)
+        path = store.ensure(str(ck)).path
+        assert is_dram_checkpoint(path)
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        tokens = {}
+        for device in ("cpu", "cuda"):
+            engine = Engine(EngineConfig(model=str(path), max_model_len=128, device=device))
+            assert engine.load_s is not None and engine.load_s > 0
+            engine.add_request("r", [5, 9, 13, 21], params)
+            while engine.has_unfinished():
+                for out in engine.step():
+                    if out.finished:
+                        tokens[device] = out.token_ids
+        assert tokens["cuda"] == tokens["cpu"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
