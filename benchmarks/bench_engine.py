@@ -101,7 +101,7 @@ def memory_bandwidth_gbs(
 
 def sharegpt_workload(n: int, seed: int, max_prompt: int, max_output: int) -> list[tuple[int, int]]:
     """n (prompt_len, output_len) pairs drawn with `seed` from the ShareGPT lengths, clipped."""
-    with open(LENGTHS_CSV) as f:
+    with open(os.environ.get("EMBER_SHAREGPT_LENGTHS", LENGTHS_CSV)) as f:
         rows = list(csv.DictReader(f))
     picked = random.Random(seed).sample(rows, n)
     return [

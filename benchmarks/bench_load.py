@@ -31,8 +31,9 @@ wall-clock GB/s swings with other people's load, CPU cost per byte much less.
 
 With `--device cuda` (where CUDA exists) the loads go to cuda:0 and the rows are: pinned
 host-to-device bandwidth (the ceiling), the raw disk reads, safetensors `load_file(device=)` +
-clone, ember with its defaults and with 8 and 16 reader threads, and ember from a copy in
-shared memory (`/dev/shm`, the node store's DRAM tier; warm only, tmpfs has no cold). Writes
+clone, ember with its defaults (16 reader threads on CUDA) and with 4 and 8, ember with cached
+chunks copied from their registered pages (`register_cached`), and both from a copy in shared
+memory (`/dev/shm`, the node store's DRAM tier; warm only, tmpfs has no cold). Writes
 benchmarks/results/load.json (load-cuda.json on CUDA; or --out).
 """
 
@@ -81,11 +82,15 @@ CUDA_LOADERS = (
     "fastsafetensors",
     "runai",
     "ember",
+    "ember_4t",
     "ember_8t",
-    "ember_16t",
+    "ember_reg",
     "ember_dram",
+    "ember_dram_reg",
 )
-WARM_ONLY = ("ember_dram",)  # a tmpfs file cannot be evicted to disk
+# Rows with no cold run: a tmpfs file cannot be evicted to disk, and registered loads read
+# chunks on disk exactly as the default does (O_DIRECT into staging).
+NO_COLD = ("ember_dram", "ember_reg", "ember_dram_reg")
 DRAM_DIR = Path("/dev/shm") / f"ember-bench-load-{os.getuid()}"
 ENDS_IN = {
     "safetensors_touched": "mapped file",
@@ -184,7 +189,7 @@ def dram_copy(art: dict[str, Any]) -> str | None:
 
 
 def files_of(loader: str, art: dict[str, Any]) -> list[str]:
-    if loader == "ember_dram":
+    if loader.startswith("ember_dram"):
         return sorted(str(p) for p in Path(art["ember_dram"]).glob("*.bin"))
     if loader.startswith("ember") or loader.startswith("raw"):
         return art["ember_files"]
@@ -282,11 +287,14 @@ def make_loader(name: str, art: dict[str, Any], device: str) -> Callable[[], Any
             "ember_fresh": LoaderConfig(reuse_host_memory=False),
             "ember_verify": LoaderConfig(verify_checksums=True),
             "ember_buffered": LoaderConfig(io_mode="buffered"),
+            "ember_4t": LoaderConfig(threads=4),
             "ember_8t": LoaderConfig(threads=8),
             "ember_16t": LoaderConfig(threads=16),
+            "ember_reg": LoaderConfig(register_cached=True),
             "ember_dram": LoaderConfig(),
+            "ember_dram_reg": LoaderConfig(register_cached=True),
         }[name]
-        path = art["ember_dram"] if name == "ember_dram" else art["ember"]
+        path = art["ember_dram"] if name.startswith("ember_dram") else art["ember"]
         return lambda: load(path, device=device, config=cfg)
     raise SystemExit(f"unknown loader {name}")
 
@@ -559,7 +567,7 @@ def main() -> int:
         ROOT / "benchmarks" / "results" / ("load-cuda.json" if cuda else "load.json")
     )
     art = prepare(args.size, args.loaders.split(","))
-    if "ember_dram" in args.loaders.split(","):
+    if any(n.startswith("ember_dram") for n in args.loaders.split(",")):
         art["ember_dram"] = dram_copy(art)
     facts = machine_facts(art["ember"])
     nbytes = art["payload_bytes"]
@@ -569,9 +577,9 @@ def main() -> int:
     if args.device.startswith("cuda"):
         rows += [summarize(r, nbytes) for r in cuda_rows(nbytes, args.runs)]
     names = [n for n in args.loaders.split(",") if runnable(n, args.device)]
-    if "ember_dram" in names and not art.get("ember_dram"):
-        print(f"skip ember_dram: no room for a copy under {DRAM_DIR.parent}", flush=True)
-        names.remove("ember_dram")
+    if not art.get("ember_dram") and any(n.startswith("ember_dram") for n in names):
+        print(f"skip ember_dram*: no room for a copy under {DRAM_DIR.parent}", flush=True)
+        names = [n for n in names if not n.startswith("ember_dram")]
     # Interleaved: round r runs every loader once, so a burst of load from other processes on
     # a shared machine hits all loaders alike instead of whichever ran at that moment.
     rounds, per_child = (1, args.runs) if args.no_interleave else (args.runs, 1)
@@ -579,7 +587,7 @@ def main() -> int:
     for _ in range(rounds):
         for name in names:
             for mode in ("cold", "warm"):
-                if mode == "cold" and name in WARM_ONLY:
+                if mode == "cold" and name in NO_COLD:
                     continue
                 got = run_child(name, mode, per_child, art, args.device)
                 if got is None:

@@ -7,6 +7,10 @@
 #   OUT=results-dir STEPS=facts,tests,load,coldstart,engine bash benchmarks/gpu_session.sh \
 #       2>&1 | tee results-dir/session.log
 #
+# LOAD_ARGS, COLDSTART_ARGS and ENGINE_ARGS are appended to each benchmark's arguments (later
+# ones win). bench engine's throughput part reads ../shared's ShareGPT lengths, or the file
+# EMBER_SHAREGPT_LENGTHS names.
+#
 # Each step has a time cap and the whole session a deadline (BUDGET_S, default 570 s); a step
 # that fails or times out is reported and the next one runs. Results land in $OUT:
 # gpu-tests.log, load-cuda.json, coldstart-cuda.json, engine-cuda.json.
@@ -68,17 +72,18 @@ fi
 
 if want load; then
     run load 150 $PY benchmarks/bench_load.py --device cuda --size "$SIZE" --runs 3 \
-        --no-interleave --out "$OUT/load-cuda.json"
+        --no-interleave --out "$OUT/load-cuda.json" ${LOAD_ARGS:-}
 fi
 
 if want coldstart; then
     run coldstart 100 $PY benchmarks/bench_coldstart.py --device cuda --sizes "$SIZE" --runs 3 \
-        --out "$OUT/coldstart-cuda.json"
+        --out "$OUT/coldstart-cuda.json" ${COLDSTART_ARGS:-}
 fi
 
 if want engine; then
     run engine 200 $PY benchmarks/bench_engine.py --device cuda --models "$SIZE" \
         --throughput-models "$SIZE" --engines ember,transformers --threads 8 --runs 3 \
-        --cold-runs 2 --timeout 150 --models-dir .cache/gpu-models --out "$OUT/engine-cuda.json"
+        --cold-runs 2 --timeout 150 --models-dir .cache/gpu-models --out "$OUT/engine-cuda.json" \
+        ${ENGINE_ARGS:-}
 fi
 echo "== session done in $(($(date +%s) - START))s"

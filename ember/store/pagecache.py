@@ -31,16 +31,27 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+def map_range(fd: int, offset: int, length: int) -> int:
+    """Map `length` bytes of `fd` from `offset` (a multiple of the page size) read-only and
+    shared: the page cache's own pages, no copy. Returns the address; see `unmap_range`."""
+    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap failed: {os.strerror(err)}")
+    return int(addr)
+
+
+def unmap_range(addr: int, length: int) -> None:
+    _libc.munmap(addr, length)
+
+
 def resident_pages(fd: int, offset: int, length: int) -> tuple[int, int]:
     """(resident, total) 4 KiB pages of `fd` in [offset, offset+length); (0, 0) if empty."""
     start = offset - offset % _PAGE
     length += offset - start
     if length <= 0:
         return (0, 0)
-    addr = _libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-    if addr is None or addr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mmap for mincore failed: {os.strerror(err)}")
+    addr = map_range(fd, start, length)
     try:
         pages = (length + _PAGE - 1) // _PAGE
         vec = ctypes.create_string_buffer(pages)

@@ -29,7 +29,8 @@ def warm_engine_process(device: str = "cpu") -> float:
         from ember.store.cuda_loader import reserve_staging
         from ember.store.loader import LoaderConfig
 
-        torch.cuda.set_device(torch.device(device))
+        if torch.device(device).index is not None:
+            torch.cuda.set_device(torch.device(device))
         devices.append(device)
         reserve_staging(LoaderConfig())
     with torch.inference_mode():

@@ -22,8 +22,10 @@ pytestmark = [
     [
         LoaderConfig(),
         LoaderConfig(threads=1, chunk_bytes=1 << 20, staging_buffers=1, verify_checksums=True),
+        LoaderConfig(register_cached=True),
+        LoaderConfig(register_cached=True, threads=1, chunk_bytes=1 << 20, verify_checksums=True),
     ],
-    ids=["default", "one-lane-verify"],
+    ids=["default", "one-lane-verify", "registered", "registered-one-lane-verify"],
 )
 def test_cuda_load_matches_cpu_load(
     model_factory: Callable[..., Path], tmp_path: Path, config: LoaderConfig
@@ -48,7 +50,7 @@ def test_warm_worker_pins_the_staging_buffers_a_load_then_reuses(
     warm_engine_process("cuda")
     cfg = LoaderConfig()
     idle = cuda_loader._staging_free[cfg.chunk_bytes]
-    assert len(idle) >= cfg.threads * cfg.staging_buffers
+    assert len(idle) >= cfg.reader_threads("cuda") * cfg.staging_buffers
     assert all(b.is_pinned() for b in idle)
     before = {b.data_ptr() for b in idle}
     ck = convert(model_factory("llama", "tiny", "bf16"), tmp_path / "ck", progress=False)
@@ -92,3 +94,25 @@ def test_cuda_engine_loads_from_the_node_stores_dram_tier(
         assert tokens["cuda"] == tokens["cpu"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_cached_pages_are_registered_and_a_flipped_byte_is_named(
+    model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The driver accepts the page cache's pages for DMA here (no silent fall back to staging),
+    and checksums are checked on those pages before they are copied."""
+    from ember.errors import CheckpointCorruptError
+    from ember.store import cuda_loader
+
+    ck = convert(model_factory("llama", "tiny", "bf16"), tmp_path / "ck", progress=False)
+    cfg = LoaderConfig(register_cached=True, verify_checksums=True)
+    cpu = load(ck)
+    gpu = load(ck, device="cuda", config=cfg)
+    assert cuda_loader._register_error is None
+    assert all(torch.equal(t.cpu(), cpu[name]) for name, t in gpu.items())
+    part = next(ck.glob("rank0-part*.bin"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    part.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=part.name):
+        load(ck, device="cuda", config=cfg)
