@@ -57,16 +57,20 @@ t_start = time.time()
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 t_import = time.time()
-path = sys.argv[1]
-model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16)
+path, prompt, device = sys.argv[1:4]
+placed = {} if device == "cpu" else {"device_map": device}  # straight to the GPU (accelerate)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **placed)
 tok = AutoTokenizer.from_pretrained(path)
+if device != "cpu":
+    torch.cuda.synchronize()
 t_load = time.time()
-ids = tok(sys.argv[2], return_tensors="pt").input_ids
+ids = tok(prompt, return_tensors="pt").input_ids.to(device)
 with torch.inference_mode():
     out = model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+token = int(out[0, -1])
 t_token = time.time()
 print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load,
-                  "t_token": t_token, "token": int(out[0, -1])}))
+                  "t_token": t_token, "token": token}))
 """
 
 
@@ -116,11 +120,13 @@ def ensure_model(size: str) -> Path:
     return out
 
 
-def run_baseline(hf: Path, threads: int) -> dict[str, float]:
+def run_baseline(hf: Path, threads: int, device: str = "cpu") -> dict[str, float]:
+    """What a user does today, in a fresh process: transformers from the HF folder to `device`,
+    one generated token. Timed from `Popen`."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
     out = subprocess.run(
-        [sys.executable, "-c", BASELINE, str(hf), PROMPT],
+        [sys.executable, "-c", BASELINE, str(hf), PROMPT, device],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -130,6 +136,7 @@ def run_baseline(hf: Path, threads: int) -> dict[str, float]:
         "import_s": r["t_import"] - r["t_start"],
         "load_s": r["t_load"] - r["t_import"],
         "first_token_s": r["t_token"] - r["t_load"],
+        "token": r["token"],
     }
 
 
@@ -497,6 +504,14 @@ def write_json(out: str, results: dict[str, Any], facts: dict[str, Any], sizes: 
         "rows": rows,
         "details": results,
         "sizes": sizes,
+    }
+    save_doc(out, doc, runs, facts)
+
+
+def save_doc(out: str, doc: dict[str, Any], runs: int, facts: dict[str, Any]) -> None:
+    """Write a cold-start result (medians of `runs`) with the machine facts, sha and time."""
+    doc = {
+        **doc,
         "runs": runs,
         "statistic": "median",
         "machine": facts,

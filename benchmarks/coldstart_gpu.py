@@ -37,36 +37,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import git_sha, machine_facts
+from bench_coldstart import CACHE, DECODE_TOKENS, PROMPT, ROOT, median_run, run_baseline, save_doc
+from machine import machine_facts
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / ".cache" / "coldstart"
 DRAM = Path("/dev/shm") / f"ember-bench-coldstart-gpu-{os.getuid()}"
-PROMPT = "The capital of France is"
-DECODE_TOKENS = 16
-
-BASELINE = r"""
-import json, sys, time
-t_start = time.time()
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-t_import = time.time()
-path = sys.argv[1]
-device = sys.argv[3]
-placed = {} if device == "cpu" else {"device_map": device}  # straight to the GPU (accelerate)
-model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, **placed)
-tok = AutoTokenizer.from_pretrained(path)
-if device != "cpu":
-    torch.cuda.synchronize()
-t_load = time.time()
-ids = tok(sys.argv[2], return_tensors="pt").input_ids.to(device)
-with torch.inference_mode():
-    out = model.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False)
-token = int(out[0, -1])
-t_token = time.time()
-print(json.dumps({"t_start": t_start, "t_import": t_import, "t_load": t_load,
-                  "t_token": t_token, "token": token}))
-"""
 
 
 def worker(prestarted: bool, device: str, path: str) -> int:
@@ -129,23 +103,6 @@ def _env() -> dict[str, str]:
 
 def _last_json(text: str) -> dict[str, Any]:
     return dict(json.loads(text.strip().splitlines()[-1]))
-
-
-def run_baseline(hf: Path, device: str) -> dict[str, float]:
-    t0 = time.time()
-    out = subprocess.run(
-        [sys.executable, "-c", BASELINE, str(hf), PROMPT, device],
-        capture_output=True, text=True, env=_env(), check=True,
-    )  # fmt: skip
-    r = _last_json(out.stdout)
-    return {
-        "total_s": r["t_token"] - t0,
-        "python_s": r["t_start"] - t0,
-        "import_s": r["t_import"] - r["t_start"],
-        "load_s": r["t_load"] - r["t_import"],
-        "first_token_s": r["t_token"] - r["t_load"],
-        "token": r["token"],
-    }
 
 
 def run_fresh(path: Path, device: str) -> dict[str, Any]:
@@ -217,11 +174,6 @@ def pinned_h2d_gbps(nbytes: int, runs: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    mid = sorted(runs, key=lambda r: r["total_s"])[len(runs) // 2]
-    return {**mid, "runs_total_s": [round(r["total_s"], 4) for r in runs]}
-
-
 def prepare(size: str) -> tuple[Path, Path, int]:
     """The HF folder, the ember checkpoint (converted once) and the weight bytes."""
     from ember.store import convert, read_index
@@ -255,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )  # fmt: skip
     results: dict[str, Any] = {}
+    threads = os.cpu_count() or 1
     try:
         for size in sizes:
             hf, ck, nbytes = prepare(size)
@@ -267,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 "dram_path": str(dram_path),
             }
             rows: dict[str, tuple[Any, Path]] = {
-                "baseline": (run_baseline, hf),
+                "baseline": (lambda p, d: run_baseline(p, threads, d), hf),
                 "ember-fresh-process": (run_fresh, dram_path),
                 "ember-prestarted": (run_prestarted, dram_path),
             }
@@ -331,15 +284,8 @@ def write_json(out: str, results: dict[str, Any], runs: int) -> None:
         "baseline": "fresh python + transformers from_pretrained(device_map='cuda') + 1 token",
         "rows": rows,
         "details": results,
-        "runs": runs,
-        "statistic": "median",
-        "machine": machine_facts(),
-        "git_sha": git_sha(),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(doc, indent=1) + "\n")
-    print(f"\nwrote {out}")
+    save_doc(out, doc, runs, machine_facts())
 
 
 if __name__ == "__main__":
