@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate_rps": RATE_RPS,
         "quick": args.quick,
         "machine": machine(),
-        "note": "median of repeats, warm-up excluded; measured on a shared machine, noisy",
+        "note": "median of repeats, warm-up excluded; see machine.load_average_at_start",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -183,7 +183,7 @@ def scale(quick: bool) -> dict[str, Any]:
         "record": rec,
         "machine": machine(),
         "command": "python benchmarks/bench_sim.py --part scale" + (" --quick" if quick else ""),
-        "note": "2-core machine shared with other jobs while measured: timings are noisy",
+        "note": "wall times depend on the machine's load: see machine.load_average_at_start",
     }
 
 
