@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -128,6 +129,11 @@ class HostPool:
         return torch.from_numpy(lease)
 
     def _give_back(self, mapping: mmap.mmap) -> None:
+        if sys.is_finalizing():
+            # A lease freed by the interpreter's last garbage collection: nothing will reuse the
+            # mapping, and the expiry timer's thread could not start (Thread.start would wait
+            # forever and the process would never exit).
+            return
         with self._lock:
             self._idle.append((self._clock(), mapping))
             while self._idle and sum(len(m) for _, m in self._idle) > self.max_idle_bytes:

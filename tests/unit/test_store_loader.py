@@ -292,3 +292,19 @@ def test_idle_pooled_memory_is_released_after_idle_s() -> None:
     assert (pool.hits, pool.misses) == (0, 2)  # the expired mapping was not reused
     del again
     pool.clear()
+
+
+def test_a_lease_freed_at_interpreter_exit_does_not_hang_the_exit() -> None:
+    """The last garbage collection frees a pooled buffer held in a reference cycle; giving it
+    back must not start the expiry timer's thread then (Thread.start would never return)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from ember.store.hostmem import HOST_POOL\n"
+        "class Holder: pass\n"
+        "h = Holder(); h.self = h; h.buf = HOST_POOL.take(4 << 20)\n"
+        "del h\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
