@@ -33,9 +33,8 @@ def run(args: argparse.Namespace) -> int:
             f" (looked in {BENCH_DIR})"
         )
     sys.argv = [str(script), *args.args]
-    if (
-        str(BENCH_DIR) not in sys.path
-    ):  # as when run directly: the scripts share benchmarks/machine.py
+    # As when a script is run directly: the scripts import their shared benchmarks/machine.py.
+    if str(BENCH_DIR) not in sys.path:
         sys.path.insert(0, str(BENCH_DIR))
     try:
         runpy.run_path(str(script), run_name="__main__")

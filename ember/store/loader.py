@@ -45,7 +45,8 @@ _IO_MODES = ("auto", "direct", "buffered")
 
 @dataclass(frozen=True, slots=True)
 class LoaderConfig:
-    """How the loader reads. Defaults were measured on a 2-core VM with a virtio SSD."""
+    """How the loader reads. Defaults were measured on 2-core VMs with a virtio SSD, and on a
+    16-core H200 host for CUDA (docs/store.md, docs/gpu.md)."""
 
     # Reader threads (O_DIRECT needs several requests in flight); None: 4 for a CPU load, 16
     # for CUDA, where each thread also copies into pinned memory (on a 16-core H200 host warm
@@ -54,7 +55,7 @@ class LoaderConfig:
     chunk_bytes: int = 32 << 20  # bytes per read; rounded up to the checksum block when verifying
     # "auto" (per chunk: in the page cache -> buffered, else O_DIRECT), "direct", "buffered"
     io_mode: str = "auto"
-    verify_checksums: bool = False  # hash every block as it is read (~35% slower warm; see docs)
+    verify_checksums: bool = False  # hash every block as it is read (21-35% slower warm; see docs)
     huge_pages: bool = True  # advise 2 MiB pages for the host allocation
     reuse_host_memory: bool = True  # take the host allocation from hostmem.HOST_POOL
     staging_buffers: int = 2  # CUDA: pinned staging buffers (chunks in flight) per reader thread
