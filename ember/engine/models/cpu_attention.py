@@ -150,6 +150,9 @@ int ember_paged_decode_attention(
 }
 """
 
+# -ffast-math when compiling only (vectorised reductions and expf); not when linking, so
+# crtfastmath.o, which would flush denormals in the whole process, stays out.
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-pthread"]
 _MACS_PER_THREAD = 3_000_000  # work that pays for starting one more thread in a call
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -179,11 +182,8 @@ def _build(target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, obj, lib = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
         src.write_text(_SOURCE)
-        # -ffast-math when compiling only (vectorised reductions and expf); not when linking, so
-        # crtfastmath.o, which would flush denormals in the whole process, stays out.
-        flags = ["-O3", "-march=native", "-ffast-math", "-fPIC", "-pthread"]
         subprocess.run(
-            [cc, *flags, "-c", str(src), "-o", str(obj)], check=True, capture_output=True
+            [cc, *_FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True
         )
         subprocess.run(
             [cc, "-shared", "-pthread", str(obj), "-o", str(lib), "-lm"],
@@ -202,7 +202,7 @@ def load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        key = hashlib.sha256((_SOURCE + _cpu_tag()).encode()).hexdigest()[:16]
+        key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + _cpu_tag()).encode()).hexdigest()[:16]
         target = _cache_root() / f"paged_attention-{key}.so"
         try:
             if not target.is_file():
