@@ -308,3 +308,10 @@ def test_a_lease_freed_at_interpreter_exit_does_not_hang_the_exit() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_huge_pages_default_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert LoaderConfig().huge_pages
+    monkeypatch.setenv("EMBER_HUGE_PAGES", "0")
+    assert not LoaderConfig().huge_pages
+    assert LoaderConfig(huge_pages=True).huge_pages
