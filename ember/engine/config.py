@@ -45,8 +45,8 @@ class EngineConfig:
     - `pack_in_background`: pack on a thread while the first requests are served with the
       plain weights, on one torch thread fewer (so the packer and the serving threads do not
       oversubscribe the cores, which made steps 10x slower on 2 cores). On by default: on the
-      2-core dev VM it takes a fresh 1.1B engine from 1.6-2.8 s to 0.6 s before its first step,
-      whose first token then costs 0.45 s instead of 0.3 s. The swap happens between steps;
+      2-core dev VM a fresh 1.1B engine was ready to step after 0.6-0.9 s instead of 1.6-2.2 s
+      (page cache warm), and its first token then cost 0.4-0.45 s instead of 0.2-0.3 s. The swap happens between steps;
       bf16 logits before and after it can differ in the last bits.
     """
 
