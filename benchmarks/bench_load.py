@@ -189,8 +189,13 @@ def dram_copy(art: dict[str, Any]) -> str | None:
     return str(dst)
 
 
+def reads_dram(loader: str) -> bool:
+    """The rows that load from the shared-memory copy (`dram_copy`)."""
+    return loader.startswith("ember_dram")
+
+
 def files_of(loader: str, art: dict[str, Any]) -> list[str]:
-    if loader.startswith("ember_dram"):
+    if reads_dram(loader):
         return sorted(str(p) for p in Path(art["ember_dram"]).glob("*.bin"))
     if loader.startswith("ember") or loader.startswith("raw"):
         return art["ember_files"]
@@ -295,7 +300,7 @@ def make_loader(name: str, art: dict[str, Any], device: str) -> Callable[[], Any
             "ember_dram": LoaderConfig(),
             "ember_dram_reg": LoaderConfig(register_cached=True),
         }[name]
-        path = art["ember_dram"] if name.startswith("ember_dram") else art["ember"]
+        path = art["ember_dram"] if reads_dram(name) else art["ember"]
         return lambda: load(path, device=device, config=cfg)
     raise SystemExit(f"unknown loader {name}")
 
@@ -569,7 +574,7 @@ def main() -> int:
         ROOT / "benchmarks" / "results" / ("load-cuda.json" if cuda else "load.json")
     )
     art = prepare(args.size, args.loaders.split(","))
-    if any(n.startswith("ember_dram") for n in args.loaders.split(",")):
+    if any(reads_dram(n) for n in args.loaders.split(",")):
         art["ember_dram"] = dram_copy(art)
     facts = machine_facts(art["ember"])
     nbytes = art["payload_bytes"]
@@ -579,9 +584,9 @@ def main() -> int:
     if args.device.startswith("cuda"):
         rows += [summarize(r, nbytes) for r in cuda_rows(nbytes, args.runs)]
     names = [n for n in args.loaders.split(",") if runnable(n, args.device)]
-    if not art.get("ember_dram") and any(n.startswith("ember_dram") for n in names):
+    if not art.get("ember_dram") and any(reads_dram(n) for n in names):
         print(f"skip ember_dram*: no room for a copy under {DRAM_DIR.parent}", flush=True)
-        names = [n for n in names if not n.startswith("ember_dram")]
+        names = [n for n in names if not reads_dram(n)]
     # Interleaved: round r runs every loader once, so a burst of load from other processes on
     # a shared machine hits all loaders alike instead of whichever ran at that moment.
     rounds, per_child = (1, args.runs) if args.no_interleave else (args.runs, 1)

@@ -97,6 +97,15 @@ static inline __attribute__((always_inline)) void item(
     memcpy(j->out + ((size_t)b * H + (size_t)k0 * g) * D, acc, sizeof(float) * (size_t)nh * D);
 }
 
+/* Common head sizes get code where D is a constant: the dot products and the V update unroll
+   into whole vector registers (faster than a loop over a runtime D). */
+static inline __attribute__((always_inline)) void item_any_d(
+        job_t* j, int b, int k0, int k1, float* scores, float* acc, const int bf16) {
+    if (j->D == 64) item(j, b, k0, k1, scores, acc, bf16, 64);
+    else if (j->D == 128) item(j, b, k0, k1, scores, acc, bf16, 128);
+    else item(j, b, k0, k1, scores, acc, bf16, j->D);
+}
+
 static void* worker(void* arg) {
     job_t* j = (job_t*)arg;
     const int g = j->H / j->KVH, per = (j->KVH + j->chunks - 1) / j->chunks;
@@ -109,17 +118,8 @@ static void* worker(void* arg) {
         int b = it / j->chunks, c = it % j->chunks;
         int k0 = c * per, k1 = k0 + per < j->KVH ? k0 + per : j->KVH;
         if (k0 >= k1) continue;
-        /* Common head sizes get code where D is a constant: the dot products and the V update
-           unroll into whole vector registers (2-3x faster than a loop over a runtime D). */
-        if (j->bf16) {
-            if (j->D == 64) item(j, b, k0, k1, scores, acc, 1, 64);
-            else if (j->D == 128) item(j, b, k0, k1, scores, acc, 1, 128);
-            else item(j, b, k0, k1, scores, acc, 1, j->D);
-        } else {
-            if (j->D == 64) item(j, b, k0, k1, scores, acc, 0, 64);
-            else if (j->D == 128) item(j, b, k0, k1, scores, acc, 0, 128);
-            else item(j, b, k0, k1, scores, acc, 0, j->D);
-        }
+        if (j->bf16) item_any_d(j, b, k0, k1, scores, acc, 1);
+        else item_any_d(j, b, k0, k1, scores, acc, 0);
     }
     free(scores);
     free(acc);
