@@ -76,7 +76,7 @@ if want load; then
 fi
 
 if want coldstart; then
-    run coldstart 100 $PY benchmarks/bench_coldstart.py --device cuda --sizes "$SIZE" --runs 3 \
+    run coldstart 200 $PY benchmarks/bench_coldstart.py --device cuda --sizes "$SIZE" --runs 3 \
         --out "$OUT/coldstart-cuda.json" ${COLDSTART_ARGS:-}
 fi
 

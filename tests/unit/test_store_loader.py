@@ -315,3 +315,16 @@ def test_huge_pages_default_follows_the_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("EMBER_HUGE_PAGES", "0")
     assert not LoaderConfig().huge_pages
     assert LoaderConfig(huge_pages=True).huge_pages
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a CPU-only host gets")
+def test_pinning_for_gpu_loads_without_cuda_is_a_clear_error(checkpoint: tuple[Path, dict]) -> None:
+    from ember.errors import ConfigError
+    from ember.store import cuda_loader
+    from ember.store.warmup import warm_engine_process
+
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        cuda_loader.pin_checkpoint(checkpoint[0])
+    assert cuda_loader.pinned_bytes() == 0
+    warm_engine_process("cpu", pin=[checkpoint[0]])  # pinning is for GPU workers: ignored on CPU
+    assert cuda_loader.pinned_bytes() == 0
