@@ -36,7 +36,7 @@ def _reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (6, 3)])  # 6: a partial group
 @pytest.mark.parametrize("batch", [1, 7, 40])  # 40 x up to 300 keys: work for two threads
 @pytest.mark.parametrize("head_dim", [32, 64, 128])  # 64 and 128 have code of their own
 def test_kernel_matches_sdpa_over_scattered_blocks(

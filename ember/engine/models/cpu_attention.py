@@ -7,6 +7,11 @@ on the 134M shape). This kernel reads each request's K and V once, from their bl
 cache's own dtype (bf16 or fp32), and accumulates in fp32: per (request, KV head) it computes
 the scores of the `H / KVH` query heads of that group, a softmax, and the weighted sum of V.
 Work items are shared by `threads` pthreads (no OpenMP runtime of our own next to torch's).
+Where the compiler targets AVX-512 (head sizes 64 and 128), scores are taken 16 keys at a time
+and summed together, the V accumulators stay in registers, and the rows of the next block are
+prefetched in software (blocks lie at random places in the cache, and the hardware prefetcher
+stops at page boundaries): on the 134M shape with 64 requests of 100-700 tokens this read the
+KV cache 1.4-1.5x faster than the plain C loops (3.7 vs 5.5 ms per layer on 2 threads).
 
 The C source is compiled once per source hash and CPU by the system C compiler into
 `$EMBER_CACHE_DIR/kernels/` (default `~/.cache/ember/kernels`) and loaded with ctypes. Without a
@@ -97,12 +102,131 @@ static inline __attribute__((always_inline)) void item(
     memcpy(j->out + ((size_t)b * H + (size_t)k0 * g) * D, acc, sizeof(float) * (size_t)nh * D);
 }
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PV_AHEAD 8 /* keys ahead whose V rows are prefetched (measured best of 4, 8, 16) */
+
+/* 16 bf16 (or fp32) values from p as 16 floats. */
+static inline __m512 ld16(const char* p, const int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+    return _mm512_loadu_ps((const float*)p);
+}
+
+/* The 16 horizontal sums of v[0..15], in order, as one vector. */
+static inline __m512 hsum16(__m512* v) {
+    __m512 t[8], u[4];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44),
+                             _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44),
+                               _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+    __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44),
+                               _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88),
+                         _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+/* item() with 512-bit vectors, for a head size D that is a multiple of 16 up to 128. Scores:
+   16 keys at a time per query head, their dot products reduced together (one transpose-add
+   tree per 16 keys instead of one horizontal sum per key). Values: a few heads at a time with
+   their accumulators held in registers across all keys. */
+static inline __attribute__((always_inline)) void item512(
+        job_t* j, int b, int k0, int k1, float* scores, float* acc, const int bf16, const int D) {
+    const int KVH = j->KVH, bs = j->bs, H = j->H, g = H / KVH;
+    const int L = j->ctx[b], s0 = j->starts[b], n = L - s0, nh = (k1 - k0) * g;
+    const int32_t* table = j->tables + (size_t)b * j->max_blocks;
+    const float* qb = j->q + ((size_t)b * H + (size_t)k0 * g) * D;
+    const size_t es = bf16 ? 2 : 4, row_bytes = (size_t)KVH * D * es;
+    const int V = D / 16;
+    const char* rows[16];
+    const size_t item_bytes = (size_t)(k1 - k0) * D * es;  /* this item's part of a K/V row */
+#define KROW(t) ((const char*)j->kc + ((size_t)table[(t) / bs] * bs + (t) % bs) * row_bytes \
+                 + (size_t)k0 * D * es)
+#define VROW(t) ((const char*)j->vc + ((size_t)table[(t) / bs] * bs + (t) % bs) * row_bytes \
+                 + (size_t)k0 * D * es)
+    for (int t0 = s0; t0 < L; t0 += 16) {
+        const int m = L - t0 < 16 ? L - t0 : 16;
+        for (int i = 0; i < m; i++) rows[i] = KROW(t0 + i);
+        /* The next 16 keys' rows are in another block (a random place in the cache): fetch
+           them now, while these are being scored; the hardware prefetcher stops at pages. */
+        for (int t = t0 + 16; t < t0 + 32 && t < L; t++) {
+            const char* p = KROW(t);
+            for (size_t o = 0; o < item_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+        }
+        for (int h = 0; h < nh; h++) {
+            __m512 q[8], s[16];
+            for (int c = 0; c < V; c++) q[c] = _mm512_loadu_ps(qb + (size_t)h * D + 16 * c);
+            const size_t off = (size_t)(h / g) * D * es;
+            for (int i = 0; i < 16; i++) {
+                __m512 a = _mm512_setzero_ps();
+                if (i < m)
+                    for (int c = 0; c < V; c++)
+                        a = _mm512_fmadd_ps(q[c], ld16(rows[i] + off + 16 * c * es, bf16), a);
+                s[i] = a;
+            }
+            __m512 r = _mm512_mul_ps(hsum16(s), _mm512_set1_ps(j->scale));
+            _mm512_mask_storeu_ps(scores + (size_t)h * n + (t0 - s0), (__mmask16)((1u << m) - 1), r);
+        }
+    }
+    for (int h = 0; h < nh; h++) {
+        float* sc = scores + (size_t)h * n;
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
+        float sum = 0.f;
+        for (int t = 0; t < n; t++) { float e = expf(sc[t] - mx); sc[t] = e; sum += e; }
+        float inv = 1.f / sum;
+        for (int t = 0; t < n; t++) sc[t] *= inv;
+    }
+    const int G = 16 / V;  /* heads whose accumulators fit in 16 registers */
+    float* out = j->out + ((size_t)b * H + (size_t)k0 * g) * D;
+    for (int h0 = 0; h0 < nh; h0 += G) {
+        const int gh = nh - h0 < G ? nh - h0 : G;
+        __m512 a[16];
+        for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+        const size_t group_off = (size_t)(h0 / g) * D * es;
+        const size_t group_bytes = (size_t)((h0 + gh - 1) / g - h0 / g + 1) * D * es;
+        for (int t = s0; t < L; t++) {
+            const char* vp = VROW(t);
+            if (t + PV_AHEAD < L) {
+                const char* p = VROW(t + PV_AHEAD) + group_off;
+                for (size_t o = 0; o < group_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+            }
+            for (int hh = 0; hh < G; hh++) {
+                if (hh >= gh) break;
+                const int h = h0 + hh;
+                const __m512 p = _mm512_set1_ps(scores[(size_t)h * n + (t - s0)]);
+                const char* vh = vp + (size_t)(h / g) * D * es;
+                for (int c = 0; c < V; c++)
+                    a[hh * V + c] = _mm512_fmadd_ps(p, ld16(vh + 16 * c * es, bf16), a[hh * V + c]);
+            }
+        }
+        for (int hh = 0; hh < gh; hh++)
+            for (int c = 0; c < V; c++)
+                _mm512_storeu_ps(out + (size_t)(h0 + hh) * D + 16 * c, a[hh * V + c]);
+    }
+    (void)acc;
+}
+#undef KROW
+#undef VROW
+#define EMBER_ITEM512 1
+#endif
+
 /* Common head sizes get code where D is a constant: the dot products and the V update unroll
-   into whole vector registers (faster than a loop over a runtime D). */
+   into whole vector registers (faster than a loop over a runtime D); with AVX-512, item512. */
 static inline __attribute__((always_inline)) void item_any_d(
         job_t* j, int b, int k0, int k1, float* scores, float* acc, const int bf16) {
+#ifdef EMBER_ITEM512
+    if (j->D == 64) item512(j, b, k0, k1, scores, acc, bf16, 64);
+    else if (j->D == 128) item512(j, b, k0, k1, scores, acc, bf16, 128);
+#else
     if (j->D == 64) item(j, b, k0, k1, scores, acc, bf16, 64);
     else if (j->D == 128) item(j, b, k0, k1, scores, acc, bf16, 128);
+#endif
     else item(j, b, k0, k1, scores, acc, bf16, j->D);
 }
 
