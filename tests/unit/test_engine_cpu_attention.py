@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,12 @@ def _reference(
 def test_kernel_matches_sdpa_over_scattered_blocks(
     dtype: torch.dtype, heads: int, kv_heads: int, batch: int, head_dim: int
 ) -> None:
+    _check_against_sdpa(dtype, heads, kv_heads, batch, head_dim)
+
+
+def _check_against_sdpa(
+    dtype: torch.dtype, heads: int, kv_heads: int, batch: int, head_dim: int
+) -> None:
     torch.manual_seed(0)
     rng = random.Random(batch * 100 + heads)
     bs = 4
@@ -75,3 +82,31 @@ def test_kernel_library_does_not_flush_denormals_in_the_process() -> None:
     assert cpu_attention.load() is not None
     tiny = torch.tensor([1e-40], dtype=torch.float32)
     assert (tiny * 1.0).item() != 0.0
+
+
+def test_kernel_runs_on_torchs_openmp_runtime_not_a_second_one() -> None:
+    """Where torch uses GNU OpenMP the kernel library links that very runtime (one libgomp
+    mapped in the process) and runs on its pool."""
+    assert cpu_attention.load() is not None
+    with open("/proc/self/maps") as maps:
+        gomps = {ln.split()[-1] for ln in maps if "/libgomp" in ln}
+    assert len(gomps) <= 1
+    assert cpu_attention._openmp == bool(gomps)
+
+
+def test_kernel_built_with_its_own_threads_matches_sdpa(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build for a torch without GNU OpenMP (threads started per call) gives the same."""
+    import ctypes
+
+    assert cpu_attention.load() is not None  # the process's own build is loaded first
+    target = tmp_path / "pthreads.so"
+    cpu_attention._build(target, None)
+    lib = ctypes.CDLL(str(target))
+    cpu_attention._bind(lib)
+    monkeypatch.setattr(cpu_attention, "_lib", lib)
+    monkeypatch.setattr(cpu_attention, "_openmp", False)
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_against_sdpa(dtype, 8, 2, 40, 64)
+        _check_against_sdpa(dtype, 6, 3, 7, 128)

@@ -6,7 +6,10 @@ the KV bytes four to five times (measured 0.5 s of a 0.6 s step for 64 requests 
 on the 134M shape). This kernel reads each request's K and V once, from their blocks, in the
 cache's own dtype (bf16 or fp32), and accumulates in fp32: per (request, KV head) it computes
 the scores of the `H / KVH` query heads of that group, a softmax, and the weighted sum of V.
-Work items are shared by `threads` pthreads (no OpenMP runtime of our own next to torch's).
+Work items are shared by `threads` threads: those of torch's own OpenMP pool where torch uses
+GNU OpenMP (the library links the libgomp torch loaded, so the process keeps one OpenMP runtime;
+right after a torch op that pool's threads are still spinning, and threads started beside them
+ran the kernel 1.6x slower), else pthreads started per call.
 Where the compiler targets AVX-512 (head sizes 64 and 128), scores are taken 16 keys at a time
 and summed together, the V accumulators stay in registers, and the rows of the next block are
 prefetched in software (blocks lie at random places in the cache, and the hardware prefetcher
@@ -261,6 +264,11 @@ int ember_paged_decode_attention(
     job_t j = {q, kc, vc, tables, max_blocks, ctx, starts, out, B, H, KVH, D, bs, scale,
                max_len, bf16, chunks, 0};
     if (n > B * chunks) n = B * chunks;
+#ifdef EMBER_OMP
+    /* torch's own OpenMP pool: its threads are awake (spinning) right after the op before. */
+    #pragma omp parallel num_threads(n)
+    worker(&j);
+#else
     pthread_t tids[64];
     if (n > 64) n = 64;
     int started = 0;
@@ -270,6 +278,7 @@ int ember_paged_decode_attention(
     }
     worker(&j);
     for (int i = 0; i < started; i++) pthread_join(tids[i], NULL);
+#endif
     return 0;
 }
 """
@@ -277,10 +286,14 @@ int ember_paged_decode_attention(
 # -ffast-math when compiling only (vectorised reductions and expf); not when linking, so
 # crtfastmath.o, which would flush denormals in the whole process, stays out.
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math", "-fPIC", "-pthread"]
-_MACS_PER_THREAD = 3_000_000  # work that pays for starting one more thread in a call
+# Work (multiply-adds) that pays for one more thread in a call: starting a pthread costs about
+# 50 us on the 2-core VMs; waking one of torch's OpenMP threads far less (1 thread vs 2 at 197K
+# multiply-adds: 37 vs 31 us; at 1.6M: 237 vs 145 us).
+_MACS_PER_THREAD = {True: 100_000, False: 3_000_000}  # by whether the kernel uses OpenMP
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
+_openmp = False  # the loaded kernel runs on torch's OpenMP pool
 
 
 def _cache_root() -> Path:
@@ -298,19 +311,33 @@ def _cpu_tag() -> str:
     return "\n".join(facts)
 
 
-def _build(target: Path) -> None:
+def _torch_openmp() -> str | None:
+    """The GNU OpenMP runtime torch loaded in this process (its path), or None if torch uses
+    another (or none): the kernel then starts threads of its own."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {ln.split()[-1] for ln in maps if "/libgomp" in ln}
+    except OSError:
+        return None
+    return sorted(paths)[0] if len(paths) == 1 else None
+
+
+def _build(target: Path, gomp: str | None) -> None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise FileNotFoundError("no C compiler (cc or gcc) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
+    # With torch's libgomp given by path, the library needs it by its soname, which the loader
+    # resolves to the copy torch already loaded: one OpenMP runtime and one pool in the process.
+    omp_cc, omp_ld = (["-fopenmp", "-DEMBER_OMP"], [gomp]) if gomp else ([], [])
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src, obj, lib = Path(tmp) / "k.c", Path(tmp) / "k.o", Path(tmp) / "k.so"
         src.write_text(_SOURCE)
         subprocess.run(
-            [cc, *_FLAGS, "-c", str(src), "-o", str(obj)], check=True, capture_output=True
+            [cc, *_FLAGS, *omp_cc, "-c", str(src), "-o", str(obj)], check=True, capture_output=True
         )
         subprocess.run(
-            [cc, "-shared", "-pthread", str(obj), "-o", str(lib), "-lm"],
+            [cc, "-shared", "-pthread", str(obj), *omp_ld, "-o", str(lib), "-lm"],
             check=True,
             capture_output=True,
         )
@@ -319,34 +346,40 @@ def _build(target: Path) -> None:
 
 def load() -> ctypes.CDLL | None:
     """The compiled kernel library (built on first use), or None when it cannot be had."""
-    global _lib, _tried
+    global _lib, _tried, _openmp
     if _tried:
         return _lib
     with _lock:
         if _tried:
             return _lib
         _tried = True
-        key = hashlib.sha256((_SOURCE + " ".join(_FLAGS) + _cpu_tag()).encode()).hexdigest()[:16]
+        gomp = _torch_openmp()
+        facts = _SOURCE + " ".join(_FLAGS) + _cpu_tag() + str(gomp)
+        key = hashlib.sha256(facts.encode()).hexdigest()[:16]
         target = _cache_root() / f"paged_attention-{key}.so"
         try:
             if not target.is_file():
-                _build(target)
-                logger.info("cpu_kernel built=%s", target)
+                _build(target, gomp)
+                logger.info("cpu_kernel built=%s openmp=%s", target, gomp or "none (pthreads)")
             lib = ctypes.CDLL(str(target))
         except (OSError, subprocess.CalledProcessError) as e:
             detail = e.stderr.decode(errors="replace")[-500:] if hasattr(e, "stderr") else ""
             logger.warning("cpu_kernel unavailable, torch fallback: %r %s", e, detail)
             return None
-        fn = lib.ember_paged_decode_attention
-        fn.restype = ctypes.c_int
-        fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int,
-            ctypes.c_int,
-        ]  # fmt: skip
-        _lib = lib
+        _bind(lib)
+        _lib, _openmp = lib, gomp is not None
         return lib
+
+
+def _bind(lib: ctypes.CDLL) -> None:
+    fn = lib.ember_paged_decode_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int,
+    ]  # fmt: skip
 
 
 def supports(cache: torch.Tensor) -> bool:
@@ -374,11 +407,8 @@ def paged_decode_attention(
     assert lib is not None and kv_cache.is_contiguous()
     b, heads, head_dim = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
-    # Each call starts its threads afresh (about 50 us apiece on the 2-core VMs): a second
-    # thread pays off only past ~3M multiply-adds (measured: batch 1 x 1,024 keys ran as fast on
-    # one thread as on two; batch 8 x 256 keys 13% faster on two; batch 64 x 600 1.95x).
     work = 2 * b * heads * max_len * head_dim  # multiply-adds, upper bound
-    threads = min(torch.get_num_threads(), 1 + work // _MACS_PER_THREAD)
+    threads = min(torch.get_num_threads(), 1 + work // _MACS_PER_THREAD[_openmp])
     qf = q.float().contiguous()
     out = torch.empty_like(qf)
     half = kv_cache[0].numel() * kv_cache.element_size()
