@@ -265,6 +265,11 @@ def alive_actor_classes() -> list[str]:
     )
 
 
+def node_ip() -> str:
+    """The address Ray knows the calling process's node by (127.0.0.1 for the embedded Ray)."""
+    return str(ray.util.get_node_ip_address())
+
+
 def current_node_id() -> str:
     """The Ray node id of the calling process (inside an actor: the node it runs on)."""
     return str(ray.get_runtime_context().get_node_id())

@@ -1,16 +1,19 @@
 """One serving instance: the Ray actor that hosts an engine, and the handle callers hold.
 
 `InstanceActor` is a plain class (the adapter wraps it with `ray.remote`): it loads the model
-through `EngineRunner`, which steps the engine on a background thread. Output leaves the actor
-through ONE multiplexed stream per caller (`events`, a Ray streaming generator): each item is a
-batch of (request_id, delta or error) pairs, every request's deltas merged, so a busy instance
-sends one Ray object per engine step for all its requests rather than one per request per
-token. Requests go in with `submit` (not awaited by the caller) and out with `abort`.
-(`generate`, one stream per request, remains for callers that want it.)
+through `EngineRunner`, which steps the engine on a background thread. Requests go in with
+`submit` (a Ray call the caller does not await) and out with `abort`. Output leaves the actor
+through ONE multiplexed stream per caller, every request's deltas in one message per step:
+- the output channel (`channel`): a TCP connection on the node's address that the engine thread
+  writes to itself, so no other thread of the actor wakes per step (see runner.py for why that
+  matters); the caller proves itself with a one-time token it got through Ray;
+- or, where no channel is connected, `events`, a Ray streaming generator of merged batches.
+(`generate`, one Ray stream per request, remains for callers that want it.)
 
 `InstanceHandle` is what the controller and the router hold: plain Python, no Ray type leaks
-out. It reads the actor's event stream in one background task and hands each request its own
-deltas; it counts the requests in flight through it (the router's least-loaded choice reads it).
+out. It reads the channel (or the event stream, if the channel cannot be opened) in one
+background task and hands each request its own deltas; it counts the requests in flight
+through it (the router's least-loaded choice reads it).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -162,6 +166,17 @@ class InstanceActor:
         self._outbox.append((request_id, item))
         self._outbox_ready.set()
 
+    async def channel(self) -> tuple[str, int, bytes]:
+        """Open an output channel: (host, port, token) to connect to; see the module docstring."""
+        from ember.cluster.adapter import node_ip
+        from ember.errors import EngineError
+
+        if self._runner is None:
+            raise EngineError(f"instance {self._instance_id} is not started")
+        host = node_ip()
+        port, token = self._runner.open_channel(host)
+        return host, port, token
+
     async def abort(self, request_id: str) -> None:
         if self._runner is not None:
             self._runner.abort(request_id)
@@ -261,6 +276,8 @@ class InstanceHandle:
         self.lost = False  # set once a call found the actor dead; the controller replaces it
         self._queues: dict[str, asyncio.Queue[StreamDelta | BaseException]] = {}
         self._pump: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()  # set once requests may be submitted (or it failed)
+        self._writer: asyncio.StreamWriter | None = None  # the channel's; written once (the token)
 
     @property
     def actor_ref(self) -> ActorRef:
@@ -288,6 +305,8 @@ class InstanceHandle:
         self.in_flight += 1
         finished = False
         try:
+            if not self._connected.is_set():
+                await self._connected.wait()  # output is read before the request starts
             self._adapter.send(self._actor, "submit", request_id, prompt, params)
             while not finished:
                 item = await queue.get()
@@ -335,12 +354,16 @@ class InstanceHandle:
     async def _read_events(self) -> None:
         error: BaseException
         try:
-            async with contextlib.aclosing(self._adapter.stream(self._actor, "events")) as stream:
-                async for batch in stream:
-                    for row in batch:
-                        queue = self._queues.get(row[0])
-                        if queue is not None:
-                            queue.put_nowait(unpack(row))
+            try:
+                reader = await self._open_channel()
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as e:
+                logger.warning(
+                    "output channel of %s failed (%s); using the Ray event stream",
+                    self.instance_id, e,
+                )  # fmt: skip
+                await self._read_ray_events()
+            else:
+                await self._read_channel(reader)
             error = InstanceLostError(f"instance {self.instance_id} closed its stream")
         except asyncio.CancelledError:
             raise
@@ -349,8 +372,46 @@ class InstanceHandle:
         except Exception as e:  # the loop boundary of the reader: fail waiters, keep their type
             logger.exception("event stream of %s failed", self.instance_id)
             error = InstanceLostError(f"instance {self.instance_id}: {type(e).__name__}: {e}")
+        finally:
+            self._connected.set()  # waiters proceed and find the error in their queue
         self.lost = True
         self._fail_all(error)
+
+    async def _open_channel(self) -> asyncio.StreamReader:
+        host, port, token = await self._adapter.call(self._actor, "channel", timeout_s=30.0)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30.0)
+        self._writer = writer  # kept open for the channel's life; only the instance writes
+        writer.write(token)
+        await asyncio.wait_for(reader.readexactly(1), 30.0)  # the engine thread switched to it
+        return reader
+
+    async def _read_channel(self, reader: asyncio.StreamReader) -> None:
+        from ember.cluster.runner import FRAME_HEADER
+
+        self._connected.set()
+        try:
+            while True:
+                try:
+                    header = await reader.readexactly(FRAME_HEADER.size)
+                except asyncio.IncompleteReadError:
+                    return  # the instance closed it (shutdown) or died
+                (size,) = FRAME_HEADER.unpack(header)
+                for row in pickle.loads(await reader.readexactly(size)):
+                    queue = self._queues.get(row[0])
+                    if queue is not None:
+                        queue.put_nowait(unpack(row))
+        finally:
+            if self._writer is not None:
+                self._writer.close()
+
+    async def _read_ray_events(self) -> None:
+        self._connected.set()
+        async with contextlib.aclosing(self._adapter.stream(self._actor, "events")) as stream:
+            async for batch in stream:
+                for row in batch:
+                    queue = self._queues.get(row[0])
+                    if queue is not None:
+                        queue.put_nowait(unpack(row))
 
     def _fail_all(self, error: BaseException) -> None:
         for queue in self._queues.values():

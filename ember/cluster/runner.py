@@ -1,22 +1,34 @@
 """The engine loop inside an instance actor: one background thread owns the engine.
 
 Owns: the `Engine` object (touched only by its thread), an inbox of add/abort commands from the
-actor's event loop, and, on the event-loop side, where each live request's output goes: its own
-asyncio queue, or a sink callback shared by many requests (the actor's multiplexed stream).
-Engine steps' outputs cross to the event loop in batches: at most one `call_soon_threadsafe`
-per FLUSH_INTERVAL_S, so the per-token cost is a queue put or a call, not a thread hop, and a
-fast engine does not wake the loop (and contend for the GIL) on every step. The thread sleeps
-when the engine has no work.
+actor's event loop, where each live request's output goes, and the output channel. Output goes
+one of three ways:
+- the output channel (`open_channel`): a TCP connection from the caller (the instance handle in
+  the API process) that the engine thread itself writes each step's packed outputs to, one
+  length-prefixed pickle per step. No other Python thread of the process wakes per step, so the
+  engine keeps the GIL: each wake-up of another thread (asyncio loop, Ray's reporting threads)
+  costs the engine several times the woken thread's own work (docs/serving.md, "Serving
+  overhead"). Requests submitted with a sink while a channel is connected use it.
+- on the event-loop side, a request's own asyncio queue, or a sink callback shared by many
+  requests (the actor's multiplexed Ray stream). These outputs cross to the event loop in
+  batches: at most one `call_soon_threadsafe` per FLUSH_INTERVAL_S.
+The thread sleeps when the engine has no work.
 
-Invariants: only the engine thread calls the engine; only the event loop touches the queues and
-sinks; a request receives exactly one finished delta or one exception, then nothing.
+Invariants: only the engine thread calls the engine and writes to the channel; only the event
+loop touches the queues and sinks; a request receives exactly one finished delta or one
+exception, then nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
+import pickle
+import secrets
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -37,6 +49,13 @@ logger = logging.getLogger(__name__)
 # interval instead of per step, so the serving work does not steal the engine's CPU and GIL.
 # Adds at most this much to a token's latency under load, nothing to an idle runner's first one.
 FLUSH_INTERVAL_S = 0.005
+
+# How long an opened channel waits for its caller to connect, and how long a blocked write to it
+# may take before the engine gives the channel up (its reader is gone or stuck), in seconds.
+CHANNEL_ACCEPT_S = 30.0
+CHANNEL_SEND_TIMEOUT_S = 30.0
+CHANNEL_TOKEN_BYTES = 32
+FRAME_HEADER = struct.Struct("!I")  # a frame: its length, then a pickled list of packed rows
 
 Item = StreamDelta | BaseException
 Sink = Callable[[str, Item], None]  # (request_id, delta or error), called on the event loop
@@ -81,6 +100,12 @@ class EngineRunner:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._inbox: deque[tuple[str, str, Any, Any]] = deque()
+        # The output channel's connection (set by its accept thread, written by the engine
+        # thread only) and the requests whose output goes there (added on the event loop before
+        # their "add" command, removed by the engine thread after their last item).
+        self._channel: socket.socket | None = None
+        self._channel_ids: set[str] = set()
+        self._channel_lock = threading.Lock()  # one frame at a time (a broken engine's errors)
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -132,21 +157,30 @@ class EngineRunner:
         """
         queue: asyncio.Queue[Item] = asyncio.Queue()
         deliver: Sink = sink if sink is not None else (lambda _rid, item: queue.put_nowait(item))
-        if request_id in self._queues or request_id in self._sinks:
+        channel = sink is not None and self._channel is not None
+        if (
+            request_id in self._queues
+            or request_id in self._sinks
+            or (request_id in self._channel_ids)
+        ):
             from ember.errors import RequestError
 
             deliver(request_id, RequestError(f"request_id: {request_id!r} is already running"))
             return queue
-        if sink is not None:
+        if channel:
+            self._channel_ids.add(request_id)
+        elif sink is not None:
             self._sinks[request_id] = sink
         else:
             self._queues[request_id] = queue
         if self.broken is not None:
             from ember.errors import EngineError
 
-            self._deliver(
-                [EngineError(f"engine stopped after an error: {self.broken}")], [request_id]
-            )
+            error = EngineError(f"engine stopped after an error: {self.broken}")
+            if channel:  # the engine thread has ended: this thread is the channel's only writer
+                self._send_channel([(request_id, error)])
+            else:
+                self._deliver([error], [request_id])
             return queue
         self._inbox.append(("add", request_id, prompt, params))
         self._wake.set()
@@ -159,13 +193,59 @@ class EngineRunner:
         self._inbox.append(("abort", request_id, None, None))
         self._wake.set()
 
+    def open_channel(self, host: str) -> tuple[int, bytes]:
+        """Listen on `host` for one connection that will carry the output of every request
+        submitted with a sink from then on; returns (port, token). The caller connects and sends
+        the token first; the engine thread answers one byte once the channel is in use.
+        Connections without the token are closed. A newer channel replaces the current one."""
+        token = secrets.token_bytes(CHANNEL_TOKEN_BYTES)
+        listener = socket.create_server((host, 0))
+        listener.settimeout(CHANNEL_ACCEPT_S)
+        port = int(listener.getsockname()[1])
+        threading.Thread(
+            target=self._accept_channel, args=(listener, token), name="ember-channel", daemon=True
+        ).start()
+        return port, token
+
+    def _accept_channel(self, listener: socket.socket, token: bytes) -> None:
+        with listener:
+            while not self._stopping:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:  # timed out: nobody came; the caller falls back or retries
+                    logger.warning(
+                        "output channel: no caller connected within %ss", listener.timeout
+                    )
+                    return
+                try:
+                    conn.settimeout(5.0)
+                    got = b""
+                    while len(got) < len(token):
+                        more = conn.recv(len(token) - len(got))
+                        if not more:
+                            break
+                        got += more
+                    if not hmac.compare_digest(got, token):
+                        raise ConnectionError("wrong token")
+                    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    conn.settimeout(CHANNEL_SEND_TIMEOUT_S)
+                except OSError as e:
+                    logger.warning("output channel: refused a connection: %s", e)
+                    conn.close()
+                    continue
+                # The engine thread switches to it and acknowledges (one byte, written before
+                # any frame), so the caller knows requests it submits from now on use it.
+                self._inbox.append(("channel", "", conn, None))
+                self._wake.set()
+                return
+
     def release(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
         self._sinks.pop(request_id, None)
 
     def stats(self) -> dict[str, Any]:
         return {
-            "streams": len(self._queues) + len(self._sinks),
+            "streams": len(self._queues) + len(self._sinks) + len(self._channel_ids),
             "unfinished": self._engine.num_unfinished(),
             "steps": self.steps,
             "step_s": self.step_s,
@@ -178,6 +258,8 @@ class EngineRunner:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10.0)
+        if self._channel is not None:
+            self._channel.close()  # the reader sees the stream end
         close = getattr(self._engine, "shutdown", None) or getattr(self._engine, "close", None)
         if close is not None:
             close()
@@ -209,7 +291,7 @@ class EngineRunner:
                 except Exception as e:  # the thread's loop boundary: fail every request, stop
                     logger.exception("engine step failed; failing its requests")
                     self.broken = f"{type(e).__name__}: {e}"
-                    live = [*self._queues, *self._sinks]
+                    live = [*self._queues, *self._sinks, *self._channel_ids]
                     self._post([e for _ in live], live)
                     return
                 self.steps += 1
@@ -247,6 +329,12 @@ class EngineRunner:
                     self._engine.abort(request_id)
                 except Exception:  # unknown or already finished: nothing to free
                     logger.debug("abort of %s ignored", request_id, exc_info=True)
+                if request_id in self._channel_ids:  # its stream ends with "abort"
+                    items.append(StreamDelta(request_id, (), "", True, "abort", 0))
+                    ids.append(request_id)
+                continue
+            if op == "channel":
+                self._switch_channel(prompt)
                 continue
             try:
                 self._engine.add_request(request_id, prompt, params)
@@ -254,10 +342,60 @@ class EngineRunner:
                 items.append(e)
                 ids.append(request_id)
 
+    def _switch_channel(self, conn: socket.socket) -> None:
+        old, self._channel = self._channel, conn
+        try:
+            conn.sendall(b"\x01")
+        except OSError as e:
+            logger.warning("output channel: lost before use: %s", e)
+            self._channel = old
+            conn.close()
+            return
+        if old is not None:
+            old.close()  # its reader sees the end of its stream and fails its requests
+
+    def _send_channel(self, rows: list[tuple[str, Item]]) -> None:
+        """Write one frame of packed rows to the channel (engine thread). If the reader is gone
+        or stuck, the channel is dropped and its requests are aborted: nobody reads them."""
+        from ember.cluster.instance import pack
+
+        conn = self._channel
+        for request_id, item in rows:
+            if isinstance(item, BaseException) or item.finished:
+                self._channel_ids.discard(request_id)
+        if conn is None:
+            return
+        data = pickle.dumps([pack(rid, item) for rid, item in rows], protocol=5)
+        try:
+            with self._channel_lock:
+                conn.sendall(FRAME_HEADER.pack(len(data)) + data)
+        except OSError as e:
+            logger.warning("output channel: write failed (%s); aborting its requests", e)
+            conn.close()
+            self._channel = None
+            for request_id in list(self._channel_ids):
+                try:
+                    self._engine.abort(request_id)
+                except Exception:  # already finished
+                    logger.debug("abort of %s ignored", request_id, exc_info=True)
+            self._channel_ids.clear()
+
     def _post(self, items: list[Item], ids: list[str]) -> None:
-        """Hand a step's outputs to the event loop. Only the first output since the last flush
-        wakes the loop; later steps join the pending batch, which the loop flushes at most once
-        per FLUSH_INTERVAL_S (an idle runner's next output is flushed at once)."""
+        """Hand a step's outputs on: those of channel requests go straight to the channel, the
+        rest to the event loop. Only the first output since the last flush wakes the loop; later
+        steps join the pending batch, which the loop flushes at most once per FLUSH_INTERVAL_S
+        (an idle runner's next output is flushed at once)."""
+        if self._channel_ids and items:
+            rows = [
+                (rid, it) for rid, it in zip(ids, items, strict=True) if rid in self._channel_ids
+            ]
+            if rows:
+                self._send_channel(rows)
+                if len(rows) == len(items):
+                    return
+                mine = {rid for rid, _ in rows}
+                kept = [(rid, it) for rid, it in zip(ids, items, strict=True) if rid not in mine]
+                ids, items = [rid for rid, _ in kept], [it for _, it in kept]
         loop = self._loop
         if not items or loop is None or loop.is_closed():
             return

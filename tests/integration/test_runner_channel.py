@@ -1,0 +1,116 @@
+"""The engine runner's output channel: a real engine on its thread, a real loopback socket.
+
+The channel carries each step's packed deltas for requests submitted with a sink; these tests
+check that a caller without the token gets nothing, that every token arrives in order and equals
+what the same engine gives through its in-process queue, and that an abort ends the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from pathlib import Path
+
+import pytest
+
+from ember import SamplingParams
+from ember.cluster.instance import unpack
+from ember.cluster.runner import FRAME_HEADER, EngineRunner
+from ember.controller.types import StreamDelta
+from ember.engine.config import EngineConfig
+from ember.engine.engine import Engine
+from ember.store.factory import make_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_model(tmp_path_factory.mktemp("chan") / "m", "llama", "tiny", "fp32", seed=0)
+
+
+async def _connect(port: int, token: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(token)
+    assert await asyncio.wait_for(reader.readexactly(1), 10) == b"\x01"
+    return reader, writer
+
+
+async def _read_until_finished(
+    reader: asyncio.StreamReader, ids: set[str]
+) -> dict[str, list[StreamDelta | BaseException]]:
+    got: dict[str, list[StreamDelta | BaseException]] = {rid: [] for rid in ids}
+    live = set(ids)
+    while live:
+        (size,) = FRAME_HEADER.unpack(await asyncio.wait_for(reader.readexactly(4), 30))
+        for row in pickle.loads(await reader.readexactly(size)):
+            item = unpack(row)
+            got[row[0]].append(item)
+            if isinstance(item, BaseException) or item.finished:
+                live.discard(row[0])
+    return got
+
+
+def test_channel_carries_every_token_in_order_and_refuses_a_wrong_token(model: Path) -> None:
+    async def main() -> None:
+        runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
+        runner.start(asyncio.get_running_loop())
+        try:
+            port, token = runner.open_channel("127.0.0.1")
+            bad_reader, bad_writer = await asyncio.open_connection("127.0.0.1", port)
+            bad_writer.write(bytes(len(token)))
+            assert await asyncio.wait_for(bad_reader.read(), 10) == b""  # closed, nothing sent
+            reader, writer = await _connect(port, token)
+
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+            prompts = {"a": [11, 12, 13, 14], "b": [20, 21, 22]}
+            sunk: list[str] = []
+            for rid, prompt in prompts.items():
+                runner.submit(rid, prompt, params, sink=lambda r, _item: sunk.append(r))
+            got = await _read_until_finished(reader, set(prompts))
+            for rid, prompt in prompts.items():  # the same engine through its queue path
+                queue = runner.submit(f"q-{rid}", prompt, params)
+                want: list[int] = []
+                while True:
+                    item = await queue.get()
+                    assert isinstance(item, StreamDelta)
+                    want += item.new_token_ids
+                    if item.finished:
+                        break
+                runner.release(f"q-{rid}")
+                deltas = got[rid]
+                assert all(isinstance(d, StreamDelta) for d in deltas)
+                tokens = [t for d in deltas for t in d.new_token_ids]  # type: ignore[union-attr]
+                assert tokens == want and len(tokens) == 12
+                last = deltas[-1]
+                assert isinstance(last, StreamDelta) and last.finish_reason == "length"
+                assert sum(d.finished for d in deltas) == 1  # type: ignore[union-attr]
+            assert sunk == []  # the channel took them: the event-loop path saw nothing
+            assert runner.stats()["streams"] == 0
+            writer.close()
+        finally:
+            runner.stop()
+
+    asyncio.run(main())
+
+
+def test_abort_ends_a_channel_request_with_abort(model: Path) -> None:
+    async def main() -> None:
+        runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
+        runner.start(asyncio.get_running_loop())
+        try:
+            port, token = runner.open_channel("127.0.0.1")
+            reader, writer = await _connect(port, token)
+            params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            runner.submit("long", [5, 6, 7], params, sink=lambda _r, _i: None)
+            (size,) = FRAME_HEADER.unpack(await asyncio.wait_for(reader.readexactly(4), 30))
+            first = unpack(pickle.loads(await reader.readexactly(size))[0])
+            assert isinstance(first, StreamDelta) and not first.finished
+            runner.abort("long")
+            rest = await _read_until_finished(reader, {"long"})
+            last = rest["long"][-1]
+            assert isinstance(last, StreamDelta) and last.finish_reason == "abort"
+            assert runner.stats()["streams"] == 0 and runner.stats()["unfinished"] == 0
+            writer.close()
+        finally:
+            runner.stop()
+
+    asyncio.run(main())
