@@ -61,6 +61,19 @@ static inline float ld(const void* p, size_t i, const int bf16) {
     return ((const float*)p)[i];
 }
 
+/* Each of the `rows` rows of `n` scores becomes its softmax, in place. */
+static inline void softmax_rows(float* scores, int rows, int n) {
+    for (int h = 0; h < rows; h++) {
+        float* sc = scores + (size_t)h * n;
+        float m = -INFINITY;
+        for (int t = 0; t < n; t++) m = sc[t] > m ? sc[t] : m;
+        float sum = 0.f;
+        for (int t = 0; t < n; t++) { float e = expf(sc[t] - m); sc[t] = e; sum += e; }
+        float inv = 1.f / sum;
+        for (int t = 0; t < n; t++) sc[t] *= inv;
+    }
+}
+
 /* One work item: request b, KV heads [k0, k1). Tokens are walked in order and, per token, the
    item's heads are read together: a token's K (or V) row is contiguous in the cache, so memory
    is streamed rather than visited at a stride (which would leave the kernel latency-bound). */
@@ -82,15 +95,7 @@ static inline __attribute__((always_inline)) void item(
             scores[(size_t)h * n + (t - s0)] = s * j->scale;
         }
     }
-    for (int h = 0; h < nh; h++) {
-        float* sc = scores + (size_t)h * n;
-        float m = -INFINITY;
-        for (int t = 0; t < n; t++) m = sc[t] > m ? sc[t] : m;
-        float sum = 0.f;
-        for (int t = 0; t < n; t++) { float e = expf(sc[t] - m); sc[t] = e; sum += e; }
-        float inv = 1.f / sum;
-        for (int t = 0; t < n; t++) sc[t] *= inv;
-    }
+    softmax_rows(scores, nh, n);
     memset(acc, 0, sizeof(float) * (size_t)nh * D);
     for (int t = s0; t < L; t++) {
         size_t row = (((size_t)table[t / bs] * bs + t % bs) * KVH + k0) * D;
@@ -176,15 +181,7 @@ static inline __attribute__((always_inline)) void item512(
             _mm512_mask_storeu_ps(scores + (size_t)h * n + (t0 - s0), (__mmask16)((1u << m) - 1), r);
         }
     }
-    for (int h = 0; h < nh; h++) {
-        float* sc = scores + (size_t)h * n;
-        float mx = -INFINITY;
-        for (int t = 0; t < n; t++) mx = sc[t] > mx ? sc[t] : mx;
-        float sum = 0.f;
-        for (int t = 0; t < n; t++) { float e = expf(sc[t] - mx); sc[t] = e; sum += e; }
-        float inv = 1.f / sum;
-        for (int t = 0; t < n; t++) sc[t] *= inv;
-    }
+    softmax_rows(scores, nh, n);
     const int G = 16 / V;  /* heads whose accumulators fit in 16 registers */
     float* out = j->out + ((size_t)b * H + (size_t)k0 * g) * D;
     for (int h0 = 0; h0 < nh; h0 += G) {
