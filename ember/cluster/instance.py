@@ -396,10 +396,7 @@ class InstanceHandle:
                 except asyncio.IncompleteReadError:
                     return  # the instance closed it (shutdown) or died
                 (size,) = FRAME_HEADER.unpack(header)
-                for row in pickle.loads(await reader.readexactly(size)):
-                    queue = self._queues.get(row[0])
-                    if queue is not None:
-                        queue.put_nowait(unpack(row))
+                self._dispatch(pickle.loads(await reader.readexactly(size)))
         finally:
             if self._writer is not None:
                 self._writer.close()
@@ -408,10 +405,15 @@ class InstanceHandle:
         self._connected.set()
         async with contextlib.aclosing(self._adapter.stream(self._actor, "events")) as stream:
             async for batch in stream:
-                for row in batch:
-                    queue = self._queues.get(row[0])
-                    if queue is not None:
-                        queue.put_nowait(unpack(row))
+                self._dispatch(batch)
+
+    def _dispatch(self, batch: list[Any]) -> None:
+        """Hand each packed row of a batch to its request's queue (rows of requests no longer
+        waited for are dropped)."""
+        for row in batch:
+            queue = self._queues.get(row[0])
+            if queue is not None:
+                queue.put_nowait(unpack(row))
 
     def _fail_all(self, error: BaseException) -> None:
         for queue in self._queues.values():

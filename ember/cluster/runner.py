@@ -386,15 +386,12 @@ class EngineRunner:
         steps join the pending batch, which the loop flushes at most once per FLUSH_INTERVAL_S
         (an idle runner's next output is flushed at once)."""
         if self._channel_ids and items:
-            rows = [
-                (rid, it) for rid, it in zip(ids, items, strict=True) if rid in self._channel_ids
-            ]
+            rows: list[tuple[str, Item]] = []
+            kept: list[tuple[str, Item]] = []
+            for rid, it in zip(ids, items, strict=True):
+                (rows if rid in self._channel_ids else kept).append((rid, it))
             if rows:
                 self._send_channel(rows)
-                if len(rows) == len(items):
-                    return
-                mine = {rid for rid, _ in rows}
-                kept = [(rid, it) for rid, it in zip(ids, items, strict=True) if rid not in mine]
                 ids, items = [rid for rid, _ in kept], [it for _, it in kept]
         loop = self._loop
         if not items or loop is None or loop.is_closed():

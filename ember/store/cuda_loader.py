@@ -99,11 +99,10 @@ def load_cuda(
     with PartitionFiles(index, rank, cfg.io_mode) as files:
         pins = _take_pins(files)
         try:
+            pinned = [c for c in chunks if c.partition.file in pins]
             rest = [c for c in chunks if c.partition.file not in pins]
-            if len(rest) < len(chunks):
-                _copy_pinned(
-                    base, [c for c in chunks if c.partition.file in pins], pins, files, cfg
-                )
+            if pinned:
+                _copy_pinned(base, pinned, pins, files, cfg)
             direct = _load_staged(base, rest, index, files, device, cfg) if rest else 0
         finally:
             _give_pins(pins.values())
@@ -249,13 +248,12 @@ _PIN_COPY_BYTES = 256 << 20  # bytes per copy from a pinned file
 class _Pin:
     """One partition file mapped whole, registered with the driver, viewed as a CPU tensor."""
 
-    path: str
     ident: tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns when pinned
     addr: int
     length: int
     host: torch.Tensor
     users: int = 0  # loads copying from it now
-    stale: bool = False  # replaced, deleted or unpinned: released once users drops to 0
+    stale: bool = False  # out of `_pins` (replaced, deleted, unpinned): released at users 0
 
     def release(self) -> None:
         torch.cuda.cudart().cudaHostUnregister(self.addr)
@@ -291,7 +289,7 @@ def pin_checkpoint(path: str | Path, rank: int | None = None) -> int:
             ident = _ident(os.fstat(fd))
             with _pins_lock:
                 old = _pins.get(real)
-                if old is not None and old.ident == ident and not old.stale:
+                if old is not None and old.ident == ident:
                     continue
             length = -(-ident[2] // mmap.PAGESIZE) * mmap.PAGESIZE
             if length == 0:
@@ -305,7 +303,7 @@ def pin_checkpoint(path: str | Path, rank: int | None = None) -> int:
             _clear_last_cuda_error()
             raise ConfigError(f"{real}: the CUDA driver refused to pin the file (cudaError {ret})")
         pages = (ctypes.c_uint8 * ident[2]).from_address(addr)
-        pin = _Pin(real, ident, addr, length, torch.frombuffer(pages, dtype=torch.uint8))
+        pin = _Pin(ident, addr, length, torch.frombuffer(pages, dtype=torch.uint8))
         with _pins_lock:
             old = _pins.pop(real, None)
             _pins[real] = pin
@@ -373,7 +371,7 @@ def _take_pins(files: PartitionFiles) -> dict[str, _Pin]:
         ident = _ident(os.fstat(fd))
         with _pins_lock:
             pin = _pins.get(real)
-            if pin is not None and pin.ident == ident and not pin.stale:
+            if pin is not None and pin.ident == ident:
                 pin.users += 1
                 got[name] = pin
     return got
