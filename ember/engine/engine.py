@@ -80,7 +80,7 @@ class Engine:
             self._executor = load_runner(
                 str(self.checkpoint), self.model_config, ParallelContext(), device,
                 self.dtype, num_blocks, config.block_size_tokens, config.pack_weights,
-                config.pack_in_background,
+                config.pack_in_background, config.map_weights,
             )  # fmt: skip
         else:
             from ember.engine.parallel import TensorParallelExecutor, make_spec
@@ -88,7 +88,7 @@ class Engine:
             spec = make_spec(
                 str(self.checkpoint), self.model_config, config.device, self.dtype,
                 num_blocks, config.block_size_tokens, tp, config.pack_weights,
-                config.pack_in_background,
+                config.pack_in_background, config.map_weights,
             )  # fmt: skip
             self._executor = TensorParallelExecutor(spec)
         # Seconds this process spent loading weights (None where rank processes load them).

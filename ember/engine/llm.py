@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from ember.engine.config import EngineConfig
 from ember.engine.engine import Engine
@@ -29,7 +30,9 @@ class LLM:
         kv_cache_bytes: int | None = None,
         seed: int = 0,
         device: str = "cpu",
+        **engine_options: Any,
     ) -> None:
+        """`engine_options`: any other `EngineConfig` field (e.g. `pack_weights=False`)."""
         self.engine = Engine(
             EngineConfig(
                 model=str(model),
@@ -40,6 +43,7 @@ class LLM:
                 kv_cache_bytes=kv_cache_bytes,
                 seed=seed,
                 device=device,
+                **engine_options,
             )
         )
         self._ids = itertools.count()

@@ -351,6 +351,7 @@ def load_runner(
     block_size: int,
     pack_weights: bool = True,
     pack_in_background: bool = False,
+    map_weights: bool = True,
 ) -> ModelRunner:
     """Load this rank's weights from the store and build its runner (a dtype other than the
     stored one costs a cast; `Engine` converts HF folders in the right dtype to avoid it)."""
@@ -359,7 +360,7 @@ def load_runner(
     from ember.engine.checkpoint import load_rank
 
     t0 = time.perf_counter()
-    weights = load_rank(Path(checkpoint), device, par.rank)
+    weights = load_rank(Path(checkpoint), device, par.rank, map_cpu=map_weights)
     if any(t.dtype != dtype and t.is_floating_point() for t in weights.values()):
         weights = {k: t.to(dtype) if t.is_floating_point() else t for k, t in weights.items()}
     if device.type == "cuda":

@@ -49,6 +49,7 @@ class RankSpec:
     threads: int
     pack_weights: bool = True
     pack_in_background: bool = False
+    map_weights: bool = True
 
 
 def _free_port() -> int:
@@ -79,7 +80,7 @@ def _init(spec: RankSpec, rank: int) -> ModelRunner:
     dtype = getattr(torch, spec.dtype)
     return load_runner(
         spec.checkpoint, spec.model_config, par, device, dtype, spec.num_blocks,
-        spec.block_size, spec.pack_weights, spec.pack_in_background,
+        spec.block_size, spec.pack_weights, spec.pack_in_background, spec.map_weights,
     )  # fmt: skip
 
 
@@ -183,6 +184,7 @@ def make_spec(
     world_size: int,
     pack_weights: bool = True,
     pack_in_background: bool = False,
+    map_weights: bool = True,
 ) -> RankSpec:
     threads = max(1, (os.cpu_count() or 1) // world_size) if device == "cpu" else 1
     return RankSpec(
@@ -197,4 +199,5 @@ def make_spec(
         threads=threads,
         pack_weights=pack_weights,
         pack_in_background=pack_in_background,
+        map_weights=map_weights,
     )

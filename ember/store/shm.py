@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-from ember.errors import CheckpointCorruptError, ConfigError, RequestTimeoutError
+from ember.errors import (
+    CheckpointCorruptError,
+    CheckpointNotFoundError,
+    ConfigError,
+    RequestTimeoutError,
+)
 from ember.store.dtypes import BY_NAME
 from ember.store.fetch import PROGRESS_FILE, progress_layout
 from ember.store.format import CheckpointIndex, TensorEntry, read_index
@@ -78,10 +83,17 @@ def _map_partitions(index: CheckpointIndex, rank: int) -> dict[str, torch.Tensor
     out = {}
     for p in index.partitions_for(rank):
         path = index.path / p.file
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed below)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(path, "partition file is missing") from None
+        with f:
             size = os.fstat(f.fileno()).st_size
             if size != p.nbytes:
-                raise CheckpointCorruptError(path, f"{size} bytes, index says {p.nbytes}")
+                what = "truncated" if size < p.nbytes else "longer than the index says"
+                raise CheckpointCorruptError(
+                    path, f"partition {what}: {size} bytes, index says {p.nbytes}"
+                )
             if size == 0:
                 out[p.file] = torch.empty(0, dtype=torch.uint8)
                 continue
@@ -97,12 +109,21 @@ def _view(t: TensorEntry, bases: dict[str, torch.Tensor]) -> torch.Tensor:
     return raw.view(BY_NAME[t.dtype].torch_dtype).view(t.shape)
 
 
-def map_checkpoint(path: str | Path, rank: int = 0) -> dict[str, torch.Tensor]:
-    """Rank `rank`'s tensors (HF names) as views into the mapped partition files; no copy."""
+def map_checkpoint(
+    path: str | Path, rank: int = 0, *, populate: bool = False
+) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s tensors (HF names) as views into the mapped partition files; no copy.
+    `populate`: fault every page in now, on several threads (see `pagecache.populate`)."""
     index = read_index(path)
     if not 0 <= rank < index.tp:
         raise ConfigError(f"rank {rank} is outside this checkpoint's tp={index.tp} ranks")
     bases = _map_partitions(index, rank)
+    if populate:
+        from ember.store.pagecache import populate as fault_in
+
+        for base in bases.values():
+            if base.numel():
+                fault_in(base.data_ptr(), base.numel())
     return {t.name: _view(t, bases) for t in index.tensors_for(rank)}
 
 

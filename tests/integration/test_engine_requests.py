@@ -16,6 +16,7 @@ from ember import LLM, SamplingParams
 from ember.engine import Engine, EngineConfig, RequestOutput
 from ember.engine.kv_sizing import bytes_per_block
 from ember.errors import CheckpointNotFoundError, RequestError, UnsupportedArchitectureError
+from ember.store import read_index
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
 
@@ -201,6 +202,20 @@ def test_exported_request_resumes_with_identical_tokens(
     rest = _drain(target)["m"]
     assert streamed + [t for o in rest for t in o.new_token_ids] == unmoved.token_ids
     assert rest[-1].token_ids == unmoved.token_ids and rest[-1].text == unmoved.text
+
+
+def test_mapped_weights_and_loaded_weights_give_the_same_tokens(
+    model: Path, engine: Engine
+) -> None:
+    prompts: dict[str, list[int] | str] = {"a": [5, 17, 33, 8], "b": "the water", "c": [9] * 30}
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, seed=5, ignore_eos=True)
+    loaded = _new_engine(model, map_weights=False)
+    parts = [str(engine.checkpoint / p.file) for p in read_index(engine.checkpoint).partitions]
+    maps = Path("/proc/self/maps").read_text()
+    assert all(p in maps for p in parts)  # the CPU engine's weights are the files' own pages
+    for params in (GREEDY, seeded):
+        got = {k: v.token_ids for k, v in _run(loaded, prompts, params).items()}
+        assert got == {k: v.token_ids for k, v in _run(engine, prompts, params).items()}
 
 
 def test_llm_generate_keeps_prompt_order_and_accepts_ids_and_text(model: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ember.cli.main import main as ember_main
+from ember.engine.checkpoint import load_rank
 from ember.errors import (
     CheckpointCorruptError,
     CheckpointFormatError,
@@ -20,7 +21,8 @@ from ember.errors import (
 )
 from ember.store import LoaderConfig, convert, load, read_index, verify
 from ember.store.hostmem import HOST_POOL, HostPool, alloc_host
-from ember.store.pagecache import evict, resident_fraction
+from ember.store.pagecache import evict, map_range, populate, resident_fraction, unmap_range
+from ember.store.shm import map_checkpoint
 
 BLOCK = 4 << 20
 
@@ -328,3 +330,56 @@ def test_pinning_for_gpu_loads_without_cuda_is_a_clear_error(checkpoint: tuple[P
     assert cuda_loader.pinned_bytes() == 0
     warm_engine_process("cpu", pin=[checkpoint[0]])  # pinning is for GPU workers: ignored on CPU
     assert cuda_loader.pinned_bytes() == 0
+
+
+def test_mapped_checkpoint_gives_the_source_tensors_without_touching_the_files(
+    checkpoint: tuple[Path, dict], tmp_path: Path
+) -> None:
+    ck = copy_checkpoint(checkpoint[0], tmp_path / "ck")
+    src = checkpoint[1]
+    parts = sorted(ck.glob("*.bin"))
+    before = [p.read_bytes() for p in parts]
+    for p in parts:
+        assert evict(p) < 0.05
+    out = map_checkpoint(ck, populate=True)
+    assert set(out) == set(src)
+    assert all(torch.equal(out[k], v) for k, v in src.items())
+    out["model.norm.weight"].add_(1)  # copy-on-write: the process's page, not the file's
+    assert torch.equal(out["model.norm.weight"], src["model.norm.weight"] + 1)
+    assert [p.read_bytes() for p in parts] == before
+    assert torch.equal(map_checkpoint(ck)["model.norm.weight"], src["model.norm.weight"])
+
+
+def test_populate_reads_an_evicted_mapping_into_the_page_cache(
+    checkpoint: tuple[Path, dict], tmp_path: Path
+) -> None:
+    ck = copy_checkpoint(checkpoint[0], tmp_path / "ck")
+    part = sorted(ck.glob("*.bin"))[0]
+    assert evict(part) < 0.05
+    size = part.stat().st_size
+    with open(part, "rb") as f:
+        addr = map_range(f.fileno(), 0, size)
+        try:
+            if not populate(addr, size, threads=3, piece=1 << 20):
+                pytest.skip("kernel without MADV_POPULATE_READ (Linux < 5.14)")
+        finally:
+            unmap_range(addr, size)
+    assert resident_fraction(part) == 1.0
+
+
+def test_mapping_a_damaged_checkpoint_names_the_file(
+    checkpoint: tuple[Path, dict], tmp_path: Path
+) -> None:
+    ck = copy_checkpoint(checkpoint[0], tmp_path / "ck")
+    with open(ck / "rank0-part0000.bin", "r+b") as f:
+        f.truncate(4096 * 5)
+    with pytest.raises(
+        CheckpointCorruptError, match=r"rank0-part0000.bin: partition truncated: 20480 bytes"
+    ):
+        map_checkpoint(ck)
+    ck = copy_checkpoint(checkpoint[0], tmp_path / "ck2")
+    (ck / "rank0-part0001.bin").unlink()
+    with pytest.raises(
+        CheckpointNotFoundError, match="rank0-part0001.bin: partition file is missing"
+    ):
+        load_rank(ck, torch.device("cpu"), 0)
