@@ -6,7 +6,8 @@ through `EngineRunner`, which steps the engine on a background thread. Requests 
 through ONE multiplexed stream per caller, every request's deltas in one message per step:
 - the output channel (`channel`): a TCP connection on the node's address that the engine thread
   writes to itself, so no other thread of the actor wakes per step (see runner.py for why that
-  matters); the caller proves itself with a one-time token it got through Ray;
+  matters); the caller proves itself with a one-time token it got through Ray. Once it is in
+  use the caller sends its requests and aborts on it too, not as Ray calls;
 - or, where no channel is connected, `events`, a Ray streaming generator of merged batches.
 (`generate`, one Ray stream per request, remains for callers that want it.)
 
@@ -277,7 +278,9 @@ class InstanceHandle:
         self._queues: dict[str, asyncio.Queue[StreamDelta | BaseException]] = {}
         self._pump: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()  # set once requests may be submitted (or it failed)
-        self._writer: asyncio.StreamWriter | None = None  # the channel's; written once (the token)
+        # The channel's writing side once it is in use: requests and aborts go that way (one
+        # frame each, read by the engine thread between steps) instead of as Ray calls.
+        self._writer: asyncio.StreamWriter | None = None
 
     @property
     def actor_ref(self) -> ActorRef:
@@ -307,7 +310,7 @@ class InstanceHandle:
         try:
             if not self._connected.is_set():
                 await self._connected.wait()  # output is read before the request starts
-            self._adapter.send(self._actor, "submit", request_id, prompt, params)
+            self._command("submit", request_id, prompt, params)
             while not finished:
                 item = await queue.get()
                 if not queue.empty():  # the consumer fell behind: hand it one merged delta
@@ -329,10 +332,22 @@ class InstanceHandle:
             self.in_flight -= 1
             self._queues.pop(request_id, None)
             if not finished and not self.lost:
-                self._adapter.send(self._actor, "abort", request_id)
+                self._command("abort", request_id)
 
     async def abort(self, request_id: str) -> None:
         await self._adapter.call(self._actor, "abort", request_id)
+
+    def _command(self, op: str, request_id: str, *args: Any) -> None:
+        """Start ("submit") or stop ("abort") a request: over the channel when it is in use
+        (no thread of the actor but the engine's wakes for it), else as a Ray call."""
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            self._adapter.send(self._actor, op, request_id, *args)
+            return
+        from ember.cluster.runner import FRAME_HEADER
+
+        data = pickle.dumps(("add" if op == "submit" else op, request_id, *args), protocol=5)
+        writer.write(FRAME_HEADER.pack(len(data)) + data)
 
     async def stats(self) -> dict[str, Any]:
         """Engine counters of this instance (running, waiting, KV blocks in use)."""
@@ -380,9 +395,13 @@ class InstanceHandle:
     async def _open_channel(self) -> asyncio.StreamReader:
         host, port, token = await self._adapter.call(self._actor, "channel", timeout_s=30.0)
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30.0)
-        self._writer = writer  # kept open for the channel's life; only the instance writes
-        writer.write(token)
-        await asyncio.wait_for(reader.readexactly(1), 30.0)  # the engine thread switched to it
+        try:
+            writer.write(token)
+            await asyncio.wait_for(reader.readexactly(1), 30.0)  # the engine thread switched
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
         return reader
 
     async def _read_channel(self, reader: asyncio.StreamReader) -> None:
@@ -400,6 +419,7 @@ class InstanceHandle:
         finally:
             if self._writer is not None:
                 self._writer.close()
+                self._writer = None
 
     async def _read_ray_events(self) -> None:
         self._connected.set()

@@ -5,10 +5,12 @@ actor's event loop, where each live request's output goes, and the output channe
 one of three ways:
 - the output channel (`open_channel`): a TCP connection from the caller (the instance handle in
   the API process) that the engine thread itself writes each step's packed outputs to, one
-  length-prefixed pickle per step. No other Python thread of the process wakes per step, so the
-  engine keeps the GIL: each wake-up of another thread (asyncio loop, Ray's reporting threads)
-  costs the engine several times the woken thread's own work (docs/serving.md, "Serving
-  overhead"). Requests submitted with a sink while a channel is connected use it.
+  length-prefixed pickle per step, and reads the caller's add/abort commands from between steps
+  (one frame each; it sleeps in `select` on the channel and the inbox's wake-up pipe). No other
+  Python thread of the process wakes per request or per step, so the engine keeps the GIL: each
+  wake-up of another thread (asyncio loop, Ray's reporting threads) costs the engine several
+  times the woken thread's own work (docs/serving.md, "Serving overhead"). Requests submitted
+  with a sink while a channel is connected use it too.
 - on the event-loop side, a request's own asyncio queue, or a sink callback shared by many
   requests (the actor's multiplexed Ray stream). These outputs cross to the event loop in
   batches: at most one `call_soon_threadsafe` per FLUSH_INTERVAL_S.
@@ -22,11 +24,13 @@ exception, then nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
 import pickle
 import secrets
+import select
 import socket
 import struct
 import threading
@@ -106,7 +110,15 @@ class EngineRunner:
         self._channel: socket.socket | None = None
         self._channel_ids: set[str] = set()
         self._channel_lock = threading.Lock()  # one frame at a time (a broken engine's errors)
-        self._wake = threading.Event()
+        self._rx = bytearray()  # the channel's bytes read but not yet a whole command frame
+        # Channel requests aborted whose end the engine has yet to report (its next step), and
+        # the channel's commands held until then because one reuses such an id.
+        self._aborting: set[str] = set()
+        self._held: list[tuple[Any, ...]] = []
+        # Wakes the engine thread when it sleeps (it waits on this pipe and on the channel).
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -173,17 +185,9 @@ class EngineRunner:
             self._sinks[request_id] = sink
         else:
             self._queues[request_id] = queue
-        if self.broken is not None:
-            from ember.errors import EngineError
-
-            error = EngineError(f"engine stopped after an error: {self.broken}")
-            if channel:  # the engine thread has ended: this thread is the channel's only writer
-                self._send_channel([(request_id, error)])
-            else:
-                self._deliver([error], [request_id])
-            return queue
+        # (After an engine error the thread stays and answers it with the error.)
         self._inbox.append(("add", request_id, prompt, params))
-        self._wake.set()
+        self._notify()
         return queue
 
     def abort(self, request_id: str) -> None:
@@ -191,7 +195,7 @@ class EngineRunner:
         if request_id in self._queues or request_id in self._sinks:
             self._deliver([StreamDelta(request_id, (), "", True, "abort", 0)], [request_id])
         self._inbox.append(("abort", request_id, None, None))
-        self._wake.set()
+        self._notify()
 
     def open_channel(self, host: str) -> tuple[int, bytes]:
         """Listen on `host` for one connection that will carry the output of every request
@@ -236,7 +240,7 @@ class EngineRunner:
                 # The engine thread switches to it and acknowledges (one byte, written before
                 # any frame), so the caller knows requests it submits from now on use it.
                 self._inbox.append(("channel", "", conn, None))
-                self._wake.set()
+                self._notify()
                 return
 
     def release(self, request_id: str) -> None:
@@ -255,11 +259,14 @@ class EngineRunner:
 
     def stop(self) -> None:
         self._stopping = True
-        self._wake.set()
+        self._notify()
         if self._thread is not None:
             self._thread.join(timeout=10.0)
         if self._channel is not None:
             self._channel.close()  # the reader sees the stream end
+        if self._thread is None or not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
         close = getattr(self._engine, "shutdown", None) or getattr(self._engine, "close", None)
         if close is not None:
             close()
@@ -278,22 +285,44 @@ class EngineRunner:
 
     # --- engine thread -----------------------------------------------------------------------
 
+    def _notify(self) -> None:
+        """Wake the engine thread if it sleeps (any thread)."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway; closed: stopped
+            pass
+
+    def _sleep(self) -> None:
+        """Engine thread, no work: wait for a command (the inbox's pipe or the channel)."""
+        fds: list[Any] = [self._wake_r]
+        if self._channel is not None:
+            fds.append(self._channel)
+        select.select(fds, [], [])
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
+
     def _run(self) -> None:
         engine = self._engine
         while not self._stopping:
             items: list[Item] = []
             ids: list[str] = []
             self._drain_inbox(items, ids)
-            if engine.has_unfinished():
+            if self.broken is None and engine.has_unfinished():
                 t0 = time.perf_counter()
                 try:
                     outputs = engine.step()
-                except Exception as e:  # the thread's loop boundary: fail every request, stop
+                except Exception as e:  # the thread's loop boundary: fail every request
                     logger.exception("engine step failed; failing its requests")
                     self.broken = f"{type(e).__name__}: {e}"
-                    live = [*self._queues, *self._sinks, *self._channel_ids]
-                    self._post([e for _ in live], live)
-                    return
+                    done = set(ids)  # requests the inbox already ended (bad adds, aborts)
+                    live = [
+                        rid
+                        for rid in (*self._queues, *self._sinks, *self._channel_ids)
+                        if rid not in done
+                    ]
+                    self._post([*items, *(e for _ in live)], [*ids, *live])
+                    continue  # the thread stays to answer later requests with the error
                 self.steps += 1
                 self.step_s += time.perf_counter() - t0
                 for out in outputs:
@@ -318,29 +347,110 @@ class EngineRunner:
                 self._post(items, ids)
             else:
                 self._post(items, ids)
-                self._wake.wait()
-                self._wake.clear()
+                self._sleep()
 
     def _drain_inbox(self, items: list[Item], ids: list[str]) -> None:
+        """Apply the commands that came in since the last step: the event loop's inbox, then
+        the channel's (the caller's requests and aborts; see `_read_channel`)."""
         while self._inbox:
             op, request_id, prompt, params = self._inbox.popleft()
-            if op == "abort":
-                try:
-                    self._engine.abort(request_id)
-                except Exception:  # unknown or already finished: nothing to free
-                    logger.debug("abort of %s ignored", request_id, exc_info=True)
-                if request_id in self._channel_ids:  # its stream ends with "abort"
-                    items.append(StreamDelta(request_id, (), "", True, "abort", 0))
-                    ids.append(request_id)
-                continue
             if op == "channel":
                 self._switch_channel(prompt)
+            else:
+                self._apply(op, request_id, prompt, params, items, ids)
+        if self._channel is None:
+            return
+        commands, self._held = [*self._held, *self._read_channel()], []
+        for i, (op, request_id, *rest) in enumerate(commands):
+            if op == "abort":
+                self._apply(op, request_id, None, None, items, ids)
                 continue
+            if request_id in self._aborting:
+                # The id's aborted request ends in the next step's output: start the new one
+                # (and everything after it, in order) once that end has gone out.
+                self._held = commands[i:]
+                return
+            if request_id in self._channel_ids:  # still running: refuse the new one
+                from ember.errors import RequestError
+
+                error = RequestError(f"request_id: {request_id!r} is already running")
+                self._write_frame([(request_id, error)])  # the running one stays
+                continue
+            self._channel_ids.add(request_id)
+            self._apply(op, request_id, rest[0], rest[1], items, ids)
+
+    def _apply(
+        self, op: str, request_id: str, prompt: Any, params: Any, items: list[Item], ids: list[str]
+    ) -> None:
+        if op == "abort":
             try:
-                self._engine.add_request(request_id, prompt, params)
-            except Exception as e:  # bad request: only this request fails
-                items.append(e)
-                ids.append(request_id)
+                self._engine.abort(request_id)
+            except Exception:  # unknown or already finished: nothing to free
+                logger.debug("abort of %s ignored", request_id, exc_info=True)
+            if request_id in self._channel_ids:  # the engine reports its end in the next step
+                if self.broken is None:
+                    self._aborting.add(request_id)
+                else:  # no next step
+                    items.append(StreamDelta(request_id, (), "", True, "abort", 0))
+                    ids.append(request_id)
+            return
+        if self.broken is not None:
+            from ember.errors import EngineError
+
+            items.append(EngineError(f"engine stopped after an error: {self.broken}"))
+            ids.append(request_id)
+            return
+        try:
+            self._engine.add_request(request_id, prompt, params)
+        except Exception as e:  # bad request: only this request fails
+            items.append(e)
+            ids.append(request_id)
+
+    def _read_channel(self) -> list[tuple[Any, ...]]:
+        """The commands the caller wrote to the channel since the last read, without blocking:
+        ("add", request_id, prompt, params) or ("abort", request_id), each one frame (a length,
+        then a pickle; the connection proved itself with the token). The caller closing it ends
+        the channel: its requests are aborted."""
+        conn = self._channel
+        assert conn is not None
+        while select.select([conn], [], [], 0)[0]:
+            try:
+                data = conn.recv(1 << 16)
+            except OSError as e:
+                self._drop_channel(f"read failed ({e})")
+                return []
+            if not data:
+                self._drop_channel("closed by the caller")
+                return []
+            self._rx += data
+        commands: list[tuple[Any, ...]] = []
+        view = self._rx
+        pos = 0
+        while len(view) - pos >= FRAME_HEADER.size:
+            (size,) = FRAME_HEADER.unpack_from(view, pos)
+            if len(view) - pos - FRAME_HEADER.size < size:
+                break
+            start = pos + FRAME_HEADER.size
+            commands.append(pickle.loads(view[start : start + size]))
+            pos = start + size
+        del self._rx[:pos]
+        return commands
+
+    def _drop_channel(self, why: str) -> None:
+        """Close the channel and abort its requests: nobody reads their output (engine thread)."""
+        logger.warning("output channel: %s; aborting its requests", why)
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._rx.clear()
+        self._held.clear()
+        self._aborting.clear()
+        for request_id in list(self._channel_ids):
+            try:
+                self._engine.abort(request_id)
+            except Exception:  # already finished
+                logger.debug("abort of %s ignored", request_id, exc_info=True)
+        self._channel_ids.clear()
 
     def _switch_channel(self, conn: socket.socket) -> None:
         old, self._channel = self._channel, conn
@@ -351,18 +461,25 @@ class EngineRunner:
             self._channel = old
             conn.close()
             return
+        self._rx.clear()  # a part of the old channel's frame
+        self._held.clear()
         if old is not None:
             old.close()  # its reader sees the end of its stream and fails its requests
 
     def _send_channel(self, rows: list[tuple[str, Item]]) -> None:
         """Write one frame of packed rows to the channel (engine thread). If the reader is gone
         or stuck, the channel is dropped and its requests are aborted: nobody reads them."""
-        from ember.cluster.instance import pack
-
-        conn = self._channel
         for request_id, item in rows:
             if isinstance(item, BaseException) or item.finished:
                 self._channel_ids.discard(request_id)
+                self._aborting.discard(request_id)
+        self._write_frame(rows)
+
+    def _write_frame(self, rows: list[tuple[str, Item]]) -> None:
+        """The frame alone: it ends nothing in `_channel_ids`."""
+        from ember.cluster.instance import pack
+
+        conn = self._channel
         if conn is None:
             return
         data = pickle.dumps([pack(rid, item) for rid, item in rows], protocol=5)
@@ -370,15 +487,7 @@ class EngineRunner:
             with self._channel_lock:
                 conn.sendall(FRAME_HEADER.pack(len(data)) + data)
         except OSError as e:
-            logger.warning("output channel: write failed (%s); aborting its requests", e)
-            conn.close()
-            self._channel = None
-            for request_id in list(self._channel_ids):
-                try:
-                    self._engine.abort(request_id)
-                except Exception:  # already finished
-                    logger.debug("abort of %s ignored", request_id, exc_info=True)
-            self._channel_ids.clear()
+            self._drop_channel(f"write failed ({e})")
 
     def _post(self, items: list[Item], ids: list[str]) -> None:
         """Hand a step's outputs on: those of channel requests go straight to the channel, the

@@ -114,3 +114,88 @@ def test_abort_ends_a_channel_request_with_abort(model: Path) -> None:
             runner.stop()
 
     asyncio.run(main())
+
+
+def _command(writer: asyncio.StreamWriter, *command: object) -> None:
+    data = pickle.dumps(command, protocol=5)
+    writer.write(FRAME_HEADER.pack(len(data)) + data)
+
+
+async def _rows(reader: asyncio.StreamReader, frames: int) -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
+    for _ in range(frames):
+        (size,) = FRAME_HEADER.unpack(await asyncio.wait_for(reader.readexactly(4), 30))
+        out += [(row[0], unpack(row)) for row in pickle.loads(await reader.readexactly(size))]
+    return out
+
+
+def test_requests_and_aborts_written_to_the_channel(model: Path) -> None:
+    """The caller's requests and aborts travel on the channel itself and the engine thread reads
+    them between steps: the tokens equal the in-process queue path's, an abort ends its stream,
+    a reused id is refused, and closing the channel aborts what is still running."""
+
+    async def main() -> None:
+        runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
+        runner.start(asyncio.get_running_loop())
+        try:
+            port, token = runner.open_channel("127.0.0.1")
+            reader, writer = await _connect(port, token)
+            params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+            seeded = SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True)
+            long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+            _command(writer, "add", "a", [11, 12, 13, 14], params)
+            _command(writer, "add", "s", [9, 8, 7], seeded)
+            _command(writer, "add", "long", [5, 6, 7], long)
+            _command(writer, "abort", "long")
+            got = await _read_until_finished(reader, {"a", "s", "long"})
+            for rid, prompt, p in (("a", [11, 12, 13, 14], params), ("s", [9, 8, 7], seeded)):
+                queue = runner.submit(f"q-{rid}", prompt, p)
+                want: list[int] = []
+                while True:
+                    item = await queue.get()
+                    assert isinstance(item, StreamDelta)
+                    want += item.new_token_ids
+                    if item.finished:
+                        break
+                runner.release(f"q-{rid}")
+                deltas = [d for d in got[rid] if isinstance(d, StreamDelta)]
+                tokens = [t for d in deltas for t in d.new_token_ids]
+                assert tokens == want and len(tokens) == 10
+            last = got["long"][-1]
+            assert isinstance(last, StreamDelta) and last.finish_reason == "abort"
+            assert runner.stats()["unfinished"] == 0
+
+            # A reused id: refused while its request runs; accepted right after its abort, in
+            # the same read (the abort's end is sent before the new request's first token).
+            _command(writer, "add", "r", [5, 6, 7], long)
+            _command(writer, "add", "r", [1, 2], params)
+            rows = await _rows(reader, 2)
+            refused = [item for rid, item in rows if isinstance(item, BaseException)]
+            assert len(refused) == 1 and "already running" in str(refused[0])
+            _command(writer, "abort", "r")
+            _command(writer, "add", "r", [11, 12, 13, 14], params)
+            rows = []
+            while sum(isinstance(i, StreamDelta) and i.finished for _, i in rows) < 2:
+                rows += await _rows(reader, 1)
+            ends = [i for _, i in rows if isinstance(i, StreamDelta) and i.finished]
+            assert [e.finish_reason for e in ends] == ["abort", "length"]
+            after = rows[[i for _, i in rows].index(ends[0]) + 1 :]
+            tokens = [t for _, i in after if isinstance(i, StreamDelta) for t in i.new_token_ids]
+            assert tokens == [
+                t for d in got["a"] if isinstance(d, StreamDelta) for t in d.new_token_ids
+            ]
+            assert runner.stats()["unfinished"] == 0
+
+            _command(writer, "add", "orphan", [5, 6, 7], long)  # then the caller goes away
+            (size,) = FRAME_HEADER.unpack(await asyncio.wait_for(reader.readexactly(4), 30))
+            await reader.readexactly(size)
+            writer.close()
+            for _ in range(200):
+                if runner.stats()["unfinished"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert runner.stats()["unfinished"] == 0 and runner.stats()["streams"] == 0
+        finally:
+            runner.stop()
+
+    asyncio.run(main())
