@@ -49,6 +49,22 @@ async def _read_until_finished(
     return got
 
 
+async def _queue_tokens(
+    runner: EngineRunner, request_id: str, prompt: list[int], params: SamplingParams
+) -> list[int]:
+    """A request's tokens through the runner's in-process queue path (the reference)."""
+    queue = runner.submit(request_id, prompt, params)
+    tokens: list[int] = []
+    while True:
+        item = await queue.get()
+        assert isinstance(item, StreamDelta)
+        tokens += item.new_token_ids
+        if item.finished:
+            break
+    runner.release(request_id)
+    return tokens
+
+
 def test_channel_carries_every_token_in_order_and_refuses_a_wrong_token(model: Path) -> None:
     async def main() -> None:
         runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
@@ -67,15 +83,7 @@ def test_channel_carries_every_token_in_order_and_refuses_a_wrong_token(model: P
                 runner.submit(rid, prompt, params, sink=lambda r, _item: sunk.append(r))
             got = await _read_until_finished(reader, set(prompts))
             for rid, prompt in prompts.items():  # the same engine through its queue path
-                queue = runner.submit(f"q-{rid}", prompt, params)
-                want: list[int] = []
-                while True:
-                    item = await queue.get()
-                    assert isinstance(item, StreamDelta)
-                    want += item.new_token_ids
-                    if item.finished:
-                        break
-                runner.release(f"q-{rid}")
+                want = await _queue_tokens(runner, f"q-{rid}", prompt, params)
                 deltas = got[rid]
                 assert all(isinstance(d, StreamDelta) for d in deltas)
                 tokens = [t for d in deltas for t in d.new_token_ids]  # type: ignore[union-attr]
@@ -149,15 +157,7 @@ def test_requests_and_aborts_written_to_the_channel(model: Path) -> None:
             _command(writer, "abort", "long")
             got = await _read_until_finished(reader, {"a", "s", "long"})
             for rid, prompt, p in (("a", [11, 12, 13, 14], params), ("s", [9, 8, 7], seeded)):
-                queue = runner.submit(f"q-{rid}", prompt, p)
-                want: list[int] = []
-                while True:
-                    item = await queue.get()
-                    assert isinstance(item, StreamDelta)
-                    want += item.new_token_ids
-                    if item.finished:
-                        break
-                runner.release(f"q-{rid}")
+                want = await _queue_tokens(runner, f"q-{rid}", prompt, p)
                 deltas = [d for d in got[rid] if isinstance(d, StreamDelta)]
                 tokens = [t for d in deltas for t in d.new_token_ids]
                 assert tokens == want and len(tokens) == 10
