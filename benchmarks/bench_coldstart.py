@@ -17,8 +17,9 @@ What each number includes:
   first token: the `generate` call streaming the first token back.
   Queueing is zero by construction: no controller queue in this path (the request goes
   straight to the node's pool), so it is reported as such.
-- "dram-packed": the same, but the engine re-lays the bf16 weights out for oneDNN at load
-  (`EMBER_POOL_PACK_WEIGHTS=1`): a private copy per instance, faster decode. The last column
+- "dram-packed": the same, but the engine re-lays the bf16 weights out for oneDNN after its
+  first step (`EMBER_POOL_PACK_WEIGHTS=1`, the default; "dram" is run with it off): a private
+  copy per instance, faster decode. The last column
   (time per output token over 16 more tokens) shows what each choice costs afterwards.
 - "dram-nopool": the same from DRAM, but the worker is a fresh actor process (what the pool
   saves: process start and imports).
@@ -174,7 +175,7 @@ class Harness:
         self.store = start_node_store(self.node, cfg)
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.env = env
-        self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env)
+        self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=False)
         self.packed_pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=True)
         self.ray = ray
         self.last_residual: float | None = None

@@ -293,7 +293,7 @@ def main() -> int:
     ap.add_argument(
         "--pack-weights", type=int, choices=(0, 1), default=1,
         help="engine weight layout on both sides (1: packed for oneDNN, the engine's default; "
-        "0: plain, what pooled workers use unless EMBER_POOL_PACK_WEIGHTS=1)",
+        "0: plain, what pooled workers use with EMBER_POOL_PACK_WEIGHTS=0)",
     )  # fmt: skip
     ap.add_argument("--note", default="", help="free text stored in the JSON")
     args = ap.parse_args()

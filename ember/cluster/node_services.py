@@ -11,8 +11,9 @@ node's actors as arguments, not through their environments):
 - EMBER_SSD_DIR (default <cache_dir>/ssd), EMBER_SSD_CAPACITY_BYTES (100 GiB)
 - EMBER_S3_ENDPOINT_URL (any S3-compatible server; default AWS), AWS_* credentials as usual
 - EMBER_WORKER_POOL_SIZE: pre-started workers per node (default 1; 0 turns the pool off)
-- EMBER_POOL_PACK_WEIGHTS=1: pooled instances re-lay bf16 weights out for oneDNN (faster
-  decode, a private copy per instance) instead of mapping the DRAM tier with no copy
+- EMBER_POOL_PACK_WEIGHTS (default 1): pooled instances re-lay bf16 weights out for oneDNN
+  after their first step (faster decode, a private copy per instance), as instances started
+  from scratch do; 0 keeps the weights as zero-copy views of the DRAM tier
 - EMBER_NODE_STORE=0 turns both off (instances then load as before, from local paths only).
 
 Each node's tier directories get the node id appended, so several Ray nodes on one machine (a
@@ -50,7 +51,7 @@ class NodeServicesConfig:
     enabled: bool = True
     store: NodeStoreConfig | None = None  # None: NodeStoreConfig's defaults
     pool_size: int = 1
-    pack_weights: bool = False  # pooled instances: keep zero-copy views (see worker_pool)
+    pack_weights: bool = True  # pooled instances pack bf16 weights (False: zero-copy views)
 
     @classmethod
     def from_env(cls, cache_dir: str, env: dict[str, str] | None = None) -> NodeServicesConfig:
@@ -76,7 +77,7 @@ class NodeServicesConfig:
         pool = num("EMBER_WORKER_POOL_SIZE", 1)
         if pool < 0:
             raise ConfigError(f"EMBER_WORKER_POOL_SIZE must be >= 0, got {pool}")
-        pack = e.get("EMBER_POOL_PACK_WEIGHTS", "0") not in ("0", "", "false")
+        pack = e.get("EMBER_POOL_PACK_WEIGHTS", "1") not in ("0", "", "false")
         return cls(e.get("EMBER_NODE_STORE", "1") != "0", store, pool, pack)
 
 

@@ -53,7 +53,7 @@ class WorkerInfo:
 class PooledInstanceActor(InstanceActor):
     """An instance actor without a deployment yet; `assign` gives it one."""
 
-    def __init__(self, cache_root: str, device: str = "cpu", pack_weights: bool = False) -> None:
+    def __init__(self, cache_root: str, device: str = "cpu", pack_weights: bool = True) -> None:
         import ember.cluster.runner  # noqa: F401  # the point: pay for imports before a request
         from ember.store.warmup import warm_engine_process
 
@@ -168,7 +168,7 @@ class WorkerPool:
         cache_root: str,
         device: str = "cpu",
         env: dict[str, str] | None = None,
-        pack_weights: bool = False,
+        pack_weights: bool = True,
     ) -> None:
         self.size = size
         self._pack_weights = pack_weights
