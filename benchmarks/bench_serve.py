@@ -83,15 +83,14 @@ def request_mix(n: int, max_prompt: int, max_output: int, vocab: int, seed: int 
 class InProcess:
     """The baseline: an Engine in this process, with the threads an instance actor gets."""
 
-    def __init__(self, model: Path, max_num_seqs: int, pack_weights: bool) -> None:
+    def __init__(self, model: Path, max_num_seqs: int, pack_weights: bool, threads: int) -> None:
         import torch
 
-        from ember.cluster.cluster import ClusterConfig
         from ember.engine.config import EngineConfig
         from ember.engine.engine import Engine
 
         # An instance actor runs torch with `instance_cpus` threads: give the baseline the same.
-        torch.set_num_threads(max(1, int(ClusterConfig().instance_cpus)))
+        torch.set_num_threads(threads)
         self.engine = Engine(
             EngineConfig(
                 model=str(model),
@@ -156,9 +155,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(state: Path, pack_weights: bool) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    state: Path, pack_weights: bool, threads: int
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    config = state / "ember.yaml"  # the instance reserves `threads` CPUs; its torch threads follow
+    config.write_text(json.dumps({"ray": {"instance_cpus": threads}}) + "\n")
     cmd = [sys.executable, "-m", "ember", "serve", "--port", str(port), "--no-demo",
+           "--config", str(config),
            "--state-dir", str(state / "state"), "--cache-dir", str(state / "cache")]  # fmt: skip
     log = (state / "serve.log").open("wb")
     # "local": a private Ray instance even when another one runs on this machine.
@@ -295,9 +299,14 @@ def main() -> int:
         help="engine weight layout on both sides (1: packed for oneDNN, the engine's default; "
         "0: plain, what pooled workers use with EMBER_POOL_PACK_WEIGHTS=0)",
     )  # fmt: skip
+    ap.add_argument(
+        "--threads", type=int, help="torch threads on both sides (the instance's instance_cpus; "
+        "default: ember's, 1)",
+    )  # fmt: skip
     ap.add_argument("--note", default="", help="free text stored in the JSON")
     args = ap.parse_args()
     pack = bool(args.pack_weights)
+    threads = args.threads or max(1, int(_instance_cpus()))
     size = args.size or ("tiny" if args.quick else "125m")
     # A tiny model's requests are quick: more of them, so the pass is long enough that its
     # start (requests arriving) and end (last responses) do not dominate it.
@@ -323,12 +332,12 @@ def main() -> int:
         print(f"model: llama {size} bf16 (random weights); {n_req} requests; "
               f"{sum(len(p) for p, _ in mix)} prompt / {sum(o for _, o in mix)} output tokens")  # fmt: skip
 
-        base = InProcess(model, max_num_seqs, pack)
+        base = InProcess(model, max_num_seqs, pack, threads)
         proc = None
         url = args.url
         try:
             if url is None:
-                proc, url = start_server(work, pack)
+                proc, url = start_server(work, pack, threads)
             deploy(url, model, max_num_seqs)
             t = time.perf_counter()
             e_ttft, h_ttft, e_runs, h_runs = asyncio.run(
@@ -394,6 +403,7 @@ def main() -> int:
             "ttft_prompt_tokens": len(ttft_prompt),
             "max_num_seqs": max_num_seqs,
             "concurrency": concurrency,
+            "torch_threads": threads,
             "passes": repeats,
             "engine_pack_weights": pack,
             "lengths": "sharegpt trace" if LENGTHS_CSV.is_file() else "uniform",
