@@ -65,7 +65,7 @@ class ModelRunner:
         self._threads_while_packing: int | None = None
         # Packing in the background starts once the first step is done: that step (a cold
         # start's first token) runs on every core with nothing beside it. On the 2-core dev VM
-        # a 1.1B engine's first token took 0.12-0.13 s so, 0.23-0.37 s beside the packer.
+        # a 1.1B engine's first token took 0.10-0.13 s this way, 0.2-0.37 s beside the packer.
         self._pack_after_step = False
         if pack_weights and can_pack_linears(device, self.dtype):
             if pack_in_background:
