@@ -20,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +56,10 @@ class PooledInstanceActor(InstanceActor):
 
     def __init__(self, cache_root: str, device: str = "cpu", pack_weights: bool = True) -> None:
         import ember.cluster.runner  # noqa: F401  # the point: pay for imports before a request
-        from ember.store.warmup import warm_engine_process
 
         super().__init__(cast(DeploymentSpec, None), "", cache_root, device)
         self._pack_weights = pack_weights
-        self._warm_s = warm_engine_process(device)
+        self._warm_s = _warm_on_a_thread_of_its_own(device)
         self._source: str | None = None
         self._timings: dict[str, float | str] = {}
         self._assigned = asyncio.Event()
@@ -225,6 +225,30 @@ class WorkerPool:
             for ref in refs:
                 _kill(ref)
         self._idle.clear()
+
+
+def _warm_on_a_thread_of_its_own(device: str) -> float:
+    """`warm_engine_process` on a thread that then ends, so that the OpenMP thread team its
+    torch ops started ends with it. Run on the actor's main thread instead, that team stayed and
+    the engine's own thread (which starts a team of its own) ran slower: a 2-thread 125m
+    instance on 2 cores took ~20 ms longer to its first token and served 82-84% of the
+    in-process throughput instead of 100% (`bench_serve.py --threads 2`)."""
+    from ember.store.warmup import warm_engine_process
+
+    result: list[float | BaseException] = []
+
+    def warm() -> None:
+        try:
+            result.append(warm_engine_process(device))
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            result.append(e)
+
+    thread = threading.Thread(target=warm, name="ember-warm")
+    thread.start()
+    thread.join()
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _kill(ref: ActorRef) -> None:
