@@ -8,7 +8,9 @@ what the same engine gives through its in-process queue, and that an abort ends 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,21 @@ async def _queue_tokens(
     return tokens
 
 
+@contextlib.asynccontextmanager
+async def _channel(
+    model: Path,
+) -> AsyncIterator[tuple[EngineRunner, asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A runner on its thread with a connected output channel; stopped on exit."""
+    runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
+    runner.start(asyncio.get_running_loop())
+    try:
+        port, token = runner.open_channel("127.0.0.1")
+        reader, writer = await _connect(port, token)
+        yield runner, reader, writer
+    finally:
+        runner.stop()
+
+
 def test_channel_carries_every_token_in_order_and_refuses_a_wrong_token(model: Path) -> None:
     async def main() -> None:
         runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
@@ -102,11 +119,7 @@ def test_channel_carries_every_token_in_order_and_refuses_a_wrong_token(model: P
 
 def test_abort_ends_a_channel_request_with_abort(model: Path) -> None:
     async def main() -> None:
-        runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
-        runner.start(asyncio.get_running_loop())
-        try:
-            port, token = runner.open_channel("127.0.0.1")
-            reader, writer = await _connect(port, token)
+        async with _channel(model) as (runner, reader, writer):
             params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
             runner.submit("long", [5, 6, 7], params, sink=lambda _r, _i: None)
             (size,) = FRAME_HEADER.unpack(await asyncio.wait_for(reader.readexactly(4), 30))
@@ -118,8 +131,6 @@ def test_abort_ends_a_channel_request_with_abort(model: Path) -> None:
             assert isinstance(last, StreamDelta) and last.finish_reason == "abort"
             assert runner.stats()["streams"] == 0 and runner.stats()["unfinished"] == 0
             writer.close()
-        finally:
-            runner.stop()
 
     asyncio.run(main())
 
@@ -143,11 +154,7 @@ def test_requests_and_aborts_written_to_the_channel(model: Path) -> None:
     a reused id is refused, and closing the channel aborts what is still running."""
 
     async def main() -> None:
-        runner = EngineRunner(Engine(EngineConfig(model=str(model), max_model_len=256)))
-        runner.start(asyncio.get_running_loop())
-        try:
-            port, token = runner.open_channel("127.0.0.1")
-            reader, writer = await _connect(port, token)
+        async with _channel(model) as (runner, reader, writer):
             params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
             seeded = SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True)
             long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
@@ -195,7 +202,5 @@ def test_requests_and_aborts_written_to_the_channel(model: Path) -> None:
                     break
                 await asyncio.sleep(0.05)
             assert runner.stats()["unfinished"] == 0 and runner.stats()["streams"] == 0
-        finally:
-            runner.stop()
 
     asyncio.run(main())
