@@ -438,7 +438,12 @@ class EngineRunner:
 
     def _drop_channel(self, why: str) -> None:
         """Close the channel and abort its requests: nobody reads their output (engine thread)."""
-        logger.warning("output channel: %s; aborting its requests", why)
+        if self._channel_ids:
+            logger.warning(
+                "output channel: %s; aborting its %d requests", why, len(self._channel_ids)
+            )
+        else:  # e.g. the API process stopping: nothing was in flight
+            logger.info("output channel: %s", why)
         if self._channel is not None:
             self._channel.close()
         self._channel = None
