@@ -35,6 +35,7 @@ import socket
 import struct
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,9 @@ class EngineRunner:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        # Closed once nothing can use them any more (the threads hold the runner while they
+        # run): closing in `stop` could let a late `_notify` write into a reused fd number.
+        weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -264,9 +268,6 @@ class EngineRunner:
             self._thread.join(timeout=10.0)
         if self._channel is not None:
             self._channel.close()  # the reader sees the stream end
-        if self._thread is None or not self._thread.is_alive():
-            os.close(self._wake_r)
-            os.close(self._wake_w)
         close = getattr(self._engine, "shutdown", None) or getattr(self._engine, "close", None)
         if close is not None:
             close()
@@ -533,3 +534,9 @@ class EngineRunner:
         self._last_flush_s = self._loop.time()
         for items, ids in pending:
             self._deliver(items, ids)
+
+
+def _close_fds(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
