@@ -1,6 +1,7 @@
-"""A pooled worker warms up on a thread that ends, so no OpenMP thread team of the warm-up stays
-in the process beside the one the engine's thread starts (a 2-thread engine served 82-84% of its
-in-process throughput while the warm-up's team stayed; docs/serving.md)."""
+"""The worker pool: a pooled worker warms up on a thread that ends, so no OpenMP thread team of
+the warm-up stays in the process beside the one the engine's thread starts (a 2-thread engine
+served 82-84% of its in-process throughput while the warm-up's team stayed; docs/serving.md);
+pooled instances pack bf16 weights by default."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 SCRIPT = textwrap.dedent(
     """
@@ -46,3 +48,12 @@ def test_the_warm_up_leaves_no_openmp_team_behind() -> None:
     before, after_own_thread, after_main_thread = map(int, out.stdout.split()[-3:])
     assert after_own_thread == before
     assert after_main_thread > before  # the same warm-up on the main thread keeps its team
+
+
+def test_pooled_instances_pack_their_weights_unless_told_not_to(tmp_path: Path) -> None:
+    from ember.cluster.node_services import NodeServicesConfig
+
+    assert NodeServicesConfig.from_env(str(tmp_path), {}).pack_weights is True
+    for off in ("0", "false", ""):
+        env = {"EMBER_POOL_PACK_WEIGHTS": off}
+        assert NodeServicesConfig.from_env(str(tmp_path), env).pack_weights is False
