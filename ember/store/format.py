@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,3 +257,18 @@ def validate(index: CheckpointIndex, where: Path) -> None:
     for rank in range(index.tp):
         if not index.partitions_for(rank) and any(t.rank == rank for t in index.tensors):
             raise CheckpointFormatError(where, f"rank {rank} has tensors but no partition")
+
+
+def open_partition(path: Path, nbytes: int) -> int:
+    """A read-only fd on the partition file `path`, checked to hold the `nbytes` the index gives:
+    a missing file or another size raises the `CheckpointError` that names it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(path, "partition file is missing") from None
+    size = os.fstat(fd).st_size
+    if size != nbytes:
+        os.close(fd)
+        what = "truncated" if size < nbytes else "longer than the index says"
+        raise CheckpointCorruptError(path, f"partition {what}: {size} bytes, index says {nbytes}")
+    return fd

@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import xxhash
 
-from ember.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
+from ember.errors import CheckpointCorruptError, ConfigError
 from ember.store.dtypes import BY_NAME
-from ember.store.format import CheckpointIndex, PartitionEntry, read_index
+from ember.store.format import CheckpointIndex, PartitionEntry, open_partition, read_index
 from ember.store.hostmem import HOST_POOL, alloc_host
 from ember.store.pagecache import resident_pages
 
@@ -112,17 +112,7 @@ class PartitionFiles:
         try:
             for p in index.partitions_for(rank):
                 path = self.directory / p.file
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise CheckpointNotFoundError(path, "partition file is missing") from None
-                self.buffered[p.file] = fd
-                size = os.fstat(fd).st_size
-                if size != p.nbytes:
-                    what = "truncated" if size < p.nbytes else "longer than the index says"
-                    raise CheckpointCorruptError(
-                        path, f"partition {what}: {size} bytes, index says {p.nbytes}"
-                    )
+                self.buffered[p.file] = open_partition(path, p.nbytes)
                 if io_mode != "buffered":
                     self.direct[p.file] = _open_direct(path, required=io_mode == "direct")
         except BaseException:

@@ -25,13 +25,12 @@ import torch
 
 from ember.errors import (
     CheckpointCorruptError,
-    CheckpointNotFoundError,
     ConfigError,
     RequestTimeoutError,
 )
 from ember.store.dtypes import BY_NAME
 from ember.store.fetch import PROGRESS_FILE, progress_layout
-from ember.store.format import CheckpointIndex, TensorEntry, read_index
+from ember.store.format import CheckpointIndex, TensorEntry, open_partition, read_index
 from ember.store.tiers import FETCHING_DIR, TIER_MARKER
 
 
@@ -82,22 +81,14 @@ def _map_partitions(index: CheckpointIndex, rank: int) -> dict[str, torch.Tensor
     assert index.path is not None
     out = {}
     for p in index.partitions_for(rank):
-        path = index.path / p.file
+        fd = open_partition(index.path / p.file, p.nbytes)
         try:
-            f = open(path, "rb")  # noqa: SIM115 (closed below)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(path, "partition file is missing") from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size != p.nbytes:
-                what = "truncated" if size < p.nbytes else "longer than the index says"
-                raise CheckpointCorruptError(
-                    path, f"partition {what}: {size} bytes, index says {p.nbytes}"
-                )
-            if size == 0:
+            if p.nbytes == 0:
                 out[p.file] = torch.empty(0, dtype=torch.uint8)
                 continue
-            m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+            m = mmap.mmap(fd, p.nbytes, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out[p.file] = torch.frombuffer(m, dtype=torch.uint8)  # keeps `m` alive
