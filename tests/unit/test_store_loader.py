@@ -141,13 +141,20 @@ def test_missing_partition_raises_not_found_naming_it(
         load(ck)
 
 
-def test_truncated_partition_raises_corrupt(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
-    ck = copy_checkpoint(checkpoint[0], tmp_path / "ck")
+def truncated_copy(src: Path, dst: Path) -> Path:
+    """A copy of the checkpoint whose first partition is cut to 5 pages (TRUNCATED says so)."""
+    ck = copy_checkpoint(src, dst)
     with open(ck / "rank0-part0000.bin", "r+b") as f:
         f.truncate(4096 * 5)
-    with pytest.raises(
-        CheckpointCorruptError, match=r"rank0-part0000.bin: partition truncated: 20480 bytes"
-    ):
+    return ck
+
+
+TRUNCATED = r"rank0-part0000.bin: partition truncated: 20480 bytes"
+
+
+def test_truncated_partition_raises_corrupt(checkpoint: tuple[Path, dict], tmp_path: Path) -> None:
+    ck = truncated_copy(checkpoint[0], tmp_path / "ck")
+    with pytest.raises(CheckpointCorruptError, match=TRUNCATED):
         load(ck)
     with pytest.raises(CheckpointCorruptError, match="truncated"):
         verify(ck)
@@ -370,12 +377,8 @@ def test_populate_reads_an_evicted_mapping_into_the_page_cache(
 def test_mapping_a_damaged_checkpoint_names_the_file(
     checkpoint: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    ck = copy_checkpoint(checkpoint[0], tmp_path / "ck")
-    with open(ck / "rank0-part0000.bin", "r+b") as f:
-        f.truncate(4096 * 5)
-    with pytest.raises(
-        CheckpointCorruptError, match=r"rank0-part0000.bin: partition truncated: 20480 bytes"
-    ):
+    ck = truncated_copy(checkpoint[0], tmp_path / "ck")
+    with pytest.raises(CheckpointCorruptError, match=TRUNCATED):
         map_checkpoint(ck)
     ck = copy_checkpoint(checkpoint[0], tmp_path / "ck2")
     (ck / "rank0-part0001.bin").unlink()
