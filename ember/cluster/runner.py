@@ -290,7 +290,7 @@ class EngineRunner:
         """Wake the engine thread if it sleeps (any thread)."""
         try:
             os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):  # full: a wake-up is pending anyway; closed: stopped
+        except OSError:  # full: a wake-up is pending anyway; closed: stopped
             pass
 
     def _sleep(self) -> None:
@@ -357,14 +357,16 @@ class EngineRunner:
             op, request_id, prompt, params = self._inbox.popleft()
             if op == "channel":
                 self._switch_channel(prompt)
+            elif op == "abort":
+                self._abort(request_id, items, ids)
             else:
-                self._apply(op, request_id, prompt, params, items, ids)
+                self._add(request_id, prompt, params, items, ids)
         if self._channel is None:
             return
         commands, self._held = [*self._held, *self._read_channel()], []
         for i, (op, request_id, *rest) in enumerate(commands):
             if op == "abort":
-                self._apply(op, request_id, None, None, items, ids)
+                self._abort(request_id, items, ids)
                 continue
             if request_id in self._aborting:
                 # The id's aborted request ends in the next step's output: start the new one
@@ -378,23 +380,26 @@ class EngineRunner:
                 self._write_frame([(request_id, error)])  # the running one stays
                 continue
             self._channel_ids.add(request_id)
-            self._apply(op, request_id, rest[0], rest[1], items, ids)
+            self._add(request_id, rest[0], rest[1], items, ids)
 
-    def _apply(
-        self, op: str, request_id: str, prompt: Any, params: Any, items: list[Item], ids: list[str]
+    def _abort_in_engine(self, request_id: str) -> None:
+        try:
+            self._engine.abort(request_id)
+        except Exception:  # unknown or already finished: nothing to free
+            logger.debug("abort of %s ignored", request_id, exc_info=True)
+
+    def _abort(self, request_id: str, items: list[Item], ids: list[str]) -> None:
+        self._abort_in_engine(request_id)
+        if request_id in self._channel_ids:  # the engine reports its end in the next step
+            if self.broken is None:
+                self._aborting.add(request_id)
+            else:  # no next step
+                items.append(StreamDelta(request_id, (), "", True, "abort", 0))
+                ids.append(request_id)
+
+    def _add(
+        self, request_id: str, prompt: Any, params: Any, items: list[Item], ids: list[str]
     ) -> None:
-        if op == "abort":
-            try:
-                self._engine.abort(request_id)
-            except Exception:  # unknown or already finished: nothing to free
-                logger.debug("abort of %s ignored", request_id, exc_info=True)
-            if request_id in self._channel_ids:  # the engine reports its end in the next step
-                if self.broken is None:
-                    self._aborting.add(request_id)
-                else:  # no next step
-                    items.append(StreamDelta(request_id, (), "", True, "abort", 0))
-                    ids.append(request_id)
-            return
         if self.broken is not None:
             from ember.errors import EngineError
 
@@ -451,11 +456,8 @@ class EngineRunner:
         self._rx.clear()
         self._held.clear()
         self._aborting.clear()
-        for request_id in list(self._channel_ids):
-            try:
-                self._engine.abort(request_id)
-            except Exception:  # already finished
-                logger.debug("abort of %s ignored", request_id, exc_info=True)
+        for request_id in self._channel_ids:
+            self._abort_in_engine(request_id)
         self._channel_ids.clear()
 
     def _switch_channel(self, conn: socket.socket) -> None:
