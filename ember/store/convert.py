@@ -55,7 +55,12 @@ _ZEROS = bytes(ALIGN_BYTES)
 
 @dataclass(slots=True)
 class _PartitionWriter:
-    """Appends one rank's tensors to its partition files, aligned, with block checksums."""
+    """Appends one rank's tensors to its partition files, aligned, with block checksums.
+
+    Bytes are staged in one checksum block (4 MiB) and written a whole block at a time, at a
+    block-aligned file offset. Written so, the file's pages sit in the page cache as 2 MiB
+    folios, which a mapping of the file then takes with one page-table entry per 2 MiB instead
+    of 512 (see `pagecache.populate`)."""
 
     directory: Path
     rank: int
@@ -65,7 +70,7 @@ class _PartitionWriter:
     _fd: int = -1
     _name: str = ""
     _pos: int = 0
-    _block: Any = None
+    _stage: bytearray = field(default_factory=lambda: bytearray(CHECKSUM_BLOCK_BYTES))
     _in_block: int = 0
     _blocks: list[str] = field(default_factory=list)
 
@@ -79,24 +84,25 @@ class _PartitionWriter:
                 self.directory / self._name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644
             )
             self._pos, self._in_block, self._blocks = 0, 0, []
-            self._block = xxhash.xxh3_64()
         return self._name, self._pos
 
     def write(self, data: memoryview) -> None:
         while len(data):
             take = min(len(data), CHECKSUM_BLOCK_BYTES - self._in_block)
-            part = data[:take]
-            self._block.update(part)
-            written = 0
-            while written < take:
-                written += os.write(self._fd, part[written:])
+            self._stage[self._in_block : self._in_block + take] = data[:take]
             self._pos += take
             self._in_block += take
             data = data[take:]
             if self._in_block == CHECKSUM_BLOCK_BYTES:
-                self._blocks.append(self._block.hexdigest())
-                self._block.reset()
-                self._in_block = 0
+                self._flush_block()
+
+    def _flush_block(self) -> None:
+        block = memoryview(self._stage)[: self._in_block]
+        self._blocks.append(xxhash.xxh3_64_hexdigest(block))
+        written = 0
+        while written < len(block):
+            written += os.write(self._fd, block[written:])
+        self._in_block = 0
 
     def pad(self) -> None:
         gap = align_up(self._pos) - self._pos
@@ -108,7 +114,7 @@ class _PartitionWriter:
             return
         self.pad()
         if self._in_block:
-            self._blocks.append(self._block.hexdigest())
+            self._flush_block()
         if self.do_fsync:
             os.fsync(self._fd)
         os.close(self._fd)

@@ -280,3 +280,37 @@ def test_concurrent_conversions_to_one_destination_all_succeed(tmp_path: Path) -
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "hf"]
     out = load(dst, rank=0)
     assert torch.equal(out["model.norm.weight"], src["model.norm.weight"])
+
+
+def test_partitions_are_written_in_whole_aligned_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole 4 MiB blocks at block-aligned offsets (only a file's last write is shorter): written
+    so, the page cache holds the file in 2 MiB folios that a mapping takes whole."""
+    import os
+
+    from ember.store.format import CHECKSUM_BLOCK_BYTES
+
+    src = {
+        f"model.layers.{i}.mlp.up_proj.weight": torch.rand(1000, 1500 + i) for i in range(3)
+    }  # 6 MB each: every write of a tensor-by-tensor copy would straddle blocks
+    hf = write_hf(tmp_path / "hf", src)
+    writes: dict[str, list[tuple[int, int]]] = {}
+    real_write = os.write
+
+    def recording_write(fd: int, data: bytes | memoryview) -> int:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".bin"):
+            writes.setdefault(Path(path).name, []).append((os.lseek(fd, 0, os.SEEK_CUR), len(data)))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", recording_write)
+    ck = convert(hf, tmp_path / "ck", progress=False)
+    monkeypatch.undo()
+    assert set(writes) == {p.file for p in read_index(ck).partitions}
+    for name, calls in writes.items():
+        assert all(pos % CHECKSUM_BLOCK_BYTES == 0 for pos, _ in calls), name
+        assert all(n == CHECKSUM_BLOCK_BYTES for _, n in calls[:-1]), name
+        assert sum(n for _, n in calls) == (ck / name).stat().st_size
+    out = load(ck)
+    assert all(torch.equal(out[k], v) for k, v in src.items())

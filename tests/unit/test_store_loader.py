@@ -357,6 +357,27 @@ def test_mapped_checkpoint_gives_the_source_tensors_without_touching_the_files(
     assert torch.equal(map_checkpoint(ck)["model.norm.weight"], src["model.norm.weight"])
 
 
+def test_mapped_partitions_ask_for_huge_pages(checkpoint: tuple[Path, dict]) -> None:
+    """Each partition mapping carries MADV_HUGEPAGE ("hg" in /proc/self/smaps), so what it
+    reads from disk is cached and mapped in 2 MiB pieces."""
+    if not Path("/sys/kernel/mm/transparent_hugepage").is_dir():
+        pytest.skip("kernel without transparent huge pages")
+    out = map_checkpoint(checkpoint[0])
+    parts = {str(p.resolve()) for p in checkpoint[0].glob("*.bin")}
+    flags: dict[str, list[str]] = {}
+    current = ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            words = line.split()
+            if "-" in words[0] and not words[0].endswith(":"):
+                current = words[-1] if len(words) >= 6 else ""
+            elif words[0] == "VmFlags:" and current in parts:
+                flags.setdefault(current, []).append(" ".join(words[1:]))
+    assert set(flags) == parts
+    assert all("hg" in f.split() for fs in flags.values() for f in fs), flags
+    del out
+
+
 def test_populate_reads_an_evicted_mapping_into_the_page_cache(
     checkpoint: tuple[Path, dict], tmp_path: Path
 ) -> None:
