@@ -155,19 +155,21 @@ class ModelRunner:
             slot_list.extend(table[p // bs] * bs + p % bs for p in pos_list[-n:])
         upcast = self.device.type == "cpu" and self.dtype != torch.float32
         slots = torch.tensor(slot_list, dtype=torch.long).to(self.device)  # [T]
-        if plan.is_prefill:
-            meta = self._prefill_meta(plan, lens, slots, upcast)
-        else:
-            meta = self._decode_meta(plan, slots, upcast)
+        n = plan.num_prefills
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_prefill_tokens=sum(lens[:n]),
+            upcast=upcast,
+            **self._prefill_meta(seqs[:n], lens[:n]),
+            **(self._decode_meta(seqs[n:]) if n < len(seqs) else {}),
+        )
         last = torch.tensor(lens).cumsum(0) - 1  # [B] index of each request's last token
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device)
         positions = torch.tensor(pos_list, dtype=torch.long).to(self.device)
         return ids, positions, meta, last.to(self.device)
 
-    def _prefill_meta(
-        self, plan: SchedulePlan, lens: list[int], slots: torch.Tensor, upcast: bool
-    ) -> AttentionMetadata:
-        assert all(s.start_position == 0 for s in plan.seqs), "prefills start at position 0"
+    def _prefill_meta(self, seqs: Sequence[ScheduledSeq], lens: list[int]) -> dict[str, Any]:
+        assert all(s.start_position == 0 for s in seqs), "prefills start at position 0"
         bounds, masks = [], []
         start = 0
         window = self.cfg.sliding_window
@@ -180,23 +182,12 @@ class ModelRunner:
                 allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
                 mask = allowed.to(self.device)  # [n, n]
             masks.append(mask)
-        return AttentionMetadata(
-            slot_mapping=slots,
-            is_prefill=True,
-            upcast=upcast,
-            seq_bounds=tuple(bounds),
-            prefill_masks=tuple(masks),
-        )
+        return {"seq_bounds": tuple(bounds), "prefill_masks": tuple(masks)}
 
-    def _decode_meta(
-        self, plan: SchedulePlan, slots: torch.Tensor, upcast: bool
-    ) -> AttentionMetadata:
-        seqs = plan.seqs
+    def _decode_meta(self, seqs: Sequence[ScheduledSeq]) -> dict[str, Any]:
         ctx = [s.start_position + 1 for s in seqs]
         if self.use_kernel:
-            return AttentionMetadata(
-                slot_mapping=slots, is_prefill=False, decode_kernel=self._kernel_meta(seqs, ctx)
-            )
+            return {"decode_kernel": self._kernel_meta(seqs, ctx)}
         if len(seqs) <= DECODE_GROUP_SIZE:
             groups = [self._decode_group(list(range(len(seqs))), seqs, ctx, whole=True)]
         else:
@@ -206,9 +197,7 @@ class ModelRunner:
                 self._decode_group(order[i : i + DECODE_GROUP_SIZE], seqs, ctx, whole=False)
                 for i in range(0, len(order), DECODE_GROUP_SIZE)
             ]
-        return AttentionMetadata(
-            slot_mapping=slots, is_prefill=False, upcast=upcast, decode_groups=tuple(groups)
-        )
+        return {"decode_groups": tuple(groups)}
 
     def _kernel_meta(self, seqs: Sequence[ScheduledSeq], ctx: list[int]) -> KernelDecode:
         bs = self.block_size

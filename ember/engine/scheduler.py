@@ -1,10 +1,12 @@
 """Continuous batching: which requests run in the next step, as a plain-data `SchedulePlan`.
 
-Policy (nano-vllm's): a step is either a prefill of waiting requests (FIFO, while sequence
-slots, the prefill token budget and free KV blocks last) or, when nothing can be prefilled, a
-decode step of every running request. When a decode step lacks a block, the most recently
-admitted running request is preempted by recompute: its blocks are freed and it goes back to
-the front of the queue, to be prefilled again later over its prompt and generated tokens.
+Policy: every step decodes one token of each running request and, in the same forward pass,
+prefills the waiting requests it can admit (FIFO, while sequence slots, the token budget and
+free KV blocks last). A new request so costs its running neighbours no step of their own: with
+requests arriving one by one (a server's clients), prefill-only steps would stall every
+decode once per arrival. When a decode lacks a block, the most recently admitted running
+request is preempted by recompute: its blocks are freed and it goes back to the front of the
+queue, to be prefilled again later over its prompt and generated tokens.
 
 `postprocess` applies a step's sampled tokens: appends them, checks the token-level stop
 conditions (EOS, stop token ids, max_tokens, max_model_len) and frees finished requests' blocks.
@@ -34,8 +36,11 @@ class ScheduledSeq:
 
 @dataclass(frozen=True, slots=True)
 class SchedulePlan:
+    """The step's requests: the first `num_prefills` are prefilled from position 0 (their whole
+    prompt, or prompt and output after a preemption), the others decode one token each."""
+
     seqs: tuple[ScheduledSeq, ...]
-    is_prefill: bool
+    num_prefills: int
     preempted: tuple[str, ...] = ()
 
     @property
@@ -79,24 +84,19 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulePlan:
-        scheduled: list[Request] = []
-        num_batched = 0
-        while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
-            request = self.waiting[0]
-            num_new = request.num_tokens - request.num_cached_tokens
-            if scheduled and num_batched + num_new > self.max_num_batched_tokens:
-                break
-            if not self.block_manager.can_grow(request, request.num_tokens):
-                break
-            self.block_manager.grow(request, request.num_tokens)
-            self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            num_batched += num_new
-            scheduled.append(request)
-        if scheduled:
-            self.running.extend(scheduled)
-            return SchedulePlan(tuple(_seq(r, r.num_cached_tokens) for r in scheduled), True)
+        decodes, preempted = self._grow_running()
+        # Blocks ran short: admitting now would take back what the preemption freed.
+        prefills = [] if preempted else self._admit(num_batched=len(decodes))
+        seqs = (
+            *(_seq(r, r.num_cached_tokens) for r in prefills),
+            *(_seq(r, r.num_tokens - 1) for r in decodes),
+        )
+        return SchedulePlan(seqs, len(prefills), tuple(preempted))
 
+    def _grow_running(self) -> tuple[list[Request], list[str]]:
+        """A slot for the next token of every running request, preempting the most recently
+        admitted ones while blocks run short."""
+        scheduled: list[Request] = []
         preempted: list[str] = []
         while self.running and len(scheduled) < self.max_num_seqs:
             request = self.running.popleft()
@@ -110,8 +110,27 @@ class Scheduler:
                 self.block_manager.grow(request, request.num_tokens)
                 scheduled.append(request)
         self.running.extendleft(reversed(scheduled))
-        seqs = tuple(_seq(r, r.num_tokens - 1) for r in scheduled)
-        return SchedulePlan(seqs, False, tuple(preempted))
+        return scheduled, preempted
+
+    def _admit(self, num_batched: int) -> list[Request]:
+        """Waiting requests that start this step, FIFO. The first one comes in whatever its
+        length (a prompt longer than the token budget still runs, in a step of its own tokens
+        and the decodes); later ones while the budget lasts."""
+        scheduled: list[Request] = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            num_new = request.num_tokens - request.num_cached_tokens
+            if scheduled and num_batched + num_new > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_grow(request, request.num_tokens):
+                break
+            self.block_manager.grow(request, request.num_tokens)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            num_batched += num_new
+            scheduled.append(request)
+            self.running.append(request)
+        return scheduled
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request)

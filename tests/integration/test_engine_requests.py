@@ -248,3 +248,22 @@ def test_a_large_mixed_batch_gives_each_request_its_tokens_alone(engine: Engine)
     for rid, prompt in prompts.items():
         alone = _run(engine, {rid: prompt}, params)[rid]
         assert alone.token_ids == together[rid].token_ids, rid
+
+
+def test_requests_joining_mid_decode_get_their_tokens_alone(engine: Engine) -> None:
+    """A newcomer is prefilled in the same step as the running requests' decodes, and every
+    request still makes the tokens it makes alone."""
+    prompts: dict[str, list[int] | str] = {
+        str(i): [(5 * i + j) % 900 + 7 for j in range(4 + 11 * i)] for i in range(6)
+    }
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    alone = {rid: _run(engine, {rid: p}, params)[rid].token_ids for rid, p in prompts.items()}
+    final: dict[str, RequestOutput] = {}
+    for k, (rid, prompt) in enumerate(prompts.items()):  # one newcomer per step
+        engine.add_request(rid, prompt, params)
+        outs = engine.step()
+        assert [o.request_id for o in outs] == [rid, *list(prompts)[:k]]  # its prefill + decodes
+        assert all(len(o.new_token_ids) == 1 for o in outs)
+        final.update((o.request_id, o) for o in outs)
+    final.update((rid, outs[-1]) for rid, outs in _drain(engine).items())
+    assert {rid: o.token_ids for rid, o in final.items()} == alone

@@ -66,22 +66,33 @@ def _scheduler(num_blocks: int, max_num_seqs: int = 8, budget: int = 1000) -> Sc
     return Scheduler(BlockManager(num_blocks, 4), max_num_seqs, budget, 64, [EOS])
 
 
-def _run_step(s: Scheduler, token: int = 7) -> tuple[list[str], bool, list[str]]:
+def _run_step(s: Scheduler, token: int = 7) -> tuple[list[str], int, list[str]]:
     plan = s.schedule()
     reqs = {r.request_id: r for r in [*s.running, *s.waiting]}
     batch = [reqs[q.request_id] for q in plan.seqs]
     s.postprocess(batch, [token] * len(batch), [None] * len(batch))
-    return [q.request_id for q in plan.seqs], plan.is_prefill, list(plan.preempted)
+    return [q.request_id for q in plan.seqs], plan.num_prefills, list(plan.preempted)
 
 
 def test_prefill_comes_first_then_everyone_decodes_together() -> None:
     s = _scheduler(num_blocks=32)
     for i in range(3):
         s.add(_request(str(i), 6))
-    assert _run_step(s) == (["0", "1", "2"], True, [])
+    assert _run_step(s) == (["0", "1", "2"], 3, [])
     plan = s.schedule()
-    assert not plan.is_prefill and [q.token_ids for q in plan.seqs] == [(7,)] * 3
+    assert plan.num_prefills == 0 and [q.token_ids for q in plan.seqs] == [(7,)] * 3
     assert [q.start_position for q in plan.seqs] == [6, 6, 6]
+
+
+def test_a_request_arriving_mid_decode_is_prefilled_in_the_decode_step() -> None:
+    s = _scheduler(num_blocks=32)
+    s.add(_request("0", 6))
+    s.add(_request("1", 6))
+    _run_step(s)
+    s.add(_request("new", 5))
+    plan = s.schedule()  # the newcomer's prompt, then one token of each running request
+    assert plan.num_prefills == 1 and [q.request_id for q in plan.seqs] == ["new", "0", "1"]
+    assert [(q.start_position, len(q.token_ids)) for q in plan.seqs] == [(0, 5), (6, 1), (6, 1)]
 
 
 def test_max_num_seqs_bounds_the_batch() -> None:
@@ -102,7 +113,8 @@ def test_prefill_token_budget_splits_prefills_across_steps() -> None:
     for i in range(3):
         s.add(_request(str(i), 6))
     assert _run_step(s)[0] == ["0"]
-    assert _run_step(s)[0] == ["1"]
+    assert _run_step(s)[0] == ["1", "0"]  # 6 new tokens + 1 decode: "2" waits for budget
+    assert _run_step(s)[:2] == (["2", "0", "1"], 1)
 
 
 def test_out_of_blocks_preempts_the_newest_request_by_recompute() -> None:
@@ -113,7 +125,7 @@ def test_out_of_blocks_preempts_the_newest_request_by_recompute() -> None:
     s.add(b)
     _run_step(s)  # prefill both: 9 tokens each now, 4 blocks used
     ids, prefill, preempted = _run_step(s)  # decode needs a 3rd block each
-    assert preempted == ["b"] and ids == ["a"] and not prefill
+    assert preempted == ["b"] and ids == ["a"] and not prefill  # no admission while short
     assert b.status is RequestStatus.WAITING and b.block_table == [] and b.num_cached_tokens == 0
     assert s.waiting[0] is b and b.output_token_ids == [7]
     s.block_manager.check()

@@ -45,18 +45,19 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 class AttentionMetadata:
     """Per-step inputs of every attention layer (built once by the model runner).
 
-    A prefill step holds whole requests from position 0 (the scheduler recomputes preempted
-    requests in full), so each request's new tokens attend causally to themselves; a decode
-    step holds one token per request, which attends to the request's cached context.
+    A step's first `num_prefill_tokens` tokens are prefills: whole requests from position 0 (the
+    scheduler recomputes preempted requests in full), whose new tokens attend causally to
+    themselves. The tokens after them are decodes, one per request, each attending to its
+    request's cached context.
     """
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    is_prefill: bool
+    num_prefill_tokens: int
     upcast: bool = False  # attend in fp32 (CPU bf16/fp16 SDPA kernels are several times slower)
-    # prefill
+    # prefill: tokens [0, num_prefill_tokens)
     seq_bounds: tuple[tuple[int, int], ...] = ()  # each request's [start, end) in the flat batch
     prefill_masks: tuple[torch.Tensor | None, ...] = ()  # [n, n] sliding-window mask, or causal
-    # decode
+    # decode: tokens [num_prefill_tokens, T)
     decode_groups: tuple[DecodeGroup, ...] = ()
     decode_kernel: KernelDecode | None = None  # set: the CPU kernel attends over the blocks
 
@@ -94,37 +95,54 @@ def paged_attention(
 ) -> torch.Tensor:  # [T, H * D]
     num_tokens, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    dtype = q.dtype
     k_flat = kv_cache[0].view(-1, kv_heads, head_dim)  # [slots, KVH, D]
     v_flat = kv_cache[1].view(-1, kv_heads, head_dim)
     k_flat.index_copy_(0, meta.slot_mapping, k)
     v_flat.index_copy_(0, meta.slot_mapping, v)
-    up = (lambda t: t.float()) if meta.upcast else (lambda t: t)
-    if meta.is_prefill:
-        # One call per request over its own tokens: no padding, no gather.
-        out = q.new_empty(num_tokens, heads * head_dim)
-        for (s, e), mask in zip(meta.seq_bounds, meta.prefill_masks, strict=True):
-            o = F.scaled_dot_product_attention(
-                up(q[s:e]).transpose(0, 1)[None],  # [1, H, n, D]
-                up(k[s:e]).transpose(0, 1)[None],  # [1, KVH, n, D]
-                up(v[s:e]).transpose(0, 1)[None],
-                attn_mask=mask,
-                is_causal=mask is None,
-                scale=scale,
-                enable_gqa=heads != kv_heads,
-            )  # [1, H, n, D]
-            out[s:e] = o[0].transpose(0, 1).reshape(e - s, heads * head_dim)
-        return out
+    up: Callable[[torch.Tensor], torch.Tensor] = (
+        (lambda t: t.float()) if meta.upcast else (lambda t: t)
+    )
+    p = meta.num_prefill_tokens
+    if p == 0:
+        return _decode_attention(q, kv_cache, meta, up, scale)
+    out = q.new_empty(num_tokens, heads * head_dim)
+    # One call per prefilled request over its own tokens: no padding, no gather.
+    for (s, e), mask in zip(meta.seq_bounds, meta.prefill_masks, strict=True):
+        o = F.scaled_dot_product_attention(
+            up(q[s:e]).transpose(0, 1)[None],  # [1, H, n, D]
+            up(k[s:e]).transpose(0, 1)[None],  # [1, KVH, n, D]
+            up(v[s:e]).transpose(0, 1)[None],
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=heads != kv_heads,
+        )  # [1, H, n, D]
+        out[s:e] = o[0].transpose(0, 1).reshape(e - s, heads * head_dim)
+    if p < num_tokens:
+        out[p:] = _decode_attention(q[p:], kv_cache, meta, up, scale)
+    return out
+
+
+def _decode_attention(
+    q: torch.Tensor,  # [B, H, D]: one token per request
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    up: Callable[[torch.Tensor], torch.Tensor],
+    scale: float,
+) -> torch.Tensor:  # [B, H * D]
+    b, heads, head_dim = q.shape
+    kv_heads = kv_cache.shape[3]
+    dtype = q.dtype
     # The H / KVH query heads sharing a KV head become rows of one query matrix (GQA without
     # expanding K/V).
-    b, group = num_tokens, heads // kv_heads
+    group = heads // kv_heads
     kd = meta.decode_kernel
     if kd is not None:
         out = cpu_attention.paged_decode_attention(
             q, kv_cache, kd.block_tables, kd.context_lens, kd.window_starts, kd.max_len, scale
         )  # [B, H, D] float32
         return out.view(b, heads * head_dim).to(dtype)
-    qd = up(q.view(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
+    qd = up(q.reshape(b, kv_heads, group, head_dim))  # [B, KVH, G, D]
     if len(meta.decode_groups) == 1 and meta.decode_groups[0].rows is None:
         out = _decode_group(qd, kv_cache, meta.decode_groups[0], up, scale)
     else:
