@@ -34,7 +34,8 @@ class EngineConfig:
     - `max_model_len`: prompt plus generated tokens of one request; default: the model's
       `max_position_embeddings`, capped at 4096.
     - `max_num_seqs`: requests running at once (the batch size of a decode step).
-    - `max_num_batched_tokens`: prompt tokens in one prefill step (at least `max_model_len`).
+    - `max_num_batched_tokens`: tokens in one step, prompts and decodes (at least
+      `max_model_len`; the first prompt admitted in a step may exceed what is left).
     - `kv_cache_bytes`: KV cache size per rank; default: room for `max_num_seqs` full-length
       requests, capped at a quarter of available host memory (CPU) or 90% of free GPU memory.
     - `block_size_tokens`: tokens per KV block.

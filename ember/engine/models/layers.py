@@ -2,9 +2,10 @@
 tensor-parallel reduction.
 
 Attention works on a flat batch of `T` new tokens from `B` requests: their K/V are written into
-the paged cache at `slot_mapping`. In a prefill step each request attends causally over its own
-new tokens (one `scaled_dot_product_attention` call per request: no padding, no gather). In a
-decode step on CPU (bf16 or fp32 cache) a small C kernel (`cpu_attention`) reads each request's
+the paged cache at `slot_mapping`. The step's prefilled requests come first, each attending
+causally over its own new tokens (one `scaled_dot_product_attention` call per request: no
+padding, no gather). Then one token per decoding request: on CPU (bf16 or fp32 cache) a small
+C kernel (`cpu_attention`) reads each request's
 K/V from its blocks in place; elsewhere each request's context is gathered from its blocks (or
 read as one slice when a lone request's blocks are consecutive) and attended in batched calls
 under a mask built once per step (context length, optional sliding window); the query heads of a
