@@ -156,19 +156,26 @@ class ModelRunner:
         upcast = self.device.type == "cpu" and self.dtype != torch.float32
         slots = torch.tensor(slot_list, dtype=torch.long).to(self.device)  # [T]
         n = plan.num_prefills
+        bounds, masks = self._prefill_meta(seqs[:n], lens[:n])
+        groups, kernel = self._decode_meta(seqs[n:]) if n < len(seqs) else ((), None)
         meta = AttentionMetadata(
             slot_mapping=slots,
             num_prefill_tokens=sum(lens[:n]),
             upcast=upcast,
-            **self._prefill_meta(seqs[:n], lens[:n]),
-            **(self._decode_meta(seqs[n:]) if n < len(seqs) else {}),
+            seq_bounds=bounds,
+            prefill_masks=masks,
+            decode_groups=groups,
+            decode_kernel=kernel,
         )
         last = torch.tensor(lens).cumsum(0) - 1  # [B] index of each request's last token
         ids = torch.tensor(input_ids, dtype=torch.long).to(self.device)
         positions = torch.tensor(pos_list, dtype=torch.long).to(self.device)
         return ids, positions, meta, last.to(self.device)
 
-    def _prefill_meta(self, seqs: Sequence[ScheduledSeq], lens: list[int]) -> dict[str, Any]:
+    def _prefill_meta(
+        self, seqs: Sequence[ScheduledSeq], lens: list[int]
+    ) -> tuple[tuple[tuple[int, int], ...], tuple[torch.Tensor | None, ...]]:
+        """Each prefilled request's [start, end) in the flat batch, and its mask (None: causal)."""
         assert all(s.start_position == 0 for s in seqs), "prefills start at position 0"
         bounds, masks = [], []
         start = 0
@@ -182,12 +189,15 @@ class ModelRunner:
                 allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
                 mask = allowed.to(self.device)  # [n, n]
             masks.append(mask)
-        return {"seq_bounds": tuple(bounds), "prefill_masks": tuple(masks)}
+        return tuple(bounds), tuple(masks)
 
-    def _decode_meta(self, seqs: Sequence[ScheduledSeq]) -> dict[str, Any]:
+    def _decode_meta(
+        self, seqs: Sequence[ScheduledSeq]
+    ) -> tuple[tuple[DecodeGroup, ...], KernelDecode | None]:
+        """The decoding requests' attention inputs: for the CPU kernel, else in groups."""
         ctx = [s.start_position + 1 for s in seqs]
         if self.use_kernel:
-            return {"decode_kernel": self._kernel_meta(seqs, ctx)}
+            return (), self._kernel_meta(seqs, ctx)
         if len(seqs) <= DECODE_GROUP_SIZE:
             groups = [self._decode_group(list(range(len(seqs))), seqs, ctx, whole=True)]
         else:
@@ -197,7 +207,7 @@ class ModelRunner:
                 self._decode_group(order[i : i + DECODE_GROUP_SIZE], seqs, ctx, whole=False)
                 for i in range(0, len(order), DECODE_GROUP_SIZE)
             ]
-        return {"decode_groups": tuple(groups)}
+        return tuple(groups), None
 
     def _kernel_meta(self, seqs: Sequence[ScheduledSeq], ctx: list[int]) -> KernelDecode:
         bs = self.block_size

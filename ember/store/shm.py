@@ -23,11 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ember.errors import (
-    CheckpointCorruptError,
-    ConfigError,
-    RequestTimeoutError,
-)
+from ember.errors import CheckpointCorruptError, ConfigError, RequestTimeoutError
 from ember.store.dtypes import BY_NAME
 from ember.store.fetch import PROGRESS_FILE, progress_layout
 from ember.store.format import CheckpointIndex, TensorEntry, open_partition, read_index
