@@ -236,7 +236,9 @@ class EngineRunner:
                     if not hmac.compare_digest(got, token):
                         raise ConnectionError("wrong token")
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                    conn.settimeout(CHANNEL_SEND_TIMEOUT_S)
+                    # Non-blocking from here (see `_send_all`): a socket with a timeout polls
+                    # before every send and receive, one more system call per step.
+                    conn.setblocking(False)
                 except OSError as e:
                     logger.warning("output channel: refused a connection: %s", e)
                     conn.close()
@@ -326,16 +328,25 @@ class EngineRunner:
                     continue  # the thread stays to answer later requests with the error
                 self.steps += 1
                 self.step_s += time.perf_counter() - t0
+                # Outputs of channel requests go out as packed rows (`instance.pack`'s layout)
+                # with no StreamDelta between: this runs for every request at every step.
+                rows: list[tuple[Any, ...]] = []
+                channel_ids = self._channel_ids
                 for out in outputs:
+                    request_id = out.request_id
                     new = tuple(out.new_token_ids)
                     logprobs = None
                     if out.logprobs is not None:
                         logprobs = (
                             tuple(out.logprobs[len(out.logprobs) - len(new) :]) if new else ()
                         )
+                    if request_id in channel_ids:
+                        rows.append((request_id, new, out.new_text, out.finished,
+                                     out.finish_reason, len(out.prompt_token_ids), logprobs))  # fmt: skip
+                        continue
                     items.append(
                         StreamDelta(
-                            request_id=out.request_id,
+                            request_id=request_id,
                             new_token_ids=new,
                             new_text=out.new_text,
                             finished=out.finished,
@@ -344,8 +355,8 @@ class EngineRunner:
                             logprobs=logprobs,
                         )
                     )
-                    ids.append(out.request_id)
-                self._post(items, ids)
+                    ids.append(request_id)
+                self._post(items, ids, rows)
             else:
                 self._post(items, ids)
                 self._sleep()
@@ -419,9 +430,11 @@ class EngineRunner:
         the channel: its requests are aborted."""
         conn = self._channel
         assert conn is not None
-        while select.select([conn], [], [], 0)[0]:
+        while True:
             try:
                 data = conn.recv(1 << 16)
+            except BlockingIOError:  # nothing more now
+                break
             except OSError as e:
                 self._drop_channel(f"read failed ({e})")
                 return []
@@ -463,7 +476,7 @@ class EngineRunner:
     def _switch_channel(self, conn: socket.socket) -> None:
         old, self._channel = self._channel, conn
         try:
-            conn.sendall(b"\x01")
+            _send_all(conn, b"\x01")
         except OSError as e:
             logger.warning("output channel: lost before use: %s", e)
             self._channel = old
@@ -474,42 +487,50 @@ class EngineRunner:
         if old is not None:
             old.close()  # its reader sees the end of its stream and fails its requests
 
-    def _send_channel(self, rows: list[tuple[str, Item]]) -> None:
+    def _send_channel(self, rows: list[tuple[Any, ...]]) -> None:
         """Write one frame of packed rows to the channel (engine thread). If the reader is gone
         or stuck, the channel is dropped and its requests are aborted: nobody reads them."""
-        for request_id, item in rows:
-            if isinstance(item, BaseException) or item.finished:
-                self._channel_ids.discard(request_id)
-                self._aborting.discard(request_id)
+        for row in rows:
+            if len(row) == 2 or row[3]:  # an error, or a finished delta: the request's last row
+                self._channel_ids.discard(row[0])
+                self._aborting.discard(row[0])
         self._write_frame(rows)
 
-    def _write_frame(self, rows: list[tuple[str, Item]]) -> None:
+    def _write_frame(self, rows: list[tuple[Any, ...]]) -> None:
         """The frame alone: it ends nothing in `_channel_ids`."""
-        from ember.cluster.instance import pack
-
         conn = self._channel
         if conn is None:
             return
-        data = pickle.dumps([pack(rid, item) for rid, item in rows], protocol=5)
+        data = pickle.dumps(rows, protocol=5)
         try:
             with self._channel_lock:
-                conn.sendall(FRAME_HEADER.pack(len(data)) + data)
+                _send_all(conn, FRAME_HEADER.pack(len(data)) + data)
         except OSError as e:
             self._drop_channel(f"write failed ({e})")
 
-    def _post(self, items: list[Item], ids: list[str]) -> None:
-        """Hand a step's outputs on: those of channel requests go straight to the channel, the
-        rest to the event loop. Only the first output since the last flush wakes the loop; later
-        steps join the pending batch, which the loop flushes at most once per FLUSH_INTERVAL_S
-        (an idle runner's next output is flushed at once)."""
+    def _post(
+        self, items: list[Item], ids: list[str], rows: list[tuple[Any, ...]] | None = None
+    ) -> None:
+        """Hand a step's outputs on: those of channel requests go straight to the channel (with
+        `rows`, outputs already packed for it, after them in the same frame), the rest to the
+        event loop. Only the first output since the last flush wakes the loop; later steps join
+        the pending batch, which the loop flushes at most once per FLUSH_INTERVAL_S (an idle
+        runner's next output is flushed at once)."""
+        from ember.cluster.instance import pack
+
         if self._channel_ids and items:
-            rows: list[tuple[str, Item]] = []
+            sent: list[tuple[Any, ...]] = []
             kept: list[tuple[str, Item]] = []
             for rid, it in zip(ids, items, strict=True):
-                (rows if rid in self._channel_ids else kept).append((rid, it))
-            if rows:
-                self._send_channel(rows)
+                if rid in self._channel_ids:
+                    sent.append(pack(rid, it))
+                else:
+                    kept.append((rid, it))
+            if sent:
+                rows = [*sent, *rows] if rows else sent
                 ids, items = [rid for rid, _ in kept], [it for _, it in kept]
+        if rows:
+            self._send_channel(rows)
         loop = self._loop
         if not items or loop is None or loop.is_closed():
             return
@@ -536,6 +557,25 @@ class EngineRunner:
         self._last_flush_s = self._loop.time()
         for items, ids in pending:
             self._deliver(items, ids)
+
+
+def _send_all(conn: socket.socket, data: bytes) -> None:
+    """`sendall` for the channel's non-blocking socket: wait for room only when the socket's
+    buffer is full (the reader fell behind), at most CHANNEL_SEND_TIMEOUT_S in all."""
+    view = memoryview(data)
+    deadline = None
+    while view:
+        try:
+            view = view[conn.send(view) :]
+            continue
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + CHANNEL_SEND_TIMEOUT_S
+        if now >= deadline:
+            raise TimeoutError(f"the channel's reader took no data for {CHANNEL_SEND_TIMEOUT_S} s")
+        select.select([], [conn], [], deadline - now)
 
 
 def _close_fds(*fds: int) -> None:

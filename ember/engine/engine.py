@@ -162,15 +162,16 @@ class Engine:
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt) if prompt else []
-        elif isinstance(prompt, Sequence) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        elif isinstance(prompt, Sequence) and (
+            set(map(type, prompt)) <= {int}  # the common case, checked at C speed
+            or all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         ):
             ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
+            vocab = self.model_config.vocab_size
+            if ids and not (0 <= min(ids) and max(ids) < vocab):
+                bad = [t for t in ids if not 0 <= t < vocab]
                 raise RequestError(
-                    f"prompt token ids {bad[:5]} are outside the vocabulary "
-                    f"[0, {self.model_config.vocab_size})"
+                    f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
                 )
         else:
             raise RequestError("prompt must be a string or a list of token ids")

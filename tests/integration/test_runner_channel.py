@@ -204,3 +204,37 @@ def test_requests_and_aborts_written_to_the_channel(model: Path) -> None:
             assert runner.stats()["unfinished"] == 0 and runner.stats()["streams"] == 0
 
     asyncio.run(main())
+
+
+def test_a_caller_that_stops_reading_loses_the_channel_not_the_engine(
+    model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that stops reading fills the socket's buffers: the engine thread waits for room
+    at most CHANNEL_SEND_TIMEOUT_S, then drops the channel and aborts its requests, and goes on
+    serving everything else."""
+    import socket
+
+    from ember.cluster import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "CHANNEL_SEND_TIMEOUT_S", 0.5)
+
+    async def main() -> None:
+        async with _channel(model) as (runner, reader, writer):
+            small = 4096  # small kernel buffers on both ends, so the rows back up soon
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small)
+            assert runner._channel is not None  # the engine's end (test-only access)
+            runner._channel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, small)
+            big = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True, logprobs=20)
+            for i in range(8):  # never read: the stream backs up
+                _command(writer, "add", f"stuck-{i}", [5, 6, 7, i + 8], big)
+            for _ in range(400):
+                if runner.stats()["streams"] == 0 and runner.stats()["unfinished"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert runner.stats()["streams"] == 0 and runner.stats()["unfinished"] == 0
+            assert runner._channel is None
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            assert len(await _queue_tokens(runner, "after", [11, 12, 13], params)) == 6
+            writer.close()
+
+    asyncio.run(main())
