@@ -34,8 +34,10 @@ class EngineConfig:
     - `max_model_len`: prompt plus generated tokens of one request; default: the model's
       `max_position_embeddings`, capped at 4096.
     - `max_num_seqs`: requests running at once (the batch size of a decode step).
-    - `max_num_batched_tokens`: tokens in one step, prompts and decodes (at least
-      `max_model_len`; the first prompt admitted in a step may exceed what is left).
+    - `max_num_batched_tokens`: tokens in one step, decodes first, then prompt chunks: a
+      prompt longer than what is left is prefilled over several steps (chunked prefill), so
+      one long prompt never stalls the running requests' decodes for more than a step of this
+      many tokens. Running decodes all run even beyond it.
     - `kv_cache_bytes`: KV cache size per rank; default: room for `max_num_seqs` full-length
       requests, capped at a quarter of available host memory (CPU) or 90% of free GPU memory.
     - `block_size_tokens`: tokens per KV block.
@@ -63,7 +65,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     max_model_len: int | None = None
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = 2048
     kv_cache_bytes: int | None = None
     block_size_tokens: int = 16
     device: str = "cpu"

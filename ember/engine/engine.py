@@ -99,7 +99,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=max(config.max_num_batched_tokens, self.max_model_len),
+            max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=eos,
         )
@@ -214,7 +214,16 @@ class Engine:
 
     @torch.inference_mode()
     def _postprocess(self, plan: SchedulePlan, logits: torch.Tensor) -> list[RequestOutput]:
-        requests = [self._requests[s.request_id] for s in plan.seqs]
+        seqs = plan.seqs
+        if all(s.sample for s in seqs):
+            requests = [self._requests[s.request_id] for s in seqs]
+        else:  # prompt chunks that end before their last token: no token, no output
+            rows = [i for i, s in enumerate(seqs) if s.sample]
+            requests = [self._requests[seqs[i].request_id] for i in rows]
+            logits = logits[rows]
+        if not requests:  # only a long prompt's chunk ran
+            self.scheduler.postprocess([], [], [])
+            return []
         result = sample(logits, [r.params for r in requests], [r.generator for r in requests])
         self.scheduler.postprocess(requests, result.token_ids, result.logprobs)
         outputs = []

@@ -156,7 +156,7 @@ class ModelRunner:
         upcast = self.device.type == "cpu" and self.dtype != torch.float32
         slots = torch.tensor(slot_list, dtype=torch.long).to(self.device)  # [T]
         n = plan.num_prefills
-        bounds, masks = self._prefill_meta(seqs[:n], lens[:n])
+        bounds, masks, contexts = self._prefill_meta(seqs[:n], lens[:n])
         groups, kernel = self._decode_meta(seqs[n:]) if n < len(seqs) else ((), None)
         meta = AttentionMetadata(
             slot_mapping=slots,
@@ -164,6 +164,7 @@ class ModelRunner:
             upcast=upcast,
             seq_bounds=bounds,
             prefill_masks=masks,
+            prefill_contexts=contexts,
             decode_groups=groups,
             decode_kernel=kernel,
         )
@@ -174,22 +175,41 @@ class ModelRunner:
 
     def _prefill_meta(
         self, seqs: Sequence[ScheduledSeq], lens: list[int]
-    ) -> tuple[tuple[tuple[int, int], ...], tuple[torch.Tensor | None, ...]]:
-        """Each prefilled request's [start, end) in the flat batch, and its mask (None: causal)."""
-        assert all(s.start_position == 0 for s in seqs), "prefills start at position 0"
-        bounds, masks = [], []
+    ) -> tuple[
+        tuple[tuple[int, int], ...], tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]
+    ]:  # fmt: skip
+        """Each prefill chunk's [start, end) in the flat batch, its mask (None: causal over its
+        own tokens) and, for a chunk after the first, the cache slots of every key it attends
+        to (its request's positions 0..end, read from the cache after this step's write)."""
+        bounds, masks, contexts = [], [], []
         start = 0
         window = self.cfg.sliding_window
-        for n in lens:
+        bs = self.block_size
+        for s, n in zip(seqs, lens, strict=True):
             bounds.append((start, start + n))
             start += n
+            first = s.start_position
             mask = None
-            if window is not None and n > window:
+            context = None
+            if first > 0:
+                table = s.block_table
+                keys = first + n
+                context = torch.tensor(
+                    [table[p // bs] * bs + p % bs for p in range(keys)], dtype=torch.long
+                ).to(self.device)
+                q_pos = torch.arange(first, keys)[:, None]
+                k_pos = torch.arange(keys)[None, :]
+                allowed = k_pos <= q_pos
+                if window is not None:
+                    allowed &= k_pos > q_pos - window
+                mask = allowed.to(self.device)  # [n, first + n]
+            elif window is not None and n > window:
                 i = torch.arange(n)
                 allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
                 mask = allowed.to(self.device)  # [n, n]
             masks.append(mask)
-        return tuple(bounds), tuple(masks)
+            contexts.append(context)
+        return tuple(bounds), tuple(masks), tuple(contexts)
 
     def _decode_meta(
         self, seqs: Sequence[ScheduledSeq]

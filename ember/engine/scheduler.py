@@ -1,16 +1,24 @@
 """Continuous batching: which requests run in the next step, as a plain-data `SchedulePlan`.
 
 Policy: every step decodes one token of each running request and, in the same forward pass,
-prefills the waiting requests it can admit (FIFO, while sequence slots, the token budget and
-free KV blocks last). A new request so costs its running neighbours no step of their own: with
-requests arriving one by one (a server's clients), prefill-only steps would stall every
-decode once per arrival. When a decode lacks a block, the most recently admitted running
-request is preempted by recompute: its blocks are freed and it goes back to the front of the
-queue, to be prefilled again later over its prompt and generated tokens.
+prefills prompt chunks while the step's token budget (`max_num_batched_tokens`, decodes counted
+first) lasts: first the next chunk of requests whose prompt is partly prefilled, then waiting
+requests admitted FIFO (while sequence slots and free KV blocks last). A new request so costs its
+running neighbours no step of their own, and a long prompt is prefilled over several steps
+(chunked prefill) instead of stalling every decode for one long step. When a request lacks a
+block for its next tokens, the most recently admitted running request is preempted by recompute:
+its blocks are freed and it goes back to the front of the queue, to be prefilled again later
+over its prompt and generated tokens.
 
-`postprocess` applies a step's sampled tokens: appends them, checks the token-level stop
-conditions (EOS, stop token ids, max_tokens, max_model_len) and frees finished requests' blocks.
-Stop strings are text-level and decided by the engine's output processing (`finish`).
+A request is mid-prefill while more than one of its tokens has no K/V in the cache
+(`num_tokens - num_cached_tokens > 1`); a chunk that ends before the last token samples
+nothing. A chunk that stops one token short leaves the request in the decode state: its next
+step runs the prompt's last token as a decode and samples the first output token.
+
+`postprocess` applies a step's results: records the prefilled chunks, appends the sampled tokens,
+checks the token-level stop conditions (EOS, stop token ids, max_tokens, max_model_len) and
+frees finished requests' blocks. Stop strings are text-level and decided by the engine's output
+processing (`finish`).
 """
 
 from __future__ import annotations
@@ -26,18 +34,21 @@ from ember.engine.request import Request, RequestStatus
 @dataclass(frozen=True, slots=True)
 class ScheduledSeq:
     """One request's share of a step: run `token_ids` at positions `start_position...`, write
-    their K/V into the slots given by `block_table`, and sample one token after the last."""
+    their K/V into the slots given by `block_table`, and (if `sample`) sample one token after
+    the last. Positions before `start_position` are already in the cache."""
 
     request_id: str
     token_ids: tuple[int, ...]
     start_position: int
     block_table: tuple[int, ...]
+    sample: bool = True  # False: a prompt chunk that ends before the request's last token
 
 
 @dataclass(frozen=True, slots=True)
 class SchedulePlan:
-    """The step's requests: the first `num_prefills` are prefilled from position 0 (their whole
-    prompt, or prompt and output after a preemption), the others decode one token each."""
+    """The step's requests: the first `num_prefills` are prefill chunks (a new request's from
+    position 0; a later chunk attends to the request's cached tokens too; after a preemption the
+    prompt and output are prefilled again), the others decode one token each."""
 
     seqs: tuple[ScheduledSeq, ...]
     num_prefills: int
@@ -64,6 +75,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Request] = deque()
         self.running: deque[Request] = deque()
+        self._unsampled: list[tuple[Request, int]] = []
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -84,51 +96,70 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulePlan:
-        decodes, preempted = self._grow_running()
+        chunks, decodes, preempted, budget = self._grow_running()
         # Blocks ran short: admitting now would take back what the preemption freed.
-        prefills = [] if preempted else self._admit(num_batched=len(decodes))
+        if not preempted:
+            chunks += self._admit(budget)
+        # Chunks that end before their request's last token: `postprocess` records them.
+        self._unsampled = [(r, n) for r, n in chunks if r.num_cached_tokens + n < r.num_tokens]
         seqs = (
-            *(_seq(r, r.num_cached_tokens) for r in prefills),
+            *(_chunk(r, n) for r, n in chunks),
             *(_seq(r, r.num_tokens - 1) for r in decodes),
         )
-        return SchedulePlan(seqs, len(prefills), tuple(preempted))
+        return SchedulePlan(seqs, len(chunks), tuple(preempted))
 
-    def _grow_running(self) -> tuple[list[Request], list[str]]:
-        """A slot for the next token of every running request, preempting the most recently
-        admitted ones while blocks run short."""
-        scheduled: list[Request] = []
+    def _grow_running(self) -> tuple[list[tuple[Request, int]], list[Request], list[str], int]:
+        """Slots for the next token of every decoding request and the next chunk of every
+        request mid-prefill (in admission order, while the token budget left after the decodes
+        lasts), preempting the most recently admitted requests while blocks run short. Returns
+        (chunks as (request, tokens), decodes, preempted ids, token budget left)."""
+        chunks: list[tuple[Request, int]] = []
+        decodes: list[Request] = []
+        kept: list[Request] = []  # running requests in order, scheduled this step or not
         preempted: list[str] = []
-        while self.running and len(scheduled) < self.max_num_seqs:
+        budget = self.max_num_batched_tokens - sum(
+            1 for r in self.running if r.num_tokens - r.num_cached_tokens == 1
+        )
+        while self.running:
             request = self.running.popleft()
-            while not self.block_manager.can_grow(request, request.num_tokens):
+            remaining = request.num_tokens - request.num_cached_tokens
+            n = 1 if remaining == 1 else min(remaining, budget)
+            if n <= 0:  # mid-prefill and no budget left: it waits for the next step
+                kept.append(request)
+                continue
+            target = request.num_cached_tokens + n
+            while not self.block_manager.can_grow(request, target):
                 victim = self.running.pop() if self.running else request
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                self.block_manager.grow(request, request.num_tokens)
-                scheduled.append(request)
-        self.running.extendleft(reversed(scheduled))
-        return scheduled, preempted
+                self.block_manager.grow(request, target)
+                kept.append(request)
+                if remaining == 1:
+                    decodes.append(request)
+                else:
+                    chunks.append((request, n))
+                    budget -= n
+        self.running.extend(kept)
+        return chunks, decodes, preempted, max(budget, 0)
 
-    def _admit(self, num_batched: int) -> list[Request]:
-        """Waiting requests that start this step, FIFO. The first one comes in whatever its
-        length (a prompt longer than the token budget still runs, in a step of its own tokens
-        and the decodes); later ones while the budget lasts."""
-        scheduled: list[Request] = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+    def _admit(self, budget: int) -> list[tuple[Request, int]]:
+        """Waiting requests that start this step, FIFO, each with its first chunk: the whole
+        prompt while the token budget lasts, else the part that fits (the rest follows in
+        later steps)."""
+        scheduled: list[tuple[Request, int]] = []
+        while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             request = self.waiting[0]
-            num_new = request.num_tokens - request.num_cached_tokens
-            if scheduled and num_batched + num_new > self.max_num_batched_tokens:
+            n = min(request.num_tokens - request.num_cached_tokens, budget)
+            if not self.block_manager.can_grow(request, request.num_cached_tokens + n):
                 break
-            if not self.block_manager.can_grow(request, request.num_tokens):
-                break
-            self.block_manager.grow(request, request.num_tokens)
+            self.block_manager.grow(request, request.num_cached_tokens + n)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
-            num_batched += num_new
-            scheduled.append(request)
+            budget -= n
+            scheduled.append((request, n))
             self.running.append(request)
         return scheduled
 
@@ -144,7 +175,12 @@ class Scheduler:
         token_ids: Sequence[int],
         logprobs: Sequence[dict[int, float] | None],
     ) -> None:
-        """Append each request's sampled token; finish those that hit a token-level stop."""
+        """Record the last plan's chunks that sample nothing (their K/V are now cached), then
+        append each sampling request's token (`requests`: those of the plan's seqs with
+        `sample`, in order) and finish those that hit a token-level stop."""
+        for request, n in self._unsampled:
+            request.num_cached_tokens += n
+        self._unsampled = []
         for request, token, lp in zip(requests, token_ids, logprobs, strict=True):
             request.num_cached_tokens = request.num_tokens
             request.output_token_ids.append(token)
@@ -173,6 +209,19 @@ class Scheduler:
         self.block_manager.free(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+
+
+def _chunk(request: Request, n: int) -> ScheduledSeq:
+    """The next `n` uncached tokens of `request` (a prefill chunk)."""
+    start = request.num_cached_tokens
+    end = start + n
+    return ScheduledSeq(
+        request_id=request.request_id,
+        token_ids=tuple(request.all_token_ids[start:end]),
+        start_position=start,
+        block_table=tuple(request.block_table),
+        sample=end == request.num_tokens,
+    )
 
 
 def _seq(request: Request, start: int) -> ScheduledSeq:

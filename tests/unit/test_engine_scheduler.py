@@ -69,7 +69,7 @@ def _scheduler(num_blocks: int, max_num_seqs: int = 8, budget: int = 1000) -> Sc
 def _run_step(s: Scheduler, token: int = 7) -> tuple[list[str], int, list[str]]:
     plan = s.schedule()
     reqs = {r.request_id: r for r in [*s.running, *s.waiting]}
-    batch = [reqs[q.request_id] for q in plan.seqs]
+    batch = [reqs[q.request_id] for q in plan.seqs if q.sample]
     s.postprocess(batch, [token] * len(batch), [None] * len(batch))
     return [q.request_id for q in plan.seqs], plan.num_prefills, list(plan.preempted)
 
@@ -108,13 +108,44 @@ def test_max_num_seqs_bounds_the_batch() -> None:
     assert seen[0] == ["0", "1"]
 
 
-def test_prefill_token_budget_splits_prefills_across_steps() -> None:
+def test_prefill_token_budget_splits_prompts_into_chunks() -> None:
     s = _scheduler(num_blocks=64, budget=10)
     for i in range(3):
         s.add(_request(str(i), 6))
-    assert _run_step(s)[0] == ["0"]
-    assert _run_step(s)[0] == ["1", "0"]  # 6 new tokens + 1 decode: "2" waits for budget
-    assert _run_step(s)[:2] == (["2", "0", "1"], 1)
+    plan = s.schedule()  # "0" whole, then the 4 prompt tokens of "1" that fit
+    assert [(q.request_id, q.start_position, len(q.token_ids), q.sample) for q in plan.seqs] == [
+        ("0", 0, 6, True), ("1", 0, 4, False)
+    ]  # fmt: skip
+    s.postprocess([s.running[0]], [7], [None])
+    r1 = s.running[1]
+    assert r1.num_cached_tokens == 4 and r1.output_token_ids == [] and not s.waiting[0].block_table
+    plan = s.schedule()  # decodes count first (1), then the rest of "1" (2), then "2" (6)
+    assert [(q.request_id, q.start_position, len(q.token_ids), q.sample) for q in plan.seqs] == [
+        ("1", 4, 2, True), ("2", 0, 6, True), ("0", 6, 1, True)
+    ]  # fmt: skip
+    assert plan.num_prefills == 2 and plan.seqs[0].token_ids == (14, 15)
+
+
+def test_a_chunk_one_short_of_the_prompt_leaves_a_decode() -> None:
+    s = _scheduler(num_blocks=64, budget=5)
+    s.add(_request("long", 6))
+    assert _run_step(s)[:2] == (["long"], 1)  # 5 of 6 prompt tokens, no token sampled
+    plan = s.schedule()  # the prompt's last token runs as a decode and samples the first
+    assert plan.num_prefills == 0 and plan.seqs[0].token_ids == (15,)
+    assert plan.seqs[0].start_position == 5 and plan.seqs[0].sample
+
+
+def test_decodes_take_the_budget_first_and_chunks_wait_for_it() -> None:
+    s = _scheduler(num_blocks=64, budget=3)
+    for i in range(3):
+        s.add(_request(str(i), 1))
+    _run_step(s)  # three 1-token prompts: all decode from now on
+    s.add(_request("late", 4))
+    ids, prefills, _ = _run_step(s)
+    assert ids == ["0", "1", "2"] and prefills == 0  # the decodes use the whole budget
+    s.finish(s.running[0], "abort")
+    ids, prefills, _ = _run_step(s)
+    assert ids == ["late", "1", "2"] and prefills == 1  # 1 token of "late" fits now
 
 
 def test_out_of_blocks_preempts_the_newest_request_by_recompute() -> None:

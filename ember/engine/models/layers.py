@@ -2,9 +2,10 @@
 tensor-parallel reduction.
 
 Attention works on a flat batch of `T` new tokens from `B` requests: their K/V are written into
-the paged cache at `slot_mapping`. The step's prefilled requests come first, each attending
-causally over its own new tokens (one `scaled_dot_product_attention` call per request: no
-padding, no gather). Then one token per decoding request: on CPU (bf16 or fp32 cache) a small
+the paged cache at `slot_mapping`. The step's prefill chunks come first, one
+`scaled_dot_product_attention` call each: a request's first chunk attends causally over its own
+new tokens (no padding, no gather), a later chunk of a long prompt over its request's keys read
+back from the cache. Then one token per decoding request: on CPU (bf16 or fp32 cache) a small
 C kernel (`cpu_attention`) reads each request's
 K/V from its blocks in place; elsewhere each request's context is gathered from its blocks (or
 read as one slice when a lone request's blocks are consecutive) and attended in batched calls
@@ -46,10 +47,10 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
 class AttentionMetadata:
     """Per-step inputs of every attention layer (built once by the model runner).
 
-    A step's first `num_prefill_tokens` tokens are prefills: whole requests from position 0 (the
-    scheduler recomputes preempted requests in full), whose new tokens attend causally to
-    themselves. The tokens after them are decodes, one per request, each attending to its
-    request's cached context.
+    A step's first `num_prefill_tokens` tokens are prefill chunks: a request's first chunk starts
+    at position 0 and attends causally to itself; a later chunk of a long prompt attends to its
+    request's cached tokens and causally to itself. The tokens after them are decodes, one per
+    request, each attending to its request's cached context.
     """
 
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
@@ -57,7 +58,10 @@ class AttentionMetadata:
     upcast: bool = False  # attend in fp32 (CPU bf16/fp16 SDPA kernels are several times slower)
     # prefill: tokens [0, num_prefill_tokens)
     seq_bounds: tuple[tuple[int, int], ...] = ()  # each request's [start, end) in the flat batch
-    prefill_masks: tuple[torch.Tensor | None, ...] = ()  # [n, n] sliding-window mask, or causal
+    prefill_masks: tuple[torch.Tensor | None, ...] = ()  # [n, keys] mask; None: causal, keys = n
+    # per chunk: None (it starts at position 0: its keys are its own tokens) or the cache slots
+    # of its request's positions 0..end (a later chunk of a long prompt)
+    prefill_contexts: tuple[torch.Tensor | None, ...] = ()
     # decode: tokens [num_prefill_tokens, T)
     decode_groups: tuple[DecodeGroup, ...] = ()
     decode_kernel: KernelDecode | None = None  # set: the CPU kernel attends over the blocks
@@ -107,12 +111,18 @@ def paged_attention(
     if p == 0:
         return _decode_attention(q, kv_cache, meta, up, scale)
     out = q.new_empty(num_tokens, heads * head_dim)
-    # One call per prefilled request over its own tokens: no padding, no gather.
-    for (s, e), mask in zip(meta.seq_bounds, meta.prefill_masks, strict=True):
+    # One call per prefill chunk: a request's first chunk attends over its own tokens (no
+    # padding, no gather); a later chunk gathers its request's keys from the cache.
+    chunks = zip(meta.seq_bounds, meta.prefill_masks, meta.prefill_contexts, strict=True)
+    for (s, e), mask, context in chunks:
+        if context is None:
+            kk, vv = k[s:e], v[s:e]
+        else:
+            kk, vv = k_flat.index_select(0, context), v_flat.index_select(0, context)
         o = F.scaled_dot_product_attention(
             up(q[s:e]).transpose(0, 1)[None],  # [1, H, n, D]
-            up(k[s:e]).transpose(0, 1)[None],  # [1, KVH, n, D]
-            up(v[s:e]).transpose(0, 1)[None],
+            up(kk).transpose(0, 1)[None],  # [1, KVH, keys, D]
+            up(vv).transpose(0, 1)[None],
             attn_mask=mask,
             is_causal=mask is None,
             scale=scale,
