@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-model-len", type=int, help="longest prompt + output, in tokens")
     parser.add_argument("--max-num-seqs", type=int, default=16, help="batch size per instance")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048,
+        help="tokens per engine step; longer prompts are prefilled in chunks of what is left",
+    )  # fmt: skip
     parser.add_argument("--max-queue", type=int, default=64, help="queued requests before 429")
     parser.add_argument(
         "--request-timeout-s", type=float, default=60.0, help="wait + run limit per request"
@@ -50,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s,
     )

@@ -148,6 +148,7 @@ class EngineRunner:
             tensor_parallel_size=spec.tp,
             max_model_len=spec.max_model_len,
             max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
             device=device,
         )
         return cls(Engine(config))

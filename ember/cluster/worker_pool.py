@@ -141,6 +141,7 @@ class PooledInstanceActor(InstanceActor):
             tensor_parallel_size=spec.tp,
             max_model_len=spec.max_model_len,
             max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
             device=self._device,
             pack_weights=self._pack_weights,
         )

@@ -470,7 +470,10 @@ class Controller:
 
 
 def _engine_fields(spec: DeploymentSpec) -> tuple[object, ...]:
-    return (spec.source, spec.tp, spec.dtype, spec.max_model_len, spec.max_num_seqs)
+    return (
+        spec.source, spec.tp, spec.dtype, spec.max_model_len, spec.max_num_seqs,
+        spec.max_num_batched_tokens,
+    )  # fmt: skip
 
 
 def _log_task_error(task: asyncio.Task[None]) -> None:

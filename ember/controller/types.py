@@ -32,6 +32,9 @@ class DeploymentSpec:
     dtype: weight dtype: auto (the checkpoint's), float32, float16 or bfloat16.
     max_model_len: longest prompt + output in tokens; None = the model's own limit.
     max_num_seqs: sequences an instance batches at once.
+    max_num_batched_tokens: tokens in one engine step (decodes first, then prompt chunks: a
+        longer prompt is prefilled over several steps); lower bounds the stall a long prompt
+        puts on running requests, higher prefills bursts in fewer steps.
     max_queue: requests the router queues for this deployment before answering 429.
     request_timeout_s: the longest a request may wait and run before a timeout error.
     """
@@ -46,6 +49,7 @@ class DeploymentSpec:
     dtype: str = "auto"
     max_model_len: int | None = None
     max_num_seqs: int = 16
+    max_num_batched_tokens: int = 2048
     max_queue: int = 64
     request_timeout_s: float = 60.0
 
@@ -72,6 +76,7 @@ class DeploymentSpec:
         if self.max_model_len is not None:
             _at_least("max_model_len", self.max_model_len, 1)
         _at_least("max_num_seqs", self.max_num_seqs, 1)
+        _at_least("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _at_least("max_queue", self.max_queue, 0)
         if not (math.isfinite(self.request_timeout_s) and self.request_timeout_s > 0):
             raise ConfigError(

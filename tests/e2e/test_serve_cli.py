@@ -84,13 +84,17 @@ def test_deploy_status_delete_round_trip(
     model = model_factory("llama", "tiny", "fp32", seed=3)
     url = ("--url", ember_server.url)
     env = {**os.environ, "EMBER_URL": ember_server.url}  # --url or $EMBER_URL
-    r = ember("deploy", "cli-m", str(model), "--min-instances", "1", "--keep-alive-s", "5", env=env)
+    r = ember(
+        "deploy", "cli-m", str(model), "--min-instances", "1", "--keep-alive-s", "5",
+        "--max-num-batched-tokens", "64", env=env,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"deployment cli-m created (source {model})"
 
     wait_for(lambda: instance_states(ember_server, "cli-m") == ["ready"])
     d = deployment(status_json(ember_server), "cli-m")
     assert d is not None and d["spec"]["keep_alive_s"] == 5.0 and d["spec"]["min_instances"] == 1
+    assert d["spec"]["max_num_batched_tokens"] == 64
     [inst] = d["instances"]
     assert inst["node_id"] and inst["load_s"] > 0
     assert d["cached_on"] == [inst["node_id"]]

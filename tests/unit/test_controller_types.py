@@ -44,6 +44,7 @@ def test_spec_from_dict_accepts_int_for_float_fields() -> None:
         ({"name": "m", "source": "/x", "keep_alive_s": -1}, "keep_alive_s"),
         ({"name": "m", "source": "/x", "target_concurrency": "4"}, "target_concurrency"),
         ({"name": "m", "source": "/x", "max_num_seqs": True}, "max_num_seqs"),
+        ({"name": "m", "source": "/x", "max_num_batched_tokens": 0}, "max_num_batched_tokens"),
         ({"name": "m", "source": "/x", "request_timeout_s": 0}, "request_timeout_s"),
         ({"name": "bad name!", "source": "/x"}, "name"),
         ({"name": "", "source": "/x"}, "name"),
