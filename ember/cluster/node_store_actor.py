@@ -2,7 +2,8 @@
 its node with hard affinity, no CPU reserved), wrapping `ember.store.node_store.NodeStore`.
 
 Instances on the node acquire checkpoints through it (`acquire_on_this_node`), which pins the
-DRAM copy for as long as the instance's process lives: pins are held per process id and
+copy the instance maps (DRAM, or SSD for a checkpoint not yet in DRAM) for as long as the
+instance's process lives: pins are held per process id and
 reaped when that process is gone (an instance killed by Ray never says goodbye), so a crashed
 instance never keeps a checkpoint pinned forever. The controller calls `prefetch`, `evict` and
 `status` through the handle `start_node_store` returns.
@@ -32,7 +33,8 @@ NAMESPACE = "ember"
 
 @dataclass(frozen=True, slots=True)
 class AcquireReport:
-    """What an instance gets back: the DRAM-tier directory and how it got there."""
+    """What an instance gets back: the directory to map (DRAM tier, or SSD tier for a
+    checkpoint not yet in DRAM) and where the checkpoint was found."""
 
     path: str
     served_from: str  # "dram", "ssd", "remote" or "local"
@@ -50,40 +52,52 @@ class NodeStoreActor:
         from ember.store.node_store import NodeStore
 
         self._store = NodeStore(config)
-        self._holders: dict[str, list[int]] = {}  # source -> pids holding a pin
+        # source -> (pid, tier) of each pin held: "dram", or "ssd" for an instance that maps
+        # the SSD copy (`NodeStore.acquire_ssd`)
+        self._holders: dict[str, list[tuple[int, str]]] = {}
 
     def _reap(self) -> None:
-        for source, pids in list(self._holders.items()):
-            for pid in list(pids):
+        for source, holders in list(self._holders.items()):
+            for pid, tier in list(holders):
                 if not _alive(pid):
-                    pids.remove(pid)
-                    self._store.release(source)
-                    logger.info("pin reaped source=%s pid=%d", source, pid)
-            if not pids:
+                    holders.remove((pid, tier))
+                    self._store.release(source, tier)
+                    logger.info("pin reaped source=%s pid=%d tier=%s", source, pid, tier)
+            if not holders:
                 del self._holders[source]
 
     async def acquire(self, source: str, pid: int, streaming: bool = False) -> AcquireReport:
-        """Pin `source` in DRAM for process `pid`, fetching it if needed. With `streaming`,
-        answer as soon as the fetch has started: the path may then be the in-progress
-        `.fetching/<key>` directory, which `ember.store.shm.map_dram` maps chunk by chunk."""
+        """Pin `source` for process `pid`, fetching it if needed. With `streaming`, answer as
+        soon as the engine can map it: a checkpoint on SSD but not in DRAM is mapped from the
+        SSD tier (checked first, copied into DRAM behind it: `NodeStore.acquire_ssd`); else the
+        path may be the in-progress `.fetching/<key>` DRAM directory, which
+        `ember.store.shm.map_dram` maps chunk by chunk."""
         self._reap()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         where = self._store.locate(source) or ("remote" if source.startswith("s3://") else "local")
+        tier = "dram"
+        path: Path | None = None
         if streaming:
-            path, _complete = await loop.run_in_executor(
-                None, self._store.acquire_streaming, source
-            )
+            path = await loop.run_in_executor(None, self._store.acquire_ssd, source)
+            if path is not None:
+                tier = "ssd"
+            else:
+                path, _complete = await loop.run_in_executor(
+                    None, self._store.acquire_streaming, source
+                )
         else:
             path = await loop.run_in_executor(None, self._store.acquire, source)
-        self._holders.setdefault(source, []).append(pid)
+        self._holders.setdefault(source, []).append((pid, tier))
         return AcquireReport(str(path), where, time.perf_counter() - t0)
 
     async def release(self, source: str, pid: int) -> None:
-        pids = self._holders.get(source, [])
-        if pid in pids:
-            pids.remove(pid)
-            self._store.release(source)
+        holders = self._holders.get(source, [])
+        for holder in holders:
+            if holder[0] == pid:
+                holders.remove(holder)
+                self._store.release(source, holder[1])
+                break
 
     async def ensure(self, source: str, tier: str = "dram") -> AcquireReport:
         self._reap()

@@ -48,6 +48,12 @@ def unmap_range(addr: int, length: int) -> None:
     _libc.munmap(addr, length)
 
 
+def prefer_huge_pages(addr: int, length: int) -> None:
+    """MADV_HUGEPAGE on a `map_range` mapping (see `ember.store.shm._prefer_huge_pages`): what
+    it reads from disk enters the page cache as 2 MiB folios. A no-op where THP is off."""
+    _libc.madvise(addr, length, getattr(mmap, "MADV_HUGEPAGE", 14))
+
+
 def resident_pages(fd: int, offset: int, length: int) -> tuple[int, int]:
     """(resident, total) 4 KiB pages of `fd` in [offset, offset+length); (0, 0) if empty."""
     start = offset - offset % _PAGE

@@ -71,6 +71,40 @@ def verify(path: str | Path) -> VerifyReport:
     return report
 
 
+def verify_mapped(path: str | Path) -> int:
+    """Every block checksum of every partition (all ranks) of the checkpoint at `path`, read
+    through read-only shared mappings: bytes in the page cache are hashed where they lie (no
+    copy), bytes on disk are read in first by `pagecache.populate`'s threads, in 2 MiB folios,
+    so an engine that maps the files next finds them cached. For a local tier's copy about to
+    be mapped by an engine. Returns the bytes checked; raises `CheckpointCorruptError` naming the
+    file and byte range (or the size) at the first mismatch."""
+    import ctypes
+
+    from ember.store.format import open_partition
+    from ember.store.pagecache import map_range, populate, prefer_huge_pages, unmap_range
+
+    index = read_index(path)
+    assert index.path is not None
+    nbytes = 0
+    for p in index.partitions:
+        fd = open_partition(index.path / p.file, p.nbytes)  # size checked
+        try:
+            if p.nbytes == 0:
+                continue
+            addr = map_range(fd, 0, p.nbytes)
+        finally:
+            os.close(fd)
+        try:
+            prefer_huge_pages(addr, p.nbytes)
+            populate(addr, p.nbytes)
+            with memoryview((ctypes.c_char * p.nbytes).from_address(addr)).cast("B") as view:
+                verify_blocks(Chunk(p, 0, p.nbytes, 0, index.block_bytes), view, index.path)
+        finally:
+            unmap_range(addr, p.nbytes)
+        nbytes += p.nbytes
+    return nbytes
+
+
 def _read_exact(fd: int, view: memoryview, offset: int, path: Path) -> None:
     done = 0
     while done < len(view):

@@ -329,3 +329,58 @@ def test_engine_built_on_a_fetch_in_progress_serves_the_same_tokens(
         store.release(url)
     finally:
         relay.close()
+
+
+def test_an_instance_maps_an_ssd_copy_checked_while_dram_gets_it_behind(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    """A checkpoint on SSD only: `acquire_ssd` pins the SSD copy and hands its directory out
+    (same tensors), DRAM gets a copy in the background, and the pin holds the SSD copy."""
+    import time
+
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    url = pushed["a"]
+    assert store.acquire_ssd(url) is None  # nowhere local yet: the usual fetch
+    store.ensure(url)
+    assert store.acquire_ssd(url) is None  # in DRAM: map that
+    assert store.evict(url, "dram")
+    path = store.acquire_ssd(url)
+    assert path == store.ssd.path(checkpoint_key(url)) and not is_dram_path(path)
+    assert_same_tensors(map_checkpoint(path), checkpoints["a"])
+    with pytest.raises(StoreCapacityError, match="in use"):
+        store.evict(url, "ssd")
+    deadline = time.monotonic() + 30
+    while store.locate(url) != "dram":  # promoted behind the instance
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    store.ensure(url)  # the promotion has committed
+    assert sorted((r.tier, r.pins) for r in store.status()) == [("dram", 0), ("ssd", 1)]
+    store.release(url, "ssd")
+    assert [r.pins for r in store.status()] == [0, 0]
+
+
+def test_a_damaged_ssd_copy_is_never_mapped_and_is_fetched_again(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore], caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    url = pushed["b"]
+    store.ensure(url)
+    assert store.evict(url, "dram")
+    ssd_dir = store.ssd.path(checkpoint_key(url))
+    part = sorted(ssd_dir.glob("*.bin"))[0]
+    with open(part, "r+b") as f:  # one flipped byte in the second checksum block
+        f.seek(BLOCK + 123)
+        byte = f.read(1)
+        f.seek(BLOCK + 123)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with caplog.at_level("ERROR", logger="ember.store.node_store"):
+        assert store.acquire_ssd(url) is None
+    assert part.name in caplog.text and "checksum mismatch" in caplog.text
+    assert not store.ssd.has(checkpoint_key(url))  # evicted, so nothing maps it later
+    again = store.ensure(url)
+    assert again.served_from == "remote"
+    assert_same_tensors(map_checkpoint(again.path), checkpoints["b"])
