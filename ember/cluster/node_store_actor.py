@@ -68,8 +68,9 @@ class NodeStoreActor:
 
     async def acquire(self, source: str, pid: int, streaming: bool = False) -> AcquireReport:
         """Pin `source` for process `pid`, fetching it if needed. With `streaming`, answer as
-        soon as the engine can map it: a checkpoint on SSD but not in DRAM is mapped from the
-        SSD tier (checked first, copied into DRAM behind it: `NodeStore.acquire_ssd`); else the
+        soon as the engine can map it: a checkpoint on SSD (in the page cache) but not in DRAM is
+        mapped from the SSD tier (checked first, copied into DRAM behind it:
+        `NodeStore.acquire_ssd`); else the
         path may be the in-progress `.fetching/<key>` DRAM directory, which
         `ember.store.shm.map_dram` maps chunk by chunk."""
         self._reap()

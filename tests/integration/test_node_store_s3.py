@@ -335,8 +335,9 @@ def test_an_instance_maps_an_ssd_copy_checked_while_dram_gets_it_behind(
     tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
     dram_cleanup: list[NodeStore],
 ) -> None:  # fmt: skip
-    """A checkpoint on SSD only: `acquire_ssd` pins the SSD copy and hands its directory out
-    (same tensors), DRAM gets a copy in the background, and the pin holds the SSD copy."""
+    """A checkpoint on SSD only, in the page cache: `acquire_ssd` pins the SSD copy and hands
+    its directory out (same tensors), DRAM gets a copy in the background, and the pin holds the
+    SSD copy. Not in the page cache: None, for the usual fetch."""
     import time
 
     store = make_store(tmp_path, endpoint)
@@ -346,6 +347,14 @@ def test_an_instance_maps_an_ssd_copy_checked_while_dram_gets_it_behind(
     store.ensure(url)
     assert store.acquire_ssd(url) is None  # in DRAM: map that
     assert store.evict(url, "dram")
+    from ember.store.pagecache import evict as drop_from_page_cache
+
+    ssd_files = [f for f in store.ssd.path(checkpoint_key(url)).iterdir() if f.suffix == ".bin"]
+    assert max(drop_from_page_cache(f) for f in ssd_files) < 0.01
+    assert store.acquire_ssd(url) is None  # on disk only: the O_DIRECT fetch is faster
+    assert [r.pins for r in store.status()] == [0]
+    for f in ssd_files:  # back into the page cache
+        f.read_bytes()
     path = store.acquire_ssd(url)
     assert path == store.ssd.path(checkpoint_key(url)) and not is_dram_path(path)
     assert_same_tensors(map_checkpoint(path), checkpoints["a"])
