@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,20 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # No pre-started workers unless a test asks (tests count instance processes); node store tests
 # turn the pool on themselves.
 os.environ.setdefault("EMBER_WORKER_POOL_SIZE", "0")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_ember_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Hugging Face folders that tests load are converted into this session's own cache, not
+    the user's ~/.cache/ember (which grew by a few checkpoints with every run). Set before any
+    test starts Ray or a server, so their processes inherit it."""
+    before = os.environ.get("EMBER_CACHE_DIR")
+    os.environ["EMBER_CACHE_DIR"] = str(tmp_path_factory.mktemp("ember-cache"))
+    yield
+    if before is None:
+        os.environ.pop("EMBER_CACHE_DIR", None)
+    else:
+        os.environ["EMBER_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")
