@@ -21,6 +21,7 @@ Times are medians of repeated runs (warm-up excluded).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -61,6 +62,14 @@ RATE_RPS = 1.5
 
 def machine() -> dict[str, Any]:
     return {**machine_facts(), "git_sha": git_sha()}
+
+
+def _place_all(servers: list[ServerState], models: list[ModelSpec], cfg: Any) -> object:
+    return [place(servers, m, cfg) for m in models]
+
+
+def _place_all_locality(servers: list[ServerState], models: list[ModelSpec]) -> object:
+    return [place_locality(servers, m) for m in models]
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
@@ -170,8 +179,8 @@ def placement_rows(repeats: int) -> list[dict[str, Any]]:
                             preemption_risk=rng.random() * 0.2, price_per_gpu_hour=0.9)
             )  # fmt: skip
         picks = models[:16]
-        t_place, _ = timed(lambda s=servers, p=picks: [place(s, m, cfg) for m in p], repeats)
-        t_loc, _ = timed(lambda s=servers, p=picks: [place_locality(s, m) for m in p], repeats)
+        t_place, _ = timed(functools.partial(_place_all, servers, picks, cfg), repeats)
+        t_loc, _ = timed(functools.partial(_place_all_locality, servers, picks), repeats)
         rows.append(
             {
                 "gpus": n_gpus,
