@@ -165,6 +165,15 @@ def test_cuda_engine_matches_transformers(case: str, model_factory: Callable[...
     _check_case(case, model_factory, device="cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ["llama", "mistral-sliding-window"])
+def test_cuda_chunked_prefill_matches_transformers(
+    case: str, model_factory: Callable[..., Path]
+) -> None:
+    _check_case(case, model_factory, device="cuda", budget=13)
+
+
 def _check_case(
     case: str, model_factory: Callable[..., Path], device: str = "cpu", budget: int = 2048
 ) -> None:
