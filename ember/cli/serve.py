@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import re
+import signal
 import socket
 from dataclasses import replace
 from pathlib import Path
@@ -64,7 +65,15 @@ def run(args: argparse.Namespace) -> int:
     api_config.validate()  # refuses a non-loopback host without keys before anything starts
     _check_port_free(config.host, config.port)  # before Ray starts, not after
     models = [_model_spec(m) for m in args.model]
-    asyncio.run(_serve(config, api_config, models))
+    try:
+        asyncio.run(_serve(config, api_config, models))
+    except SystemExit as e:
+        # Ray's driver turns SIGTERM into exit(15) (uvicorn passes the signal on once it has
+        # stopped). A stop asked for with SIGTERM is a clean one: exit 0, which service
+        # managers (systemd, container runtimes) count as success; 15 they count as a failure.
+        if e.code != signal.SIGTERM:
+            raise
+        logger.info("stopped on SIGTERM")
     return 0
 
 

@@ -190,3 +190,18 @@ def test_busy_port_and_unreachable_cluster_are_one_line_errors(
     gone = ember("serve", "--address", "127.0.0.1:9", "--port", port, *state)
     assert gone.returncode == 1 and len(gone.stderr.strip().splitlines()) == 1
     assert "cannot join the Ray cluster at 127.0.0.1:9: nothing answers there" in gone.stderr
+
+
+def test_sigterm_stops_the_server_cleanly_with_exit_code_0(
+    start_ember_server: Callable[..., EmberServer],
+) -> None:
+    """What a service manager sends: the server stops its instances and Ray and exits 0 (Ray's
+    driver handler used to turn the signal into exit code 15, a failure to systemd)."""
+    import signal
+
+    server = start_ember_server("--no-demo")
+    proc = server.proc
+    assert proc is not None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, server.log()
+    assert "ember stopped" in server.log()
