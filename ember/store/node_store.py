@@ -11,10 +11,10 @@ Pins: `acquire(source)` marks a DRAM copy in use by a local instance (never evic
 `release`); a fetch in progress pins its reservation. `acquire_ssd(source)` lets an instance
 map a checkpoint that is on SSD (with its files in the page cache) but not in DRAM straight
 from the SSD tier's files (checked block by block first), pinning the SSD copy instead, and
-brings it into DRAM behind it: copying into the DRAM tier's tmpfs runs at the rate tmpfs allocates 4 KiB
-pages (2.3-2.6 GB/s on the dev VM, whatever the thread count), so the instance no longer waits
-for that copy. Eviction is LRU per tier, on demand when a fetch needs room, or explicit with
-`evict(source, tier)`.
+brings it into DRAM behind it: copying into the DRAM tier's tmpfs runs at the rate tmpfs
+allocates 4 KiB pages (2.3-2.6 GB/s on the dev VM, whatever the thread count), so the
+instance no longer waits for that copy. Eviction is LRU per tier, on demand when a fetch
+needs room, or explicit with `evict(source, tier)`.
 
 Thread-safe: one lock guards the tiers' bookkeeping; the bytes move outside it.
 """
