@@ -342,8 +342,9 @@ class EngineRunner:
                             tuple(out.logprobs[len(out.logprobs) - len(new) :]) if new else ()
                         )
                     if request_id in channel_ids:
-                        rows.append((request_id, new, out.new_text, out.finished,
-                                     out.finish_reason, len(out.prompt_token_ids), logprobs))  # fmt: skip
+                        n_prompt = len(out.prompt_token_ids)
+                        row = (request_id, new, out.new_text, out.finished, out.finish_reason)
+                        rows.append((*row, n_prompt, logprobs))
                         continue
                     items.append(
                         StreamDelta(

@@ -32,6 +32,8 @@ from ember.engine.models.layers import (
 )
 from ember.engine.scheduler import ScheduledSeq, SchedulePlan
 
+_Tensors = tuple[torch.Tensor | None, ...]  # one per prefill chunk (None: not needed)
+
 logger = logging.getLogger(__name__)
 
 # Decode requests attended per call. Contexts are padded to the longest in a group, so groups of
@@ -175,9 +177,7 @@ class ModelRunner:
 
     def _prefill_meta(
         self, seqs: Sequence[ScheduledSeq], lens: list[int]
-    ) -> tuple[
-        tuple[tuple[int, int], ...], tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]
-    ]:  # fmt: skip
+    ) -> tuple[tuple[tuple[int, int], ...], _Tensors, _Tensors]:
         """Each prefill chunk's [start, end) in the flat batch, its mask (None: causal over its
         own tokens) and, for a chunk after the first, the cache slots of every key it attends
         to (its request's positions 0..end, read from the cache after this step's write)."""
