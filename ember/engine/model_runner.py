@@ -153,8 +153,7 @@ class ModelRunner:
         for s, n in zip(seqs, lens, strict=True):
             input_ids.extend(s.token_ids)
             pos_list.extend(range(s.start_position, s.start_position + n))
-            table = s.block_table
-            slot_list.extend(table[p // bs] * bs + p % bs for p in pos_list[-n:])
+            slot_list.extend(_slots(s.block_table, s.start_position, s.start_position + n, bs))
         upcast = self.device.type == "cpu" and self.dtype != torch.float32
         slots = torch.tensor(slot_list, dtype=torch.long).to(self.device)  # [T]
         n = plan.num_prefills
@@ -192,11 +191,9 @@ class ModelRunner:
             mask = None
             context = None
             if first > 0:
-                table = s.block_table
                 keys = first + n
-                context = torch.tensor(
-                    [table[p // bs] * bs + p % bs for p in range(keys)], dtype=torch.long
-                ).to(self.device)
+                context = torch.tensor(_slots(s.block_table, 0, keys, bs), dtype=torch.long)
+                context = context.to(self.device)
                 q_pos = torch.arange(first, keys)[:, None]
                 k_pos = torch.arange(keys)[None, :]
                 allowed = k_pos <= q_pos
@@ -285,6 +282,12 @@ class ModelRunner:
         for layer, cache in enumerate(self.kv_caches):
             flat = cache.view(2, -1, self.kv_heads, self.cfg.head_dim)
             flat.index_copy_(1, index, kv[layer].to(device=self.device, dtype=self.dtype))
+
+
+def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """The cache slots of positions [start, end) of a request whose blocks are `table` (as
+    `BlockManager.slot` gives them one by one)."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

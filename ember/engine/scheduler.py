@@ -104,7 +104,7 @@ class Scheduler:
         self._unsampled = [(r, n) for r, n in chunks if r.num_cached_tokens + n < r.num_tokens]
         seqs = (
             *(_chunk(r, n) for r, n in chunks),
-            *(_seq(r, r.num_tokens - 1) for r in decodes),
+            *(_decode(r) for r in decodes),
         )
         return SchedulePlan(seqs, len(chunks), tuple(preempted))
 
@@ -224,15 +224,13 @@ def _chunk(request: Request, n: int) -> ScheduledSeq:
     )
 
 
-def _seq(request: Request, start: int) -> ScheduledSeq:
+def _decode(request: Request) -> ScheduledSeq:
+    """The request's last token (the one sampled last, or the prompt's last when a chunk
+    stopped one short of it), run at its position to sample the next."""
     out = request.output_token_ids
-    if start == request.num_tokens - 1:  # decode: just the last token, without a list copy
-        tokens: tuple[int, ...] = (out[-1] if out else request.prompt_token_ids[-1],)
-    else:
-        tokens = tuple(request.all_token_ids[start:])
     return ScheduledSeq(
         request_id=request.request_id,
-        token_ids=tokens,
-        start_position=start,
+        token_ids=(out[-1] if out else request.prompt_token_ids[-1],),
+        start_position=request.num_tokens - 1,
         block_table=tuple(request.block_table),
     )
