@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -99,8 +100,6 @@ def main() -> int:
     model = model_dir()
     runs: dict[int, list[dict[str, float]]] = {b: [] for b in budgets}
     with tempfile.TemporaryDirectory() as cache:
-        import os
-
         os.environ.setdefault("EMBER_CACHE_DIR", cache)
         for _ in range(args.rounds):
             for b in budgets:
