@@ -138,7 +138,10 @@ class EngineRunner:
         self.broken: str | None = None
 
     @classmethod
-    def create(cls, spec: DeploymentSpec, checkpoint: Path, device: str = "cpu") -> EngineRunner:
+    def create(
+        cls, spec: DeploymentSpec, checkpoint: Path, device: str = "cpu", pack_weights: bool = True
+    ) -> EngineRunner:
+        """An engine for `spec` on `checkpoint` (`pack_weights`: see `EngineConfig`)."""
         from ember.engine.config import EngineConfig
         from ember.engine.engine import Engine
 
@@ -150,6 +153,7 @@ class EngineRunner:
             max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,
             device=device,
+            pack_weights=pack_weights,
         )
         return cls(Engine(config))
 

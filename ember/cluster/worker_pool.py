@@ -131,21 +131,8 @@ class PooledInstanceActor(InstanceActor):
         on the node); packed, each instance re-lays them out for oneDNN (a private copy that
         costs load time and memory, for faster bf16 decode)."""
         from ember.cluster.runner import EngineRunner
-        from ember.engine.config import EngineConfig
-        from ember.engine.engine import Engine
 
-        spec = self._spec
-        config = EngineConfig(
-            model=str(path),
-            dtype=spec.dtype,
-            tensor_parallel_size=spec.tp,
-            max_model_len=spec.max_model_len,
-            max_num_seqs=spec.max_num_seqs,
-            max_num_batched_tokens=spec.max_num_batched_tokens,
-            device=self._device,
-            pack_weights=self._pack_weights,
-        )
-        return EngineRunner(Engine(config))
+        return EngineRunner.create(self._spec, path, self._device, self._pack_weights)
 
 
 def _memory_bytes() -> tuple[int, int]:
