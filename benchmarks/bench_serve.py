@@ -17,6 +17,10 @@ exactly the tokens it asks for):
    before it (this VM's speed drifts by 10-20% within minutes, so each pair shares its phase).
    Target: >= 90% of the engine's.
 
+3. The CPU the API process (`ember serve`: HTTP, router, controller) and this client use during
+   the HTTP passes, as shares of one core (`throughput.api_process_cpu`, `client_cpu`): what the
+   serving path needs beside the instance's own core.
+
 The two sides never run at the same time (2 cores) but alternate in rounds (10 TTFT requests
 each, then whole passes of the mix), so a busy neighbour on a shared machine slows both alike;
 the in-process engine uses as many torch threads as an instance actor does (`instance_cpus`, 1 by
@@ -148,6 +152,16 @@ class InProcess:
         self.engine.close()
 
 
+# --- CPU accounting ----------------------------------------------------------------------------
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, all its threads."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 # --- ember over HTTP ---------------------------------------------------------------------------
 
 
@@ -255,10 +269,21 @@ async def http_mix(url: str, mix: list, concurrency: int) -> tuple[int, float]:
         return sum(counts), time.perf_counter() - t0
 
 
+class Passes:
+    """The timed passes of the throughput mix: (output tokens, seconds) per side, and the CPU
+    the API process and this client used in each HTTP pass, as shares of one core."""
+
+    def __init__(self) -> None:
+        self.engine: list[tuple[int, float]] = []
+        self.http: list[tuple[int, float]] = []
+        self.api_cpu: list[float] = []
+        self.client_cpu: list[float] = []
+
+
 async def interleaved(
     url: str, base: InProcess, prompt: list[int], rounds: int, per_round: int, mix: list,
-    passes: int, concurrency: int,
-) -> tuple[list[float], list[float], list[tuple[int, float]], list[tuple[int, float]]]:  # fmt: skip
+    passes: int, concurrency: int, api_pid: int | None,
+) -> tuple[list[float], list[float], Passes]:  # fmt: skip
     """Alternate the two sides in rounds, so a busy neighbour on the machine slows both alike.
     The engine side blocks the event loop while it runs: nothing else is in flight then."""
     limits = httpx.Limits(max_connections=len(mix) + 4, max_keepalive_connections=len(mix) + 4)
@@ -273,11 +298,17 @@ async def interleaved(
             h_ttft += [await http_ttft(client, prompt) for _ in range(per_round)]
         base.mix(mix, concurrency)  # warm-up passes (batch shapes), untimed
         await http_mix(url, mix, concurrency)
-        e_runs, h_runs = [], []
+        runs = Passes()
         for _ in range(passes):
-            e_runs.append(base.mix(mix, concurrency))
-            h_runs.append(await http_mix(url, mix, concurrency))
-    return e_ttft, h_ttft, e_runs, h_runs
+            runs.engine.append(base.mix(mix, concurrency))
+            api0 = cpu_s(api_pid) if api_pid is not None else 0.0
+            client0 = time.process_time()  # the engine side is idle now: this is the client
+            runs.http.append(await http_mix(url, mix, concurrency))
+            wall = runs.http[-1][1]
+            runs.client_cpu.append((time.process_time() - client0) / wall)
+            if api_pid is not None:
+                runs.api_cpu.append((cpu_s(api_pid) - api0) / wall)
+    return e_ttft, h_ttft, runs
 
 
 def _instance_cpus() -> float:
@@ -343,8 +374,11 @@ def main() -> int:
                 proc, url = start_server(work, pack, threads)
             deploy(url, model, max_num_seqs)
             t = time.perf_counter()
-            e_ttft, h_ttft, e_runs, h_runs = asyncio.run(
-                interleaved(url, base, ttft_prompt, n_ttft // 10, 10, mix, repeats, concurrency)
+            api_pid = proc.pid if proc is not None else None
+            e_ttft, h_ttft, runs = asyncio.run(
+                interleaved(
+                    url, base, ttft_prompt, n_ttft // 10, 10, mix, repeats, concurrency, api_pid
+                )
             )
             print(f"measured in {time.perf_counter() - t:.0f} s", flush=True)
         finally:
@@ -358,12 +392,15 @@ def main() -> int:
     e50, e99 = percentile(e_ttft, 0.5) * ms, percentile(e_ttft, 0.99) * ms
     h50, h99 = percentile(h_ttft, 0.5) * ms, percentile(h_ttft, 0.99) * ms
     # Median over the timed passes of each side.
+    e_runs, h_runs = runs.engine, runs.http
     e_tps = statistics.median(t / w for t, w in e_runs)
     h_tps = statistics.median(t / w for t, w in h_runs)
     # Each HTTP pass against the engine pass just before it, then the median of those ratios.
     pairs = zip(e_runs, h_runs, strict=True)
     pair_ratios = [(ht / hw) / (et / ew) for (et, ew), (ht, hw) in pairs]
     ratio = statistics.median(pair_ratios)
+    api_cpu = statistics.median(runs.api_cpu) if runs.api_cpu else None
+    client_cpu = statistics.median(runs.client_cpu)
     e_tokens, h_tokens = e_runs[0][0], h_runs[0][0]
     rows = [
         ("TTFT p50 (ms)", e50, h50, h50 - e50),
@@ -379,6 +416,8 @@ def main() -> int:
     print(f"\nwarm request overhead p50 {overhead:.2f} ms (target <= 10), "
           f"p99 {h99 - e99:.2f} ms; throughput {ratio:.1%} of the engine (target >= 90%; "
           f"passes: {', '.join(f'{r:.1%}' for r in pair_ratios)})")  # fmt: skip
+    api = f"API process {api_cpu:.0%} of a core, " if api_cpu is not None else ""
+    print(f"CPU during the HTTP passes: {api}client {client_cpu:.0%} of a core")
     result = {
         "benchmark": "serve",
         "metric": "warm request overhead p50 (HTTP TTFT - engine TTFT)",
@@ -402,6 +441,8 @@ def main() -> int:
             "http": h_tps,
             "ratio": ratio,
             "pass_ratios": pair_ratios,
+            "api_process_cpu": api_cpu,
+            "client_cpu": client_cpu,
             "engine_tokens": e_tokens,
             "http_tokens": h_tokens,
         },  # fmt: skip
