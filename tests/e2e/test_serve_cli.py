@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import psutil
+import pytest
 
 if TYPE_CHECKING:
     from tests.e2e.conftest import EmberServer
@@ -192,16 +193,41 @@ def test_busy_port_and_unreachable_cluster_are_one_line_errors(
     assert "cannot join the Ray cluster at 127.0.0.1:9: nothing answers there" in gone.stderr
 
 
+@pytest.mark.parametrize("to_group", [False, True], ids=["process", "process-group"])
 def test_sigterm_stops_the_server_cleanly_with_exit_code_0(
-    start_ember_server: Callable[..., EmberServer],
+    start_ember_server: Callable[..., EmberServer], to_group: bool
 ) -> None:
     """What a service manager sends: the server stops its instances and Ray and exits 0 (Ray's
-    driver handler used to turn the signal into exit code 15, a failure to systemd)."""
+    driver handler used to turn the signal into exit code 15, a failure to systemd). systemd's
+    default (KillMode=control-group) signals every process of the service at once, Ray's
+    included: the server still exits 0, and nothing of its process group is left."""
     import signal
 
     server = start_ember_server("--no-demo")
     proc = server.proc
     assert proc is not None
-    proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0, server.log()
     assert "ember stopped" in server.log()
+    if to_group:
+        deadline = time.monotonic() + 30
+        while _group_members(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _group_members(proc.pid), server.log()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rfind(")") + 2 :].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                pids.append(int(entry.name))
+    return pids
