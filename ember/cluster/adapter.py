@@ -56,7 +56,14 @@ class RayAdapter:
         cls, *, num_cpus: int | None = None, labels: dict[str, str] | None = None
     ) -> RayAdapter:
         """Start a private Ray instance bound to 127.0.0.1 (GCS, raylet, workers; no dashboard)."""
+        # Ray keeps a local instance on loopback only with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0:
+        # the processes ray.init starts read it from the environment, and this one read it into
+        # `ray_constants` when it imported ray, before this ran. Without both, the GCS, the
+        # raylet and the workers listened on every interface and took the machine's address.
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
         if ray.is_initialized():
             raise DeploymentError("Ray is already initialised in this process")
         try:

@@ -73,8 +73,13 @@ class EmberServer:
         return cmd + list(self.extra_args)
 
     def start(self) -> EmberServer:
-        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **self.env}
+        env = {**os.environ, **self.env}
         env.pop("RAY_ADDRESS", None)  # never join a cluster a test started in this process
+        # The server runs as a user starts it: without the variable that makes Ray keep to
+        # loopback (tests/conftest.py sets it for the Ray instances tests start in-process).
+        # `ember serve` must keep its private Ray on 127.0.0.1 by itself.
+        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in self.env:
+            env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
