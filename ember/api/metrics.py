@@ -78,7 +78,7 @@ class _StateCollector(Collector):
         if inst.load_s is None or inst.instance_id in self._seen_instances:
             return
         self._seen_instances.add(inst.instance_id)
-        tier = str(getattr(inst, "tier", None) or "disk")
+        tier = inst.tier or "disk"
         self._load_times.setdefault((model, tier), []).append(float(inst.load_s))
 
     def _load_histogram(self) -> Metric:

@@ -45,9 +45,10 @@ def render(state: dict[str, Any]) -> str:
             load = i.get("load_s")
             load_text = f"{load:.2f}" if isinstance(load, (int, float)) else "-"
             err = f"  error={i['error']}" if i.get("error") else ""
+            tier = f" from={i['tier']}" if i.get("tier") else ""
             lines.append(
                 f"  {i['instance_id']:<24} {i['state']:<9} node={(i.get('node_id') or '-')[:12]:<12}"
-                f" in_flight={i.get('in_flight', 0)} load_s={load_text}{err}"
+                f" in_flight={i.get('in_flight', 0)} load_s={load_text}{tier}{err}"
             )
     nodes = state.get("nodes") or []
     if nodes:

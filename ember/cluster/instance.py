@@ -47,6 +47,9 @@ class InstanceReady:
     checkpoint_path: str
     load_s: float
     pid: int
+    # Where the weights came from: the node store's "dram", "ssd", "remote" (S3) or "local"
+    # (a checkpoint directory copied into DRAM), or "disk" (read straight from the directory).
+    tier: str = "disk"
 
 
 class InstanceActor:
@@ -78,7 +81,7 @@ class InstanceActor:
 
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(
+        path, tier = await loop.run_in_executor(
             None, prepare_checkpoint, self._spec, self._cache_root, node_id
         )
         runner = await loop.run_in_executor(
@@ -91,6 +94,7 @@ class InstanceActor:
             checkpoint_path=str(path),
             load_s=time.perf_counter() - t0,
             pid=os.getpid(),
+            tier=tier,
         )
         logger.info(
             "instance ready id=%s deployment=%s node=%s load_s=%.2f",

@@ -101,15 +101,12 @@ class NodeServices:
         self._pool = WorkerPool(config.pool_size, cache_root, device, env, config.pack_weights)
         self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
 
-    def store_config(self, node_id: str) -> NodeStoreConfig:
+    def store_config(self) -> NodeStoreConfig:
+        """The stores' configuration; each store narrows its directories to a slot of its
+        machine when it starts (`ember.store.node_store.claim_slot`)."""
         from ember.store.node_store import NodeStoreConfig
 
-        cfg = self.config.store or NodeStoreConfig()
-        return replace(
-            cfg,
-            dram_dir=str(Path(cfg.dram_dir) / node_id[:12]),
-            ssd_dir=str(Path(cfg.ssd_dir).expanduser() / node_id[:12]),
-        )
+        return self.config.store or NodeStoreConfig()
 
     def sync(self, nodes: list[NodeInfo]) -> None:
         """Start a store actor (and fill the pool) on every alive node that has none."""
@@ -118,7 +115,7 @@ class NodeServices:
         alive = [n.node_id for n in nodes if n.alive]
         for node_id in alive:
             if node_id not in self._stores:
-                self._stores[node_id] = start_node_store(node_id, self.store_config(node_id))
+                self._stores[node_id] = start_node_store(node_id, self.store_config())
                 self._ready[node_id] = self._stores[node_id].__ray_ready__.remote()
                 logger.info("node store started node=%s", node_id[:12])
         for gone in set(self._stores) - set(alive):

@@ -49,9 +49,12 @@ class NodeStoreActor:
     """Actor body (wrapped with ray.remote by `start_node_store`)."""
 
     def __init__(self, config: NodeStoreConfig) -> None:
-        from ember.store.node_store import NodeStore
+        from ember.store.node_store import NodeStore, claim_slot
 
+        # This machine's lowest free slot: a restarted store finds its predecessor's tiers.
+        config, self._slot_lock = claim_slot(config)
         self._store = NodeStore(config)
+        logger.info("node store tiers dram=%s ssd=%s", config.dram_dir, config.ssd_dir)
         # source -> (pid, tier) of each pin held: "dram", or "ssd" for an instance that maps
         # the SSD copy (`NodeStore.acquire_ssd`)
         self._holders: dict[str, list[tuple[int, str]]] = {}
@@ -178,12 +181,13 @@ async def acquire_on_this_node(
     return report
 
 
-def fetch_on_this_node(source: str, timeout_s: float = 600.0) -> Path | None:
+def fetch_on_this_node(source: str, timeout_s: float = 600.0) -> AcquireReport | None:
     """Blocking form of `acquire_on_this_node` for code running in an executor thread: the
-    DRAM-tier directory of `source`, pinned for this process; None without a store actor."""
+    DRAM-tier directory of `source` (pinned for this process) and where it was found; None
+    without a store actor."""
     node_id = ray.get_runtime_context().get_node_id()
     handle = node_store_handle(node_id)
     if handle is None:
         return None
     report: AcquireReport = ray.get(handle.acquire.remote(source, os.getpid()), timeout=timeout_s)
-    return Path(report.path)
+    return report

@@ -66,13 +66,20 @@ Item = StreamDelta | BaseException
 Sink = Callable[[str, Item], None]  # (request_id, delta or error), called on the event loop
 
 
-def node_cache_dir(cache_root: str | Path, node_id: str) -> Path:
-    """The per-node cache (converted checkpoints) under `cache_root`, keyed by node id."""
-    return Path(cache_root).expanduser() / "nodes" / node_id[:16]
+def node_cache_dir(cache_root: str | Path) -> Path:
+    """This machine's cache of converted checkpoints under `cache_root`, named by host name
+    (`cache_root` may be on a file system several machines share). It was keyed by Ray node
+    id, which is new at every start of a private Ray: each `ember serve` run converted its
+    models again into a directory of its own, left the old ones on disk, and gave the node
+    store a new source path, so a restarted server never found them in its DRAM tier."""
+    from ember.store.tiers import host_dir_name
+
+    return Path(cache_root).expanduser() / "nodes" / host_dir_name()
 
 
-def prepare_checkpoint(spec: DeploymentSpec, cache_root: str, node_id: str) -> Path:
-    """An ember checkpoint for `spec` on this node, converting the source once if needed.
+def prepare_checkpoint(spec: DeploymentSpec, cache_root: str, node_id: str) -> tuple[Path, str]:
+    """An ember checkpoint for `spec` on this node, converting the source once if needed, and
+    the tier it came from (`InstanceReady.tier`: the node store's, or "disk").
 
     Instances starting together on one node take a file lock, so the source is converted
     once and the second instance finds the finished checkpoint.
@@ -81,22 +88,22 @@ def prepare_checkpoint(spec: DeploymentSpec, cache_root: str, node_id: str) -> P
         from ember.cluster.node_store_actor import fetch_on_this_node
         from ember.errors import DeploymentError
 
-        path = fetch_on_this_node(spec.source)
-        if path is None:
+        report = fetch_on_this_node(spec.source)
+        if report is None:
             raise DeploymentError(f"{spec.source}: node {node_id[:12]} runs no node store")
-        return path
+        return Path(report.path), report.served_from
     import fcntl
 
     from ember.engine.checkpoint import resolve
     from ember.engine.config import DTYPE_NAMES
 
-    cache = node_cache_dir(cache_root, node_id)
+    cache = node_cache_dir(cache_root)
     cache.mkdir(parents=True, exist_ok=True)
     os.environ["EMBER_CACHE_DIR"] = str(cache)
     want = DTYPE_NAMES.get(spec.dtype, spec.dtype)
     with open(cache / ".convert.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        return resolve(spec.source, spec.tp, None if want == "auto" else want)
+        return resolve(spec.source, spec.tp, None if want == "auto" else want), "disk"
 
 
 class EngineRunner:

@@ -92,17 +92,18 @@ class PooledInstanceActor(InstanceActor):
         from ember.cluster.adapter import current_node_id
         from ember.cluster.node_store_actor import acquire_on_this_node
         from ember.cluster.runner import prepare_checkpoint
+        from ember.errors import CheckpointNotFoundError
+        from ember.store.shm import settled_path
 
         t0 = time.perf_counter()
         node_id = current_node_id()
         loop = asyncio.get_running_loop()
         source = self._spec.source
         if not source.startswith("s3://"):  # a local folder: convert once, then cache in DRAM
-            source = str(
-                await loop.run_in_executor(
-                    None, prepare_checkpoint, self._spec, self._cache_root, node_id
-                )
+            converted, _ = await loop.run_in_executor(
+                None, prepare_checkpoint, self._spec, self._cache_root, node_id
             )
+            source = str(converted)
         t_fetch = time.perf_counter()
         # Streaming: the engine is built while the fetch runs; its weights map chunk by chunk.
         report = await acquire_on_this_node(source, streaming=True)
@@ -111,13 +112,23 @@ class PooledInstanceActor(InstanceActor):
         t_engine = time.perf_counter()
         if report is None and source.startswith("s3://"):
             raise DeploymentError(f"{source}: no node store on node {node_id[:12]} to fetch it")
-        path = Path(report.path) if report is not None else Path(source)
+        path = settled_path(report.path) if report is not None else Path(source)
         self._source = source if report is not None else None
-        runner = await loop.run_in_executor(None, self._runner_for, path)
+        try:
+            runner = await loop.run_in_executor(None, self._runner_for, path)
+        except (CheckpointNotFoundError, FileNotFoundError):
+            # The fetch committed while the engine read the in-progress path (the directory
+            # was between its rename and the link left in its place): the complete one.
+            settled = settled_path(path)
+            if settled == path:
+                raise
+            runner = await loop.run_in_executor(None, self._runner_for, settled)
+            path = settled
         runner.start(loop)
         self._runner = runner
         self._timings["engine_s"] = time.perf_counter() - t_engine
-        self._ready = InstanceReady(node_id, str(path), time.perf_counter() - t0, os.getpid())
+        tier = report.served_from if report is not None else "disk"
+        self._ready = InstanceReady(node_id, str(path), time.perf_counter() - t0, os.getpid(), tier)
         logger.info(
             "instance ready id=%s deployment=%s node=%s load_s=%.3f from=%s pooled=true",
             self._instance_id, self._spec.name, node_id[:12], self._ready.load_s,

@@ -396,6 +396,7 @@ class Controller:
         inst.node_id = ready.node_id
         inst.handle.node_id = ready.node_id
         inst.load_s = ready.load_s
+        inst.tier = ready.tier
         self._checkpoint_nodes.setdefault(spec.source, set()).add(ready.node_id)
         dep = self._deployments.get(inst.deployment)
         if dep is not None:

@@ -56,6 +56,7 @@ class InstanceRecord:
     handle: InstanceHandle | None = None
     node_id: str | None = None
     load_s: float | None = None
+    tier: str | None = None  # where its weights came from (`InstanceReady.tier`)
     error: str | None = None
     drain_since_s: float | None = None
     task: asyncio.Task[None] | None = None
@@ -81,6 +82,7 @@ class InstanceRecord:
             in_flight=self.handle.in_flight if self.handle is not None else 0,
             started_at_s=self.started_at_s,
             load_s=self.load_s,
+            tier=self.tier,
             error=self.error,
         )
 

@@ -219,6 +219,7 @@ class InstanceInfo:
     started_at_s: float
     load_s: float | None
     error: str | None = None
+    tier: str | None = None  # where its weights came from: dram, ssd, remote, local or disk
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

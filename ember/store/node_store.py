@@ -17,25 +17,34 @@ instance no longer waits for that copy. Eviction is LRU per tier, on demand when
 needs room, or explicit with `evict(source, tier)`.
 
 Thread-safe: one lock guards the tiers' bookkeeping; the bytes move outside it.
+
+Where the tiers live: a node store started by a node store actor claims a slot
+(`claim_slot`): `<dram_dir>/slot-<n>` and `<ssd_dir>/<host>/slot-<n>`, the lowest `n` that no
+live process holds the lock of. A store restarted on the same machine (`ember serve` run
+again: a new Ray node id) gets its predecessor's slot, with the checkpoints still in DRAM and
+on SSD; two Ray nodes on one machine get two slots.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import IO
 
 from ember.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
     RequestTimeoutError,
+    StoreCapacityError,
 )
 from ember.store.fetch import (
     ChunkSource,
@@ -47,7 +56,7 @@ from ember.store.fetch import (
 )
 from ember.store.format import INDEX_FILE, read_index
 from ember.store.remote import RemoteConfig, RemoteStore, is_s3_url, parse_s3_url
-from ember.store.tiers import Tier, TierItem
+from ember.store.tiers import Tier, TierItem, host_dir_name
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,42 @@ class NodeStoreConfig:
                 f"NodeStoreConfig.range_bytes ({self.range_bytes}) must be a multiple of "
                 f"chunk_bytes ({self.chunk_bytes})"
             )
+
+
+MAX_SLOTS = 256
+
+
+def claim_slot(config: NodeStoreConfig) -> tuple[NodeStoreConfig, IO[str]]:
+    """`config` with its tier directories narrowed to this store's slot, and the open lock file
+    that holds the slot (keep it open for as long as the store runs; the slot is free again
+    once the process ends, however it ends).
+
+    The slot is `slot-<n>` with the lowest `n` whose lock (`<dram_dir>/slot-<n>.lock`, an
+    exclusive `flock`) no live process holds: the DRAM directory is on this machine (a tmpfs),
+    so the lock is too. The SSD slot sits under this machine's host name, since the SSD
+    directory may be on a file system several machines share (a home directory on NFS).
+    Before slots, each Ray node id had its own directories, so every restart left the DRAM
+    tier behind in /dev/shm (memory no one freed) and started with an empty SSD tier."""
+    dram_root = Path(config.dram_dir).expanduser()
+    dram_root.mkdir(parents=True, exist_ok=True)
+    host = host_dir_name()
+    for n in range(MAX_SLOTS):
+        lock = open(dram_root / f"slot-{n}.lock", "a")  # noqa: SIM115 - held by the caller
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live store holds it
+            lock.close()
+            continue
+        slot = f"slot-{n}"
+        claimed = replace(
+            config,
+            dram_dir=str(dram_root / slot),
+            ssd_dir=str(Path(config.ssd_dir).expanduser() / host / slot),
+        )
+        return claimed, lock
+    raise StoreCapacityError(
+        dram_root, f"all {MAX_SLOTS} node store slots are held by live processes"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +187,7 @@ class NodeStore:
     def __init__(self, config: NodeStoreConfig | None = None) -> None:
         self.config = cfg = config or NodeStoreConfig()
         self.dram = Tier("dram", cfg.dram_dir, cfg.dram_capacity_bytes)
-        self.ssd = Tier("ssd", cfg.ssd_dir, cfg.ssd_capacity_bytes)
+        self.ssd = Tier("ssd", cfg.ssd_dir, cfg.ssd_capacity_bytes, resumable=True)
         self._remote: RemoteStore | None = None
         self._lock = threading.Lock()
         self._fetches: dict[str, _Fetch] = {}

@@ -160,6 +160,26 @@ def _finished(partial: Path) -> bool:
     return partial.parent.name == FETCHING_DIR and (partial.parent.parent / partial.name).is_dir()
 
 
+def settled_path(path: str | Path, *, wait_s: float = 1.0) -> Path:
+    """Where a DRAM-tier path the store handed out leads now: a `.fetching/<key>` whose fetch
+    has committed becomes the complete `<key>`; one still in progress stays as it is; other
+    paths are returned unchanged. The commit renames the directory and then leaves a link in
+    its place, two steps: a reader that looks between them finds neither, so this waits up to
+    `wait_s` for one of them (the gap lasts microseconds). It happened: two instances starting
+    together, one given the in-progress path a millisecond before the commit, failed with
+    "no such directory" (now tests/e2e run with the worker pool on, as `ember serve` does)."""
+    p = Path(path)
+    if p.parent.name != FETCHING_DIR:
+        return p
+    deadline = time.monotonic() + wait_s
+    while True:
+        if _finished(p):
+            return p.parent.parent / p.name
+        if p.exists() or time.monotonic() > deadline:
+            return p  # in progress; or gone, which the caller's first read will name
+        time.sleep(0.001)
+
+
 def map_streaming(
     directory: str | Path, rank: int = 0, *, timeout_s: float = 600.0
 ) -> dict[str, torch.Tensor]:

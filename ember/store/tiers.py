@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,7 +59,12 @@ class Tier:
         root: str | Path,
         capacity_bytes: int,
         clock: Callable[[], float] = time.time,
+        *,
+        resumable: bool = False,
     ) -> None:
+        """`resumable`: an interrupted fetch's `.fetching/<key>` stays for the next fetch to
+        resume (SSD); otherwise (DRAM) it is dropped here, as is the trash an interrupted
+        eviction left: this tier's owner is starting, so no fetch of its own is running."""
         self.name = name
         self.root = Path(root).expanduser()
         self.capacity_bytes = capacity_bytes
@@ -65,9 +72,11 @@ class Tier:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / FETCHING_DIR).mkdir(exist_ok=True)
         (self.root / TIER_MARKER).write_text(name + "\n")
-        for link in (self.root / FETCHING_DIR).iterdir():
-            if link.is_symlink():
-                link.unlink()
+        for entry in (self.root / FETCHING_DIR).iterdir():
+            if entry.is_symlink():
+                entry.unlink()
+            elif not resumable or ".evicting-" in entry.name:
+                shutil.rmtree(entry, ignore_errors=True)
         self._entries: dict[str, TierEntry] = {}
         self._reserved: dict[str, int] = {}
         self._pins: dict[str, int] = {}
@@ -201,6 +210,12 @@ class Tier:
         trash = self.root / FETCHING_DIR / f"{key}.evicting-{os.getpid()}"
         os.rename(self.path(key), trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def host_dir_name() -> str:
+    """This machine's host name as a directory name: per-machine directories under a root that
+    machines may share (the SSD tier, converted checkpoints)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
 
 
 def _dir_bytes(d: Path) -> int:

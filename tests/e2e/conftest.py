@@ -78,8 +78,11 @@ class EmberServer:
         # The server runs as a user starts it: without the variable that makes Ray keep to
         # loopback (tests/conftest.py sets it for the Ray instances tests start in-process).
         # `ember serve` must keep its private Ray on 127.0.0.1 by itself.
-        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in self.env:
-            env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        # Likewise the pool of pre-started workers: on, at its default size, as `ember serve`
+        # runs it (tests/conftest.py turns it off for the clusters tests start in-process).
+        for name in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "EMBER_WORKER_POOL_SIZE"):
+            if name not in self.env:
+                env.pop(name, None)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,

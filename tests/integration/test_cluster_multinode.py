@@ -152,8 +152,9 @@ def test_two_instances_are_placed_on_two_nodes_and_both_serve(
                     [t async for d in h.generate("r", "hi", params) for t in d.new_token_ids]
                 )
             assert outs[0] == outs[1] and len(outs[0]) == 5  # same weights, same greedy tokens
-            for node_id in all_nodes:  # each node converted the checkpoint into its own cache
-                assert list((node_cache_dir(cache, node_id) / "checkpoints").glob("*/index.json"))
+            # The nodes share this machine, and so its cache: the checkpoint was converted once
+            # (the conversion lock) into the directory named after the host.
+            assert len(list((node_cache_dir(cache) / "checkpoints").glob("*/index.json"))) == 1
         finally:
             await controller.stop()
         assert cluster.actor_names() == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
             await controller.wait_for_instance("s3m", 120.0)
             [handle] = controller.ready_instances("s3m")
             assert [n for n in cluster.actor_names() if n.startswith(POOL_PREFIX)] != []
+            [status] = controller.status()
+            assert [i.tier for i in status.instances] == ["remote"]  # S3 -> SSD -> DRAM
             tokens = [
                 t async for d in handle.generate("r", [3, 1, 4, 1, 5], PARAMS)
                 for t in d.new_token_ids
@@ -108,3 +111,50 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
             await controller.stop()
 
     asyncio.run(body())
+
+
+def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
+    tmp_path: Path, served: tuple[RayCluster, Path]
+) -> None:
+    """What `ember serve` run again does: a new private Ray (a new node id) on the same
+    machine. Its store claims the slot the first one held and finds the checkpoint in DRAM and
+    on SSD, with nothing fetched. Before slots, each node id had tier directories of its own:
+    the DRAM copy stayed behind in /dev/shm with no store to use or free it."""
+    cluster, _ = served
+
+    async def tiers(c: RayCluster) -> tuple[str, list[tuple[str, str]]]:
+        while not (answer := await c.checkpoints()):  # the store actor is still starting
+            await asyncio.sleep(0.05)
+        [(node, rows)] = answer.items()
+        return node, sorted((r["tier"], r["key"]) for r in rows)
+
+    [node] = [n.node_id for n in cluster.nodes() if n.alive]
+    cluster.services.prefetch(URL, node, "dram")
+    deadline = time.monotonic() + 60
+    while asyncio.run(tiers(cluster))[1] != [("dram", URL), ("ssd", URL)]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    cluster.shutdown()  # the server stopping: its store actor ends with it
+    again = RayCluster(ClusterConfig(num_cpus=4, cache_dir=cluster.config.cache_dir))
+
+    async def body() -> None:
+        new_node, rows = await asyncio.wait_for(tiers(again), 60)
+        assert new_node != node
+        assert rows == [("dram", URL), ("ssd", URL)]
+        controller = Controller(
+            again, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
+        )
+        await controller.start()
+        try:  # and an instance started there loads it from DRAM
+            controller.deploy(DeploymentSpec("s3m", URL, min_instances=1, max_model_len=64))
+            await controller.wait_for_instance("s3m", 120.0)
+            [status] = controller.status()
+            assert [i.tier for i in status.instances] == ["dram"]
+        finally:
+            await controller.stop()
+
+    try:
+        again.nodes()  # starts the new node's store actor
+        asyncio.run(body())
+    finally:
+        again.shutdown()

@@ -47,13 +47,13 @@ class LocalHandle:
     async def start(self) -> InstanceReady:
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
-        path = await loop.run_in_executor(
+        path, tier = await loop.run_in_executor(
             None, prepare_checkpoint, self._spec, self._cache_root, NODE_ID
         )
         runner = await loop.run_in_executor(None, EngineRunner.create, self._spec, path)
         runner.start(loop)
         self.runner = runner
-        return InstanceReady(NODE_ID, str(path), time.perf_counter() - t0, 0)
+        return InstanceReady(NODE_ID, str(path), time.perf_counter() - t0, 0, tier)
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: Any

@@ -93,7 +93,7 @@ def test_states_are_plain_strings() -> None:
 
 def test_status_to_dict_lists_instances_with_string_states() -> None:
     spec = DeploymentSpec("m", "/x")
-    info = InstanceInfo("m-1", "m", "node-a", S.READY, 2, 1.5, 0.25)
+    info = InstanceInfo("m-1", "m", "node-a", S.READY, 2, 1.5, 0.25, tier="dram")
     d = DeploymentStatus(spec, (info,), desired=1, cached_on=("node-a",)).to_dict()
     assert d["name"] == "m" and d["desired"] == 1 and d["cached_on"] == ["node-a"]
     assert d["instances"] == [
@@ -106,6 +106,7 @@ def test_status_to_dict_lists_instances_with_string_states() -> None:
             "started_at_s": 1.5,
             "load_s": 0.25,
             "error": None,
+            "tier": "dram",
         }
     ]
 

@@ -74,6 +74,47 @@ def test_only_committed_checkpoints_survive_a_restart(tmp_path: Path) -> None:
     assert not restarted.has("half")
 
 
+def test_a_restarted_dram_tier_drops_interrupted_fetches_and_ssd_keeps_them_to_resume(
+    tmp_path: Path,
+) -> None:
+    for name, resumable in (("dram", False), ("ssd", True)):
+        root = tmp_path / name
+        tier = Tier(name, root, capacity_bytes=1000, resumable=resumable)
+        add(tier, "done", 100)
+        tier.reserve("half", 100)
+        tier.partial_path("half").mkdir()
+        (tier.partial_path("half") / "rank0-part0000.bin").write_bytes(bytes(40))
+        trash = root / ".fetching" / "old.evicting-123"  # an eviction cut off mid-delete
+        trash.mkdir()
+        restarted = Tier(name, root, capacity_bytes=1000, resumable=resumable)
+        assert [i.key for i in restarted.items()] == ["done"]
+        assert restarted.partial_path("half").exists() == resumable
+        assert not trash.exists()
+
+
+def test_stores_on_one_machine_get_distinct_slots_and_a_restart_gets_the_free_one(
+    tmp_path: Path,
+) -> None:
+    """A slot is held by an open lock file: a store that ends (here: its lock closed) frees
+    its slot for the next store, which finds the same DRAM and SSD directories."""
+    import socket
+
+    from ember.store.node_store import NodeStoreConfig, claim_slot
+
+    base = NodeStoreConfig(dram_dir=str(tmp_path / "dram"), ssd_dir=str(tmp_path / "ssd"))
+    first, first_lock = claim_slot(base)
+    second, second_lock = claim_slot(base)
+    host = socket.gethostname()
+    assert Path(first.dram_dir) == tmp_path / "dram" / "slot-0"
+    assert Path(first.ssd_dir) == tmp_path / "ssd" / host / "slot-0"
+    assert Path(second.dram_dir) == tmp_path / "dram" / "slot-1"
+    first_lock.close()  # the first store's process ended
+    again, again_lock = claim_slot(base)
+    assert (again.dram_dir, again.ssd_dir) == (first.dram_dir, first.ssd_dir)
+    second_lock.close()
+    again_lock.close()
+
+
 def test_abort_keeps_partial_files_only_when_asked(tmp_path: Path) -> None:
     tier = Tier("ssd", tmp_path, capacity_bytes=1000)
     for key, keep in (("kept", True), ("dropped", False)):
@@ -127,3 +168,28 @@ def test_wait_fetched_returns_the_complete_copy_once_committed(tmp_path: Path) -
     assert wait_fetched(tier.partial_path("a"), timeout_s=10) == tier.path("a")
     timer.join()
     assert wait_fetched(tier.path("a")) == tier.path("a")
+
+
+def test_settled_path_leads_through_the_commit_even_between_its_two_steps(tmp_path: Path) -> None:
+    """A commit renames `.fetching/<key>` to `<key>` and then links the old name to it: a
+    reader given the in-progress path that looks between the two found neither (an instance
+    failed with "no such directory"). `settled_path` gives the complete copy from the rename
+    on, the in-progress path before it."""
+    import os
+
+    from ember.store.shm import settled_path
+
+    tier = Tier("dram", tmp_path, capacity_bytes=1000)
+    tier.reserve("a", 100)
+    partial = tier.partial_path("a")
+    partial.mkdir()
+    assert settled_path(partial) == partial  # in progress
+    os.rename(partial, tier.path("a"))  # the commit's first step alone: the gap
+    assert not partial.exists()
+    assert settled_path(partial) == tier.path("a")
+    os.rename(tier.path("a"), partial)
+    tier.commit("a")  # both steps
+    assert settled_path(partial) == tier.path("a")
+    assert settled_path(tier.path("a")) == tier.path("a")  # not an in-progress path
+    gone = tier.partial_path("aborted")
+    assert settled_path(gone, wait_s=0.01) == gone  # nothing to lead to: the reader names it
