@@ -175,6 +175,8 @@ class Harness:
             ssd_dir=str(CACHE / "ssd"), ssd_capacity_bytes=16 << 30, remote=remote_cfg,
         )  # fmt: skip
         self.store = start_node_store(self.node, cfg)
+        # The store's slot of this machine under CACHE/ssd (`claim_slot`).
+        self.ssd_dir = Path(ray.get(self.store.tier_dirs.remote())["ssd"])
         env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         self.env = env
         self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=False)
@@ -223,7 +225,7 @@ class Harness:
         from ember.store.node_store import checkpoint_key
         from ember.store.pagecache import evict
 
-        copy = CACHE / "ssd" / checkpoint_key(url)
+        copy = self.ssd_dir / checkpoint_key(url)
         residual = max(evict(f) for f in copy.iterdir() if f.is_file())
         if residual > 0.01:
             raise RuntimeError(f"{copy}: {residual:.1%} still in the page cache after eviction")
@@ -235,7 +237,7 @@ class Harness:
         from ember.store.node_store import checkpoint_key
         from ember.store.pagecache import resident_fraction
 
-        copy = CACHE / "ssd" / checkpoint_key(url)
+        copy = self.ssd_dir / checkpoint_key(url)
         for f in copy.iterdir():
             if f.is_file():
                 with f.open("rb") as fh:

@@ -121,6 +121,10 @@ class NodeStoreActor:
         self._reap()
         return self._store.status()
 
+    async def tier_dirs(self) -> dict[str, str]:
+        """The directories of this store's slot: {"dram": ..., "ssd": ...}."""
+        return {"dram": str(self._store.dram.root), "ssd": str(self._store.ssd.root)}
+
     async def drop_page_cache(self, source: str) -> None:
         """Benchmarks: push the SSD copy out of the page cache (a truly cold SSD read)."""
         from ember.store.node_store import checkpoint_key

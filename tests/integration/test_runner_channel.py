@@ -222,10 +222,13 @@ def test_a_caller_that_stops_reading_loses_the_channel_not_the_engine(
         async with _channel(model) as (runner, reader, writer):
             small = 4096  # small kernel buffers on both ends, so the rows back up soon
             writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, small)
+            # asyncio would read ahead up to its high-water mark: nothing is read at all (the
+            # receive window was advertised before the buffer shrank, so the rows are many)
+            writer.transport.pause_reading()  # type: ignore[attr-defined]
             assert runner._channel is not None  # the engine's end (test-only access)
             runner._channel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, small)
             big = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True, logprobs=20)
-            for i in range(8):  # never read: the stream backs up
+            for i in range(24):  # never read: the stream backs up (~24 x 250 rows of 20 logprobs)
                 _command(writer, "add", f"stuck-{i}", [5, 6, 7, i + 8], big)
             for _ in range(400):
                 if runner.stats()["streams"] == 0 and runner.stats()["unfinished"] == 0:
