@@ -347,11 +347,8 @@ class EngineRunner:
                 for out in outputs:
                     request_id = out.request_id
                     new = tuple(out.new_token_ids)
-                    logprobs = None
-                    if out.logprobs is not None:
-                        logprobs = (
-                            tuple(out.logprobs[len(out.logprobs) - len(new) :]) if new else ()
-                        )
+                    lps = out.new_logprobs
+                    logprobs = None if lps is None else tuple(lps)
                     if request_id in channel_ids:
                         n_prompt = len(out.prompt_token_ids)
                         row = (request_id, new, out.new_text, out.finished, out.finish_reason)

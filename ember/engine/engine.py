@@ -239,7 +239,8 @@ class Engine:
         (while unfinished, the last len(longest stop) - 1 characters are held back so a stop
         string is never streamed)."""
         detok = request.detokenizer
-        new = detok.step(request.all_token_ids)
+        start = detok.prefix_offset
+        new = detok.step(request.token_ids_from(start), start)
         stops = request.params.stop
         if not stops:
             return detok.text
@@ -262,16 +263,23 @@ class Engine:
         emitted = request.emitted_text_len
         request.emitted_text_len = max(len(visible_text), emitted)
         new_ids, request.new_token_ids = request.new_token_ids, []
+        lps = request.output_logprobs if request.params.logprobs is not None else None
+        new_lps = None
+        if lps is not None:
+            new_lps = lps[max(len(lps) - len(new_ids), 0) :] if new_ids else []
         return RequestOutput(
             request_id=request.request_id,
-            prompt_token_ids=list(request.prompt_token_ids),
-            token_ids=list(request.output_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
             text=visible_text,
             new_token_ids=new_ids,
             new_text=visible_text[emitted:],
             finished=request.finished,
             finish_reason=request.finish_reason,
-            logprobs=list(request.output_logprobs) if request.params.logprobs is not None else None,
+            new_logprobs=new_lps,
+            _tokens=request.output_token_ids,
+            _num_tokens=len(request.output_token_ids),
+            _logprobs=lps,
+            _num_logprobs=len(lps) if lps is not None else 0,
         )
 
     # --- migration --------------------------------------------------------------------------

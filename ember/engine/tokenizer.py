@@ -134,17 +134,21 @@ class IncrementalDetokenizer:
         self.prefix_offset = max(num_context_tokens - 5, 0)
         self.text = text
 
-    def step(self, all_token_ids: Sequence[int]) -> str:
-        """The new text after `all_token_ids` grew (empty while a character is incomplete)."""
-        if len(all_token_ids) <= self.read_offset:
+    def step(self, token_ids: Sequence[int], start: int = 0) -> str:
+        """The new text after the sequence grew (empty while a character is incomplete).
+        `token_ids` is the sequence from position `start` on, where `start` <= `prefix_offset`:
+        the engine passes only that tail, not the whole context."""
+        total = start + len(token_ids)
+        if total <= self.read_offset:
             return ""
         decode = self._tokenizer.decode
-        prefix = decode(all_token_ids[self.prefix_offset : self.read_offset])
-        full = decode(all_token_ids[self.prefix_offset :])
+        lo = self.prefix_offset - start
+        prefix = decode(token_ids[lo : self.read_offset - start])
+        full = decode(token_ids[lo:])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         new = full[len(prefix) :]
         self.prefix_offset = self.read_offset
-        self.read_offset = len(all_token_ids)
+        self.read_offset = total
         self.text += new
         return new

@@ -50,3 +50,21 @@ def test_increments_never_split_a_character_and_add_up_to_the_text(folder: Path)
         pieces.append(piece)
     assert "".join(pieces) == detok.text == tok.decode(output)
     assert any(p == "" for p in pieces)  # some characters span several byte tokens
+
+
+def test_increments_from_the_context_tail_equal_those_from_the_whole_context(
+    folder: Path,
+) -> None:
+    """The engine hands the detokenizer only the tokens from `prefix_offset` on (copying a long
+    context for every request at every step cost O(context)): the same increments."""
+    tok = Tokenizer(folder)
+    prompt = tok.encode("a long prompt " * 40)
+    output = tok.encode("héllo wörld ✓ über 42 ∑ naïve", add_special_tokens=False)
+    whole = IncrementalDetokenizer(tok, len(prompt))
+    tail = IncrementalDetokenizer(tok, len(prompt))
+    ids = list(prompt)
+    for t in output:
+        ids.append(t)
+        start = tail.prefix_offset
+        assert tail.step(ids[start:], start) == whole.step(ids)
+    assert tail.text == whole.text == tok.decode(output)
