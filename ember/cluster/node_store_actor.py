@@ -76,23 +76,34 @@ class NodeStoreActor:
         `NodeStore.acquire_ssd`); else the
         path may be the in-progress `.fetching/<key>` DRAM directory, which
         `ember.store.shm.map_dram` maps chunk by chunk."""
+        from ember.errors import StoreCapacityError
+
         self._reap()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
         where = self._store.locate(source) or ("remote" if source.startswith("s3://") else "local")
-        tier = "dram"
+        tier: str | None = "dram"
         path: Path | None = None
-        if streaming:
-            path = await loop.run_in_executor(None, self._store.acquire_ssd, source)
-            if path is not None:
-                tier = "ssd"
+        try:
+            if streaming:
+                path = await loop.run_in_executor(None, self._store.acquire_ssd, source)
+                if path is not None:
+                    tier = "ssd"
+                else:
+                    path, _complete = await loop.run_in_executor(
+                        None, self._store.acquire_streaming, source
+                    )
             else:
-                path, _complete = await loop.run_in_executor(
-                    None, self._store.acquire_streaming, source
-                )
-        else:
-            path = await loop.run_in_executor(None, self._store.acquire, source)
-        self._holders.setdefault(source, []).append((pid, tier))
+                path = await loop.run_in_executor(None, self._store.acquire, source)
+        except StoreCapacityError as e:
+            # No room in DRAM for it: the instance maps it from disk (SSD tier, or the local
+            # directory) rather than fail, slower to start but serving.
+            logger.warning("dram tier has no room, mapping from disk source=%s: %s", source, e)
+            path, tier = await loop.run_in_executor(None, self._store.acquire_on_disk, source)
+            if tier is None:  # a local directory, read where it is
+                where = "disk"
+        if tier is not None:
+            self._holders.setdefault(source, []).append((pid, tier))
         return AcquireReport(str(path), where, time.perf_counter() - t0)
 
     async def release(self, source: str, pid: int) -> None:

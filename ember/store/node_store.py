@@ -96,6 +96,23 @@ class NodeStoreConfig:
 MAX_SLOTS = 256
 
 
+def fit_capacity(root: Path, capacity_bytes: int, name: str) -> int:
+    """`capacity_bytes`, or the size of the file system under `root` where that is smaller
+    (logged): a tier cannot hold more than its file system. A container's /dev/shm is 64 MiB
+    unless it was started with a larger --shm-size: with the 8 GiB default, a 250 MB model
+    reserved its room, filled the tmpfs and failed halfway ("fetch abandoned")."""
+    st = os.statvfs(root)
+    size = st.f_blocks * st.f_frsize
+    if 0 < size < capacity_bytes:
+        logger.warning(
+            "%s tier: %s is a %d-byte file system, less than its capacity %d: using %d "
+            "(in a container, a larger --shm-size gives the DRAM tier more room)",
+            name, root, size, capacity_bytes, size,
+        )  # fmt: skip
+        return size
+    return capacity_bytes
+
+
 def claim_slot(config: NodeStoreConfig) -> tuple[NodeStoreConfig, IO[str]]:
     """`config` with its tier directories narrowed to this store's slot, and the open lock file
     that holds the slot (keep it open for as long as the store runs; the slot is free again
@@ -188,6 +205,8 @@ class NodeStore:
         self.config = cfg = config or NodeStoreConfig()
         self.dram = Tier("dram", cfg.dram_dir, cfg.dram_capacity_bytes)
         self.ssd = Tier("ssd", cfg.ssd_dir, cfg.ssd_capacity_bytes, resumable=True)
+        for tier in (self.dram, self.ssd):
+            tier.capacity_bytes = fit_capacity(tier.root, tier.capacity_bytes, tier.name)
         self._remote: RemoteStore | None = None
         self._lock = threading.Lock()
         self._fetches: dict[str, _Fetch] = {}
@@ -244,6 +263,25 @@ class NodeStore:
                 if self.dram.has(key):  # else evicted since ensure returned: fetch again
                     self.dram.pin(key)
                     return result.path
+
+    def acquire_on_disk(self, source: str) -> tuple[Path, str | None]:
+        """For a checkpoint the DRAM tier cannot hold (larger than the tier, or the tier full
+        of checkpoints in use): a copy on disk for the engine to map, and the tier pinned for
+        it (`release(source, tier)`), or None. An S3 checkpoint is fetched to the SSD tier
+        alone and pinned there; a local checkpoint directory is used where it is."""
+        key = checkpoint_key(source)
+        if not is_s3_url(source):
+            path = Path(source).expanduser()
+            if not (path / INDEX_FILE).is_file():
+                raise CheckpointNotFoundError(path, "not an ember checkpoint directory (no index)")
+            return path, None
+        while True:
+            self._ensure_ssd(source)
+            with self._lock:
+                if self.ssd.has(key):  # else evicted since: fetch again
+                    self.ssd.pin(key)
+                    self.ssd.touch(key)
+                    return self.ssd.path(key), "ssd"
 
     def acquire_streaming(self, source: str, timeout_s: float = 600.0) -> tuple[Path, bool]:
         """Pin `source` in DRAM and return as soon as it can be mapped: (the complete

@@ -393,3 +393,48 @@ def test_a_damaged_ssd_copy_is_never_mapped_and_is_fetched_again(
     again = store.ensure(url)
     assert again.served_from == "remote"
     assert_same_tensors(map_checkpoint(again.path), checkpoints["b"])
+
+
+def test_a_checkpoint_the_dram_tier_cannot_hold_is_mapped_from_disk(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+) -> None:  # fmt: skip
+    """A DRAM tier smaller than the checkpoint (a container's 64 MiB /dev/shm): the store
+    actor hands the instance a copy on disk instead of failing its start. From S3: fetched to
+    SSD alone, pinned there; a local checkpoint: its own directory, nothing pinned."""
+    import asyncio
+    import shutil
+
+    from ember.cluster.node_store_actor import NodeStoreActor
+
+    shm = Path("/dev/shm") / f"ember-test-small-{os.getpid()}-{tmp_path.name}"
+    config = NodeStoreConfig(
+        dram_dir=str(shm), dram_capacity_bytes=1 << 20, ssd_dir=str(tmp_path / "ssd"),
+        chunk_bytes=BLOCK, range_bytes=2 * BLOCK, remote=remote_config(endpoint),
+    )  # fmt: skip
+    actor = NodeStoreActor(config)
+    try:
+        url = pushed["a"]
+        report = asyncio.run(actor.acquire(url, os.getpid(), streaming=True))
+        assert report.served_from == "remote" and not is_dram_path(report.path)
+        assert_same_tensors(map_checkpoint(report.path), checkpoints["a"])
+        rows = asyncio.run(actor.status())
+        assert [(r.tier, r.key, r.pins) for r in rows] == [("ssd", url, 1)]  # nothing in DRAM
+        asyncio.run(actor.release(url, os.getpid()))
+        assert [r.pins for r in asyncio.run(actor.status())] == [0]
+
+        local = str(checkpoints["b"])
+        report = asyncio.run(actor.acquire(local, os.getpid(), streaming=True))
+        assert (report.path, report.served_from) == (local, "disk")
+        assert [r.key for r in asyncio.run(actor.status())] == [url]
+    finally:
+        actor._slot_lock.close()
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_a_tier_never_claims_more_than_its_file_system(tmp_path: Path) -> None:
+    from ember.store.node_store import fit_capacity
+
+    st = os.statvfs(tmp_path)
+    size = st.f_blocks * st.f_frsize
+    assert fit_capacity(tmp_path, 1 << 60, "ssd") == size
+    assert fit_capacity(tmp_path, 1 << 20, "ssd") == 1 << 20
