@@ -24,15 +24,27 @@ os.environ.setdefault("EMBER_WORKER_POOL_SIZE", "0")
 @pytest.fixture(scope="session", autouse=True)
 def _session_ember_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Hugging Face folders that tests load are converted into this session's own cache, not
-    the user's ~/.cache/ember (which grew by a few checkpoints with every run). Set before any
-    test starts Ray or a server, so their processes inherit it."""
-    before = os.environ.get("EMBER_CACHE_DIR")
-    os.environ["EMBER_CACHE_DIR"] = str(tmp_path_factory.mktemp("ember-cache"))
+    the user's ~/.cache/ember (which grew by a few checkpoints with every run), and servers'
+    node stores keep their DRAM tier in this session's own directory of /dev/shm, not the
+    user's (which outlives a server, so it collected every test model). Set before any test
+    starts Ray or a server, so their processes inherit them."""
+    import shutil
+    import uuid
+
+    dram = Path("/dev/shm") / f"ember-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    values = {
+        "EMBER_CACHE_DIR": str(tmp_path_factory.mktemp("ember-cache")),
+        "EMBER_DRAM_DIR": str(dram / "dram"),
+    }
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     yield
-    if before is None:
-        os.environ.pop("EMBER_CACHE_DIR", None)
-    else:
-        os.environ["EMBER_CACHE_DIR"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    shutil.rmtree(dram, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
