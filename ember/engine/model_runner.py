@@ -188,22 +188,19 @@ class ModelRunner:
             bounds.append((start, start + n))
             start += n
             first = s.start_position
+            keys = first + n
             mask = None
             context = None
             if first > 0:
-                keys = first + n
                 context = torch.tensor(_slots(s.block_table, 0, keys, bs), dtype=torch.long)
                 context = context.to(self.device)
+            if first > 0 or (window is not None and n > window):  # else plain causal SDPA
                 q_pos = torch.arange(first, keys)[:, None]
                 k_pos = torch.arange(keys)[None, :]
                 allowed = k_pos <= q_pos
                 if window is not None:
                     allowed &= k_pos > q_pos - window
-                mask = allowed.to(self.device)  # [n, first + n]
-            elif window is not None and n > window:
-                i = torch.arange(n)
-                allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-                mask = allowed.to(self.device)  # [n, n]
+                mask = allowed.to(self.device)  # [n, keys]
             masks.append(mask)
             contexts.append(context)
         return tuple(bounds), tuple(masks), tuple(contexts)

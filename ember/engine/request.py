@@ -50,17 +50,19 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    def token_ids_from(self, start: int) -> list[int]:
-        """Prompt + output tokens from position `start` on: a copy of that tail only (the
-        detokenizer needs the last few tokens of a context that may be thousands long)."""
-        n = len(self.prompt_token_ids)
+    def token_ids_from(self, start: int, end: int | None = None) -> list[int]:
+        """Prompt + output tokens at positions [start, end) (end: all of them): a copy of that
+        range only, not of the whole context (the detokenizer needs its last few tokens, a
+        prefill chunk its next `n`)."""
+        prompt, out = self.prompt_token_ids, self.output_token_ids
+        n = len(prompt)
+        if end is None:
+            end = n + len(out)
         if start >= n:
-            return self.output_token_ids[start - n :]
-        return self.prompt_token_ids[start:] + self.output_token_ids
+            return out[start - n : end - n]
+        if end <= n:
+            return prompt[start:end]
+        return prompt[start:] + out[: end - n]
 
     @property
     def finished(self) -> bool:

@@ -217,7 +217,7 @@ def _chunk(request: Request, n: int) -> ScheduledSeq:
     end = start + n
     return ScheduledSeq(
         request_id=request.request_id,
-        token_ids=tuple(request.all_token_ids[start:end]),
+        token_ids=tuple(request.token_ids_from(start, end)),
         start_position=start,
         block_table=tuple(request.block_table),
         sample=end == request.num_tokens,

@@ -177,3 +177,12 @@ def test_token_level_stops_finish_and_free() -> None:
     s.postprocess([eos, length], [EOS, 9], [None, None])
     assert (eos.finish_reason, length.finish_reason) == ("stop", "length")
     assert not s.has_unfinished() and s.block_manager.num_free == 16
+
+
+def test_token_ids_from_copies_exactly_the_range_asked_for() -> None:
+    r = _request("a", prompt_len=5)
+    r.output_token_ids.extend([100, 101, 102])
+    whole = r.prompt_token_ids + r.output_token_ids
+    for start, end in ((0, None), (2, 4), (3, 7), (5, 8), (6, None), (8, None)):
+        want = whole[start:] if end is None else whole[start:end]
+        assert r.token_ids_from(start, end) == want, (start, end)
