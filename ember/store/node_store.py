@@ -280,7 +280,6 @@ class NodeStore:
             with self._lock:
                 if self.ssd.has(key):  # else evicted since: fetch again
                     self.ssd.pin(key)
-                    self.ssd.touch(key)
                     return self.ssd.path(key), "ssd"
 
     def acquire_streaming(self, source: str, timeout_s: float = 600.0) -> tuple[Path, bool]:
@@ -320,7 +319,6 @@ class NodeStore:
                 return None
             self._sources[key] = source
             self.ssd.pin(key)
-            self.ssd.touch(key)
         path = self.ssd.path(key)
         try:
             if not _in_page_cache(path):
@@ -436,7 +434,6 @@ class NodeStore:
             on_ssd = self.ssd.has(key)
             if on_ssd:
                 self.ssd.pin(key)
-                self.ssd.touch(key)
         if on_ssd:
             return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False
         if is_s3_url(source):
