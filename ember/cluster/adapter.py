@@ -20,11 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import (
-    NodeAffinitySchedulingStrategy,
-    PlacementGroupSchedulingStrategy,
-)
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ember.controller.types import NodeInfo
 from ember.errors import ConfigError, DeploymentError, InstanceLostError
@@ -166,27 +163,16 @@ class RayAdapter:
     ) -> ActorRef:
         """Create a named actor without waiting for it to be scheduled.
 
-        One rank: soft node affinity to `node_id` (Ray falls back to any node if it is full).
-        Several ranks: a STRICT_PACK placement group with one bundle per rank, preferring
-        `node_id`; the actor runs in bundle 0 and the engine's own launcher starts the other
-        ranks as processes beside it, on the CPUs/GPUs the other bundles reserve.
+        Soft node affinity to `node_id` (Ray falls back to any node if it is full). Several
+        ranks: the actor reserves every rank's CPUs and GPUs itself, so they are on one node
+        and Ray makes all of the GPUs visible to it (CUDA_VISIBLE_DEVICES lists `ranks *
+        gpus` devices); the engine's own launcher starts ranks 1..ranks-1 as processes beside
+        it, which inherit that list, and rank r uses `cuda:r`. (A placement group with one
+        bundle per rank, the first design, showed the actor only bundle 0's GPU.)
         """
-        resources: dict[str, float] = {"CPU": cpus}
-        if gpus:
-            resources["GPU"] = gpus
-        pg: PlacementGroup | None = None
-        if ranks > 1:
-            pg = placement_group(
-                [dict(resources) for _ in range(ranks)],
-                strategy="STRICT_PACK",
-                name=f"{name}-pg",
-                _soft_target_node_id=node_id,
-            )
-            strategy: Any = PlacementGroupSchedulingStrategy(
-                placement_group=pg, placement_group_bundle_index=0
-            )
-        elif node_id is not None:
-            strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
+        cpus, gpus = cpus * ranks, gpus * ranks
+        if node_id is not None:
+            strategy: Any = NodeAffinitySchedulingStrategy(node_id=node_id, soft=True)
         else:
             strategy = "DEFAULT"
         remote_cls: Any = ray.remote(cls)
@@ -200,7 +186,7 @@ class RayAdapter:
             scheduling_strategy=strategy,
             runtime_env={"env_vars": env} if env else None,
         ).remote(*args)
-        return ActorRef(name=name, actor=actor, placement_group=pg)
+        return ActorRef(name=name, actor=actor)
 
     async def call(
         self, ref: ActorRef, method: str, *args: Any, timeout_s: float | None = None

@@ -1,9 +1,10 @@
 """`RayCluster`: the controller's view of a Ray cluster (nodes, instance start and stop).
 
 Owns the `RayAdapter` connection and `ClusterConfig`. An instance is one named actor
-(`ember-instance:<id>`) hosting an engine; tensor-parallel instances reserve one bundle per
-rank in a STRICT_PACK placement group. Stopping an instance kills its actor and removes its
-placement group, so a deleted deployment leaves no actor and no reservation behind.
+(`ember-instance:<id>`) hosting an engine; a tensor-parallel instance's actor reserves every
+rank's CPUs and GPUs (the other ranks are its child processes). Stopping an instance kills its
+actor and removes a pooled worker's placement group, so a deleted deployment leaves no actor
+and no reservation behind.
 """
 
 from __future__ import annotations

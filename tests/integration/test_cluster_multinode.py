@@ -1,7 +1,8 @@
 """Instances on a two-node local Ray cluster (`ray.cluster_utils.Cluster`, all on 127.0.0.1).
 
 Each node has one logical CPU, so two instances must land on different nodes; node labels
-(spot, zone) come through; a model comes back to the node that already converted it.
+(spot, zone) come through; a model comes back to the node that already converted it; a
+tensor-parallel instance's actor is given every rank's GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RayClu
             "labels": {"zone": "a", "spot": "false"},
         },
     )
-    ray_cluster.add_node(**common, labels={"zone": "b", "spot": "true"})
+    # Node b declares two logical GPUs (Ray hands out their ids without any device present).
+    ray_cluster.add_node(**common, num_gpus=2, labels={"zone": "b", "spot": "true"})
     ray_cluster.wait_for_nodes()
     cache = tmp_path_factory.mktemp("multinode-cache")
     cluster = RayCluster(ClusterConfig(address=ray_cluster.address, cache_dir=str(cache)))
@@ -129,6 +131,32 @@ def test_nodes_carry_spot_and_zone_labels(two_nodes: tuple[RayCluster, Path]) ->
     assert sorted(dict(n.labels)["zone"] for n in nodes) == ["a", "b"]
     assert {dict(n.labels)["zone"]: n.label("spot") for n in nodes} == {"a": "false", "b": "true"}
     assert all(n.alive and n.cpus_total == 1.0 for n in nodes)
+
+
+def test_a_tensor_parallel_instance_actor_sees_every_rank_gpu(
+    two_nodes: tuple[RayCluster, Path],
+) -> None:
+    """Its rank processes inherit the actor's CUDA_VISIBLE_DEVICES and rank r uses cuda:r, so
+    the actor must hold all tp GPUs (with one bundle per rank it saw only bundle 0's)."""
+    import ray
+
+    from ember.cluster.adapter import RayAdapter
+
+    class GpuProbe:  # stands in for an instance actor (defined here: shipped by value)
+        def visible(self) -> tuple[list[str], str | None]:
+            return [str(i) for i in ray.get_gpu_ids()], os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    adapter = RayAdapter.attach()
+    ref = adapter.create_actor(
+        GpuProbe, "ember-instance:gpu-probe", (), cpus=0.5, gpus=1, node_id=None, ranks=2
+    )
+    try:
+        ids, visible = ray.get(ref.actor.visible.remote(), timeout=60)
+        assert sorted(ids) == ["0", "1"]
+        assert visible is not None and sorted(visible.split(",")) == ["0", "1"]
+    finally:
+        asyncio.run(adapter.kill(ref, graceful_s=1.0))
+    assert two_nodes[0].actor_names() == []
 
 
 def test_two_instances_are_placed_on_two_nodes_and_both_serve(

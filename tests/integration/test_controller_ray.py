@@ -228,7 +228,7 @@ def test_tensor_parallel_instance_reserves_its_ranks_and_matches_tp1(
         controller.deploy(DeploymentSpec("tp1", str(model), min_instances=1))
         await controller.wait_for_instance("tp2", START_TIMEOUT_S)
         await controller.wait_for_instance("tp1", START_TIMEOUT_S)
-        # Two bundles of one CPU (placement group) + one CPU: 1 of 4 left.
+        # tp2's actor holds both ranks' CPUs, tp1's one: 1 of 4 left.
         assert [n.cpus_available for n in cluster.nodes()] == [1.0]
         [h2], [h1] = controller.ready_instances("tp2"), controller.ready_instances("tp1")
         got2 = [t for d in await collect(h2, "a", "hello world", params) for t in d.new_token_ids]
@@ -237,7 +237,6 @@ def test_tensor_parallel_instance_reserves_its_ranks_and_matches_tp1(
         controller.delete("tp2")
         controller.delete("tp1")
         await until(controller, lambda: cluster.actor_names() == [])
-        # The placement group went with the actor.
         await until(controller, lambda: [n.cpus_available for n in cluster.nodes()] == [4.0])
 
     run(tmp_path, cluster, body)
