@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "make-model": ("make_model", "write a random-weight Hugging Face model folder (tests, demo)"),
     "convert": ("convert", "convert a Hugging Face folder or safetensors file to ember's format"),
     "verify": ("verify", "check every checksum of an ember checkpoint"),
+    "cache": ("cache", "list or prune the caches of converted Hugging Face folders"),
     "bench": ("bench", "run a benchmark (load, engine, serve, coldstart, policy, sim)"),
     "serve": ("serve", "start the controller and the OpenAI-compatible API"),
     "deploy": ("deploy", "create or update a deployment on a running server"),

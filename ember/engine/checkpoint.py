@@ -3,16 +3,25 @@ Hugging Face folder once into the cache) and load one rank's tensors through `em
 
 The conversion cache lives in `$EMBER_CACHE_DIR` (default `~/.cache/ember/checkpoints`), one
 directory per (source path, source files' sizes and mtimes, tp, dtype), so a changed source or
-another tensor degree converts again and a second engine start loads straight away.
+another tensor degree converts again and a second engine start loads straight away. Each entry
+records its source in `ember-source.json`, whose mtime is the entry's last use. A conversion
+removes the entries of its source folder that are stale (converted from older files, for any
+tp and dtype), so editing a model folder does not grow the cache; `ember cache ls` and `ember cache prune` (`entries` and
+`prune` here) handle the rest. Deleting an entry is safe while engines run: they keep the
+files they mapped, and a later start converts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +32,9 @@ from ember.errors import CheckpointNotFoundError
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.json"
+SOURCE_FILE = "ember-source.json"
+# Work directories of ember.store.convert (converting, replaced) and of `_remove` (removing).
+_WORK_DIR = re.compile(r"^\..+\.(?:converting|replaced|removing)-(\d+)-")
 
 
 def cache_dir() -> Path:
@@ -54,9 +66,20 @@ def resolve(model: str | os.PathLike[str], tp: int, dtype: str | None) -> Path:
     from ember.store import convert
 
     dst = cache_dir() / _source_key(path, tp, dtype)
-    if not is_checkpoint(dst):
-        logger.info("converting src=%s dst=%s tp=%d dtype=%s", path, dst, tp, dtype)
-        convert(path, dst, tp=tp, dtype=dtype, progress=False, overwrite=True)
+    if is_checkpoint(dst):
+        with contextlib.suppress(OSError):  # last use, for `ember cache prune --unused-days`
+            os.utime(dst / SOURCE_FILE)
+        return dst
+    logger.info("converting src=%s dst=%s tp=%d dtype=%s", path, dst, tp, dtype)
+    convert(path, dst, tp=tp, dtype=dtype, progress=False, overwrite=True)
+    record = {"source": str(path.resolve()), "tp": tp, "dtype": dtype}
+    tmp = dst / f".{SOURCE_FILE}.{os.getpid()}"
+    tmp.write_text(json.dumps(record, sort_keys=True) + "\n")
+    os.replace(tmp, dst / SOURCE_FILE)
+    for old in entries(dst.parent):  # conversions of this folder's older files, any tp/dtype
+        if old.source == record["source"] and old.status == "stale":
+            logger.info("removing superseded conversion path=%s", old.path)
+            _remove(old.path)
     return dst
 
 
@@ -68,6 +91,123 @@ def _source_key(path: Path, tp: int, dtype: str | None) -> str:
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     h.update(f"tp={tp}:dtype={dtype}".encode())
     return f"{path.name}-{h.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    """One directory of a conversion cache.
+
+    status: "current" (its source is unchanged), "stale" (the source folder changed or is
+    gone), "unknown" (converted before entries recorded their source), "partial" (the work
+    directory of a conversion, replacement or removal, running or interrupted:
+    `.<key>.converting-<pid>-<hex>`, `.replaced-`, `.removing-`).
+    """
+
+    path: Path
+    nbytes: int
+    last_used: float  # epoch seconds
+    status: str
+    record: dict[str, Any] | None  # ember-source.json: source, tp, dtype
+
+    @property
+    def source(self) -> str | None:
+        return None if self.record is None else str(self.record["source"])
+
+
+def cache_dirs(root: Path | None = None) -> list[Path]:
+    """Every conversion cache under `root` (default `$EMBER_CACHE_DIR` or `~/.cache/ember`):
+    the engine's own (`checkpoints/`) and the serving nodes' (`nodes/<host>/checkpoints/`)."""
+    base = root if root is not None else cache_dir().parent
+    dirs = [base / "checkpoints", *sorted(base.glob("nodes/*/checkpoints"))]
+    return [d for d in dirs if d.is_dir()]
+
+
+def entries(directory: Path) -> list[CacheEntry]:
+    """The entries of one conversion cache directory, oldest use first."""
+    out = []
+    for d in directory.iterdir():
+        if not d.is_dir():
+            continue
+        files = [f for f in d.rglob("*") if f.is_file()]
+        nbytes = sum(f.stat().st_size for f in files)
+        if d.name.startswith("."):
+            if _WORK_DIR.match(d.name):
+                out.append(CacheEntry(d, nbytes, d.stat().st_mtime, "partial", None))
+            continue
+        if not is_checkpoint(d):
+            continue
+        record = _read_record(d / SOURCE_FILE)
+        if record is None:
+            out.append(CacheEntry(d, nbytes, d.stat().st_mtime, "unknown", None))
+            continue
+        src = Path(record["source"])
+        fresh = src.is_dir() and d.name == _source_key(src, record["tp"], record["dtype"])
+        used = (d / SOURCE_FILE).stat().st_mtime
+        out.append(CacheEntry(d, nbytes, used, "current" if fresh else "stale", record))
+    return sorted(out, key=lambda e: e.last_used)
+
+
+def prune(
+    root: Path | None = None,
+    *,
+    unused_days: float | None = None,
+    everything: bool = False,
+    dry_run: bool = False,
+) -> list[CacheEntry]:
+    """Remove stale entries, and interrupted conversions whose process is gone; with
+    `unused_days` also every entry not used for that long; with `everything` all of them
+    (except conversions still running). Returns what was (or, dry run, would be) removed."""
+    now = time.time()
+    removed = []
+    for directory in cache_dirs(root):
+        for e in entries(directory):
+            if e.status == "partial":
+                drop = not _owner_alive(e.path.name)
+            else:
+                drop = (
+                    everything
+                    or e.status == "stale"
+                    or (unused_days is not None and now - e.last_used > unused_days * 86400)
+                )
+            if drop:
+                removed.append(e)
+                if not dry_run:
+                    _remove(e.path)
+    return removed
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not {"source", "tp", "dtype"} <= record.keys():
+        return None
+    return record
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process working in `.<key>.<work>-<pid>-<hex>` still runs."""
+    m = _WORK_DIR.match(name)
+    if m is None:
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Rename aside first, so no reader finds a half-deleted checkpoint under the key."""
+    trash = path.parent / f".{path.name}.removing-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        os.rename(path, trash)
+    except OSError:
+        return  # already gone (another prune, a concurrent superseding conversion)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_config(checkpoint: Path) -> dict[str, Any]:
