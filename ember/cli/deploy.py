@@ -12,7 +12,9 @@ from ember.controller.types import DeploymentSpec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", help="the model name clients will send")
-    parser.add_argument("source", help="a local Hugging Face folder or ember checkpoint")
+    parser.add_argument(
+        "source", help="a local Hugging Face folder, ember checkpoint or s3://bucket/prefix"
+    )
     parser.add_argument("--min-instances", type=int, default=0, help="kept even when idle")
     parser.add_argument("--max-instances", type=int, default=1, help="upper bound")
     parser.add_argument(
@@ -35,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--request-timeout-s", type=float, default=60.0, help="wait + run limit per request"
     )
+    parser.add_argument(
+        "--prefetch", choices=("ssd", "dram", "none"), default="ssd",
+        help="s3:// sources: the tier one node fetches the checkpoint into at deploy time",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     add_connection_arguments(parser)
 
@@ -57,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue=args.max_queue,
         request_timeout_s=args.request_timeout_s,
+        prefetch=args.prefetch,
     )
     spec.validate()
     answer = AdminClient.from_args(args).deploy(spec.to_dict())

@@ -18,6 +18,7 @@ from typing import Any
 from ember.cluster.adapter import ACTOR_PREFIX, RayAdapter
 from ember.cluster.instance import InstanceActor, InstanceHandle, InstanceReady
 from ember.cluster.node_services import NodeServices, NodeServicesConfig
+from ember.controller.config import default_cache_dir
 from ember.controller.types import DeploymentSpec, NodeInfo
 from ember.errors import ConfigError, DeploymentError, InstanceLostError, RequestTimeoutError
 
@@ -33,7 +34,8 @@ class ClusterConfig:
         small machine; each instance's torch threads follow `instance_cpus`).
     instance_cpus / instance_gpus: resources one tensor-parallel rank reserves.
     device: where engines run ("cpu", or "cuda" with instance_gpus >= 1).
-    cache_dir: root of the per-node caches (converted checkpoints under nodes/<node id>/).
+    cache_dir: root of the per-node caches (converted checkpoints under nodes/<host>/;
+        default $EMBER_CACHE_DIR, else ~/.cache/ember).
     labels: labels of the private Ray's node (a cluster's nodes get theirs from `ray start
         --labels`); ember reads "spot" ("true"/"false") and "zone".
     """
@@ -43,7 +45,7 @@ class ClusterConfig:
     instance_cpus: float = 1.0
     instance_gpus: float = 0.0
     device: str = "cpu"
-    cache_dir: str = "~/.cache/ember"
+    cache_dir: str = field(default_factory=lambda: default_cache_dir())
     labels: tuple[tuple[str, str], ...] = field(default=())
 
     def validate(self) -> None:
@@ -94,6 +96,11 @@ class RayCluster:
     async def checkpoints(self) -> dict[str, list[dict[str, Any]]]:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
+
+    def prefetch(self, source: str, node_id: str, tier: str) -> None:
+        """Start bringing `source` into `node_id`'s store tier ("ssd" or "dram"); returns at
+        once (the controller's prefetch on deploy)."""
+        self.services.prefetch(source, node_id, tier)
 
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return self.config.instance_cpus * spec.tp

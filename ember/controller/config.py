@@ -12,7 +12,7 @@ Example ember.yaml:
     api_keys: [sk-user-1]
     admin_key: sk-admin
     state_dir: ~/.local/state/ember
-    cache_dir: ~/.cache/ember
+    cache_dir: ~/.cache/ember  # default: $EMBER_CACHE_DIR if set
     reconcile_interval_s: 0.5
     ray: {num_cpus: 4, instance_cpus: 1, instance_gpus: 0, device: cpu,
           labels: {zone: a, spot: "false"}}
@@ -24,6 +24,7 @@ Example ember.yaml:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,8 @@ class ServeConfig:
     address: None starts a private Ray on 127.0.0.1; "auto" or HOST:PORT joins a cluster.
     api_keys: Bearer tokens for /v1/*; admin_key: the token for /admin/*.
     state_dir: where the controller's SQLite file (ember.db) lives.
-    cache_dir: converted checkpoints (per node) and the demo model.
+    cache_dir: converted checkpoints (per node), the node store's SSD tier and the demo model
+        (default: $EMBER_CACHE_DIR, else ~/.cache/ember; what `LLM(...)` uses too).
     reconcile_interval_s: how often the controller compares desired and actual instances.
     ray: see RaySettings. api: extra ApiConfig fields, passed through.
     deployments: created (or updated) at start-up, in addition to those in the state file.
@@ -65,7 +67,7 @@ class ServeConfig:
     api_keys: tuple[str, ...] = ()
     admin_key: str | None = None
     state_dir: str = "~/.local/state/ember"
-    cache_dir: str = "~/.cache/ember"
+    cache_dir: str = field(default_factory=lambda: default_cache_dir())
     reconcile_interval_s: float = 0.5
     ray: RaySettings = field(default_factory=RaySettings)
     api: tuple[tuple[str, Any], ...] = ()
@@ -85,6 +87,11 @@ class ServeConfig:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError(f"deployments: name {sorted(dup)[0]!r} appears twice")
+
+
+def default_cache_dir() -> str:
+    """$EMBER_CACHE_DIR, else ~/.cache/ember: one root for every ember cache on a machine."""
+    return os.environ.get("EMBER_CACHE_DIR") or "~/.cache/ember"
 
 
 def load_config(path: str | Path | None) -> ServeConfig:

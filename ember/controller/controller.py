@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.placement import choose_node
+from ember.controller.placement import DISK, NOWHERE, TIER_RANK, choose_node
 from ember.controller.records import ClusterBackend, DeploymentRecord, InstanceRecord
 from ember.controller.state import DeploymentStore
 from ember.controller.types import (
@@ -70,7 +70,11 @@ class Controller:
         self._last_probe_s = 0.0
         self._deployments: dict[str, DeploymentRecord] = {}
         self._instances: dict[str, InstanceRecord] = {}
-        self._checkpoint_nodes: dict[str, set[str]] = {}  # source -> nodes that converted it
+        # Where each source's checkpoint is, for placement: node -> DRAM / DISK. `_stored` is
+        # what the node stores listed at the last refresh; `_hints` what this controller saw
+        # (an instance that started there, a prefetch it asked for).
+        self._stored: dict[str, dict[str, int]] = {}
+        self._hints: dict[str, dict[str, int]] = {}
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
         self._kick: asyncio.Event | None = None
@@ -123,8 +127,11 @@ class Controller:
                 spec=spec, last_busy_s=self._clock.now()
             )
             logger.info("deployment created name=%s source=%s", spec.name, spec.source)
+            self._prefetch(spec)
         else:
             old = dep.spec
+            if (old.source, old.prefetch) != (spec.source, spec.prefetch):
+                self._prefetch(spec)
             dep.spec = spec
             dep.failures, dep.retry_at_s, dep.last_error = 0, 0.0, None
             if _engine_fields(old) != _engine_fields(spec):
@@ -168,7 +175,7 @@ class Controller:
                 continue
             insts = [i.info() for i in self._instances.values() if i.deployment == name]
             insts += [i.info() for i in dep.failed]
-            cached = tuple(sorted(self._checkpoint_nodes.get(dep.spec.source, ())))
+            cached = tuple(sorted(self._locality(dep.spec.source)))
             out.append(DeploymentStatus(dep.spec, tuple(insts), dep.desired, cached))
         return out
 
@@ -256,10 +263,25 @@ class Controller:
             return
         self._last_probe_s = now
         ready = [i for i in self._instances.values() if i.state is InstanceState.READY and i.handle]
-        if ready:
-            self._probe_task = asyncio.create_task(self._probe(ready), name="ember-probe")
+        self._probe_task = asyncio.create_task(self._probe(ready), name="ember-probe")
 
     async def _probe(self, insts: list[InstanceRecord]) -> None:
+        """Probe `insts`, and refresh what the node stores hold (for placement)."""
+        try:
+            stored = await self.checkpoints()
+        except Exception as e:
+            logger.warning("listing the node stores' checkpoints failed: %s", e)
+        else:
+            fresh: dict[str, dict[str, int]] = {}
+            for node_id, rows in stored.items():
+                for row in rows:
+                    rank = TIER_RANK.get(row.get("tier", ""))
+                    if rank is not None:
+                        by_node = fresh.setdefault(str(row.get("source")), {})
+                        by_node[node_id] = min(rank, by_node.get(node_id, NOWHERE))
+            self._stored = fresh
+        if not insts:
+            return
         timeout_s = max(1.0, self._probe_interval_s)
         results = await asyncio.gather(
             *(self._cluster.probe(i.handle, timeout_s) for i in insts if i.handle),
@@ -362,7 +384,7 @@ class Controller:
         need = self._cluster.instance_cpus(spec)
         node_id = choose_node(
             nodes,
-            self._checkpoint_nodes.get(spec.source, set()),
+            self._locality(spec.source),
             need_cpus=need,
             taken=[i.node_id for i in self._live(spec.name) if i.node_id],
         )
@@ -397,7 +419,8 @@ class Controller:
         inst.handle.node_id = ready.node_id
         inst.load_s = ready.load_s
         inst.tier = ready.tier
-        self._checkpoint_nodes.setdefault(spec.source, set()).add(ready.node_id)
+        hints = self._hints.setdefault(spec.source, {})
+        hints[ready.node_id] = min(DISK, hints.get(ready.node_id, NOWHERE))  # at least on disk
         dep = self._deployments.get(inst.deployment)
         if dep is not None:
             dep.failures, dep.retry_at_s = 0, 0.0
@@ -453,6 +476,41 @@ class Controller:
             inst.error = f"{type(e).__name__}: {e}"
             inst.fire(InstanceEvent.ERROR)
         self._notify()
+
+    # --- checkpoint locality ---------------------------------------------------------------
+
+    def _locality(self, source: str) -> dict[str, int]:
+        """Node id -> where it holds `source`'s checkpoint (placement.DRAM or DISK)."""
+        out = dict(self._hints.get(source, {}))
+        for node_id, rank in self._stored.get(source, {}).items():
+            out[node_id] = min(rank, out.get(node_id, NOWHERE))
+        return out
+
+    def _prefetch(self, spec: DeploymentSpec) -> None:
+        """Ask one node's store to bring an `s3://` checkpoint into `spec.prefetch`'s tier now,
+        so the first request after the deploy starts from it: the node the next instance would
+        be placed on, unless a node already holds it in that tier or a faster one."""
+        fn = getattr(self._cluster, "prefetch", None)
+        if spec.prefetch == "none" or not spec.source.startswith("s3://") or not callable(fn):
+            return
+        want = TIER_RANK[spec.prefetch]
+        where = self._locality(spec.source)
+        nodes = [n for n in self._cluster.nodes() if n.alive]
+        if not nodes or any(where.get(n.node_id, NOWHERE) <= want for n in nodes):
+            return
+        need = self._cluster.instance_cpus(spec)
+        node_id = choose_node(nodes, where, need_cpus=need) or choose_node(
+            nodes, where, need_cpus=0.0
+        )
+        assert node_id is not None
+        try:
+            fn(spec.source, node_id, spec.prefetch)
+        except Exception as e:  # a node without a store, a store gone: the first start fetches
+            logger.warning("prefetch of %s to node %s failed: %s", spec.source, node_id[:12], e)
+            return
+        hints = self._hints.setdefault(spec.source, {})
+        hints[node_id] = min(want, hints.get(node_id, NOWHERE))
+        logger.info("prefetch source=%s node=%s tier=%s", spec.source, node_id[:12], spec.prefetch)
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from ember.errors import ConfigError, DeploymentError
 
 # The engine's names (ember.engine.config.DTYPE_NAMES), without importing torch here.
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16", "float", "half")
+_PREFETCH = ("ssd", "dram", "none")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +25,7 @@ class DeploymentSpec:
     """One deployment: a model source served under a name, with its scaling knobs.
 
     name: the model name clients send (`model` in the OpenAI API).
-    source: a local Hugging Face folder or an ember checkpoint directory.
+    source: a local Hugging Face folder, an ember checkpoint directory, or `s3://bucket/prefix`.
     min_instances / max_instances: bounds on instances; min 0 allows scale to zero.
     keep_alive_s: idle seconds before scaling down to min_instances.
     target_concurrency: requests (queued + running) one instance should carry.
@@ -37,6 +38,10 @@ class DeploymentSpec:
         puts on running requests, higher prefills bursts in fewer steps.
     max_queue: requests the router queues for this deployment before answering 429.
     request_timeout_s: the longest a request may wait and run before a timeout error.
+    prefetch: for an `s3://` source, the tier ("ssd", "dram" or "none") one node's store
+        brings the checkpoint into as soon as the deployment is created (or its source
+        changes), so the first request starts from it instead of the remote store; ignored
+        for local sources.
     """
 
     name: str
@@ -52,6 +57,7 @@ class DeploymentSpec:
     max_num_batched_tokens: int = 2048
     max_queue: int = 64
     request_timeout_s: float = 60.0
+    prefetch: str = "ssd"
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad field."""
@@ -82,6 +88,8 @@ class DeploymentSpec:
             raise ConfigError(
                 f"request_timeout_s: must be a finite value > 0, got {self.request_timeout_s}"
             )
+        if self.prefetch not in _PREFETCH:
+            raise ConfigError(f"prefetch: {self.prefetch!r} is not one of {', '.join(_PREFETCH)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +115,7 @@ class DeploymentSpec:
 
 
 def _field_kind(name: str) -> str:
-    if name in ("name", "source", "dtype"):
+    if name in ("name", "source", "dtype", "prefetch"):
         return "str"
     if name in ("keep_alive_s", "request_timeout_s"):
         return "float"

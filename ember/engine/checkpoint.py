@@ -23,11 +23,12 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ember.errors import CheckpointNotFoundError
+
+if TYPE_CHECKING:  # light at import: `ember cache` lists and prunes without loading torch
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -210,6 +210,9 @@ class NodeStore:
         self._remote: RemoteStore | None = None
         self._lock = threading.Lock()
         self._fetches: dict[str, _Fetch] = {}
+        # SSD-only fetches (prefetches) running, by key: set when they end. One writer per
+        # tier copy: a DRAM fetch that starts meanwhile leaves the SSD copy to it.
+        self._ssd_fetches: dict[str, threading.Event] = {}
         self._sources: dict[str, str] = {}  # key -> source, for status
 
     @property
@@ -434,13 +437,14 @@ class NodeStore:
             on_ssd = self.ssd.has(key)
             if on_ssd:
                 self.ssd.pin(key)
+            ssd_busy = key in self._ssd_fetches  # a prefetch writes the SSD copy
         if on_ssd:
             return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False
         if is_s3_url(source):
             return (
                 RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes),
                 "remote",
-                True,
+                not ssd_busy,
             )
         path = Path(source).expanduser()
         if not (path / INDEX_FILE).is_file():
@@ -514,15 +518,32 @@ class NodeStore:
         return EnsureResult(path, where, stats)
 
     def _ensure_ssd(self, source: str) -> EnsureResult:
-        """Remote -> SSD only (no DRAM copy): prefetch to disk."""
+        """Remote -> SSD only (no DRAM copy): prefetch to disk. Waits for a fetch of the same
+        checkpoint already writing the SSD copy (a DRAM fetch from remote, another prefetch)
+        instead of writing it twice."""
         key = checkpoint_key(source)
-        with self._lock:
-            self._sources[key] = source
-            if self.ssd.has(key):
-                self.ssd.touch(key)
-                return EnsureResult(self.ssd.path(key), "ssd", None)
         if not is_s3_url(source):
             raise ConfigError(f"only s3:// sources are cached on SSD, got {source!r}")
+        while True:
+            with self._lock:
+                self._sources[key] = source
+                if self.ssd.has(key):
+                    self.ssd.touch(key)
+                    return EnsureResult(self.ssd.path(key), "ssd", None)
+                running = self._fetches.get(key)
+                busy = running.done if running is not None else self._ssd_fetches.get(key)
+                if busy is None:
+                    mine = self._ssd_fetches[key] = threading.Event()
+                    break
+            busy.wait()  # then look again: it may have failed, or not written SSD
+        try:
+            return self._fetch_to_ssd(source, key)
+        finally:
+            with self._lock:
+                del self._ssd_fetches[key]
+            mine.set()
+
+    def _fetch_to_ssd(self, source: str, key: str) -> EnsureResult:
         src = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
         index_bytes = src.read_file(INDEX_FILE)
         partial = self.ssd.partial_path(key)

@@ -438,3 +438,42 @@ def test_a_tier_never_claims_more_than_its_file_system(tmp_path: Path) -> None:
     size = st.f_blocks * st.f_frsize
     assert fit_capacity(tmp_path, 1 << 60, "ssd") == size
     assert fit_capacity(tmp_path, 1 << 20, "ssd") == 1 << 20
+
+
+def test_a_start_during_a_prefetch_to_ssd_leaves_both_tiers_whole(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    """A deployment is prefetched to SSD when it is created; a request may wake it while that
+    fetch runs. The instance's DRAM fetch must not write the SSD copy the prefetch is writing
+    (two writers, two reservations), and a second prefetch waits for the first."""
+    import time
+
+    from ember.store import verify
+
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        relay.delay_s = 0.002  # ~30 MB/s: the prefetch is still running when the start comes
+        store = make_store(tmp_path, relay.endpoint)
+        dram_cleanup.append(store)
+        url, key = pushed["a"], checkpoint_key(pushed["a"])
+        store.prefetch(url, "ssd")
+        store.prefetch(url, "ssd")
+        deadline = time.monotonic() + 30
+        while relay.sent < (1 << 20):  # the prefetch is under way
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not store.ssd.has(key)
+        result = store.ensure(url)  # what an instance's start does
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
+        while not store.ssd.has(key):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)  # the second prefetch finds the copy and returns
+        assert sorted((r.tier, r.key, r.pins) for r in store.status()) == [
+            ("dram", url, 0), ("ssd", url, 0),
+        ]  # fmt: skip
+        verify(store.ssd.path(key))  # every checksum of the SSD copy
+        assert store.ssd.used_bytes() == store.ssd.items()[0].nbytes  # reserved once
+    finally:
+        relay.close()

@@ -7,6 +7,7 @@ deployment unpins it and leaves no instance behind; evict and prefetch move it b
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 import uuid
@@ -73,7 +74,9 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
         await controller.start()
         try:
             cluster.nodes()  # starts the node's store actor and fills its pool
-            controller.deploy(DeploymentSpec("s3m", URL, min_instances=1, max_model_len=64))
+            controller.deploy(
+                DeploymentSpec("s3m", URL, min_instances=1, max_model_len=64, prefetch="none")
+            )
             await controller.wait_for_instance("s3m", 120.0)
             [handle] = controller.ready_instances("s3m")
             assert [n for n in cluster.actor_names() if n.startswith(POOL_PREFIX)] != []
@@ -113,6 +116,59 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
     asyncio.run(body())
 
 
+def test_a_new_deployment_is_prefetched_to_ssd_and_wakes_from_there(
+    tmp_path: Path, served: tuple[RayCluster, Path]
+) -> None:
+    """`ember deploy` of an s3:// model with no instance: the controller has one node's store
+    fetch it to SSD at once, so the first request's instance reads SSD, not S3."""
+    cluster, hf = served
+    url = "s3://served/prefetched"
+    remote = RemoteStore(remote_config(os.environ["EMBER_S3_ENDPOINT_URL"]))
+    remote.upload_checkpoint(convert(hf, tmp_path / "ck", progress=False), parse_s3_url(url))
+    want = LLM(str(hf), max_model_len=64).generate([2, 7, 1, 8], PARAMS)[0].token_ids
+
+    async def body() -> None:
+        controller = Controller(
+            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05,
+            probe_interval_s=0.1,
+        )  # fmt: skip
+        await controller.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+
+        async def tiers() -> set[str]:
+            rows = (await controller.checkpoints()).get(node, [])
+            return {r["tier"] for r in rows if r["key"] == url}
+
+        try:
+            [node] = [n.node_id for n in cluster.nodes() if n.alive]
+            controller.deploy(DeploymentSpec("pre", url, max_model_len=64))  # min_instances 0
+            while await tiers() != {"ssd"}:  # on SSD only: the prefetch tier
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
+            assert controller.ready_instances("pre") == []
+            assert [s.cached_on for s in controller.status()] == [(node,)]
+            controller.wake("pre")  # a request came
+            await controller.wait_for_instance("pre", 120.0)
+            [status] = controller.status()
+            assert [i.tier for i in status.instances] == ["ssd"]
+            [handle] = controller.ready_instances("pre")
+            tokens = [
+                t async for d in handle.generate("r", [2, 7, 1, 8], PARAMS)
+                for t in d.new_token_ids
+            ]  # fmt: skip
+            assert tokens == want
+            controller.delete("pre")
+            while cluster.actor_names():
+                assert loop.time() < deadline, cluster.actor_names()
+                await controller.reconcile_once()
+                await asyncio.sleep(0.1)
+        finally:
+            await controller.stop()
+
+    asyncio.run(body())
+
+
 def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
     tmp_path: Path, served: tuple[RayCluster, Path]
 ) -> None:
@@ -126,7 +182,7 @@ def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
         while not (answer := await c.checkpoints()):  # the store actor is still starting
             await asyncio.sleep(0.05)
         [(node, rows)] = answer.items()
-        return node, sorted((r["tier"], r["key"]) for r in rows)
+        return node, sorted((r["tier"], r["key"]) for r in rows if r["key"] == URL)
 
     [node] = [n.node_id for n in cluster.nodes() if n.alive]
     cluster.services.prefetch(URL, node, "dram")

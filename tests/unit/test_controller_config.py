@@ -68,3 +68,18 @@ def test_bad_file_names_the_key(tmp_path: Path, text: str, message: str) -> None
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_cache_dir_follows_ember_cache_dir_like_the_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ember serve` and `LLM(...)` share one cache root: $EMBER_CACHE_DIR when set."""
+    from ember.cluster.cluster import ClusterConfig
+    from ember.engine.checkpoint import cache_dir
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    assert ServeConfig().cache_dir == ClusterConfig().cache_dir == str(tmp_path)
+    assert cache_dir() == tmp_path / "checkpoints"
+    assert load_config(None).cache_dir == str(tmp_path)
+    monkeypatch.delenv("EMBER_CACHE_DIR")
+    assert ServeConfig().cache_dir == ClusterConfig().cache_dir == "~/.cache/ember"
