@@ -191,14 +191,14 @@ class Harness:
         self.moto.stop()
         shutil.rmtree(self.shm, ignore_errors=True)
 
-    def push(self, size: str, hf: Path) -> str:
+    def push(self, size: str, hf: Path, prefix: str | None = None) -> str:
         from ember.store import convert
         from ember.store.remote import parse_s3_url
 
         ck = CACHE / f"llama-{size}-ember"
         if not (ck / "index.json").is_file():
             convert(hf, ck, progress=False, overwrite=True)
-        url = f"s3://bench/{size}"
+        url = f"s3://bench/{prefix or size}"
         self.remote.upload_checkpoint(ck, parse_s3_url(url))
         return url
 
@@ -318,12 +318,17 @@ class Harness:
             await asyncio.sleep(0.05)
 
 
-def http_cold_starts(endpoint: str, url: str, runs: int, threads: int) -> dict[str, Any]:
+def http_cold_starts(
+    endpoint: str, url: str, prefetch_url: str, runs: int, threads: int
+) -> dict[str, Any]:
     """The whole serving path: `ember serve` (its own private Ray, node store actor, pool of
-    one), a deployment of `url` with min_instances=0 and keep_alive_s=1, and one completion
-    request (1 token, not streamed) timed from send to response: queueing in the router and
-    controller, the pooled worker, the load and the token, plus HTTP. The first request fetches
-    from S3; after each scale-to-zero the next one starts from the DRAM tier."""
+    one), a deployment of `url` with min_instances=0, keep_alive_s=1 and no prefetch, and one
+    completion request (1 token, not streamed) timed from send to response: queueing in the
+    router and controller, the pooled worker, the load and the token, plus HTTP. The first
+    request fetches from S3; after each scale-to-zero the next one starts from the DRAM tier.
+    Then a deployment of `prefetch_url` (the same checkpoint under another prefix) as a user
+    makes it, with the default prefetch to SSD: the time until the store lists the SSD copy,
+    then the first request, timed the same way."""
     import socket
 
     import httpx
@@ -351,7 +356,7 @@ def http_cold_starts(endpoint: str, url: str, runs: int, threads: int) -> dict[s
     try:
         _wait_http(base + "/health", 180)
         spec = {"name": "m", "source": url, "min_instances": 0, "keep_alive_s": 1.0,
-                "max_model_len": 512, "max_num_seqs": 4}  # fmt: skip
+                "max_model_len": 512, "max_num_seqs": 4, "prefetch": "none"}  # fmt: skip
         httpx.post(base + "/admin/deployments", json=spec, timeout=30).raise_for_status()
         body = {"model": "m", "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0}
         times = []
@@ -365,6 +370,29 @@ def http_cold_starts(endpoint: str, url: str, runs: int, threads: int) -> dict[s
             print(f"http request {i} ({'s3' if i == 0 else 'dram'}): {times[-1]:.3f} s", flush=True)
         out = {"s3_total_s": times[0], "dram_total_s": sorted(times[1:])[len(times[1:]) // 2],
                "dram_runs_s": [round(t, 4) for t in times[1:]]}  # fmt: skip
+        _wait_scaled_to_zero(base, 120)
+        time.sleep(3.0)
+        t0 = time.perf_counter()
+        spec = {**spec, "name": "p", "source": prefetch_url}
+        del spec["prefetch"]  # the default: to SSD
+        httpx.post(base + "/admin/deployments", json=spec, timeout=30).raise_for_status()
+        while not _on_ssd(base, prefetch_url):
+            if time.perf_counter() - t0 > 300:
+                raise TimeoutError(f"{prefetch_url} was not prefetched to SSD in 300 s")
+            time.sleep(0.05)
+        out["prefetch_to_ssd_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = httpx.post(base + "/v1/completions", json={**body, "model": "p"}, timeout=300)
+        r.raise_for_status()
+        out["prefetched_total_s"] = time.perf_counter() - t0
+        state = httpx.get(base + "/admin/status", timeout=10).json()
+        [dep] = [d for d in state["deployments"] if d["name"] == "p"]
+        out["prefetched_tier"] = [i.get("tier") for i in dep["instances"]]
+        print(
+            f"deploy with prefetch: on SSD after {out['prefetch_to_ssd_s']:.3f} s; first "
+            f"request {out['prefetched_total_s']:.3f} s from {out['prefetched_tier']}",
+            flush=True,
+        )
     finally:
         proc.send_signal(2)
         try:
@@ -388,6 +416,14 @@ def _wait_http(url: str, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {timeout_s} s")
+
+
+def _on_ssd(base: str, url: str) -> bool:
+    import httpx
+
+    state = httpx.get(base + "/admin/status", timeout=10).json()
+    rows = [r for rows in state.get("checkpoints", {}).values() for r in rows]
+    return any(r["key"] == url and r["tier"] == "ssd" for r in rows)
 
 
 def _wait_scaled_to_zero(base: str, timeout_s: float) -> None:
@@ -464,13 +500,17 @@ def main() -> int:
         if not args.no_http and "s3" in tiers:
             size = sizes[0]
             endpoint = harness.remote.config.endpoint_url or ""
-            results[size]["http"] = http_cold_starts(endpoint, f"s3://bench/{size}", runs, threads)
+            prefetch_url = harness.push(size, models[size], prefix=f"{size}-prefetched")
+            results[size]["http"] = http_cold_starts(
+                endpoint, f"s3://bench/{size}", prefetch_url, runs, threads
+            )
             base = results[size]["baseline"]["total_s"]
             h = results[size]["http"]
             print(
                 f"\nember serve over HTTP, {size}: first request (S3) {h['s3_total_s']:.3f} s, "
                 f"after scale to zero (DRAM) {h['dram_total_s']:.3f} s "
-                f"({base / h['dram_total_s']:.1f}x the baseline)"
+                f"({base / h['dram_total_s']:.1f}x the baseline); deployed with prefetch: first "
+                f"request {h['prefetched_total_s']:.3f} s ({base / h['prefetched_total_s']:.1f}x)"
             )
     finally:
         harness.close()
@@ -513,8 +553,8 @@ def write_json(out: str, results: dict[str, Any], facts: dict[str, Any], sizes: 
                 "metric": f"coldstart_ttft_{tier}_{size}", "value": res[tier]["total_s"],
                 "unit": "s", "baseline": base, "ratio": base / res[tier]["total_s"],
             })  # fmt: skip
-        for where in ("s3", "dram"):
-            if res.get("http"):
+        for where in ("s3", "dram", "prefetched"):  # prefetched: first request after deploy
+            if res.get("http") and f"{where}_total_s" in res["http"]:
                 value = res["http"][f"{where}_total_s"]
                 rows.append({
                     "metric": f"coldstart_http_{where}_{size}", "value": value, "unit": "s",

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LoadSource = Callable[[str], tuple[int, int]]  # deployment -> (queued, in_flight)
+HINT_TTL_S = 600.0  # how long a prefetch or start is believed without the stores listing it
 
 
 class Controller:
@@ -72,9 +74,9 @@ class Controller:
         self._instances: dict[str, InstanceRecord] = {}
         # Where each source's checkpoint is, for placement: node -> DRAM / DISK. `_stored` is
         # what the node stores listed at the last refresh; `_hints` what this controller saw
-        # (an instance that started there, a prefetch it asked for).
+        # (an instance that started there, a prefetch it asked for), with when.
         self._stored: dict[str, dict[str, int]] = {}
-        self._hints: dict[str, dict[str, int]] = {}
+        self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
         self._kick: asyncio.Event | None = None
@@ -419,8 +421,7 @@ class Controller:
         inst.handle.node_id = ready.node_id
         inst.load_s = ready.load_s
         inst.tier = ready.tier
-        hints = self._hints.setdefault(spec.source, {})
-        hints[ready.node_id] = min(DISK, hints.get(ready.node_id, NOWHERE))  # at least on disk
+        self._hint(spec.source, ready.node_id, DISK)  # at least on its disk now
         dep = self._deployments.get(inst.deployment)
         if dep is not None:
             dep.failures, dep.retry_at_s = 0, 0.0
@@ -480,11 +481,27 @@ class Controller:
     # --- checkpoint locality ---------------------------------------------------------------
 
     def _locality(self, source: str) -> dict[str, int]:
-        """Node id -> where it holds `source`'s checkpoint (placement.DRAM or DISK)."""
-        out = dict(self._hints.get(source, {}))
+        """Node id -> where it holds `source`'s checkpoint (placement.DRAM or DISK).
+
+        What the stores listed, and this controller's hints: a local model an instance
+        converted stays on that node's disk (nothing evicts conversions); an `s3://` one a
+        prefetch or an instance brought in is trusted for HINT_TTL_S, by when the stores list
+        it (or evicted it)."""
+        now = time.monotonic()
+        remote = source.startswith("s3://")
+        out = {
+            node_id: rank
+            for node_id, (rank, at) in self._hints.get(source, {}).items()
+            if not remote or now - at < HINT_TTL_S
+        }
         for node_id, rank in self._stored.get(source, {}).items():
             out[node_id] = min(rank, out.get(node_id, NOWHERE))
         return out
+
+    def _hint(self, source: str, node_id: str, rank: int) -> None:
+        hints = self._hints.setdefault(source, {})
+        old = hints.get(node_id)
+        hints[node_id] = (min(rank, old[0]) if old else rank, time.monotonic())
 
     def _prefetch(self, spec: DeploymentSpec) -> None:
         """Ask one node's store to bring an `s3://` checkpoint into `spec.prefetch`'s tier now,
@@ -508,8 +525,7 @@ class Controller:
         except Exception as e:  # a node without a store, a store gone: the first start fetches
             logger.warning("prefetch of %s to node %s failed: %s", spec.source, node_id[:12], e)
             return
-        hints = self._hints.setdefault(spec.source, {})
-        hints[node_id] = min(want, hints.get(node_id, NOWHERE))
+        self._hint(spec.source, node_id, want)
         logger.info("prefetch source=%s node=%s tier=%s", spec.source, node_id[:12], spec.prefetch)
 
     # --- helpers ---------------------------------------------------------------------------
