@@ -279,7 +279,7 @@ class Controller:
                 for row in rows:
                     rank = TIER_RANK.get(row.get("tier", ""))
                     if rank is not None:
-                        by_node = fresh.setdefault(str(row.get("source")), {})
+                        by_node = fresh.setdefault(str(row.get("key")), {})  # the source
                         by_node[node_id] = min(rank, by_node.get(node_id, NOWHERE))
             self._stored = fresh
         if not insts:

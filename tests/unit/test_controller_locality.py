@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from serving_support import LocalCluster
 from ember.controller.controller import Controller
 from ember.controller.types import DeploymentSpec, NodeInfo
 from ember.policy.clock import FakeClock
+from ember.store.node_store import CachedCheckpoint
 
 URL = "s3://models/m"
 
@@ -46,6 +48,11 @@ class TwoNodes(LocalCluster):
 
     def prefetch(self, source: str, node_id: str, tier: str) -> None:
         self.prefetched.append((source, node_id, tier))
+
+
+def row(source: str, tier: str) -> dict[str, Any]:
+    """One row of a node store's listing, as `RayCluster.checkpoints` gives it."""
+    return asdict(CachedCheckpoint(source, tier, nbytes=1, pins=0, last_used=0.0))
 
 
 def run(tmp_path: Path, body: Callable[[Controller, TwoNodes], Awaitable[None]]) -> None:
@@ -103,14 +110,11 @@ def test_the_instance_goes_where_the_stores_hold_the_checkpoint_fastest(tmp_path
 
     async def body(c: Controller, cluster: TwoNodes) -> None:
         c.deploy(DeploymentSpec("m", src, max_instances=2, target_concurrency=1))
-        cluster.rows = {
-            "a": [{"tier": "ssd", "source": src}],
-            "b": [{"tier": "ssd", "source": src}, {"tier": "dram", "source": src}],
-        }
+        cluster.rows = {"a": [row(src, "ssd")], "b": [row(src, "ssd"), row(src, "dram")]}
         await until(lambda: cached_on(c, "m") == ("a", "b"))
         c.wake("m")
         await until(lambda: cluster.launched_on == ["b"])  # DRAM beats the freer node's SSD
-        cluster.rows = {"a": [{"tier": "ssd", "source": src}]}  # evicted from b entirely
+        cluster.rows = {"a": [row(src, "ssd")]}  # evicted from b entirely
         await asyncio.sleep(0.05)  # a refresh or two
         assert cached_on(c, "m") == ("a",)
 
