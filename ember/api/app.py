@@ -10,6 +10,8 @@ Routes:
     POST /v1/completions, /v1/chat/completions   generation (stream or not)
     POST /admin/deployments                      create or update (body: DeploymentSpec JSON)
     DELETE /admin/deployments/{name}             delete (404 if unknown)
+    POST /admin/deployments/{name}/prefetch      {"tier", "node"}: an s3:// checkpoint to a node
+    POST /admin/deployments/{name}/evict         {"tier", "node"}: drop it (409 while in use)
     GET  /admin/status                           deployments, instances, nodes (`ember status`)
     GET  /admin/requests[/{request_id}]          active journal entries, or one (prompt, token ids)
     GET  /health, /metrics                       liveness; Prometheus text format (no key needed)
@@ -31,11 +33,11 @@ from ember.api.config import ApiConfig
 from ember.api.generation import Generation
 from ember.api.journal import JournalEntry, RequestJournal
 from ember.api.metrics import ApiMetrics
-from ember.api.responses import install_error_handlers
+from ember.api.responses import error_response, install_error_handlers
 from ember.api.router import ControllerLike, Router
 from ember.api.schemas import ChatCompletionRequest, CompletionRequest
 from ember.controller.types import DeploymentSpec
-from ember.errors import ConfigError, DeploymentError, InvalidRequestError
+from ember.errors import ConfigError, DeploymentError, InvalidRequestError, StoreCapacityError
 from ember.policy.clock import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,43 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         generation.tokenizers.forget(spec.source)
         logger.info("deployment deleted name=%s", name)
         return {"deleted": name}
+
+    async def lever_args(request: Request, default_tier: str) -> tuple[str, str | None]:
+        try:
+            data = await request.json() if await request.body() else {}
+        except ValueError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if not isinstance(data, dict) or set(data) - {"tier", "node"}:
+            raise InvalidRequestError('body: expected {"tier": ..., "node": ...}')
+        tier, node = data.get("tier", default_tier), data.get("node")
+        if not isinstance(tier, str):
+            raise InvalidRequestError("tier: expected a string", "tier")
+        if node is not None and not isinstance(node, str):
+            raise InvalidRequestError("node: expected a node id (or a prefix of one)", "node")
+        return tier, node
+
+    @app.post("/admin/deployments/{name}/prefetch", dependencies=[Depends(admin)])
+    async def prefetch(name: str, request: Request) -> dict[str, Any]:
+        tier, node = await lever_args(request, "ssd")
+        spec = controller.get(name)
+        try:
+            target = controller.prefetch(name, tier, node)
+        except ConfigError as e:
+            raise InvalidRequestError(str(e), _field_of(str(e))) from None
+        return {"deployment": name, "source": spec.source, "tier": tier, "node": target}
+
+    @app.post("/admin/deployments/{name}/evict", dependencies=[Depends(admin)])
+    async def evict(name: str, request: Request) -> Response:
+        tier, node = await lever_args(request, "dram")
+        spec = controller.get(name)
+        try:
+            gone = await controller.evict(name, tier, node)
+        except ConfigError as e:
+            raise InvalidRequestError(str(e), _field_of(str(e))) from None
+        except StoreCapacityError as e:  # an instance maps that copy
+            return error_response(409, str(e), "invalid_request_error", "name", "in_use")
+        return JSONResponse({"deployment": name, "source": spec.source, "tier": tier,
+                             "nodes": gone})  # fmt: skip
 
     @app.get("/admin/status", dependencies=[Depends(admin)])
     async def status() -> dict[str, Any]:

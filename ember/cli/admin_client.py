@@ -1,4 +1,5 @@
-"""HTTP client of a running server's admin endpoints, shared by `ember deploy|delete|status`.
+"""HTTP client of a running server's admin endpoints, shared by `ember deploy|delete|status|
+prefetch|evict`.
 
 Owns the server URL and key resolution (--url / EMBER_URL, --api-key / EMBER_API_KEY) and the
 mapping of HTTP errors (OpenAI's error JSON) onto ember's exceptions, so each command prints
@@ -48,6 +49,14 @@ class AdminClient:
     def delete(self, name: str) -> dict[str, Any]:
         return self._request("DELETE", f"/admin/deployments/{name}")
 
+    def prefetch(self, name: str, tier: str, node: str | None) -> dict[str, Any]:
+        body = {"tier": tier, "node": node}
+        return self._request("POST", f"/admin/deployments/{name}/prefetch", json=body)
+
+    def evict(self, name: str, tier: str, node: str | None) -> dict[str, Any]:
+        body = {"tier": tier, "node": node}
+        return self._request("POST", f"/admin/deployments/{name}/evict", json=body)
+
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/admin/status")
 
@@ -93,4 +102,6 @@ def _error(status: int, message: str) -> EmberError:
         return ModelNotFoundError(message)
     if status in (400, 422):
         return ConfigError(message)
+    if status == 409:
+        return ServingError(message)
     return ServingError(f"HTTP {status}: {message}")

@@ -102,6 +102,11 @@ class RayCluster:
         once (the controller's prefetch on deploy)."""
         self.services.prefetch(source, node_id, tier)
 
+    async def evict(self, source: str, node_id: str, tier: str) -> bool:
+        """Drop `source` from `node_id`'s store tier; False if it was not there. Raises
+        StoreCapacityError if an instance on the node is using that copy."""
+        return await self.services.evict(source, node_id, tier)
+
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return self.config.instance_cpus * spec.tp
 

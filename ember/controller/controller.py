@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ember.controller.placement import DISK, NOWHERE, TIER_RANK, choose_node
 from ember.controller.records import ClusterBackend, DeploymentRecord, InstanceRecord
@@ -34,7 +34,13 @@ from ember.controller.types import (
     InstanceState,
     NodeInfo,
 )
-from ember.errors import DeploymentError, ModelNotFoundError, RequestTimeoutError
+from ember.errors import (
+    ConfigError,
+    DeploymentError,
+    ModelNotFoundError,
+    RequestTimeoutError,
+    StoreCapacityError,
+)
 from ember.policy.autoscaler import AutoscalerConfig, desired_instances
 from ember.policy.clock import Clock, SystemClock
 
@@ -503,23 +509,96 @@ class Controller:
         old = hints.get(node_id)
         hints[node_id] = (min(rank, old[0]) if old else rank, time.monotonic())
 
+    def prefetch(self, name: str, tier: str = "ssd", node_id: str | None = None) -> str:
+        """Have a node's store bring deployment `name`'s `s3://` checkpoint into `tier` ("ssd"
+        or "dram") in the background; `node_id` (a prefix is enough) or, by default, the node
+        its next instance would start on. Returns the node id."""
+        spec = self.get(name)
+        fn = self._store_lever(spec, tier, "prefetch")
+        nodes = [n for n in self._cluster.nodes() if n.alive]
+        target = _one_node(nodes, node_id) if node_id else self._prefetch_node(spec, nodes)
+        if target is None:
+            raise DeploymentError("no alive node to prefetch to")
+        fn(spec.source, target, tier)
+        self._hint(spec.source, target, TIER_RANK[tier])
+        logger.info("prefetch source=%s node=%s tier=%s", spec.source, target[:12], tier)
+        return target
+
+    async def evict(self, name: str, tier: str = "dram", node_id: str | None = None) -> list[str]:
+        """Drop deployment `name`'s `s3://` checkpoint from `tier` on `node_id` (a prefix is
+        enough) or on every node that holds it there; returns the nodes it left. A copy an
+        instance is using stays; StoreCapacityError names those nodes (after the others are
+        done)."""
+        spec = self.get(name)
+        fn = self._store_lever(spec, tier, "evict")
+        if node_id is not None:
+            targets = [_one_node([n for n in self._cluster.nodes() if n.alive], node_id)]
+        else:
+            stored = await self.checkpoints()
+            targets = sorted(
+                n for n, rows in stored.items()
+                if any(r.get("key") == spec.source and r.get("tier") == tier for r in rows)
+            )  # fmt: skip
+        gone, busy = [], []
+        for n in targets:
+            try:
+                if await fn(spec.source, n, tier):
+                    gone.append(n)
+            except StoreCapacityError:
+                busy.append(n[:12])
+        rank = TIER_RANK[tier]
+        for n in gone:  # forget what this controller believed about those copies
+            if self._stored.get(spec.source, {}).get(n) == rank:
+                del self._stored[spec.source][n]
+            hint = self._hints.get(spec.source, {}).get(n)
+            if hint is not None and hint[0] == rank:
+                del self._hints[spec.source][n]
+        logger.info("evict source=%s tier=%s nodes=%s", spec.source, tier, [n[:12] for n in gone])
+        if busy:
+            done = ", ".join(n[:12] for n in gone) or "no other node"
+            raise StoreCapacityError(
+                spec.source, f"in use in {tier} on node {', '.join(busy)}; evicted from {done}"
+            )
+        return gone
+
+    def _store_lever(self, spec: DeploymentSpec, tier: str, what: str) -> Callable[..., Any]:
+        if tier not in TIER_RANK:
+            raise ConfigError(f"tier: {tier!r} is not one of {', '.join(TIER_RANK)}")
+        if not spec.source.startswith("s3://"):
+            raise ConfigError(
+                f"source: {spec.name} serves {spec.source}; only s3:// checkpoints live in the "
+                "node stores' tiers (a local model is converted on each node at its first start)"
+            )
+        fn = getattr(self._cluster, what, None)
+        if not callable(fn):
+            raise DeploymentError(f"this cluster runs no node stores to {what} from")
+        return cast(Callable[..., Any], fn)
+
+    def _prefetch_node(self, spec: DeploymentSpec, nodes: list[NodeInfo]) -> str | None:
+        """The node the next instance of `spec` would start on (any alive one if none has
+        room for it)."""
+        where = self._locality(spec.source)
+        need = self._cluster.instance_cpus(spec)
+        return choose_node(nodes, where, need_cpus=need) or choose_node(nodes, where, need_cpus=0.0)
+
     def _prefetch(self, spec: DeploymentSpec) -> None:
-        """Ask one node's store to bring an `s3://` checkpoint into `spec.prefetch`'s tier now,
-        so the first request after the deploy starts from it: the node the next instance would
-        be placed on, unless a node already holds it in that tier or a faster one."""
+        """At deploy, for a deployment that starts with no instance: ask one node's store to
+        bring its `s3://` checkpoint into `spec.prefetch`'s tier now, so the first request
+        starts from it: the node the next instance would be placed on, unless a node already
+        holds it in that tier or a faster one."""
         fn = getattr(self._cluster, "prefetch", None)
         if spec.prefetch == "none" or not spec.source.startswith("s3://") or not callable(fn):
+            return
+        if spec.min_instances > 0:  # an instance starts now; its fetch fills SSD and DRAM
             return
         want = TIER_RANK[spec.prefetch]
         where = self._locality(spec.source)
         nodes = [n for n in self._cluster.nodes() if n.alive]
-        if not nodes or any(where.get(n.node_id, NOWHERE) <= want for n in nodes):
+        if any(where.get(n.node_id, NOWHERE) <= want for n in nodes):
             return
-        need = self._cluster.instance_cpus(spec)
-        node_id = choose_node(nodes, where, need_cpus=need) or choose_node(
-            nodes, where, need_cpus=0.0
-        )
-        assert node_id is not None
+        node_id = self._prefetch_node(spec, nodes)
+        if node_id is None:
+            return
         try:
             fn(spec.source, node_id, spec.prefetch)
         except Exception as e:  # a node without a store, a store gone: the first start fetches
@@ -542,6 +621,15 @@ class Controller:
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
+
+
+def _one_node(nodes: list[NodeInfo], prefix: str) -> str:
+    """The alive node whose id starts with `prefix` (`ember status` shows 12 characters)."""
+    hits = [n.node_id for n in nodes if n.node_id.startswith(prefix)] if prefix else []
+    if len(hits) != 1:
+        what = "no alive node" if not hits else f"{len(hits)} alive nodes"
+        raise ConfigError(f"node: {what} with an id starting {prefix!r}")
+    return hits[0]
 
 
 def _engine_fields(spec: DeploymentSpec) -> tuple[object, ...]:

@@ -23,6 +23,7 @@ from ember.cluster.cluster import ClusterConfig, RayCluster
 from ember.cluster.worker_pool import POOL_PREFIX
 from ember.controller.controller import Controller
 from ember.controller.types import DeploymentSpec
+from ember.errors import StoreCapacityError
 from ember.policy.clock import FakeClock
 from ember.store import convert
 from ember.store.remote import RemoteStore, parse_s3_url
@@ -93,6 +94,8 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
             ]  # fmt: skip
             text = render({"deployments": [], "checkpoints": {node: rows}})
             assert f"{node[:12]}" in text and "dram" in text and URL in text
+            with pytest.raises(StoreCapacityError, match="in use in dram"):
+                await controller.evict("s3m", "dram")  # the instance maps that copy
             controller.delete("s3m")
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
@@ -102,11 +105,13 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
                 assert loop.time() < deadline, cluster.actor_names()
                 await controller.reconcile_once()
                 await asyncio.sleep(0.1)
-            # The controller's levers: evict from DRAM (the SSD copy stays), prefetch it back.
-            assert await cluster.services.evict(URL, node, "dram")
+            # `ember evict|prefetch` (a deployment of the checkpoint with no instance): evict
+            # from DRAM (the SSD copy stays), prefetch it back.
+            controller.deploy(DeploymentSpec("idle", URL, prefetch="none"))
+            assert await controller.evict("idle", "dram") == [node]
             tiers = {r["tier"] for r in (await controller.checkpoints())[node]}
             assert tiers == {"ssd"}
-            cluster.services.prefetch(URL, node, "dram")
+            assert controller.prefetch("idle", "dram", node[:12]) == node
             while {r["tier"] for r in (await controller.checkpoints())[node]} != {"ssd", "dram"}:
                 assert loop.time() < deadline
                 await asyncio.sleep(0.1)

@@ -14,10 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pytest
 from serving_support import LocalCluster
 
 from ember.controller.controller import Controller
 from ember.controller.types import DeploymentSpec, NodeInfo
+from ember.errors import ConfigError, StoreCapacityError
 from ember.policy.clock import FakeClock
 from ember.store.node_store import CachedCheckpoint
 
@@ -31,7 +33,7 @@ class TwoNodes(LocalCluster):
         super().__init__(cache_root, cpus=0.0)  # instances never finish starting
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.prefetched: list[tuple[str, str, str]] = []
-        self.launched_on: list[str | None] = []
+        self.launched_on: list[tuple[str, str | None]] = []  # (deployment, node)
 
     def nodes(self) -> list[NodeInfo]:
         return [
@@ -40,7 +42,7 @@ class TwoNodes(LocalCluster):
         ]
 
     def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> Any:
-        self.launched_on.append(node_id)
+        self.launched_on.append((spec.name, node_id))
         return super().launch(spec, instance_id, node_id)
 
     async def checkpoints(self) -> dict[str, list[dict[str, Any]]]:
@@ -49,10 +51,18 @@ class TwoNodes(LocalCluster):
     def prefetch(self, source: str, node_id: str, tier: str) -> None:
         self.prefetched.append((source, node_id, tier))
 
+    async def evict(self, source: str, node_id: str, tier: str) -> bool:
+        rows = self.rows.get(node_id, [])
+        hit = [r for r in rows if r["key"] == source and r["tier"] == tier]
+        if any(r["pins"] for r in hit):
+            raise StoreCapacityError(f"/dram/{node_id}", f"cannot evict from {tier}: in use")
+        self.rows[node_id] = [r for r in rows if r not in hit]
+        return bool(hit)
 
-def row(source: str, tier: str) -> dict[str, Any]:
+
+def row(source: str, tier: str, pins: int = 0) -> dict[str, Any]:
     """One row of a node store's listing, as `RayCluster.checkpoints` gives it."""
-    return asdict(CachedCheckpoint(source, tier, nbytes=1, pins=0, last_used=0.0))
+    return asdict(CachedCheckpoint(source, tier, nbytes=1, pins=pins, last_used=0.0))
 
 
 def run(tmp_path: Path, body: Callable[[Controller, TwoNodes], Awaitable[None]]) -> None:
@@ -93,6 +103,7 @@ def test_an_s3_deployment_is_prefetched_once_to_the_node_it_would_start_on(
         c.deploy(DeploymentSpec("m", URL, max_num_seqs=4))  # same source: nothing to fetch
         c.deploy(DeploymentSpec("n", "s3://models/n", prefetch="none"))
         c.deploy(DeploymentSpec("local", str(tmp_path)))  # local folders are converted at start
+        c.deploy(DeploymentSpec("n1", "s3://models/n1", min_instances=1))  # its start fetches
         assert cluster.prefetched == [(URL, "a", "ssd")]
         c.deploy(DeploymentSpec("m", URL, prefetch="dram"))  # a faster tier is asked for
         assert cluster.prefetched[1:] == [(URL, "a", "dram")]
@@ -100,7 +111,7 @@ def test_an_s3_deployment_is_prefetched_once_to_the_node_it_would_start_on(
         c.deploy(DeploymentSpec("m2", URL))
         assert len(cluster.prefetched) == 2
         c.wake("m")
-        await until(lambda: cluster.launched_on == ["a"])
+        await until(lambda: ("m", "a") in cluster.launched_on)
 
     run(tmp_path, body)
 
@@ -113,9 +124,58 @@ def test_the_instance_goes_where_the_stores_hold_the_checkpoint_fastest(tmp_path
         cluster.rows = {"a": [row(src, "ssd")], "b": [row(src, "ssd"), row(src, "dram")]}
         await until(lambda: cached_on(c, "m") == ("a", "b"))
         c.wake("m")
-        await until(lambda: cluster.launched_on == ["b"])  # DRAM beats the freer node's SSD
+        await until(lambda: cluster.launched_on == [("m", "b")])  # DRAM beats a freer SSD
         cluster.rows = {"a": [row(src, "ssd")]}  # evicted from b entirely
         await asyncio.sleep(0.05)  # a refresh or two
         assert cached_on(c, "m") == ("a",)
+
+    run(tmp_path, body)
+
+
+def test_prefetch_and_evict_on_demand_through_the_admin_api(tmp_path: Path) -> None:
+    """`ember prefetch|evict` reach the controller through these routes."""
+    import httpx
+
+    from ember.api.app import create_app
+    from ember.api.config import ApiConfig
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        c.deploy(DeploymentSpec("m", URL, prefetch="none"))
+        c.deploy(DeploymentSpec("local", str(tmp_path)))
+        app = create_app(c, ApiConfig())
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ember.test") as http:
+            r = await http.post("/admin/deployments/m/prefetch", json={"tier": "dram"})
+            assert r.status_code == 200, r.text
+            assert r.json() == {"deployment": "m", "source": URL, "tier": "dram", "node": "a"}
+            r = await http.post("/admin/deployments/m/prefetch", json={"node": "b"})
+            assert r.json()["node"] == "b" and r.json()["tier"] == "ssd"  # the default tier
+            assert cluster.prefetched == [(URL, "a", "dram"), (URL, "b", "ssd")]
+            cluster.rows = {"a": [row(URL, "dram", pins=1)], "b": [row(URL, "dram")]}
+            r = await http.post("/admin/deployments/m/evict")  # every node: a's copy is in use
+            assert r.status_code == 409 and r.json()["error"]["code"] == "in_use", r.text
+            assert "in use in dram on node a; evicted from b" in r.json()["error"]["message"]
+            assert cluster.rows == {"a": [row(URL, "dram", pins=1)], "b": []}  # a's stays
+            cluster.rows["b"] = [row(URL, "dram")]
+            r = await http.post("/admin/deployments/m/evict", json={"node": "b"})
+            assert r.json()["nodes"] == ["b"]  # evicted from DRAM (the default) on b only
+            cluster.rows["a"] = [row(URL, "dram")]
+            r = await http.post("/admin/deployments/m/evict", json={"tier": "dram"})
+            assert r.json()["nodes"] == ["a"]
+            r = await http.post("/admin/deployments/m/evict", json={"tier": "ssd"})
+            assert r.json()["nodes"] == []  # no node holds it there
+            for path, body, status, param in [
+                ("/admin/deployments/local/prefetch", {}, 400, "source"),
+                ("/admin/deployments/m/prefetch", {"tier": "gpu"}, 400, "tier"),
+                ("/admin/deployments/m/prefetch", {"node": "z"}, 400, "node"),
+                ("/admin/deployments/m/evict", {"bogus": 1}, 400, None),
+                ("/admin/deployments/nope/prefetch", {}, 404, "model"),
+            ]:
+                r = await http.post(path, json=body)
+                assert r.status_code == status, (path, body, r.text)
+                assert r.json()["error"]["param"] == param, r.text
+        with pytest.raises(ConfigError, match="only s3:// checkpoints"):
+            c.prefetch("local")
+        assert len(cluster.prefetched) == 2
 
     run(tmp_path, body)
