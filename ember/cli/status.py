@@ -67,8 +67,10 @@ def render(state: dict[str, Any]) -> str:
         lines.append("checkpoints (node store tiers):")
         for node_id, rows in sorted(checkpoints.items()):
             for r in rows:
+                fetched = r.get("fetched")
+                how = f"pins={r['pins']}" if fetched is None else f"fetching {fetched:.0%}"
                 lines.append(
                     f"  {node_id[:12]:<12} {r['tier']:<5} {r['nbytes'] / 1e9:>7.2f} GB"
-                    f" pins={r['pins']}  {r['key']}"
+                    f" {how}  {r['key']}"
                 )
     return "\n".join(lines)

@@ -537,7 +537,11 @@ class Controller:
             stored = await self.checkpoints()
             targets = sorted(
                 n for n, rows in stored.items()
-                if any(r.get("key") == spec.source and r.get("tier") == tier for r in rows)
+                if any(
+                    r.get("key") == spec.source and r.get("tier") == tier
+                    and r.get("fetched") is None  # a fetch in flight is not a copy yet
+                    for r in rows
+                )
             )  # fmt: skip
         gone, busy = [], []
         for n in targets:

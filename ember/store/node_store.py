@@ -47,6 +47,7 @@ from ember.errors import (
     StoreCapacityError,
 )
 from ember.store.fetch import (
+    PROGRESS_FILE,
     ChunkSource,
     FetchStats,
     LocalSource,
@@ -148,13 +149,16 @@ def claim_slot(config: NodeStoreConfig) -> tuple[NodeStoreConfig, IO[str]]:
 
 @dataclass(frozen=True, slots=True)
 class CachedCheckpoint:
-    """One row of `status()`: where a checkpoint is on this node."""
+    """One row of `status()`: where a checkpoint is on this node. `fetched` is the share of its
+    blocks already verified and written while a fetch into that tier is still running (None
+    for a complete copy)."""
 
     key: str
     tier: str
     nbytes: int
     pins: int
     last_used: float
+    fetched: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +188,15 @@ def checkpoint_key(source: str) -> str:
         readable, ident = f"local-{p.name}", str(p)
     readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable).strip("-.")[:80]
     return f"{readable}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
+
+
+def _progress(path: Path) -> float:
+    """The share of blocks a fetch's progress file marks done (0.0 before it exists)."""
+    try:
+        marks = path.read_bytes()
+    except OSError:
+        return 0.0
+    return marks.count(1) / len(marks) if marks else 0.0
 
 
 class _Fetch:
@@ -239,13 +252,26 @@ class NodeStore:
         return None
 
     def status(self) -> list[CachedCheckpoint]:
+        """Complete copies in each tier, then the fetches in flight with their progress."""
         with self._lock:
             rows: list[tuple[str, TierItem]] = [("dram", i) for i in self.dram.items()]
             rows += [("ssd", i) for i in self.ssd.items()]
-            return [
+            out = [
                 CachedCheckpoint(self._source_of(tier, i.key), tier, i.nbytes, i.pins, i.last_used)
                 for tier, i in rows
             ]
+            fetching = [
+                (tier, key, nbytes, self._sources.get(key, key))
+                for tier in (self.dram, self.ssd)
+                for key, nbytes in tier.reserved().items()
+            ]
+            dram_fetches = set(self._fetches)
+        for tier, key, nbytes, source in fetching:
+            # A DRAM fetch keeps its progress in the DRAM copy and writes the SSD one alongside.
+            where = self.dram if tier is self.ssd and key in dram_fetches else tier
+            done = _progress(where.partial_path(key) / PROGRESS_FILE)
+            out.append(CachedCheckpoint(source, tier.name, nbytes, 0, 0.0, done))
+        return out
 
     def _source_of(self, tier: str, key: str) -> str:
         known = self._sources.get(key)

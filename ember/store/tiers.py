@@ -96,6 +96,10 @@ class Tier:
     def has(self, key: str) -> bool:
         return key in self._entries
 
+    def reserved(self) -> dict[str, int]:
+        """Keys being fetched into this tier, with the bytes reserved for each."""
+        return dict(self._reserved)
+
     def used_bytes(self) -> int:
         return sum(e.nbytes for e in self._entries.values()) + sum(self._reserved.values())
 

@@ -464,6 +464,12 @@ def test_a_start_during_a_prefetch_to_ssd_leaves_both_tiers_whole(
             assert time.monotonic() < deadline
             time.sleep(0.01)
         assert not store.ssd.has(key)
+        while not [r for r in store.status() if r.fetched]:  # progress shows in status
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        [row] = store.status()
+        assert (row.tier, row.key) == ("ssd", url) and 0 < row.fetched < 1  # type: ignore[operator]
+        assert row.nbytes == store.ssd.reserved()[key]
         result = store.ensure(url)  # what an instance's start does
         assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
         while not store.ssd.has(key):

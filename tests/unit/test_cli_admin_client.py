@@ -42,3 +42,18 @@ def test_http_errors_map_to_ember_errors(status: int, kind: type) -> None:
 
 def test_auth_errors_say_how_to_pass_a_key() -> None:
     assert "EMBER_API_KEY" in str(_error(401, "bad key"))
+
+
+def test_status_shows_a_fetch_in_flight_with_its_progress() -> None:
+    from dataclasses import asdict
+
+    from ember.cli.status import render
+    from ember.store.node_store import CachedCheckpoint
+
+    rows = [
+        asdict(CachedCheckpoint("s3://m/a", "dram", 2_000_000_000, 1, 0.0)),
+        asdict(CachedCheckpoint("s3://m/b", "ssd", 2_000_000_000, 0, 0.0, fetched=0.42)),
+    ]
+    text = render({"deployments": [], "checkpoints": {"0123456789abcdef": rows}})
+    assert "dram     2.00 GB pins=1  s3://m/a" in text
+    assert "ssd      2.00 GB fetching 42%  s3://m/b" in text
