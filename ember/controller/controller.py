@@ -100,6 +100,7 @@ class Controller:
         for spec in self._store.load_all():
             self._deployments[spec.name] = DeploymentRecord(spec=spec)
             logger.info("deployment restored name=%s source=%s", spec.name, spec.source)
+        self._sync_nodes()  # node stores and pre-started workers start with the server
         self._loop_task = asyncio.create_task(self._run(), name="ember-reconcile")
 
     async def stop(self) -> None:
@@ -274,7 +275,9 @@ class Controller:
         self._probe_task = asyncio.create_task(self._probe(ready), name="ember-probe")
 
     async def _probe(self, insts: list[InstanceRecord]) -> None:
-        """Probe `insts`, and refresh what the node stores hold (for placement)."""
+        """Probe `insts`, start node services on nodes that joined, and refresh what the node
+        stores hold (for placement)."""
+        self._sync_nodes()
         try:
             stored = await self.checkpoints()
         except Exception as e:
@@ -483,6 +486,14 @@ class Controller:
             inst.error = f"{type(e).__name__}: {e}"
             inst.fire(InstanceEvent.ERROR)
         self._notify()
+
+    def _sync_nodes(self) -> None:
+        """List the nodes: the cluster starts a node store and a pre-started worker on each new
+        one (`RayCluster.nodes`), so the first request finds a warm worker waiting."""
+        try:
+            self._cluster.nodes()
+        except Exception as e:  # the cluster may be unreachable for a moment
+            logger.warning("listing the cluster's nodes failed: %s", e)
 
     # --- checkpoint locality ---------------------------------------------------------------
 

@@ -68,13 +68,24 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
     cluster, hf = served
     want = LLM(str(hf), max_model_len=64).generate([3, 1, 4, 1, 5], PARAMS)[0].token_ids
 
+    import ray
+
     async def body() -> None:
         controller = Controller(
             cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
         )
         await controller.start()
+        loop = asyncio.get_running_loop()
         try:
-            cluster.nodes()  # starts the node's store actor and fills its pool
+            # The controller's start brought up the node's store and its pool of one, before
+            # any deployment or request (the first request finds a warm worker).
+            deadline = loop.time() + 60
+            while not [
+                a for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(POOL_PREFIX)
+            ]:  # fmt: skip
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
             controller.deploy(
                 DeploymentSpec("s3m", URL, min_instances=1, max_model_len=64, prefetch="none")
             )
@@ -97,7 +108,6 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
             with pytest.raises(StoreCapacityError, match="in use in dram"):
                 await controller.evict("s3m", "dram")  # the instance maps that copy
             controller.delete("s3m")
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
             while cluster.actor_names() or any(
                 r["pins"] for r in (await controller.checkpoints())[node]
