@@ -157,7 +157,9 @@ class Controller:
         self._notify()
 
     def delete(self, name: str) -> None:
-        """Forget a deployment and stop its instances (their actors are killed)."""
+        """Forget a deployment and stop its instances (their actors are killed). Once they
+        have stopped, an `s3://` checkpoint no other deployment serves leaves the node stores'
+        DRAM tier (memory the node gets back; the SSD copy stays for a later deploy)."""
         dep = self._deployments.get(name)
         if dep is None or dep.deleted:
             raise ModelNotFoundError(f"no deployment named {name!r}")
@@ -166,7 +168,42 @@ class Controller:
         for inst in self._live(name):
             self._begin_stop(inst)
         logger.info("deployment deleted name=%s", name)
+        if dep.spec.source.startswith("s3://"):
+            stops = [i.task for i in self._live(name, include_stopping=True) if i.task]
+            task = asyncio.create_task(
+                self._free_dram(dep.spec.source, stops), name=f"free-dram-{name}"
+            )
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+            task.add_done_callback(_log_task_error)
         self._notify()
+
+    async def _free_dram(self, source: str, stops: list[asyncio.Task[None]]) -> None:
+        """After a delete: evict `source` from every node's DRAM tier once the deployment's
+        instances are gone (their pins go with their processes), unless a deployment still
+        (or again) serves it."""
+        await asyncio.gather(*stops, return_exceptions=True)
+        evict = getattr(self._cluster, "evict", None)
+        for _ in range(20):  # a pin is released when its instance process has exited
+            if self._stopping or not callable(evict):
+                return
+            if any(d.spec.source == source and not d.deleted for d in self._deployments.values()):
+                return
+            stored = await self.checkpoints()
+            busy = False
+            for node_id, rows in stored.items():
+                if any(r.get("key") == source and r.get("tier") == "dram" for r in rows):
+                    try:
+                        if await evict(source, node_id, "dram"):
+                            self._stored.get(source, {}).pop(node_id, None)
+                            self._hints.get(source, {}).pop(node_id, None)
+                            logger.info("freed dram source=%s node=%s", source, node_id[:12])
+                    except StoreCapacityError:
+                        busy = True
+            if not busy:
+                return
+            await asyncio.sleep(0.5)
+        logger.warning("%s stayed in use in a DRAM tier after its deployment was deleted", source)
 
     def get(self, name: str) -> DeploymentSpec:
         dep = self._deployments.get(name)

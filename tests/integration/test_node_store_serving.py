@@ -115,16 +115,18 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
                 assert loop.time() < deadline, cluster.actor_names()
                 await controller.reconcile_once()
                 await asyncio.sleep(0.1)
-            # `ember evict|prefetch` (a deployment of the checkpoint with no instance): evict
-            # from DRAM (the SSD copy stays), prefetch it back.
+            # Deleted and unpinned: the DRAM copy is freed, the SSD copy stays.
+            while {r["tier"] for r in (await controller.checkpoints())[node]} != {"ssd"}:
+                assert loop.time() < deadline
+                await asyncio.sleep(0.1)
+            # `ember prefetch|evict` (a deployment of the checkpoint with no instance).
             controller.deploy(DeploymentSpec("idle", URL, prefetch="none"))
-            assert await controller.evict("idle", "dram") == [node]
-            tiers = {r["tier"] for r in (await controller.checkpoints())[node]}
-            assert tiers == {"ssd"}
             assert controller.prefetch("idle", "dram", node[:12]) == node
             while {r["tier"] for r in (await controller.checkpoints())[node]} != {"ssd", "dram"}:
                 assert loop.time() < deadline
                 await asyncio.sleep(0.1)
+            assert await controller.evict("idle", "dram") == [node]
+            assert {r["tier"] for r in (await controller.checkpoints())[node]} == {"ssd"}
         finally:
             await controller.stop()
 

@@ -179,3 +179,29 @@ def test_prefetch_and_evict_on_demand_through_the_admin_api(tmp_path: Path) -> N
         assert len(cluster.prefetched) == 2
 
     run(tmp_path, body)
+
+
+def test_a_deleted_s3_deployment_leaves_dram_once_unpinned_unless_another_serves_it(
+    tmp_path: Path,
+) -> None:
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        other = "s3://models/other"
+        for name, source in (("m", URL), ("m2", URL), ("o", other)):
+            c.deploy(DeploymentSpec(name, source, prefetch="none"))
+        cluster.rows = {
+            "a": [row(URL, "dram"), row(URL, "ssd"), row(other, "dram")],
+            "b": [row(other, "dram", pins=1)],  # an instance still maps it
+        }
+        c.delete("m")  # m2 serves the same checkpoint: it stays
+        await asyncio.sleep(0.1)
+        assert len(cluster.rows["a"]) == 3
+        c.delete("m2")
+        await until(lambda: cluster.rows["a"] == [row(URL, "ssd"), row(other, "dram")])
+        c.delete("o")
+        await until(lambda: cluster.rows["a"] == [row(URL, "ssd")])
+        await asyncio.sleep(0.6)  # b's copy is pinned: tried again, left in place
+        assert cluster.rows["b"] == [row(other, "dram", pins=1)]
+        cluster.rows["b"] = [row(other, "dram")]  # the instance process exited
+        await until(lambda: cluster.rows["b"] == [])
+
+    run(tmp_path, body)
