@@ -37,7 +37,13 @@ from ember.api.responses import error_response, install_error_handlers
 from ember.api.router import ControllerLike, Router
 from ember.api.schemas import ChatCompletionRequest, CompletionRequest
 from ember.controller.types import DeploymentSpec
-from ember.errors import ConfigError, DeploymentError, InvalidRequestError, StoreCapacityError
+from ember.errors import (
+    CheckpointError,
+    ConfigError,
+    DeploymentError,
+    InvalidRequestError,
+    StoreCapacityError,
+)
 from ember.policy.clock import Clock, SystemClock
 
 logger = logging.getLogger(__name__)
@@ -114,9 +120,14 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
             raise InvalidRequestError(str(e), _field_of(str(e))) from None
         existed = any(s.name == spec.name for s in controller.list_deployments())
         try:
+            check = getattr(controller, "check_source", None)
+            if callable(check):  # an s3:// source must hold a checkpoint
+                await check(spec)
             controller.deploy(spec)
         except (ConfigError, DeploymentError) as e:  # e.g. a source that does not exist
             raise InvalidRequestError(str(e), _field_of(str(e))) from None
+        except CheckpointError as e:  # no such object, not an index, S3 unreachable
+            raise InvalidRequestError(f"source: {e}", "source") from None
         if existed:
             generation.tokenizers.forget(spec.source)
         logger.info("deployment %s name=%s source=%s", "updated" if existed else "created",

@@ -97,6 +97,11 @@ class RayCluster:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
 
+    async def check_source(self, source: str) -> int:
+        """That an `s3://` source holds a checkpoint the node stores can fetch (its bytes)."""
+        self.nodes()  # the stores start with their nodes
+        return await self.services.check(source)
+
     def prefetch(self, source: str, node_id: str, tier: str) -> None:
         """Start bringing `source` into `node_id`'s store tier ("ssd" or "dram"); returns at
         once (the controller's prefetch on deploy)."""

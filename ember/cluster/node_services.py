@@ -174,6 +174,21 @@ class NodeServices:
         answers = await asyncio.gather(*(one(self._stores[n]) for n in ids), return_exceptions=True)
         return {n: a for n, a in zip(ids, answers, strict=True) if isinstance(a, list)}
 
+    async def check(self, source: str) -> int:
+        """Ask a node's store whether `source` (s3://) holds a checkpoint it can fetch; its
+        bytes. Raises the store's CheckpointError naming the object."""
+        stores = [self._stores[n] for n in sorted(self._stores)]
+        if not stores:
+            raise ConfigError(
+                f"source: {source} is fetched by the node stores, and none runs "
+                "(EMBER_NODE_STORE=0, or no node yet)"
+            )
+        try:
+            return int(await stores[0].check.remote(source))
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            raise (cause if isinstance(cause, BaseException) else e) from None
+
     def prefetch(self, source: str, node_id: str, tier: str = "dram") -> None:
         """Start bringing `source` into `node_id`'s `tier` (returns at once)."""
         store = self._stores.get(node_id)

@@ -121,6 +121,10 @@ class NodeStoreActor:
         result = await loop.run_in_executor(None, self._store.ensure, source, tier)
         return AcquireReport(str(result.path), result.served_from, time.perf_counter() - t0)
 
+    async def check(self, source: str) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, self._store.check, source)
+
     async def prefetch(self, source: str, tier: str = "dram") -> None:
         self._store.prefetch(source, tier)
 

@@ -156,6 +156,15 @@ class Controller:
             logger.info("deployment updated name=%s", spec.name)
         self._notify()
 
+    async def check_source(self, spec: DeploymentSpec) -> None:
+        """Before a deploy: an `s3://` source must hold a checkpoint the node stores can read
+        (a wrong bucket or prefix fails here, not at the first request). Raises the store's
+        CheckpointError naming the object; a local source is checked by `deploy`."""
+        fn = getattr(self._cluster, "check_source", None)
+        if spec.source.startswith("s3://") and callable(fn):
+            nbytes = await fn(spec.source)
+            logger.info("source checked source=%s bytes=%d", spec.source, nbytes)
+
     def delete(self, name: str) -> None:
         """Forget a deployment and stop its instances (their actors are killed). Once they
         have stopped, an `s3://` checkpoint no other deployment serves leaves the node stores'

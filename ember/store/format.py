@@ -146,28 +146,34 @@ def read_index(path: str | Path) -> CheckpointIndex:
     if not index_path.is_file():
         what = "no such checkpoint directory" if not p.exists() else f"no {INDEX_FILE}"
         raise CheckpointNotFoundError(index_path, what)
+    return parse_index(index_path.read_bytes(), index_path, index_path.parent)
+
+
+def parse_index(data: bytes, where: str | Path, directory: Path | None = None) -> CheckpointIndex:
+    """Validate index bytes read from `where` (a file, or an `s3://` object: errors name it);
+    `directory` is the checkpoint directory the index describes, if it is local."""
     try:
-        doc = json.loads(index_path.read_text())
+        doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(index_path, f"index is not valid JSON: {e}") from e
+        raise CheckpointFormatError(where, f"index is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-        raise CheckpointFormatError(index_path, f"not an {FORMAT_NAME} index")
+        raise CheckpointFormatError(where, f"not an {FORMAT_NAME} index")
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointFormatError(
-            index_path,
+            where,
             f"unknown format version {version!r} (this ember reads version {FORMAT_VERSION}); "
             "convert the model again with this ember",
         )
     try:
-        index = _parse(doc, index_path.parent)
+        index = _parse(doc, directory)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointFormatError(index_path, f"malformed index: {e!r}") from e
-    validate(index, index_path)
+        raise CheckpointFormatError(where, f"malformed index: {e!r}") from e
+    validate(index, where)
     return index
 
 
-def _parse(doc: Mapping[str, Any], directory: Path) -> CheckpointIndex:
+def _parse(doc: Mapping[str, Any], directory: Path | None) -> CheckpointIndex:
     checksum = doc["checksum"]
     if checksum["algorithm"] != CHECKSUM_ALGORITHM:
         raise ValueError(f"unknown checksum algorithm {checksum['algorithm']!r}")
@@ -212,7 +218,7 @@ def _parse(doc: Mapping[str, Any], directory: Path) -> CheckpointIndex:
     )
 
 
-def validate(index: CheckpointIndex, where: Path) -> None:
+def validate(index: CheckpointIndex, where: str | Path) -> None:
     """Check the index against itself (not against the files: the loader checks sizes)."""
     if index.tp < 1:
         raise CheckpointFormatError(where, f"tp={index.tp} is not a positive degree")

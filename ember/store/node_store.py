@@ -55,7 +55,7 @@ from ember.store.fetch import (
     prepare_sinks,
     run_fetch,
 )
-from ember.store.format import INDEX_FILE, read_index
+from ember.store.format import INDEX_FILE, parse_index, read_index
 from ember.store.remote import RemoteConfig, RemoteStore, is_s3_url, parse_s3_url
 from ember.store.tiers import Tier, TierItem, host_dir_name
 
@@ -387,6 +387,16 @@ class NodeStore:
                 raise fetch.error
         except Exception:
             logger.exception("promotion to dram failed source=%s", source)
+
+    def check(self, source: str) -> int:
+        """That an `s3://` source holds a checkpoint this ember reads (its index is there and
+        valid); its bytes. Raises CheckpointNotFoundError, CheckpointFormatError or
+        RemoteStoreError naming the object."""
+        if not is_s3_url(source):
+            raise ConfigError(f"source: {source!r} is not an s3:// URL")
+        data = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+        index = parse_index(data, f"{source.rstrip('/')}/{INDEX_FILE}")
+        return sum(p.nbytes for p in index.partitions)
 
     def release(self, source: str, tier: str = "dram") -> None:
         """Drop a pin `acquire`/`acquire_streaming` ("dram") or `acquire_ssd` ("ssd") took."""

@@ -186,13 +186,19 @@ class RemoteStore:
     # --- retries ---------------------------------------------------------------------------
 
     def _retry(self, fn: Callable[[], T], url: S3Url, key: str) -> T:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         cfg = self.config
         last: BaseException | None = None
         for attempt in range(cfg.max_attempts):
             try:
                 return fn()
+            except NoCredentialsError:  # not transient: trying again cannot help
+                raise RemoteStoreError(
+                    f"s3://{url.bucket}/{key}",
+                    "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                    "~/.aws/credentials, where ember serve runs)",
+                ) from None
             except ClientError as e:
                 code = str(e.response.get("Error", {}).get("Code", ""))
                 if code in _NOT_FOUND:

@@ -186,6 +186,50 @@ def test_a_new_deployment_is_prefetched_to_ssd_and_wakes_from_there(
     asyncio.run(body())
 
 
+def test_deploying_an_s3_source_that_holds_no_checkpoint_is_refused_naming_it(
+    tmp_path: Path, served: tuple[RayCluster, Path]
+) -> None:
+    """A wrong bucket, prefix or object fails at `ember deploy` (HTTP 400 naming `source` and
+    the object), not at the first request; nothing is deployed."""
+    import httpx
+
+    from ember.api.app import create_app
+    from ember.api.config import ApiConfig
+
+    cluster, _ = served
+    remote = RemoteStore(remote_config(os.environ["EMBER_S3_ENDPOINT_URL"]))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "index.json").write_text('{"format": "something-else"}')
+    remote.upload_checkpoint(bad, parse_s3_url("s3://served/not-ember"))
+
+    async def body() -> None:
+        controller = Controller(
+            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
+        )
+        await controller.start()
+        app = create_app(controller, ApiConfig())
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                for source, what in [
+                    ("s3://served/nope", "s3://served/nope/index.json: no such object"),
+                    ("s3://no-such-bucket/m", "s3://no-such-bucket/m/index.json: no such"),
+                    ("s3://served/not-ember", "not-ember/index.json: not an ember-checkpoint"),
+                ]:
+                    r = await http.post("/admin/deployments", json={"name": "x", "source": source})
+                    assert r.status_code == 400, r.text
+                    err = r.json()["error"]
+                    assert err["param"] == "source" and what in err["message"], err
+                assert controller.list_deployments() == []
+                r = await http.post("/admin/deployments", json={"name": "ok", "source": URL})
+                assert r.status_code == 201, r.text
+        finally:
+            await controller.stop()
+
+    asyncio.run(body())
+
+
 def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
     tmp_path: Path, served: tuple[RayCluster, Path]
 ) -> None:

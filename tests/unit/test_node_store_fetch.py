@@ -79,3 +79,28 @@ def test_fetch_of_a_cached_source_leaves_it_cached(checkpoint: Path, tmp_path: P
             h.read()
     fetch(checkpoint, tmp_path / "sink", threads=1)
     assert min(resident_fraction(f) for f in files) == 1.0
+
+
+def test_missing_s3_credentials_fail_at_once_saying_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not transient: no retries, and the message says what to set (a deploy of an s3://
+    source checks it at once)."""
+    from ember.errors import RemoteStoreError
+    from ember.store.node_store import NodeStore, NodeStoreConfig
+    from ember.store.remote import RemoteConfig
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = NodeStore(
+        NodeStoreConfig(
+            dram_dir=str(tmp_path / "dram"), ssd_dir=str(tmp_path / "ssd"),
+            remote=RemoteConfig(endpoint_url="http://127.0.0.1:9"),
+        )
+    )  # fmt: skip
+    with pytest.raises(RemoteStoreError, match="m/index.json: no S3 credentials .*AWS_ACCESS"):
+        store.check("s3://b/m")
+    assert store.remote.retries == 0
