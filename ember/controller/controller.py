@@ -82,6 +82,7 @@ class Controller:
         # what the node stores listed at the last refresh; `_hints` what this controller saw
         # (an instance that started there, a prefetch it asked for), with when.
         self._stored: dict[str, dict[str, int]] = {}
+        self._model_bytes: dict[str, int] = {}  # source -> checkpoint bytes, when known
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
@@ -129,6 +130,8 @@ class Controller:
         remote = spec.source.startswith("s3://")  # fetched by the node stores
         if not remote and not Path(spec.source).expanduser().exists():
             raise DeploymentError(f"source: {spec.source} does not exist on this machine")
+        if not remote:  # its files' sizes (the converted checkpoint is about as large)
+            self._model_bytes[spec.source] = _folder_bytes(Path(spec.source).expanduser())
         self._store.save(spec)
         dep = self._deployments.get(spec.name)
         if dep is None or dep.deleted:
@@ -163,6 +166,7 @@ class Controller:
         fn = getattr(self._cluster, "check_source", None)
         if spec.source.startswith("s3://") and callable(fn):
             nbytes = await fn(spec.source)
+            self._model_bytes[spec.source] = int(nbytes)  # for placement's estimate
             logger.info("source checked source=%s bytes=%d", spec.source, nbytes)
 
     def delete(self, name: str) -> None:
@@ -333,6 +337,8 @@ class Controller:
             for node_id, rows in stored.items():
                 for row in rows:
                     rank = TIER_RANK.get(row.get("tier", ""))
+                    if rank is not None and row.get("nbytes"):
+                        self._model_bytes[str(row.get("key"))] = int(row["nbytes"])
                     if rank is not None:
                         by_node = fresh.setdefault(str(row.get("key")), {})  # the source
                         by_node[node_id] = min(rank, by_node.get(node_id, NOWHERE))
@@ -439,12 +445,22 @@ class Controller:
         inst = InstanceRecord(instance_id, spec.name, InstanceState.PENDING, started_at_s=now)
         self._instances[instance_id] = inst
         need = self._cluster.instance_cpus(spec)
-        node_id = choose_node(
+        queue = self._loading_queue()
+        where = choose_node(
             nodes,
             self._locality(spec.source),
             need_cpus=need,
             taken=[i.node_id for i in self._live(spec.name) if i.node_id],
+            model_bytes=self._model_bytes.get(spec.source),
+            queue_s=queue,
         )
+        node_id = where.node_id if where is not None else None
+        if where is not None:
+            inst.expected_load_s = where.startup_s - queue.get(where.node_id, 0.0)
+            logger.info(
+                "placement instance=%s node=%s tier=%s estimated_start_s=%.2f", instance_id,
+                where.node_id[:12], where.tier, where.startup_s,
+            )  # fmt: skip
         try:
             inst.handle = self._cluster.launch(spec, instance_id, node_id)
         except Exception as e:
@@ -638,9 +654,24 @@ class Controller:
     def _prefetch_node(self, spec: DeploymentSpec, nodes: list[NodeInfo]) -> str | None:
         """The node the next instance of `spec` would start on (any alive one if none has
         room for it)."""
+        kw: dict[str, Any] = {
+            "model_bytes": self._model_bytes.get(spec.source),
+            "queue_s": self._loading_queue(),
+        }
         where = self._locality(spec.source)
         need = self._cluster.instance_cpus(spec)
-        return choose_node(nodes, where, need_cpus=need) or choose_node(nodes, where, need_cpus=0.0)
+        best = choose_node(nodes, where, need_cpus=need, **kw) or choose_node(
+            nodes, where, need_cpus=0.0, **kw
+        )
+        return best.node_id if best is not None else None
+
+    def _loading_queue(self) -> dict[str, float]:
+        """Node id -> estimated seconds of the loads running there (instances starting)."""
+        out: dict[str, float] = {}
+        for inst in self._instances.values():
+            if inst.node_id and inst.state in (InstanceState.PENDING, InstanceState.STARTING):
+                out[inst.node_id] = out.get(inst.node_id, 0.0) + inst.expected_load_s
+        return out
 
     def _prefetch(self, spec: DeploymentSpec) -> None:
         """At deploy, for a deployment that starts with no instance: ask one node's store to
@@ -682,6 +713,13 @@ class Controller:
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
+
+
+def _folder_bytes(path: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    except OSError:
+        return 0
 
 
 def _one_node(nodes: list[NodeInfo], prefix: str) -> str:

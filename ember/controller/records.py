@@ -57,6 +57,7 @@ class InstanceRecord:
     node_id: str | None = None
     load_s: float | None = None
     tier: str | None = None  # where its weights came from (`InstanceReady.tier`)
+    expected_load_s: float = 0.0  # placement's estimate of its load (the node's loading queue)
     error: str | None = None
     drain_since_s: float | None = None
     task: asyncio.Task[None] | None = None

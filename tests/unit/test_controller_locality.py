@@ -60,9 +60,9 @@ class TwoNodes(LocalCluster):
         return bool(hit)
 
 
-def row(source: str, tier: str, pins: int = 0) -> dict[str, Any]:
+def row(source: str, tier: str, pins: int = 0, nbytes: int = 1) -> dict[str, Any]:
     """One row of a node store's listing, as `RayCluster.checkpoints` gives it."""
-    return asdict(CachedCheckpoint(source, tier, nbytes=1, pins=pins, last_used=0.0))
+    return asdict(CachedCheckpoint(source, tier, nbytes=nbytes, pins=pins, last_used=0.0))
 
 
 def run(tmp_path: Path, body: Callable[[Controller, TwoNodes], Awaitable[None]]) -> None:
@@ -203,5 +203,24 @@ def test_a_deleted_s3_deployment_leaves_dram_once_unpinned_unless_another_serves
         assert cluster.rows["b"] == [row(other, "dram", pins=1)]
         cluster.rows["b"] = [row(other, "dram")]  # the instance process exited
         await until(lambda: cluster.rows["b"] == [])
+
+    run(tmp_path, body)
+
+
+def test_a_start_goes_where_no_load_is_already_running(tmp_path: Path) -> None:
+    """ServerlessLLM's loading queue: both nodes hold the 4 GB checkpoint on SSD (2 s each);
+    a second start of it goes to the node that is not already loading it."""
+    src = str(tmp_path)
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        big = 4 * 10**9
+        cluster.rows = {n: [row(src, "ssd", nbytes=big)] for n in ("a", "b")}
+        c.deploy(DeploymentSpec("m1", src))
+        c.deploy(DeploymentSpec("m2", src))
+        await until(lambda: cached_on(c, "m1") == ("a", "b"))
+        c.wake("m1")
+        await until(lambda: cluster.launched_on == [("m1", "a")])  # the freer node
+        c.wake("m2")
+        await until(lambda: cluster.launched_on == [("m1", "a"), ("m2", "b")])
 
     run(tmp_path, body)
