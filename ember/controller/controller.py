@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ember.controller.placement import DISK, NOWHERE, TIER_RANK, choose_node
+from ember.controller.placement import DISK, NOWHERE, TIER_RANK, NodeLosses, choose_node
 from ember.controller.records import ClusterBackend, DeploymentRecord, InstanceRecord
 from ember.controller.state import DeploymentStore
 from ember.controller.types import (
@@ -83,6 +83,7 @@ class Controller:
         # (an instance that started there, a prefetch it asked for), with when.
         self._stored: dict[str, dict[str, int]] = {}
         self._model_bytes: dict[str, int] = {}  # source -> checkpoint bytes, when known
+        self._losses = NodeLosses()  # nodes seen to go away: spot zones' preemption risk
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
@@ -406,6 +407,7 @@ class Controller:
         )
         if dep.desired > len(active) and now >= dep.retry_at_s:
             nodes = self._cluster.nodes()
+            self._observe(nodes)
             for _ in range(dep.desired - len(active)):
                 nodes = self._launch(dep, now, nodes)
         elif dep.desired < len(active):
@@ -453,13 +455,14 @@ class Controller:
             taken=[i.node_id for i in self._live(spec.name) if i.node_id],
             model_bytes=self._model_bytes.get(spec.source),
             queue_s=queue,
+            risk=self._losses.risk(nodes, time.monotonic()),
         )
         node_id = where.node_id if where is not None else None
         if where is not None:
             inst.expected_load_s = where.startup_s - queue.get(where.node_id, 0.0)
             logger.info(
-                "placement instance=%s node=%s tier=%s estimated_start_s=%.2f", instance_id,
-                where.node_id[:12], where.tier, where.startup_s,
+                "placement instance=%s node=%s tier=%s estimated_start_s=%.2f risk=%.2f",
+                instance_id, where.node_id[:12], where.tier, where.startup_s, where.risk,
             )  # fmt: skip
         try:
             inst.handle = self._cluster.launch(spec, instance_id, node_id)
@@ -553,9 +556,13 @@ class Controller:
         """List the nodes: the cluster starts a node store and a pre-started worker on each new
         one (`RayCluster.nodes`), so the first request finds a warm worker waiting."""
         try:
-            self._cluster.nodes()
+            self._observe(self._cluster.nodes())
         except Exception as e:  # the cluster may be unreachable for a moment
             logger.warning("listing the cluster's nodes failed: %s", e)
+
+    def _observe(self, nodes: list[NodeInfo]) -> None:
+        for node_id in self._losses.observe(nodes, time.monotonic()):
+            logger.warning("node lost node=%s", node_id[:12])
 
     # --- checkpoint locality ---------------------------------------------------------------
 
@@ -657,6 +664,7 @@ class Controller:
         kw: dict[str, Any] = {
             "model_bytes": self._model_bytes.get(spec.source),
             "queue_s": self._loading_queue(),
+            "risk": self._losses.risk(nodes, time.monotonic()),
         }
         where = self._locality(spec.source)
         need = self._cluster.instance_cpus(spec)

@@ -6,24 +6,37 @@ the policy core's: a node's loading queue (the loads already running there) plus
 checkpoint's bytes over the bandwidth of the fastest tier that node holds it in: its node
 store's DRAM tier (`DRAM`), its disk (`DISK`: the SSD tier, or a local model it converted),
 else the remote store. The rule:
-1. among alive nodes with enough free CPUs, the smallest estimated start-up time (to 1 ms);
+1. among alive nodes with enough free CPUs, the lowest score: estimated start-up time plus the
+   risk term (to 1 ms);
 2. among equals (a small model's tiers differ by less), the faster tier, then a node holding
    fewer instances of this deployment (spread replicas), then the one with the most free CPUs,
    then the node id (deterministic);
 3. no node has room: None, and the cluster queues the actor until one has.
 The size is the checkpoint's when known; otherwise `DEFAULT_MODEL_BYTES`, with which the tiers'
-order still decides. Not (yet) from the policy core: live-migrating running instances to make
-room (`policy.startup.place`), peers' copies (a node fetches from the remote store, never from a
-neighbour), preemption risk and price (no estimate of them in the live system).
+order still decides. The score adds ember's preemption-risk term (`SCORE`): a spot node's risk
+is its zone's recent node losses over its alive nodes (`NodeLosses`). Not (yet) from the policy
+core: live-migrating running instances to make room (`policy.startup.place`), peers' copies (a
+node fetches from the remote store, never from a neighbour), price (no estimate of it in the
+live system).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ember.controller.types import NodeInfo
-from ember.policy.startup import ModelSpec, ServerState, Tier, load_s
+from ember.policy.startup import (
+    RISK_WINDOW_S,
+    ModelSpec,
+    PlacementConfig,
+    ServerState,
+    Tier,
+    load_s,
+    score,
+    zone_risk,
+)
 
 DRAM, DISK, NOWHERE = 0, 1, 2  # locality ranks: lower starts faster
 TIER_RANK = {"dram": DRAM, "ssd": DISK}
@@ -36,6 +49,8 @@ BANDWIDTH_BPS: Mapping[Tier, float] = {
     Tier.DRAM: 20e9, Tier.SSD: 2e9, Tier.PEER: 1e9, Tier.REMOTE: 1e9,
 }  # fmt: skip
 _TIER = {DRAM: Tier.DRAM, DISK: Tier.SSD}
+# ember's score: start-up + 60 s per unit of preemption risk (the policy core's default).
+SCORE = PlacementConfig(migrate=False, risk_penalty_s=PlacementConfig.ember().risk_penalty_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +58,7 @@ class Placement:
     node_id: str
     startup_s: float  # estimated: the node's loading queue + this load
     tier: str  # "dram", "ssd" or "remote": where the weights will come from
+    risk: float = 0.0  # the node's preemption risk (spot nodes in a zone losing nodes)
 
 
 def choose_node(
@@ -53,33 +69,71 @@ def choose_node(
     taken: Sequence[str] = (),
     model_bytes: int | None = None,
     queue_s: Mapping[str, float] | None = None,
+    risk: Mapping[str, float] | None = None,
 ) -> Placement | None:
     """Where a new instance starts soonest, or None when no alive node has `need_cpus` free.
 
     locality: node id -> where that node holds the checkpoint (`DRAM` or `DISK`); nodes missing
-    from it hold no copy. queue_s: node id -> seconds of loads already running there."""
+    from it hold no copy. queue_s: node id -> seconds of loads already running there. risk:
+    node id -> preemption risk (0-1), which costs `SCORE.risk_penalty_s` seconds per unit."""
     fits = [n for n in nodes if n.alive and n.cpus_available + 1e-9 >= need_cpus]
     if not fits:
         return None
     model = ModelSpec("checkpoint", model_bytes or DEFAULT_MODEL_BYTES)
-    queue_s = queue_s or {}
+    queue_s, risk = queue_s or {}, risk or {}
 
     def estimate(n: NodeInfo) -> Placement:
         where = locality.get(n.node_id, NOWHERE)
         server = ServerState(
             n.node_id, free_gpus=1, bandwidth_Bps=BANDWIDTH_BPS,
             tiers={model.model_id: _TIER[where]} if where in _TIER else {},
-            queue_s=queue_s.get(n.node_id, 0.0),
+            queue_s=queue_s.get(n.node_id, 0.0), preemption_risk=risk.get(n.node_id, 0.0),
         )  # fmt: skip
         tier = _TIER.get(where, Tier.REMOTE).value
-        return Placement(n.node_id, load_s(server, model, [server]), tier)
+        startup = load_s(server, model, [server])
+        scores[n.node_id] = score(server, model, startup, SCORE)
+        return Placement(n.node_id, startup, tier, server.preemption_risk)
 
+    scores: dict[str, float] = {}
     options = {n.node_id: estimate(n) for n in fits}
 
     def rank(n: NodeInfo) -> tuple[float, int, int, float, str]:
         return (
-            round(options[n.node_id].startup_s, 3), locality.get(n.node_id, NOWHERE),
+            round(scores[n.node_id], 3), locality.get(n.node_id, NOWHERE),
             taken.count(n.node_id), -n.cpus_available, n.node_id,
         )  # fmt: skip
 
     return options[min(fits, key=rank).node_id]
+
+
+class NodeLosses:
+    """The node losses the controller saw, by zone: a spot node's preemption risk is the share
+    of its zone's nodes lost in the last hour (`policy.startup.zone_risk`, as the simulator
+    computes it from the spot traces). On-demand nodes (label spot != "true") have none."""
+
+    def __init__(self, window_s: float = RISK_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._alive: dict[str, str] = {}  # node id -> zone, alive at the last look
+        self._losses: deque[tuple[float, str]] = deque()  # (time, zone)
+
+    def observe(self, nodes: Sequence[NodeInfo], now: float) -> list[str]:
+        """Note which nodes alive at the last look are gone or dead now; returns their ids."""
+        alive = {n.node_id: n.label("zone") or "" for n in nodes if n.alive}
+        lost = [node_id for node_id in self._alive if node_id not in alive]
+        self._losses.extend((now, self._alive[node_id]) for node_id in lost)
+        self._alive = alive
+        return lost
+
+    def risk(self, nodes: Sequence[NodeInfo], now: float) -> dict[str, float]:
+        """Node id -> preemption risk, for the alive spot nodes."""
+        while self._losses and self._losses[0][0] < now - self.window_s:
+            self._losses.popleft()
+        out = {}
+        for n in nodes:
+            if n.alive and n.label("spot") == "true":
+                zone = n.label("zone") or ""
+                lost = sum(1 for _, z in self._losses if z == zone)
+                if lost:
+                    in_zone = sum(1 for m in nodes if m.alive and (m.label("zone") or "") == zone)
+                    out[n.node_id] = zone_risk(lost, in_zone)
+        return out

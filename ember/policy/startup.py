@@ -23,6 +23,14 @@ from dataclasses import dataclass, field
 
 from ember.errors import ConfigError
 
+RISK_WINDOW_S = 3600.0  # node losses this recent count toward a zone's preemption risk
+
+
+def zone_risk(recent_losses: int, zone_nodes: int) -> float:
+    """A spot server's preemption risk: the share of its zone's servers lost within the last
+    RISK_WINDOW_S (capped at 1)."""
+    return min(1.0, recent_losses / max(1, zone_nodes))
+
 
 class Tier(str, enum.Enum):
     GPU = "gpu"
@@ -147,7 +155,8 @@ def load_s(
     return server.queue_s + model.size_bytes / bw
 
 
-def _score(server: ServerState, model: ModelSpec, startup: float, cfg: PlacementConfig) -> float:
+def score(server: ServerState, model: ModelSpec, startup: float, cfg: PlacementConfig) -> float:
+    """What placement minimises: start-up + risk and price terms (`PlacementConfig`)."""
     risk = cfg.risk_penalty_s * server.preemption_risk
     return startup + risk + cfg.price_weight_s * server.price_per_gpu_hour * model.gpus
 
@@ -169,7 +178,7 @@ def place_locality(
     for s in _eligible(servers, model):
         t = load_s(s, model, holders)
         tier = tier_of(s, model.model_id, holders)
-        d = PlacementDecision(s.server_id, tier, t, _score(s, model, t, cfg))
+        d = PlacementDecision(s.server_id, tier, t, score(s, model, t, cfg))
         if best is None or (d.score, d.startup_s) < (best.score, best.startup_s):
             best = d
     return best
@@ -217,7 +226,7 @@ def place(
         if s.under_notice or s.free_gpus >= model.gpus or not s.instances:
             continue
         t_load = load_s(s, model, holders)
-        if best is not None and _score(s, model, t_load, cfg) >= best.score:
+        if best is not None and score(s, model, t_load, cfg) >= best.score:
             continue  # even a free migration would not beat the best so far
         plan = _migration_plan(s, model.gpus - s.free_gpus, servers, holders, cfg)
         if plan is None:
@@ -225,7 +234,7 @@ def place(
         moves, move_s = plan
         t = move_s + t_load
         tier = tier_of(s, model.model_id, holders)
-        d = PlacementDecision(s.server_id, tier, t, _score(s, model, t, cfg), moves)
+        d = PlacementDecision(s.server_id, tier, t, score(s, model, t, cfg), moves)
         if best is None or (d.score, d.startup_s) < (best.score, best.startup_s):
             best = d
     return best

@@ -14,10 +14,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ember.policy import ModelSpec, RunningInstance, ServerState, Tier
+from ember.policy.startup import RISK_WINDOW_S, zone_risk
 from ember.sim.fleet import Replica, Requests
 from ember.sim.switch import G4DN_SPOT_USD_PER_GPU_HOUR
-
-RISK_WINDOW_S = 3600.0  # removals this recent count toward a zone's preemption risk
 
 
 def _default_bandwidth() -> dict[Tier, float]:
@@ -120,7 +119,7 @@ def server_states(
                 max(0.0, s.queue_until - now),
                 running,
                 s.noticed,
-                min(1.0, len(recent) / max(1, zone_nodes)),
+                zone_risk(len(recent), zone_nodes),
                 params.spot_usd_per_gpu_hour,
             )
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,13 @@ class TwoNodes(LocalCluster):
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.prefetched: list[tuple[str, str, str]] = []
         self.launched_on: list[tuple[str, str | None]] = []  # (deployment, node)
-
-    def nodes(self) -> list[NodeInfo]:
-        return [
+        self.node_list = [
             NodeInfo("a", "127.0.0.1", True, (), 4.0, 4.0),
             NodeInfo("b", "127.0.0.1", True, (), 4.0, 2.0),
         ]
+
+    def nodes(self) -> list[NodeInfo]:
+        return list(self.node_list)
 
     def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> Any:
         self.launched_on.append((spec.name, node_id))
@@ -220,6 +221,33 @@ def test_a_start_goes_where_no_load_is_already_running(tmp_path: Path) -> None:
         await until(lambda: cached_on(c, "m1") == ("a", "b"))
         c.wake("m1")
         await until(lambda: cluster.launched_on == [("m1", "a")])  # the freer node
+        c.wake("m2")
+        await until(lambda: cluster.launched_on == [("m1", "a"), ("m2", "b")])
+
+    run(tmp_path, body)
+
+
+def test_a_spot_zone_that_loses_a_node_gets_no_new_instance_while_safe_nodes_have_room(
+    tmp_path: Path,
+) -> None:
+    """SpotServe meets ServerlessLLM: "a" holds the checkpoint in DRAM but is a spot node in
+    zone z1. While z1 is quiet a start goes there; once z1's other spot node is preempted
+    (risk 1/2: 30 s added to a's score), the next start goes to on-demand "b", from S3."""
+    src = str(tmp_path)
+    spot_z1 = (("spot", "true"), ("zone", "z1"))
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        a, b = cluster.node_list
+        a = replace(a, labels=spot_z1)
+        cluster.node_list = [a, b, NodeInfo("c", "127.0.0.1", True, spot_z1, 4.0, 0.0)]
+        cluster.rows = {"a": [row(src, "dram", nbytes=2 * 10**9)]}
+        c.deploy(DeploymentSpec("m1", src))
+        c.deploy(DeploymentSpec("m2", src))
+        await until(lambda: cached_on(c, "m1") == ("a",))
+        c.wake("m1")
+        await until(lambda: cluster.launched_on == [("m1", "a")])  # from DRAM: 0.1 s
+        cluster.node_list = [a, b]  # c preempted
+        await asyncio.sleep(0.1)  # a probe lists the nodes and notes the loss
         c.wake("m2")
         await until(lambda: cluster.launched_on == [("m1", "a"), ("m2", "b")])
 

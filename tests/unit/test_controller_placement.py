@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import pytest
 
-from ember.controller.placement import BANDWIDTH_BPS, DISK, DRAM, Placement, choose_node
+from ember.controller.placement import (
+    BANDWIDTH_BPS,
+    DISK,
+    DRAM,
+    NodeLosses,
+    Placement,
+    choose_node,
+)
 from ember.controller.types import NodeInfo
 from ember.policy.startup import Tier
 
 GB = 10**9
 
 
-def node(node_id: str, free: float, alive: bool = True) -> NodeInfo:
-    return NodeInfo(node_id, "127.0.0.1", alive, (), 4.0, free)
+def node(
+    node_id: str, free: float, alive: bool = True, spot: bool = False, zone: str = ""
+) -> NodeInfo:
+    labels = tuple(sorted({"spot": str(spot).lower(), **({"zone": zone} if zone else {})}.items()))
+    return NodeInfo(node_id, "127.0.0.1", alive, labels, 4.0, free)
 
 
 def chosen(*args: object, **kw: object) -> str | None:
@@ -71,3 +81,29 @@ def test_dead_nodes_and_full_cluster_give_none() -> None:
 
 def test_ties_break_on_node_id() -> None:
     assert chosen([node("b", 2.0), node("a", 2.0)], {}, need_cpus=1.0) == "a"
+
+
+def test_a_risky_spot_node_loses_its_dram_advantage() -> None:
+    """ember's score: 60 s per unit of preemption risk. A spot node in a zone that just lost
+    half its nodes (risk 0.5) is passed over for a safe node that must fetch from S3."""
+    nodes = [node("a", 3.0, spot=True), node("b", 3.0)]
+    p = choose_node(nodes, {"a": DRAM}, need_cpus=1.0, model_bytes=2 * GB, risk={"a": 0.5})
+    assert p == Placement("b", pytest.approx(2.0), "remote", 0.0)
+    p = choose_node(nodes, {"a": DRAM}, need_cpus=1.0, model_bytes=2 * GB, risk={"a": 0.01})
+    assert p is not None and (p.node_id, p.risk) == ("a", 0.01)  # 0.6 s: DRAM still wins
+
+
+def test_node_losses_make_a_spot_zone_risky_for_an_hour() -> None:
+    losses = NodeLosses()
+    zone_a = [node("a1", 4, spot=True, zone="a"), node("a2", 4, spot=True, zone="a")]
+    others = [node("b1", 4, spot=True, zone="b"), node("od", 4, zone="a")]  # od: on-demand
+    assert losses.observe([*zone_a, *others], now=0.0) == []
+    assert losses.risk([*zone_a, *others], now=0.0) == {}
+    now = [zone_a[0], *others]  # a2 was preempted
+    assert losses.observe(now, now=10.0) == ["a2"]
+    # zone a: 1 loss over its 2 alive nodes (a1 and the on-demand one); only spot nodes pay
+    assert losses.risk(now, now=10.0) == {"a1": 0.5}
+    dead = [zone_a[0], node("b1", 4, alive=False, spot=True, zone="b"), others[1]]
+    assert losses.observe(dead, now=20.0) == ["b1"]
+    assert losses.risk(dead, now=20.0) == {"a1": 0.5}  # b1 is gone: no alive node to rate
+    assert losses.risk(dead, now=3620.0) == {}  # an hour later the losses no longer count
