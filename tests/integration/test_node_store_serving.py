@@ -230,6 +230,54 @@ def test_deploying_an_s3_source_that_holds_no_checkpoint_is_refused_naming_it(
     asyncio.run(body())
 
 
+def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_serves(
+    tmp_path: Path, served: tuple[RayCluster, Path]
+) -> None:
+    """The store actor dies (OOM killer, a bug): Ray restarts it on its node, it claims its
+    slot again and finds the checkpoint in DRAM and on SSD, and the next instance loads from
+    DRAM with nothing fetched."""
+    import ray
+
+    from ember.cluster.node_store_actor import node_store_handle
+
+    cluster, hf = served
+    [node] = [n.node_id for n in cluster.nodes() if n.alive]
+    store = node_store_handle(node)
+    assert store is not None
+    ray.get(store.ensure.remote(URL, "dram"), timeout=60)
+    ray.kill(store, no_restart=False)  # a crash: Ray restarts the actor (max_restarts=-1)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            rows = ray.get(store.status.remote(), timeout=10)
+            break
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert {(r.tier, r.key) for r in rows if r.key == URL} == {("dram", URL), ("ssd", URL)}
+    want = LLM(str(hf), max_model_len=64).generate([1, 2, 3], PARAMS)[0].token_ids
+
+    async def body() -> None:
+        controller = Controller(
+            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
+        )
+        await controller.start()
+        try:
+            controller.deploy(DeploymentSpec("again", URL, min_instances=1, max_model_len=64))
+            await controller.wait_for_instance("again", 120.0)
+            [status] = controller.status()
+            assert [i.tier for i in status.instances] == ["dram"]
+            [handle] = controller.ready_instances("again")
+            got = [
+                t async for d in handle.generate("r", [1, 2, 3], PARAMS) for t in d.new_token_ids
+            ]
+            assert got == want
+        finally:
+            await controller.stop()
+
+    asyncio.run(body())
+
+
 def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
     tmp_path: Path, served: tuple[RayCluster, Path]
 ) -> None:
