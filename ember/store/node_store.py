@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -43,7 +44,9 @@ from ember.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    RemoteStoreError,
     RequestTimeoutError,
+    StaleCheckpointError,
     StoreCapacityError,
 )
 from ember.store.fetch import (
@@ -226,6 +229,7 @@ class NodeStore:
         # SSD-only fetches (prefetches) running, by key: set when they end. One writer per
         # tier copy: a DRAM fetch that starts meanwhile leaves the SSD copy to it.
         self._ssd_fetches: dict[str, threading.Event] = {}
+        self._checked: dict[str, float] = {}  # key -> when `drop_stale` last compared it
         self._sources: dict[str, str] = {}  # key -> source, for status
 
     @property
@@ -281,6 +285,50 @@ class NodeStore:
             self._sources[key] = known
         return known
 
+    # --- freshness -------------------------------------------------------------------------
+
+    def drop_stale(self, source: str) -> None:
+        """Make sure this node's copies are of `source`'s current checkpoint: one read of the
+        source's `index.json` (a GET for S3), compared with each tier's copy. A copy of an
+        older version (the model was pushed or converted again at the same place) is evicted;
+        if an instance still uses it, StaleCheckpointError (the new version cannot be fetched
+        under the same name until it stops). If the source cannot be read (S3 unreachable), the
+        copies are trusted, with a warning. Checked at most once a second per source."""
+        key = checkpoint_key(source)
+        now = time.monotonic()
+        if now - self._checked.get(key, -1e9) < 1.0:
+            return
+        try:
+            if is_s3_url(source):
+                current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+            else:
+                current = (Path(source).expanduser() / INDEX_FILE).read_bytes()
+        except (RemoteStoreError, OSError) as e:
+            logger.warning("cannot read the source's index, trusting cached copies: %s", e)
+            return
+        except CheckpointNotFoundError:
+            return  # gone at the source: the next fetch says so; a cached copy still serves
+        with self._lock:
+            for tier in (self.dram, self.ssd):
+                if not tier.has(key):
+                    continue
+                try:
+                    cached = (tier.path(key) / INDEX_FILE).read_bytes()
+                except OSError:
+                    cached = b""
+                if cached == current:
+                    continue
+                if tier.pins(key):
+                    raise StaleCheckpointError(
+                        source,
+                        f"changed since this node's {tier.name} copy was fetched, and "
+                        f"{tier.pins(key)} instance(s) still use that copy; stop them to load "
+                        "the new version",
+                    )
+                tier.evict(key)
+                logger.warning("stale copy evicted tier=%s source=%s", tier.name, source)
+            self._checked[key] = now
+
     # --- pins ------------------------------------------------------------------------------
 
     def acquire(self, source: str) -> Path:
@@ -316,6 +364,7 @@ class NodeStore:
         directory, True) if it is there, else (the in-progress `.fetching/<key>` directory,
         False) for `ember.store.shm.map_dram`, which waits for each tensor's chunks. The pin
         holds across the fetch's commit; `release` it as for `acquire`."""
+        self.drop_stale(source)
         key = checkpoint_key(source)
         with self._lock:
             self.dram.pin(key)
@@ -342,6 +391,7 @@ class NodeStore:
         evicted (the error is logged) and the caller fetches as usual."""
         from ember.store.verify import verify_mapped
 
+        self.drop_stale(source)
         key = checkpoint_key(source)
         with self._lock:
             if self.dram.has(key) or key in self._fetches or not self.ssd.has(key):
@@ -413,6 +463,7 @@ class NodeStore:
     def ensure(self, source: str, tier: str = "dram") -> EnsureResult:
         """A complete copy of `source` in `tier` ("dram" by default, or "ssd" to prefetch only
         to disk), fetched from the best tier that has it. Blocks until done."""
+        self.drop_stale(source)
         if tier == "ssd":
             return self._ensure_ssd(source)
         fetch = self.start_fetch(source)

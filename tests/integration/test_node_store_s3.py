@@ -5,6 +5,7 @@ fetch cut off mid-transfer and resumed, and a flipped byte in the remote object.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -338,7 +339,6 @@ def test_an_instance_maps_an_ssd_copy_checked_while_dram_gets_it_behind(
     """A checkpoint on SSD only, in the page cache: `acquire_ssd` pins the SSD copy and hands
     its directory out (same tensors), DRAM gets a copy in the background, and the pin holds the
     SSD copy. Not in the page cache: None, for the usual fetch."""
-    import time
 
     store = make_store(tmp_path, endpoint)
     dram_cleanup.append(store)
@@ -447,7 +447,6 @@ def test_a_start_during_a_prefetch_to_ssd_leaves_both_tiers_whole(
     """A deployment is prefetched to SSD when it is created; a request may wake it while that
     fetch runs. The instance's DRAM fetch must not write the SSD copy the prefetch is writing
     (two writers, two reservations), and a second prefetch waits for the first."""
-    import time
 
     from ember.store import verify
 
@@ -481,5 +480,69 @@ def test_a_start_during_a_prefetch_to_ssd_leaves_both_tiers_whole(
         ]  # fmt: skip
         verify(store.ssd.path(key))  # every checksum of the SSD copy
         assert store.ssd.used_bytes() == store.ssd.items()[0].nbytes  # reserved once
+    finally:
+        relay.close()
+
+
+def test_a_model_pushed_again_to_the_same_place_replaces_the_cached_copies(
+    tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
+) -> None:
+    """An update in place (`ember push` of a new version to the same prefix): the next start
+    gets the new weights, not this node's copies of the old ones; while an instance still maps
+    the old copy, a start says so instead of serving either silently."""
+    from ember.errors import StaleCheckpointError
+
+    remote = RemoteStore(remote_config(endpoint))
+    url = "s3://models/updated-in-place"
+    remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    path = store.acquire(url)  # an instance runs version a
+    assert_same_tensors(map_checkpoint(path), checkpoints["a"])
+    remote.upload_checkpoint(checkpoints["b"], parse_s3_url(url))  # version b, same place
+    time.sleep(1.1)  # past the once-a-second memo of the last check
+    with pytest.raises(StaleCheckpointError, match="updated-in-place: changed since"):
+        store.acquire(url)
+    store.release(url)  # the old instance stopped
+    fresh = store.acquire(url)
+    assert_same_tensors(map_checkpoint(fresh), checkpoints["b"])
+    assert (
+        read_index(store.ssd.path(checkpoint_key(url))).partitions
+        == read_index(checkpoints["b"]).partitions
+    )  # the SSD copy was replaced too
+    store.release(url)
+
+
+def test_a_local_checkpoint_converted_again_in_place_is_not_served_from_an_old_copy(
+    tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
+) -> None:
+    import shutil
+
+    local = tmp_path / "model"
+    shutil.copytree(checkpoints["a"], local)
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    assert_same_tensors(map_checkpoint(store.ensure(str(local)).path), checkpoints["a"])
+    shutil.rmtree(local)
+    shutil.copytree(checkpoints["b"], local)
+    time.sleep(1.1)
+    assert_same_tensors(map_checkpoint(store.ensure(str(local)).path), checkpoints["b"])
+
+
+def test_an_unreachable_remote_leaves_the_cached_copy_serving(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    try:
+        store = make_store(tmp_path, relay.endpoint, backoff_s=0.01, max_attempts=2)
+        dram_cleanup.append(store)
+        store.ensure(pushed["a"])
+        relay.down = True
+        relay._cut_all()
+        time.sleep(1.1)
+        result = store.ensure(pushed["a"])  # the freshness check fails: the copy is trusted
+        assert result.served_from == "dram"
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
     finally:
         relay.close()
