@@ -231,6 +231,22 @@ class NodeStore:
         self._ssd_fetches: dict[str, threading.Event] = {}
         self._checked: dict[str, float] = {}  # key -> when `drop_stale` last compared it
         self._sources: dict[str, str] = {}  # key -> source, for status
+        self._drop_orphans()
+
+    def _drop_orphans(self) -> None:
+        """At start: drop the DRAM copies of local checkpoints whose directory is gone (a
+        conversion pruned from the cache, a test's temporary model). Nothing asks for them
+        again, and they hold memory until the LRU needs the room."""
+        dropped = 0
+        for item in self.dram.items():
+            source = self._source_of("dram", item.key)
+            if source == item.key or is_s3_url(source) or item.pins:
+                continue  # no record of its source, a remote one, or in use
+            if not Path(source).expanduser().is_dir():
+                self.dram.evict(item.key)
+                dropped += 1
+        if dropped:
+            logger.info("dropped %d dram copies of local checkpoints that no longer exist", dropped)
 
     @property
     def remote(self) -> RemoteStore:

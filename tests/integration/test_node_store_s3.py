@@ -546,3 +546,23 @@ def test_an_unreachable_remote_leaves_the_cached_copy_serving(
         assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
     finally:
         relay.close()
+
+
+def test_a_restarted_store_drops_dram_copies_of_local_checkpoints_that_are_gone(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    import shutil
+
+    kept, gone = tmp_path / "kept", tmp_path / "gone"
+    shutil.copytree(checkpoints["a"], kept)
+    shutil.copytree(checkpoints["b"], gone)
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    for source in (str(kept), str(gone), pushed["a"]):
+        store.ensure(source)
+    shutil.rmtree(gone)  # e.g. `ember cache prune` removed that conversion
+    again = make_store(tmp_path, endpoint)  # the store restarts
+    assert sorted(r.key for r in again.status() if r.tier == "dram") == sorted(
+        [str(kept), pushed["a"]]
+    )
