@@ -58,6 +58,9 @@ class NodeStoreActor:
         # source -> (pid, tier) of each pin held: "dram", or "ssd" for an instance that maps
         # the SSD copy (`NodeStore.acquire_ssd`)
         self._holders: dict[str, list[tuple[int, str]]] = {}
+        # After a crash and restart: the instances still running keep their copies pinned.
+        for pid, tier, source in self._store.adopt_mappings():
+            self._holders.setdefault(source, []).append((pid, tier))
 
     def _reap(self) -> None:
         for source, holders in list(self._holders.items()):

@@ -233,6 +233,36 @@ class NodeStore:
         self._sources: dict[str, str] = {}  # key -> source, for status
         self._drop_orphans()
 
+    def adopt_mappings(self) -> list[tuple[int, str, str]]:
+        """At start: pin again what running processes map from the tiers (a store that crashed
+        and was restarted lost the pins of the instances still running). Scans
+        /proc/<pid>/maps; returns (pid, tier, source) for each pin taken, which the caller
+        releases when that process exits."""
+        roots = {str(t.root.resolve()) + os.sep: t for t in (self.dram, self.ssd)}
+        found: set[tuple[int, str, str]] = set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                lines = (entry / "maps").read_text().splitlines()
+            except OSError:  # gone, or another user's
+                continue
+            for line in lines:
+                path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+                for root, tier in roots.items():
+                    if path.startswith(root) and not path.endswith("(deleted)"):
+                        key = path[len(root) :].split(os.sep, 1)[0]
+                        if tier.has(key):  # a complete copy (not a fetch's work directory)
+                            found.add((int(entry.name), tier.name, key))
+        out = []
+        with self._lock:
+            for pid, tier_name, key in sorted(found):
+                self._tier(tier_name).pin(key)
+                out.append((pid, tier_name, self._source_of(tier_name, key)))
+        if out:
+            logger.info("pins adopted from running processes: %d", len(out))
+        return out
+
     def _drop_orphans(self) -> None:
         """At start: drop the DRAM copies of local checkpoints whose directory is gone (a
         conversion pruned from the cache, a test's temporary model). Nothing asks for them

@@ -230,12 +230,13 @@ def test_deploying_an_s3_source_that_holds_no_checkpoint_is_refused_naming_it(
     asyncio.run(body())
 
 
-def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_serves(
+def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_pins(
     tmp_path: Path, served: tuple[RayCluster, Path]
 ) -> None:
-    """The store actor dies (OOM killer, a bug): Ray restarts it on its node, it claims its
-    slot again and finds the checkpoint in DRAM and on SSD, and the next instance loads from
-    DRAM with nothing fetched."""
+    """The store actor dies (OOM killer, a bug) while an instance maps its DRAM copy: Ray
+    restarts it on its node, it claims its slot again, finds the checkpoint in DRAM and on SSD,
+    pins the copy the running instance maps again (from /proc/<pid>/maps), and the next
+    instance loads from DRAM with nothing fetched; the pins go when the instances do."""
     import ray
 
     from ember.cluster.node_store_actor import node_store_handle
@@ -244,36 +245,60 @@ def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_serves(
     [node] = [n.node_id for n in cluster.nodes() if n.alive]
     store = node_store_handle(node)
     assert store is not None
-    ray.get(store.ensure.remote(URL, "dram"), timeout=60)
-    ray.kill(store, no_restart=False)  # a crash: Ray restarts the actor (max_restarts=-1)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            rows = ray.get(store.status.remote(), timeout=10)
-            break
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    assert {(r.tier, r.key) for r in rows if r.key == URL} == {("dram", URL), ("ssd", URL)}
     want = LLM(str(hf), max_model_len=64).generate([1, 2, 3], PARAMS)[0].token_ids
+
+    def pid() -> int:
+        return int(ray.get(store.__ray_call__.remote(lambda _: os.getpid()), timeout=10))
+
+    def dram_pins() -> int | None:
+        rows = ray.get(store.status.remote(), timeout=10)
+        return next((r.pins for r in rows if r.key == URL and r.tier == "dram"), None)
+
+    async def tokens(controller: Controller, name: str) -> list[int]:
+        [handle] = controller.ready_instances(name)
+        return [t async for d in handle.generate("r", [1, 2, 3], PARAMS) for t in d.new_token_ids]
 
     async def body() -> None:
         controller = Controller(
             cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
         )
         await controller.start()
+        loop = asyncio.get_running_loop()
         try:
-            controller.deploy(DeploymentSpec("again", URL, min_instances=1, max_model_len=64))
-            await controller.wait_for_instance("again", 120.0)
-            [status] = controller.status()
-            assert [i.tier for i in status.instances] == ["dram"]
-            [handle] = controller.ready_instances("again")
-            got = [
-                t async for d in handle.generate("r", [1, 2, 3], PARAMS) for t in d.new_token_ids
-            ]
-            assert got == want
+            ray.get(store.ensure.remote(URL, "dram"), timeout=60)  # in DRAM before the start
+            controller.deploy(DeploymentSpec("one", URL, min_instances=1, max_model_len=64))
+            await controller.wait_for_instance("one", 120.0)
+            assert dram_pins() == 1
+            old_pid = pid()
+            ray.kill(store, no_restart=False)  # a crash: Ray restarts it (max_restarts=-1)
+            deadline = loop.time() + 60
+            while True:  # until the restarted actor answers
+                try:
+                    if pid() != old_pid:
+                        break
+                except (
+                    ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError,
+                ):  # fmt: skip
+                    pass
+                assert loop.time() < deadline
+                await asyncio.sleep(0.2)
+            assert dram_pins() == 1  # the running instance's pin, adopted by the new store
+            rows = ray.get(store.status.remote(), timeout=10)
+            assert {r.tier for r in rows if r.key == URL} == {"dram", "ssd"}
+            assert await tokens(controller, "one") == want  # it kept serving
+            controller.deploy(DeploymentSpec("two", URL, min_instances=1, max_model_len=64))
+            await controller.wait_for_instance("two", 120.0)
+            two = next(s for s in controller.status() if s.spec.name == "two")
+            assert [i.tier for i in two.instances] == ["dram"]
+            assert await tokens(controller, "two") == want
+            assert dram_pins() == 2
         finally:
             await controller.stop()
+        deadline = time.monotonic() + 60
+        while dram_pins():  # both instances' processes exited: their pins were released
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
 
     asyncio.run(body())
 
