@@ -186,6 +186,7 @@ class RemoteStore:
     # --- retries ---------------------------------------------------------------------------
 
     def _retry(self, fn: Callable[[], T], url: S3Url, key: str) -> T:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         cfg = self.config
@@ -193,6 +194,18 @@ class RemoteStore:
         for attempt in range(cfg.max_attempts):
             try:
                 return fn()
+            except S3UploadFailedError as e:  # boto3's upload wraps the service's error
+                text = str(e)
+                if "NoSuchBucket" in text:
+                    raise RemoteStoreError(
+                        f"s3://{url.bucket}/{key}",
+                        f"no bucket {url.bucket!r} (create it, or `ember push --create-bucket`)",
+                    ) from None
+                if any(c in text for c in ("AccessDenied", "InvalidAccessKeyId", "Signature")):
+                    raise RemoteStoreError(
+                        f"s3://{url.bucket}/{key}", f"access denied: {_one_line(e)}"
+                    ) from None
+                last = e
             except NoCredentialsError:  # not transient: trying again cannot help
                 raise RemoteStoreError(
                     f"s3://{url.bucket}/{key}",

@@ -231,3 +231,58 @@ def _group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 pids.append(int(entry.name))
     return pids
+
+
+def test_s3_model_push_deploy_prefetch_evict_as_a_user_runs_them(
+    start_ember_server: Callable[..., EmberServer], model_factory: Callable[..., Path]
+) -> None:
+    """`ember push` to an S3-compatible server (moto on 127.0.0.1), then against a live
+    `ember serve`: a deploy of a prefix holding nothing is a one-line error; a good deploy is
+    prefetched to SSD before any request; `ember prefetch` and `ember evict` move it; the first
+    request is served."""
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        s3_env = {
+            "EMBER_S3_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        }  # fmt: skip
+        model = model_factory("llama", "tiny", "fp32", seed=5)
+        src = "s3://cli-models/tiny"
+        push_env = {**os.environ, **s3_env}
+        r = ember("push", str(model), src, env=push_env)  # the bucket does not exist yet
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "no bucket 'cli-models'" in r.stderr and "--create-bucket" in r.stderr
+        r = ember("push", str(model), src, "--create-bucket", env=push_env)
+        assert r.returncode == 0, r.stderr
+        server = start_ember_server("--no-demo", env=s3_env)
+        url = ("--url", server.url)
+
+        def tiers() -> set[str]:
+            rows = status_json(server).get("checkpoints", {}).values()
+            return {r["tier"] for rs in rows for r in rs if r["key"] == src and not r["fetched"]}
+
+        r = ember("deploy", "s3m", "s3://cli-models/nothing-here", *url)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+        assert "s3://cli-models/nothing-here/index.json: no such object" in r.stderr
+        r = ember("deploy", "s3m", src, "--max-model-len", "64", *url)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: tiers() == {"ssd"})  # prefetched on deploy, no request yet
+        r = ember("prefetch", "s3m", "--tier", "dram", *url)
+        assert r.returncode == 0 and r.stdout.startswith(f"prefetching {src} to dram on node")
+        wait_for(lambda: tiers() == {"ssd", "dram"})
+        r = ember("evict", "s3m", *url)  # DRAM by default, every node holding it
+        assert r.returncode == 0 and r.stdout.startswith(f"evicted {src} from dram: "), r.stdout
+        assert tiers() == {"ssd"}
+        body = {"model": "s3m", "prompt": "hello", "max_tokens": 4}
+        answer = httpx.post(server.url + "/v1/completions", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        [inst] = deployment(status_json(server), "s3m")["instances"]  # type: ignore[index]
+        assert inst["tier"] == "ssd"  # the first request's instance read the prefetched copy
+        r = ember("prefetch", "nosuch", *url)
+        assert r.returncode == 1 and "nosuch" in r.stderr
+    finally:
+        moto.stop()
