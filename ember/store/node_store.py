@@ -565,12 +565,18 @@ class NodeStore:
             fetch.prepared.set()
 
     def _source_for(self, source: str, key: str) -> tuple[ChunkSource, str, bool]:
-        """(chunk source, where from, whether SSD is a sink too)."""
+        """(chunk source, where from, whether SSD is a sink too). While a prefetch writes the
+        SSD copy, wait for it and read that copy: the bytes come from the remote store once, and
+        sooner than through a second download sharing the link."""
+        with self._lock:
+            prefetch = self._ssd_fetches.get(key)
+        if prefetch is not None:
+            prefetch.wait()
         with self._lock:
             on_ssd = self.ssd.has(key)
             if on_ssd:
                 self.ssd.pin(key)
-            ssd_busy = key in self._ssd_fetches  # a prefetch writes the SSD copy
+            ssd_busy = key in self._ssd_fetches  # another prefetch writes the SSD copy
         if on_ssd:
             return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False
         if is_s3_url(source):

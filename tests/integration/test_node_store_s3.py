@@ -446,7 +446,8 @@ def test_a_start_during_a_prefetch_to_ssd_leaves_both_tiers_whole(
 ) -> None:  # fmt: skip
     """A deployment is prefetched to SSD when it is created; a request may wake it while that
     fetch runs. The instance's DRAM fetch must not write the SSD copy the prefetch is writing
-    (two writers, two reservations), and a second prefetch waits for the first."""
+    (two writers, two reservations): it waits for the prefetch and copies from SSD, so the
+    bytes come from S3 once; a second prefetch waits for the first."""
 
     from ember.store import verify
 
@@ -470,7 +471,10 @@ def test_a_start_during_a_prefetch_to_ssd_leaves_both_tiers_whole(
         assert (row.tier, row.key) == ("ssd", url) and 0 < row.fetched < 1  # type: ignore[operator]
         assert row.nbytes == store.ssd.reserved()[key]
         result = store.ensure(url)  # what an instance's start does
+        assert result.served_from == "ssd"  # it waited for the prefetch and read its copy
         assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
+        total = read_index(checkpoints["a"]).rank_nbytes(0)
+        assert relay.sent < total * 1.2  # the bytes came from S3 once
         while not store.ssd.has(key):
             assert time.monotonic() < deadline
             time.sleep(0.05)
