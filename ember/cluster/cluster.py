@@ -97,8 +97,9 @@ class RayCluster:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
 
-    async def check_source(self, source: str) -> int:
-        """That an `s3://` source holds a checkpoint the node stores can fetch (its bytes)."""
+    async def check_source(self, source: str) -> tuple[int, str]:
+        """That an `s3://` source holds a checkpoint the node stores can fetch: its bytes and
+        version (a digest of its index)."""
         self.nodes()  # the stores start with their nodes
         return await self.services.check(source)
 

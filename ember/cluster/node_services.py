@@ -174,9 +174,9 @@ class NodeServices:
         answers = await asyncio.gather(*(one(self._stores[n]) for n in ids), return_exceptions=True)
         return {n: a for n, a in zip(ids, answers, strict=True) if isinstance(a, list)}
 
-    async def check(self, source: str) -> int:
-        """Ask a node's store whether `source` (s3://) holds a checkpoint it can fetch; its
-        bytes. Raises the store's CheckpointError naming the object."""
+    async def check(self, source: str) -> tuple[int, str]:
+        """Ask a node's store whether `source` (s3://) holds a checkpoint it can fetch: its
+        bytes and version. Raises the store's CheckpointError naming the object."""
         stores = [self._stores[n] for n in sorted(self._stores)]
         if not stores:
             raise ConfigError(
@@ -184,7 +184,8 @@ class NodeServices:
                 "(EMBER_NODE_STORE=0, or no node yet)"
             )
         try:
-            return int(await stores[0].check.remote(source))
+            nbytes, version = await stores[0].check.remote(source)
+            return int(nbytes), str(version)
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             raise (cause if isinstance(cause, BaseException) else e) from None

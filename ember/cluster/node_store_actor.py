@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,7 @@ class NodeStoreActor:
                     tier = "ssd"
                 else:
                     path, _complete = await loop.run_in_executor(
-                        None, self._store.acquire_streaming, source
+                        None, partial(self._store.acquire_streaming, source, checked=True)
                     )
             else:
                 path = await loop.run_in_executor(None, self._store.acquire, source)
@@ -124,7 +125,7 @@ class NodeStoreActor:
         result = await loop.run_in_executor(None, self._store.ensure, source, tier)
         return AcquireReport(str(result.path), result.served_from, time.perf_counter() - t0)
 
-    async def check(self, source: str) -> int:
+    async def check(self, source: str) -> tuple[int, str]:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, self._store.check, source)
 

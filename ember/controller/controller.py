@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import time
@@ -83,6 +84,7 @@ class Controller:
         # (an instance that started there, a prefetch it asked for), with when.
         self._stored: dict[str, dict[str, int]] = {}
         self._model_bytes: dict[str, int] = {}  # source -> checkpoint bytes, when known
+        self._versions: dict[str, str] = {}  # s3:// source -> version seen by `check_source`
         self._losses = NodeLosses()  # nodes seen to go away: spot zones' preemption risk
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
@@ -133,21 +135,32 @@ class Controller:
             raise DeploymentError(f"source: {spec.source} does not exist on this machine")
         if not remote:  # its files' sizes (the converted checkpoint is about as large)
             self._model_bytes[spec.source] = _folder_bytes(Path(spec.source).expanduser())
+        version = (
+            self._versions.get(spec.source) if remote
+            else _local_version(Path(spec.source).expanduser())
+        )  # fmt: skip
         self._store.save(spec)
         dep = self._deployments.get(spec.name)
         if dep is None or dep.deleted:
             self._deployments[spec.name] = DeploymentRecord(
-                spec=spec, last_busy_s=self._clock.now()
+                spec=spec, last_busy_s=self._clock.now(), version=version
             )
             logger.info("deployment created name=%s source=%s", spec.name, spec.source)
             self._prefetch(spec)
         else:
             old = dep.spec
+            # The same source with new contents (pushed or converted again in place): the
+            # instances run the old weights and are replaced like on an engine change.
+            updated = old.source == spec.source and None not in (dep.version, version)
+            updated = updated and dep.version != version
             if (old.source, old.prefetch) != (spec.source, spec.prefetch):
                 self._prefetch(spec)
             dep.spec = spec
+            dep.version = version or dep.version
             dep.failures, dep.retry_at_s, dep.last_error = 0, 0.0, None
-            if _engine_fields(old) != _engine_fields(spec):
+            if updated:
+                logger.info("deployment source changed in place name=%s", spec.name)
+            if _engine_fields(old) != _engine_fields(spec) or updated:
                 # Instances load one engine configuration: replace them rather than mix two.
                 # Busy ones drain (finish what they run, take nothing new), the rest stop now.
                 now = self._clock.now()
@@ -166,9 +179,12 @@ class Controller:
         CheckpointError naming the object; a local source is checked by `deploy`."""
         fn = getattr(self._cluster, "check_source", None)
         if spec.source.startswith("s3://") and callable(fn):
-            nbytes = await fn(spec.source)
+            nbytes, version = await fn(spec.source)
             self._model_bytes[spec.source] = int(nbytes)  # for placement's estimate
-            logger.info("source checked source=%s bytes=%d", spec.source, nbytes)
+            self._versions[spec.source] = str(version)  # for `deploy`: an update in place
+            logger.info(
+                "source checked source=%s bytes=%d version=%s", spec.source, nbytes, version
+            )
 
     def delete(self, name: str) -> None:
         """Forget a deployment and stop its instances (their actors are killed). Once they
@@ -721,6 +737,23 @@ class Controller:
         if self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()
+
+
+def _local_version(path: Path) -> str | None:
+    """A local source's version: a digest of an ember checkpoint's index, or of a Hugging Face
+    folder's file names, sizes and mtimes (what its conversion cache key is made of)."""
+    try:
+        index = path / "index.json"
+        if index.is_file():
+            return hashlib.sha256(index.read_bytes()).hexdigest()[:16]
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def _folder_bytes(path: Path) -> int:

@@ -100,3 +100,4 @@ class DeploymentRecord:
     last_error: str | None = None
     error_seq: int = 0
     failed: list[InstanceRecord] = field(default_factory=list)  # the last few, for `status`
+    version: str | None = None  # digest of the source's contents when deployed (None: unknown)

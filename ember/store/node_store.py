@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -229,7 +228,6 @@ class NodeStore:
         # SSD-only fetches (prefetches) running, by key: set when they end. One writer per
         # tier copy: a DRAM fetch that starts meanwhile leaves the SSD copy to it.
         self._ssd_fetches: dict[str, threading.Event] = {}
-        self._checked: dict[str, float] = {}  # key -> when `drop_stale` last compared it
         self._sources: dict[str, str] = {}  # key -> source, for status
         self._drop_orphans()
 
@@ -339,11 +337,8 @@ class NodeStore:
         older version (the model was pushed or converted again at the same place) is evicted;
         if an instance still uses it, StaleCheckpointError (the new version cannot be fetched
         under the same name until it stops). If the source cannot be read (S3 unreachable), the
-        copies are trusted, with a warning. Checked at most once a second per source."""
+        copies are trusted, with a warning."""
         key = checkpoint_key(source)
-        now = time.monotonic()
-        if now - self._checked.get(key, -1e9) < 1.0:
-            return
         try:
             if is_s3_url(source):
                 current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
@@ -373,7 +368,6 @@ class NodeStore:
                     )
                 tier.evict(key)
                 logger.warning("stale copy evicted tier=%s source=%s", tier.name, source)
-            self._checked[key] = now
 
     # --- pins ------------------------------------------------------------------------------
 
@@ -405,12 +399,16 @@ class NodeStore:
                     self.ssd.pin(key)
                     return self.ssd.path(key), "ssd"
 
-    def acquire_streaming(self, source: str, timeout_s: float = 600.0) -> tuple[Path, bool]:
+    def acquire_streaming(
+        self, source: str, timeout_s: float = 600.0, *, checked: bool = False
+    ) -> tuple[Path, bool]:
         """Pin `source` in DRAM and return as soon as it can be mapped: (the complete
         directory, True) if it is there, else (the in-progress `.fetching/<key>` directory,
         False) for `ember.store.shm.map_dram`, which waits for each tensor's chunks. The pin
-        holds across the fetch's commit; `release` it as for `acquire`."""
-        self.drop_stale(source)
+        holds across the fetch's commit; `release` it as for `acquire`. `checked`: the caller
+        has just run `drop_stale` (`acquire_ssd` does)."""
+        if not checked:
+            self.drop_stale(source)
         key = checkpoint_key(source)
         with self._lock:
             self.dram.pin(key)
@@ -484,15 +482,15 @@ class NodeStore:
         except Exception:
             logger.exception("promotion to dram failed source=%s", source)
 
-    def check(self, source: str) -> int:
+    def check(self, source: str) -> tuple[int, str]:
         """That an `s3://` source holds a checkpoint this ember reads (its index is there and
-        valid); its bytes. Raises CheckpointNotFoundError, CheckpointFormatError or
-        RemoteStoreError naming the object."""
+        valid): its bytes and version (a digest of its index). Raises CheckpointNotFoundError,
+        CheckpointFormatError or RemoteStoreError naming the object."""
         if not is_s3_url(source):
             raise ConfigError(f"source: {source!r} is not an s3:// URL")
         data = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
         index = parse_index(data, f"{source.rstrip('/')}/{INDEX_FILE}")
-        return sum(p.nbytes for p in index.partitions)
+        return sum(p.nbytes for p in index.partitions), hashlib.sha256(data).hexdigest()[:16]
 
     def release(self, source: str, tier: str = "dram") -> None:
         """Drop a pin `acquire`/`acquire_streaming` ("dram") or `acquire_ssd` ("ssd") took."""

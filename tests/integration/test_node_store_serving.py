@@ -303,6 +303,69 @@ def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_pins(
     asyncio.run(body())
 
 
+def test_a_model_pushed_again_rolls_out_on_the_next_deploy(
+    tmp_path: Path, served: tuple[RayCluster, Path], model_factory: Callable[..., Path]
+) -> None:
+    """`ember push` of a new version to the same prefix, then `ember deploy` of the same spec:
+    the instance running the old weights is replaced, and the new one fetches the new version
+    (the node's copies of the old one are stale) and serves its tokens."""
+    import httpx
+
+    from ember.api.app import create_app
+    from ember.api.config import ApiConfig
+
+    cluster, _ = served
+    v1, v2 = (model_factory("llama", "tiny", "fp32", seed=s) for s in (41, 42))
+    want = {
+        v: LLM(str(v), max_model_len=64).generate([4, 5, 6], PARAMS)[0].token_ids for v in (v1, v2)
+    }
+    assert want[v1] != want[v2]
+    url = "s3://served/rolled"
+    remote = RemoteStore(remote_config(os.environ["EMBER_S3_ENDPOINT_URL"]))
+    remote.upload_checkpoint(convert(v1, tmp_path / "ck1", progress=False), parse_s3_url(url))
+
+    async def body() -> None:
+        controller = Controller(
+            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
+        )
+        await controller.start()
+        app = create_app(controller, ApiConfig())
+        spec = {"name": "rolled", "source": url, "min_instances": 1, "max_model_len": 64}
+        loop = asyncio.get_running_loop()
+
+        async def serving_tokens(not_id: str | None = None) -> tuple[str, list[int]]:
+            deadline = loop.time() + 120
+            while True:
+                handles = [
+                    h for h in controller.ready_instances("rolled") if h.instance_id != not_id
+                ]
+                if handles:
+                    break
+                assert loop.time() < deadline, controller.status()
+                await asyncio.sleep(0.1)
+            [h] = handles
+            return h.instance_id, [
+                t async for d in h.generate("r", [4, 5, 6], PARAMS) for t in d.new_token_ids
+            ]
+
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                assert (await http.post("/admin/deployments", json=spec)).status_code == 201
+                first, tokens = await serving_tokens()
+                assert tokens == want[v1]
+                remote.upload_checkpoint(
+                    convert(v2, tmp_path / "ck2", progress=False), parse_s3_url(url)
+                )
+                assert (await http.post("/admin/deployments", json=spec)).status_code == 200
+                second, tokens = await serving_tokens(not_id=first)
+                assert tokens == want[v2]
+        finally:
+            await controller.stop()
+
+    asyncio.run(body())
+
+
 def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
     tmp_path: Path, served: tuple[RayCluster, Path]
 ) -> None:

@@ -1,0 +1,64 @@
+"""A model updated in place: deploying the same spec again after its source's contents changed
+replaces the running instances (they hold the old weights); deploying it again unchanged does
+not. Over serving_support's in-process cluster with real engines on a tiny factory model."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from serving_support import serving
+
+from ember import LLM, SamplingParams
+from ember.controller.types import DeploymentSpec, InstanceState
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+PROMPT = [5, 6, 7, 8]
+
+
+def test_a_source_changed_in_place_replaces_the_instances_on_the_next_deploy(
+    tmp_path: Path, model_factory: Callable[..., Path]
+) -> None:
+    v1, v2 = (model_factory("llama", "tiny", "fp32", seed=s) for s in (31, 32))
+    folder = tmp_path / "model"
+    shutil.copytree(v1, folder)
+    want = {
+        v: LLM(str(v), max_model_len=64).generate(PROMPT, PARAMS)[0].token_ids for v in (v1, v2)
+    }
+    assert want[v1] != want[v2]
+    spec = DeploymentSpec("m", str(folder), min_instances=1, max_model_len=64)
+
+    async def main() -> None:
+        async with serving(tmp_path) as stack:
+            c = stack.controller
+
+            async def ready() -> tuple[str, list[int]]:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60
+                while True:
+                    insts = [i for s in c.status() for i in s.instances]
+                    if [i.state for i in insts] == [InstanceState.READY]:
+                        break
+                    assert loop.time() < deadline, insts
+                    await asyncio.sleep(0.05)
+                [handle] = c.ready_instances("m")
+                got = [
+                    t async for d in handle.generate("r", PROMPT, PARAMS) for t in d.new_token_ids
+                ]
+                return handle.instance_id, got
+
+            c.deploy(spec)
+            first, tokens = await ready()
+            assert tokens == want[v1]
+            c.deploy(spec)  # unchanged: the instance stays
+            assert await ready() == (first, want[v1])
+            for f in v2.iterdir():  # new weights saved into the same folder
+                shutil.copy2(f, folder / f.name)
+            c.deploy(spec)  # the same spec, new contents
+            await asyncio.sleep(0.1)
+            second, tokens = await ready()
+            assert second != first and tokens == want[v2]
+
+    asyncio.run(main())
