@@ -198,7 +198,7 @@ class Controller:
         for inst in self._live(name):
             self._begin_stop(inst)
         logger.info("deployment deleted name=%s", name)
-        if dep.spec.source.startswith("s3://"):
+        if dep.spec.source.startswith("s3://") and self._kick is not None:  # started
             stops = [i.task for i in self._live(name, include_stopping=True) if i.task]
             task = asyncio.create_task(
                 self._free_dram(dep.spec.source, stops), name=f"free-dram-{name}"
