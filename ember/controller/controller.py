@@ -35,6 +35,7 @@ from ember.controller.types import (
     InstanceState,
     NodeInfo,
 )
+from ember.engine.checkpoint import folder_fingerprint
 from ember.errors import (
     ConfigError,
     DeploymentError,
@@ -219,17 +220,7 @@ class Controller:
                 return
             if any(d.spec.source == source and not d.deleted for d in self._deployments.values()):
                 return
-            stored = await self.checkpoints()
-            busy = False
-            for node_id, rows in stored.items():
-                if any(r.get("key") == source and r.get("tier") == "dram" for r in rows):
-                    try:
-                        if await evict(source, node_id, "dram"):
-                            self._stored.get(source, {}).pop(node_id, None)
-                            self._hints.get(source, {}).pop(node_id, None)
-                            logger.info("freed dram source=%s node=%s", source, node_id[:12])
-                    except StoreCapacityError:
-                        busy = True
+            _, busy = await self._evict_copies(evict, source, "dram")
             if not busy:
                 return
             await asyncio.sleep(0.5)
@@ -626,40 +617,51 @@ class Controller:
         instance is using stays; StoreCapacityError names those nodes (after the others are
         done)."""
         spec = self.get(name)
-        fn = self._store_lever(spec, tier, "evict")
+        evict = self._store_lever(spec, tier, "evict")
+        nodes = None
         if node_id is not None:
-            targets = [_one_node([n for n in self._cluster.nodes() if n.alive], node_id)]
-        else:
+            nodes = [_one_node([n for n in self._cluster.nodes() if n.alive], node_id)]
+        gone, busy = await self._evict_copies(evict, spec.source, tier, nodes)
+        if busy:
+            done = ", ".join(n[:12] for n in gone) or "no other node"
+            raise StoreCapacityError(
+                spec.source,
+                f"in use in {tier} on node {', '.join(n[:12] for n in busy)}; evicted from {done}",
+            )
+        return gone
+
+    async def _evict_copies(
+        self, evict: Callable[..., Any], source: str, tier: str, nodes: list[str] | None = None
+    ) -> tuple[list[str], list[str]]:
+        """Evict `source` from `tier` (with the cluster's `evict`) on `nodes`, or on every node
+        whose store lists a complete copy there; (the nodes it left, the nodes where an
+        instance still uses it). What this controller believed about the evicted copies goes."""
+        if nodes is None:
             stored = await self.checkpoints()
-            targets = sorted(
+            nodes = sorted(
                 n for n, rows in stored.items()
                 if any(
-                    r.get("key") == spec.source and r.get("tier") == tier
+                    r.get("key") == source and r.get("tier") == tier
                     and r.get("fetched") is None  # a fetch in flight is not a copy yet
                     for r in rows
                 )
             )  # fmt: skip
         gone, busy = [], []
-        for n in targets:
+        for n in nodes:
             try:
-                if await fn(spec.source, n, tier):
+                if await evict(source, n, tier):
                     gone.append(n)
             except StoreCapacityError:
-                busy.append(n[:12])
+                busy.append(n)
         rank = TIER_RANK[tier]
-        for n in gone:  # forget what this controller believed about those copies
-            if self._stored.get(spec.source, {}).get(n) == rank:
-                del self._stored[spec.source][n]
-            hint = self._hints.get(spec.source, {}).get(n)
+        for n in gone:
+            if self._stored.get(source, {}).get(n) == rank:
+                del self._stored[source][n]
+            hint = self._hints.get(source, {}).get(n)
             if hint is not None and hint[0] == rank:
-                del self._hints[spec.source][n]
-        logger.info("evict source=%s tier=%s nodes=%s", spec.source, tier, [n[:12] for n in gone])
-        if busy:
-            done = ", ".join(n[:12] for n in gone) or "no other node"
-            raise StoreCapacityError(
-                spec.source, f"in use in {tier} on node {', '.join(busy)}; evicted from {done}"
-            )
-        return gone
+                del self._hints[source][n]
+        logger.info("evict source=%s tier=%s nodes=%s", source, tier, [n[:12] for n in gone])
+        return gone, busy
 
     def _store_lever(self, spec: DeploymentSpec, tier: str, what: str) -> Callable[..., Any]:
         if tier not in TIER_RANK:
@@ -744,14 +746,8 @@ def _local_version(path: Path) -> str | None:
     folder's file names, sizes and mtimes (what its conversion cache key is made of)."""
     try:
         index = path / "index.json"
-        if index.is_file():
-            return hashlib.sha256(index.read_bytes()).hexdigest()[:16]
-        h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        return h.hexdigest()[:16]
+        data = index.read_bytes() if index.is_file() else folder_fingerprint(path).encode()
+        return hashlib.sha256(data).hexdigest()[:16]
     except OSError:
         return None
 
