@@ -86,12 +86,20 @@ def resolve(model: str | os.PathLike[str], tp: int, dtype: str | None) -> Path:
 
 def _source_key(path: Path, tp: int, dtype: str | None) -> str:
     h = hashlib.sha256(str(path.resolve()).encode())
+    h.update(folder_fingerprint(path).encode())
+    h.update(f"tp={tp}:dtype={dtype}".encode())
+    return f"{path.name}-{h.hexdigest()[:16]}"
+
+
+def folder_fingerprint(path: Path) -> str:
+    """What says a model folder's contents changed: its files' names, sizes and mtimes (the
+    conversion cache's key is made of it, and so is a deployment's version)."""
+    parts = []
     for f in sorted(path.iterdir()):
         if f.is_file():
             st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    h.update(f"tp={tp}:dtype={dtype}".encode())
-    return f"{path.name}-{h.hexdigest()[:16]}"
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "".join(parts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,7 +246,8 @@ class NodeStore:
             except OSError:  # gone, or another user's
                 continue
             for line in lines:
-                path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+                fields = line.split(maxsplit=5)  # address perms offset dev inode [path]
+                path = fields[5] if len(fields) == 6 else ""
                 for root, tier in roots.items():
                     if path.startswith(root) and not path.endswith("(deleted)"):
                         key = path[len(root) :].split(os.sep, 1)[0]
