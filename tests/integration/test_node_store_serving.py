@@ -7,12 +7,14 @@ deployment unpins it and leaves no instance behind; evict and prefetch move it b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from s3_support import CREDENTIALS, moto_server, remote_config
@@ -62,6 +64,17 @@ def served(
             shutil.rmtree(shm, ignore_errors=True)
 
 
+@contextlib.asynccontextmanager
+async def running(cluster: RayCluster, db: Path, **kw: Any) -> AsyncIterator[Controller]:
+    """A started controller over `cluster` (its state in `db`), stopped on the way out."""
+    controller = Controller(cluster, db, FakeClock(1000.0), reconcile_interval_s=0.05, **kw)
+    await controller.start()
+    try:
+        yield controller
+    finally:
+        await controller.stop()
+
+
 def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
     tmp_path: Path, served: tuple[RayCluster, Path]
 ) -> None:
@@ -71,12 +84,8 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
     import ray
 
     async def body() -> None:
-        controller = Controller(
-            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
-        )
-        await controller.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with running(cluster, tmp_path / "ember.db") as controller:
+            loop = asyncio.get_running_loop()
             # The controller's start brought up the node's store and its pool of one, before
             # any deployment or request (the first request finds a warm worker).
             deadline = loop.time() + 60
@@ -127,8 +136,6 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
                 await asyncio.sleep(0.1)
             assert await controller.evict("idle", "dram") == [node]
             assert {r["tier"] for r in (await controller.checkpoints())[node]} == {"ssd"}
-        finally:
-            await controller.stop()
 
     asyncio.run(body())
 
@@ -145,19 +152,14 @@ def test_a_new_deployment_is_prefetched_to_ssd_and_wakes_from_there(
     want = LLM(str(hf), max_model_len=64).generate([2, 7, 1, 8], PARAMS)[0].token_ids
 
     async def body() -> None:
-        controller = Controller(
-            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05,
-            probe_interval_s=0.1,
-        )  # fmt: skip
-        await controller.start()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 60
+        async with running(cluster, tmp_path / "ember.db", probe_interval_s=0.1) as controller:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
 
-        async def tiers() -> set[str]:
-            rows = (await controller.checkpoints()).get(node, [])
-            return {r["tier"] for r in rows if r["key"] == url}
+            async def tiers() -> set[str]:
+                rows = (await controller.checkpoints()).get(node, [])
+                return {r["tier"] for r in rows if r["key"] == url}
 
-        try:
             [node] = [n.node_id for n in cluster.nodes() if n.alive]
             controller.deploy(DeploymentSpec("pre", url, max_model_len=64))  # min_instances 0
             while await tiers() != {"ssd"}:  # on SSD only: the prefetch tier
@@ -180,8 +182,6 @@ def test_a_new_deployment_is_prefetched_to_ssd_and_wakes_from_there(
                 assert loop.time() < deadline, cluster.actor_names()
                 await controller.reconcile_once()
                 await asyncio.sleep(0.1)
-        finally:
-            await controller.stop()
 
     asyncio.run(body())
 
@@ -204,13 +204,9 @@ def test_deploying_an_s3_source_that_holds_no_checkpoint_is_refused_naming_it(
     remote.upload_checkpoint(bad, parse_s3_url("s3://served/not-ember"))
 
     async def body() -> None:
-        controller = Controller(
-            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
-        )
-        await controller.start()
-        app = create_app(controller, ApiConfig())
-        transport = httpx.ASGITransport(app=app)
-        try:
+        async with running(cluster, tmp_path / "ember.db") as controller:
+            app = create_app(controller, ApiConfig())
+            transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
                 for source, what in [
                     ("s3://served/nope", "s3://served/nope/index.json: no such object"),
@@ -224,8 +220,6 @@ def test_deploying_an_s3_source_that_holds_no_checkpoint_is_refused_naming_it(
                 assert controller.list_deployments() == []
                 r = await http.post("/admin/deployments", json={"name": "ok", "source": URL})
                 assert r.status_code == 201, r.text
-        finally:
-            await controller.stop()
 
     asyncio.run(body())
 
@@ -259,12 +253,8 @@ def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_pins(
         return [t async for d in handle.generate("r", [1, 2, 3], PARAMS) for t in d.new_token_ids]
 
     async def body() -> None:
-        controller = Controller(
-            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
-        )
-        await controller.start()
-        loop = asyncio.get_running_loop()
-        try:
+        async with running(cluster, tmp_path / "ember.db") as controller:
+            loop = asyncio.get_running_loop()
             ray.get(store.ensure.remote(URL, "dram"), timeout=60)  # in DRAM before the start
             controller.deploy(DeploymentSpec("one", URL, min_instances=1, max_model_len=64))
             await controller.wait_for_instance("one", 120.0)
@@ -293,8 +283,6 @@ def test_a_crashed_node_store_comes_back_with_its_checkpoints_and_pins(
             assert [i.tier for i in two.instances] == ["dram"]
             assert await tokens(controller, "two") == want
             assert dram_pins() == 2
-        finally:
-            await controller.stop()
         deadline = time.monotonic() + 60
         while dram_pins():  # both instances' processes exited: their pins were released
             assert time.monotonic() < deadline
@@ -325,30 +313,26 @@ def test_a_model_pushed_again_rolls_out_on_the_next_deploy(
     remote.upload_checkpoint(convert(v1, tmp_path / "ck1", progress=False), parse_s3_url(url))
 
     async def body() -> None:
-        controller = Controller(
-            cluster, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
-        )
-        await controller.start()
-        app = create_app(controller, ApiConfig())
-        spec = {"name": "rolled", "source": url, "min_instances": 1, "max_model_len": 64}
-        loop = asyncio.get_running_loop()
+        async with running(cluster, tmp_path / "ember.db") as controller:
+            app = create_app(controller, ApiConfig())
+            spec = {"name": "rolled", "source": url, "min_instances": 1, "max_model_len": 64}
+            loop = asyncio.get_running_loop()
 
-        async def serving_tokens(not_id: str | None = None) -> tuple[str, list[int]]:
-            deadline = loop.time() + 120
-            while True:
-                handles = [
-                    h for h in controller.ready_instances("rolled") if h.instance_id != not_id
+            async def serving_tokens(not_id: str | None = None) -> tuple[str, list[int]]:
+                deadline = loop.time() + 120
+                while True:
+                    handles = [
+                        h for h in controller.ready_instances("rolled") if h.instance_id != not_id
+                    ]
+                    if handles:
+                        break
+                    assert loop.time() < deadline, controller.status()
+                    await asyncio.sleep(0.1)
+                [h] = handles
+                return h.instance_id, [
+                    t async for d in h.generate("r", [4, 5, 6], PARAMS) for t in d.new_token_ids
                 ]
-                if handles:
-                    break
-                assert loop.time() < deadline, controller.status()
-                await asyncio.sleep(0.1)
-            [h] = handles
-            return h.instance_id, [
-                t async for d in h.generate("r", [4, 5, 6], PARAMS) for t in d.new_token_ids
-            ]
 
-        try:
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
                 assert (await http.post("/admin/deployments", json=spec)).status_code == 201
@@ -360,8 +344,6 @@ def test_a_model_pushed_again_rolls_out_on_the_next_deploy(
                 assert (await http.post("/admin/deployments", json=spec)).status_code == 200
                 second, tokens = await serving_tokens(not_id=first)
                 assert tokens == want[v2]
-        finally:
-            await controller.stop()
 
     asyncio.run(body())
 
@@ -394,17 +376,12 @@ def test_a_restarted_cluster_finds_the_checkpoint_still_in_dram_and_on_ssd(
         new_node, rows = await asyncio.wait_for(tiers(again), 60)
         assert new_node != node
         assert rows == [("dram", URL), ("ssd", URL)]
-        controller = Controller(
-            again, tmp_path / "ember.db", FakeClock(1000.0), reconcile_interval_s=0.05
-        )
-        await controller.start()
-        try:  # and an instance started there loads it from DRAM
+        async with running(again, tmp_path / "ember.db") as controller:
+            # and an instance started there loads it from DRAM
             controller.deploy(DeploymentSpec("s3m", URL, min_instances=1, max_model_len=64))
             await controller.wait_for_instance("s3m", 120.0)
             [status] = controller.status()
             assert [i.tier for i in status.instances] == ["dram"]
-        finally:
-            await controller.stop()
 
     try:
         again.nodes()  # starts the new node's store actor
