@@ -7,8 +7,8 @@ another tensor degree converts again and a second engine start loads straight aw
 records its source in `ember-source.json`, whose mtime is the entry's last use. A conversion
 removes the entries of its source folder that are stale (converted from older files, for any
 tp and dtype), so editing a model folder does not grow the cache; `ember cache ls` and
-`ember cache prune` (`entries` and `prune` here) handle the rest. Deleting an entry is safe while engines run: they keep the
-files they mapped, and a later start converts again.
+`ember cache prune` (`entries` and `prune` here) handle the rest. Deleting an entry is safe
+while engines run: they keep the files they mapped, and a later start converts again.
 """
 
 from __future__ import annotations
