@@ -230,6 +230,12 @@ def test_a_caller_that_stops_reading_loses_the_channel_not_the_engine(
             big = SamplingParams(max_tokens=250, temperature=0.0, ignore_eos=True, logprobs=20)
             for i in range(24):  # never read: the stream backs up (~24 x 250 rows of 20 logprobs)
                 _command(writer, "add", f"stuck-{i}", [5, 6, 7, i + 8], big)
+            # The engine thread reads the commands between its steps: until it has, the stats
+            # show no stream either, and the wait below would end before anything started.
+            for _ in range(400):
+                if runner.stats()["streams"] or runner._channel is None:
+                    break
+                await asyncio.sleep(0.01)
             for _ in range(400):
                 if runner.stats()["streams"] == 0 and runner.stats()["unfinished"] == 0:
                     break
