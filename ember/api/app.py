@@ -191,6 +191,10 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         if callable(nodes):
             try:
                 out["nodes"] = [n.to_dict() for n in nodes()]
+                rates = getattr(controller, "rates", None)
+                measured = rates() if callable(rates) else {}
+                for n in out["nodes"]:  # what placement's start-up estimate uses
+                    n["fetch_bytes_per_s"] = measured.get(n["node_id"], {})
             except Exception:  # the cluster may be unreachable; status still answers
                 logger.exception("admin status: listing nodes failed")
                 out["nodes"] = []

@@ -61,6 +61,7 @@ def render(state: dict[str, Any]) -> str:
                 f"cpus={n.get('cpus_available', 0):g}/{n.get('cpus_total', 0):g} "
                 f"gpus={n.get('gpus_available', 0):g}/{n.get('gpus_total', 0):g}"
                 + (f" labels={labels}" if labels else "")
+                + _rates_text(n.get("fetch_bytes_per_s") or {})
             )
     checkpoints = state.get("checkpoints") or {}
     if checkpoints:
@@ -74,3 +75,9 @@ def render(state: dict[str, Any]) -> str:
                     f" {how}  {r['key']}"
                 )
     return "\n".join(lines)
+
+
+def _rates_text(rates: dict[str, float]) -> str:
+    """The node store's measured fetch rates, e.g. " fetch: remote 0.14 GB/s, ssd 2.31 GB/s"."""
+    parts = [f"{k} {rates[k] / 1e9:.2f} GB/s" for k in ("remote", "ssd") if rates.get(k)]
+    return " fetch: " + ", ".join(parts) if parts else ""

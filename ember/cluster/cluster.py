@@ -97,6 +97,10 @@ class RayCluster:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
 
+    async def rates(self) -> dict[str, dict[str, float]]:
+        """Per node id, its node store's measured fetch rates (bytes/s by "remote", "ssd")."""
+        return await self.services.rates()
+
     async def check_source(self, source: str) -> tuple[int, str]:
         """That an `s3://` source holds a checkpoint the node stores can fetch: its bytes and
         version (a digest of its index)."""

@@ -1,7 +1,8 @@
 """What ember runs on every node besides instances: the node store actor and the pool of
-pre-started workers. `RayCluster` owns one `NodeServices` and calls it from four places:
+pre-started workers. `RayCluster` owns one `NodeServices` and calls it from these places:
 `sync(nodes)` each time it lists nodes (so nodes that join later get theirs), `take(...)` when
-it launches an instance, `checkpoints()` for `ember status`, `shutdown()`. `prefetch` and
+it launches an instance, `checkpoints()` and `rates()` for `ember status` and placement,
+`shutdown()`. `prefetch` and
 `evict` are there for the controller's placement policy (`cluster.services.prefetch(...)`).
 
 Configuration comes from the environment of the `ember serve` process (so it reaches every
@@ -11,6 +12,7 @@ node's actors as arguments, not through their environments):
 - EMBER_SSD_DIR (default <cache_dir>/ssd), EMBER_SSD_CAPACITY_BYTES (100 GiB)
 - EMBER_S3_ENDPOINT_URL (any S3-compatible server; default AWS), AWS_* credentials as usual
 - EMBER_WORKER_POOL_SIZE: pre-started workers per node (default 1; 0 turns the pool off)
+- EMBER_RATE_MIN_BYTES (64 MiB): smaller fetches are left out of the store's measured rates
 - EMBER_POOL_PACK_WEIGHTS (default 1): pooled instances re-lay bf16 weights out for oneDNN
   after their first step (faster decode, a private copy per instance), as instances started
   from scratch do; 0 keeps the weights as zero-copy views of the DRAM tier
@@ -72,6 +74,7 @@ class NodeServicesConfig:
             dram_capacity_bytes=num("EMBER_DRAM_CAPACITY_BYTES", base.dram_capacity_bytes),
             ssd_dir=e.get("EMBER_SSD_DIR", str(Path(cache_dir).expanduser() / "ssd")),
             ssd_capacity_bytes=num("EMBER_SSD_CAPACITY_BYTES", base.ssd_capacity_bytes),
+            rate_min_bytes=num("EMBER_RATE_MIN_BYTES", base.rate_min_bytes),
             remote=RemoteConfig(endpoint_url=e.get("EMBER_S3_ENDPOINT_URL") or None),
         )
         pool = num("EMBER_WORKER_POOL_SIZE", 1)
@@ -166,13 +169,24 @@ class NodeServices:
         """Per node id: the checkpoints in its tiers (tier, source, bytes, pins). Stores still
         starting, or slower than `timeout_s`, are left out (status must answer promptly)."""
 
-        async def one(handle: Any) -> list[dict[str, Any]]:
-            rows = await asyncio.wait_for(handle.status.remote(), timeout_s)
-            return [asdict(r) for r in rows]
+        rows = await self._ask_stores("status", timeout_s)
+        return {n: [asdict(r) for r in answer] for n, answer in rows.items()}
+
+    async def rates(self, timeout_s: float = 1.0) -> dict[str, dict[str, float]]:
+        """Per node id: its store's measured fetch rates, bytes/s by where from ("remote",
+        "ssd"); stores that measured nothing yet answer {}."""
+        return await self._ask_stores("rates", timeout_s)
+
+    async def _ask_stores(self, method: str, timeout_s: float) -> dict[str, Any]:
+        """Node id -> what `method` of its store answered, from the started stores that
+        answered within `timeout_s`."""
+
+        async def one(handle: Any) -> Any:
+            return await asyncio.wait_for(getattr(handle, method).remote(), timeout_s)
 
         ids = [n for n in self._stores if self._started(n)]
         answers = await asyncio.gather(*(one(self._stores[n]) for n in ids), return_exceptions=True)
-        return {n: a for n, a in zip(ids, answers, strict=True) if isinstance(a, list)}
+        return {n: a for n, a in zip(ids, answers, strict=True) if not isinstance(a, BaseException)}
 
     async def check(self, source: str) -> tuple[int, str]:
         """Ask a node's store whether `source` (s3://) holds a checkpoint it can fetch: its

@@ -140,6 +140,10 @@ class NodeStoreActor:
         self._reap()
         return self._store.status()
 
+    async def rates(self) -> dict[str, float]:
+        """Measured fetch rates into this node, bytes/s by where from ("remote", "ssd")."""
+        return self._store.rates.rates()
+
     async def tier_dirs(self) -> dict[str, str]:
         """The directories of this store's slot: {"dram": ..., "ssd": ...}."""
         return {"dram": str(self._store.dram.root), "ssd": str(self._store.ssd.root)}

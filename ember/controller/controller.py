@@ -87,6 +87,9 @@ class Controller:
         self._model_bytes: dict[str, int] = {}  # source -> checkpoint bytes, when known
         self._versions: dict[str, str] = {}  # s3:// source -> version seen by `check_source`
         self._losses = NodeLosses()  # nodes seen to go away: spot zones' preemption risk
+        # node -> its store's measured fetch rates, bytes/s by "remote" / "ssd" (refreshed
+        # with `_stored`; placement assumes its defaults where a node measured nothing)
+        self._rates: dict[str, dict[str, float]] = {}
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
@@ -254,6 +257,11 @@ class Controller:
         fn = getattr(self._cluster, "checkpoints", None)
         return await fn() if callable(fn) else {}
 
+    def rates(self) -> dict[str, dict[str, float]]:
+        """Per node, its store's measured fetch rates (bytes/s by "remote", "ssd"), as of the
+        last refresh; placement's estimate uses them."""
+        return {node_id: dict(r) for node_id, r in self._rates.items() if r}
+
     def ready_instances(self, name: str) -> list[InstanceHandle]:
         """Handles of the deployment's ready instances ([] for an unknown name)."""
         return [
@@ -351,6 +359,12 @@ class Controller:
                         by_node = fresh.setdefault(str(row.get("key")), {})  # the source
                         by_node[node_id] = min(rank, by_node.get(node_id, NOWHERE))
             self._stored = fresh
+        rates = getattr(self._cluster, "rates", None)
+        if callable(rates):
+            try:
+                self._rates = await rates()
+            except Exception as e:
+                logger.warning("reading the node stores' fetch rates failed: %s", e)
         if not insts:
             return
         timeout_s = max(1.0, self._probe_interval_s)
@@ -454,15 +468,14 @@ class Controller:
         inst = InstanceRecord(instance_id, spec.name, InstanceState.PENDING, started_at_s=now)
         self._instances[instance_id] = inst
         need = self._cluster.instance_cpus(spec)
-        queue = self._loading_queue()
+        kw = self._estimate_inputs(spec, nodes)
+        queue = kw["queue_s"]
         where = choose_node(
             nodes,
             self._locality(spec.source),
             need_cpus=need,
             taken=[i.node_id for i in self._live(spec.name) if i.node_id],
-            model_bytes=self._model_bytes.get(spec.source),
-            queue_s=queue,
-            risk=self._losses.risk(nodes, time.monotonic()),
+            **kw,
         )
         node_id = where.node_id if where is not None else None
         if where is not None:
@@ -679,17 +692,23 @@ class Controller:
     def _prefetch_node(self, spec: DeploymentSpec, nodes: list[NodeInfo]) -> str | None:
         """The node the next instance of `spec` would start on (any alive one if none has
         room for it)."""
-        kw: dict[str, Any] = {
-            "model_bytes": self._model_bytes.get(spec.source),
-            "queue_s": self._loading_queue(),
-            "risk": self._losses.risk(nodes, time.monotonic()),
-        }
+        kw = self._estimate_inputs(spec, nodes)
         where = self._locality(spec.source)
         need = self._cluster.instance_cpus(spec)
         best = choose_node(nodes, where, need_cpus=need, **kw) or choose_node(
             nodes, where, need_cpus=0.0, **kw
         )
         return best.node_id if best is not None else None
+
+    def _estimate_inputs(self, spec: DeploymentSpec, nodes: list[NodeInfo]) -> dict[str, Any]:
+        """`choose_node`'s inputs besides the locality: the checkpoint's size, the loads
+        running on each node, its preemption risk and its store's measured fetch rates."""
+        return {
+            "model_bytes": self._model_bytes.get(spec.source),
+            "queue_s": self._loading_queue(),
+            "risk": self._losses.risk(nodes, time.monotonic()),
+            "rates": self._rates,
+        }
 
     def _loading_queue(self) -> dict[str, float]:
         """Node id -> estimated seconds of the loads running there (instances starting)."""

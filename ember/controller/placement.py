@@ -13,7 +13,10 @@ else the remote store. The rule:
    then the node id (deterministic);
 3. no node has room: None, and the cluster queues the actor until one has.
 The size is the checkpoint's when known; otherwise `DEFAULT_MODEL_BYTES`, with which the tiers'
-order still decides. The score adds ember's preemption-risk term (`SCORE`): a spot node's risk
+order still decides. The bandwidths are each node's measured ones where its node store has
+measured them (`ember.store.rates`: every fetch from S3, every read of its disk), else the
+assumed `BANDWIDTH_BPS`: a node with a slow link to the remote store, or a slow disk, loses
+to one that fetches faster. The score adds ember's preemption-risk term (`SCORE`): a spot node's risk
 is its zone's recent node losses over its alive nodes (`NodeLosses`). Not (yet) from the policy
 core: live-migrating running instances to make room (`policy.startup.place`), peers' copies (a
 node fetches from the remote store, never from a neighbour), price (no estimate of it in the
@@ -49,6 +52,7 @@ BANDWIDTH_BPS: Mapping[Tier, float] = {
     Tier.DRAM: 20e9, Tier.SSD: 2e9, Tier.PEER: 1e9, Tier.REMOTE: 1e9,
 }  # fmt: skip
 _TIER = {DRAM: Tier.DRAM, DISK: Tier.SSD}
+_MEASURED = {"remote": Tier.REMOTE, "ssd": Tier.SSD}  # a node store's rates -> tiers
 # ember's score: start-up + 60 s per unit of preemption risk (the policy core's default).
 SCORE = PlacementConfig(migrate=False, risk_penalty_s=PlacementConfig.ember().risk_penalty_s)
 
@@ -70,22 +74,31 @@ def choose_node(
     model_bytes: int | None = None,
     queue_s: Mapping[str, float] | None = None,
     risk: Mapping[str, float] | None = None,
+    rates: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Placement | None:
     """Where a new instance starts soonest, or None when no alive node has `need_cpus` free.
 
     locality: node id -> where that node holds the checkpoint (`DRAM` or `DISK`); nodes missing
     from it hold no copy. queue_s: node id -> seconds of loads already running there. risk:
-    node id -> preemption risk (0-1), which costs `SCORE.risk_penalty_s` seconds per unit."""
+    node id -> preemption risk (0-1), which costs `SCORE.risk_penalty_s` seconds per unit.
+    rates: node id -> its store's measured bytes/s by "remote" and "ssd"
+    (`NodeStore.rates`), in place of the assumed `BANDWIDTH_BPS`."""
     fits = [n for n in nodes if n.alive and n.cpus_available + 1e-9 >= need_cpus]
     if not fits:
         return None
     model = ModelSpec("checkpoint", model_bytes or DEFAULT_MODEL_BYTES)
-    queue_s, risk = queue_s or {}, risk or {}
+    queue_s, risk, rates = queue_s or {}, risk or {}, rates or {}
+
+    def bandwidth(node_id: str) -> Mapping[Tier, float]:
+        measured = rates.get(node_id) or {}
+        out = dict(BANDWIDTH_BPS)
+        out.update({_MEASURED[k]: v for k, v in measured.items() if k in _MEASURED and v > 0})
+        return out
 
     def estimate(n: NodeInfo) -> Placement:
         where = locality.get(n.node_id, NOWHERE)
         server = ServerState(
-            n.node_id, free_gpus=1, bandwidth_Bps=BANDWIDTH_BPS,
+            n.node_id, free_gpus=1, bandwidth_Bps=bandwidth(n.node_id),
             tiers={model.model_id: _TIER[where]} if where in _TIER else {},
             queue_s=queue_s.get(n.node_id, 0.0), preemption_risk=risk.get(n.node_id, 0.0),
         )  # fmt: skip

@@ -58,6 +58,7 @@ from ember.store.fetch import (
     run_fetch,
 )
 from ember.store.format import INDEX_FILE, parse_index, read_index
+from ember.store.rates import RATES_FILE, LinkRates
 from ember.store.remote import RemoteConfig, RemoteStore, is_s3_url, parse_s3_url
 from ember.store.tiers import Tier, TierItem, host_dir_name
 
@@ -83,6 +84,7 @@ class NodeStoreConfig:
     chunk_bytes: int = 16 << 20  # unit of verify/write/progress: a multiple of the 4 MiB block
     range_bytes: int = 64 << 20  # bytes per ranged GET, streamed chunk by chunk
     fetch_threads: int = 8  # ranged GETs / reads in flight (8: measured, see docs/node-store.md)
+    rate_min_bytes: int = 64 << 20  # smaller fetches are not counted in the measured link rates
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def __post_init__(self) -> None:
@@ -229,6 +231,8 @@ class NodeStore:
         # tier copy: a DRAM fetch that starts meanwhile leaves the SSD copy to it.
         self._ssd_fetches: dict[str, threading.Event] = {}
         self._sources: dict[str, str] = {}  # key -> source, for status
+        # Measured fetch rates into this node, by where from (placement's start-up estimate).
+        self.rates = LinkRates(self.ssd.root / RATES_FILE, min_bytes=cfg.rate_min_bytes)
         self._drop_orphans()
 
     def adopt_mappings(self) -> list[tuple[int, str, str]]:
@@ -653,6 +657,7 @@ class NodeStore:
             "gbps=%.2f", key, where, stats.nbytes, stats.from_source_bytes, stats.reused_bytes,
             stats.seconds, stats.nbytes / max(stats.seconds, 1e-9) / 1e9,
         )  # fmt: skip
+        self.rates.observe(where, stats.from_source_bytes, stats.seconds)
         return EnsureResult(path, where, stats)
 
     def _ensure_ssd(self, source: str) -> EnsureResult:
@@ -708,4 +713,5 @@ class NodeStore:
             raise
         with self._lock:
             path = self.ssd.commit(key)
+        self.rates.observe("remote", stats.from_source_bytes, stats.seconds)
         return EnsureResult(path, "remote", stats)

@@ -113,6 +113,39 @@ def test_cold_fetch_goes_remote_to_ssd_and_dram_in_one_pass(
     assert {(r.tier, r.key) for r in store.status()} == {("dram", url), ("ssd", url)}
 
 
+def test_each_fetch_measures_its_link_and_a_restarted_store_remembers(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    """The rates placement uses: bytes over seconds of each fetch, by where from, through a
+    throttled link; kept next to the SSD tier for the next store on the node."""
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    relay.delay_s = 0.005  # per 64 KiB relayed
+    try:
+        store = make_store(tmp_path, relay.endpoint, rate_min_bytes=1 << 20)
+        dram_cleanup.append(store)
+        url = pushed["a"]
+        t0 = time.perf_counter()
+        first = store.ensure(url)
+        wall = time.perf_counter() - t0
+        assert first.stats is not None and first.stats.from_source_bytes > 1 << 20
+        remote = first.stats.from_source_bytes / first.stats.seconds
+        assert store.rates.rates() == {"remote": pytest.approx(remote)}
+        assert remote >= first.stats.from_source_bytes / wall  # the fetch, not the whole call
+        assert store.evict(url, "dram")
+        again = store.ensure(url)
+        assert again.served_from == "ssd" and again.stats is not None
+        ssd = again.stats.from_source_bytes / again.stats.seconds
+        assert store.rates.rates() == {"remote": pytest.approx(remote), "ssd": pytest.approx(ssd)}
+        assert make_store(tmp_path, relay.endpoint).rates.rates() == store.rates.rates()
+        small = make_store(tmp_path / "other", relay.endpoint)  # the default: >= 64 MiB
+        dram_cleanup.append(small)
+        small.ensure(pushed["b"])
+        assert small.rates.rates() == {}  # a 17 MiB fetch is mostly latency: not counted
+    finally:
+        relay.close()
+
+
 def test_dram_map_is_a_view_of_the_shared_memory_not_a_copy(
     tmp_path: Path, endpoint: str, pushed: dict[str, str], dram_cleanup: list[NodeStore]
 ) -> None:

@@ -47,6 +47,7 @@ def served(
         "EMBER_WORKER_POOL_SIZE": "1",
         "EMBER_DRAM_DIR": str(shm),
         "EMBER_SSD_DIR": str(root / "ssd"),
+        "EMBER_RATE_MIN_BYTES": "1",  # count the tiny model's fetches in the measured rates
         "AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"],
         "AWS_SECRET_ACCESS_KEY": CREDENTIALS["secret_access_key"],
     }
@@ -84,7 +85,7 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
     import ray
 
     async def body() -> None:
-        async with running(cluster, tmp_path / "ember.db") as controller:
+        async with running(cluster, tmp_path / "ember.db", probe_interval_s=0.5) as controller:
             loop = asyncio.get_running_loop()
             # The controller's start brought up the node's store and its pool of one, before
             # any deployment or request (the first request finds a warm worker).
@@ -114,6 +115,10 @@ def test_s3_deployment_wakes_in_a_pooled_worker_from_the_dram_tier(
             ]  # fmt: skip
             text = render({"deployments": [], "checkpoints": {node: rows}})
             assert f"{node[:12]}" in text and "dram" in text and URL in text
+            # The fetch measured the node's S3 link; placement reads it at the next refresh.
+            while not controller.rates().get(node, {}).get("remote"):
+                assert loop.time() < deadline, controller.rates()
+                await asyncio.sleep(0.1)
             with pytest.raises(StoreCapacityError, match="in use in dram"):
                 await controller.evict("s3m", "dram")  # the instance maps that copy
             controller.delete("s3m")

@@ -57,3 +57,16 @@ def test_status_shows_a_fetch_in_flight_with_its_progress() -> None:
     text = render({"deployments": [], "checkpoints": {"0123456789abcdef": rows}})
     assert "dram     2.00 GB pins=1  s3://m/a" in text
     assert "ssd      2.00 GB fetching 42%  s3://m/b" in text
+
+
+def test_status_shows_each_nodes_measured_fetch_rates() -> None:
+    from ember.cli.status import render
+
+    node = {"node_id": "0123456789abcdef", "address": "127.0.0.1", "alive": True,
+            "cpus_total": 2, "cpus_available": 1, "labels": {}}  # fmt: skip
+    text = render({"deployments": [], "nodes": [
+        {**node, "fetch_bytes_per_s": {"remote": 1.4e8, "ssd": 2.31e9}},
+        {**node, "node_id": "fedcba9876543210", "fetch_bytes_per_s": {}},
+    ]})  # fmt: skip
+    assert "0123456789ab" in text and "fetch: remote 0.14 GB/s, ssd 2.31 GB/s" in text
+    assert text.count("fetch:") == 1  # a node that measured nothing shows no rates

@@ -33,6 +33,7 @@ class TwoNodes(LocalCluster):
         super().__init__(cache_root, cpus=0.0)  # instances never finish starting
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.prefetched: list[tuple[str, str, str]] = []
+        self.link_rates: dict[str, dict[str, float]] = {}  # what the stores measured
         self.launched_on: list[tuple[str, str | None]] = []  # (deployment, node)
         self.node_list = [
             NodeInfo("a", "127.0.0.1", True, (), 4.0, 4.0),
@@ -48,6 +49,9 @@ class TwoNodes(LocalCluster):
 
     async def checkpoints(self) -> dict[str, list[dict[str, Any]]]:
         return self.rows
+
+    async def rates(self) -> dict[str, dict[str, float]]:
+        return self.link_rates
 
     def prefetch(self, source: str, node_id: str, tier: str) -> None:
         self.prefetched.append((source, node_id, tier))
@@ -248,5 +252,24 @@ def test_a_spot_zone_that_loses_a_node_gets_no_new_instance_while_safe_nodes_hav
         cluster.node_list = [a, b]  # c preempted (the next node listing notes the loss)
         c.wake("m2")
         await until(lambda: cluster.launched_on == [("m1", "a"), ("m2", "b")])
+
+    run(tmp_path, body)
+
+
+def test_a_node_whose_store_measured_a_slow_s3_link_is_passed_over(tmp_path: Path) -> None:
+    """Node "a" is the freer, but its store measured 50 MB/s from S3 (a 1 GB checkpoint: 20 s)
+    where "b" measured 2 GB/s: the start goes to "b", and status reports both rates."""
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        c.deploy(DeploymentSpec("m", URL, prefetch="none"))
+        cluster.link_rates = {"a": {"remote": 50e6, "ssd": 3e9}, "b": {"remote": 2e9}}
+        await until(lambda: c.rates() == cluster.link_rates)
+        c.wake("m")
+        await until(lambda: cluster.launched_on == [("m", "b")])
+        cluster.link_rates = {}  # measured nothing: a is the freer node again
+        await until(lambda: c.rates() == {})
+        c.deploy(DeploymentSpec("n", "s3://models/n", prefetch="none"))
+        c.wake("n")
+        await until(lambda: cluster.launched_on[1:] == [("n", "a")])
 
     run(tmp_path, body)

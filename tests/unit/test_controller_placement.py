@@ -83,6 +83,22 @@ def test_ties_break_on_node_id() -> None:
     assert chosen([node("b", 2.0), node("a", 2.0)], {}, need_cpus=1.0) == "a"
 
 
+def test_measured_rates_replace_the_assumed_bandwidths_per_node() -> None:
+    """A node whose store measured a slow S3 link (0.1 GB/s) loses to one that measured nothing
+    (1 GB/s assumed); a slow disk (0.2 GB/s) makes S3 at 1 GB/s the sooner start for 2 GB."""
+    nodes = [node("a", 4.0), node("b", 1.0)]
+    slow_link = {"a": {"remote": 0.1 * GB}}
+    p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, rates=slow_link)
+    assert p == Placement("b", pytest.approx(2.0), "remote")
+    p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, rates={"a": {"remote": 4 * GB}})
+    assert p == Placement("a", pytest.approx(0.5), "remote")  # measured faster than assumed
+    slow_disk = {"b": {"ssd": 0.2 * GB}}
+    p = choose_node(nodes, {"b": DISK}, need_cpus=1.0, model_bytes=2 * GB, rates=slow_disk)
+    assert p == Placement("a", pytest.approx(2.0), "remote")
+    p = choose_node(nodes, {"b": DISK}, need_cpus=1.0, model_bytes=2 * GB)  # 2 GB/s assumed
+    assert p == Placement("b", pytest.approx(1.0), "ssd")
+
+
 def test_a_risky_spot_node_loses_its_dram_advantage() -> None:
     """ember's score: 60 s per unit of preemption risk. A spot node in a zone that just lost
     half its nodes (risk 0.5) is passed over for a safe node that must fetch from S3."""
