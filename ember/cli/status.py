@@ -39,6 +39,8 @@ def render(state: dict[str, Any]) -> str:
             f"  keep_alive_s={spec.get('keep_alive_s')}  queued={d.get('queued', 0)}"
             f"  in_flight={d.get('in_flight', 0)}"
         )
+        if d.get("last_error"):
+            lines.append(f"  last start failed: {d['last_error']}")
         if d.get("cached_on"):
             lines.append("  checkpoint cached on: " + ", ".join(n[:12] for n in d["cached_on"]))
         for i in insts:
@@ -46,6 +48,8 @@ def render(state: dict[str, Any]) -> str:
             load_text = f"{load:.2f}" if isinstance(load, (int, float)) else "-"
             err = f"  error={i['error']}" if i.get("error") else ""
             tier = f" from={i['tier']}" if i.get("tier") else ""
+            if i.get("revision", 0) != d.get("revision", 0):  # a rolling update's old one
+                tier += f" revision={i.get('revision', 0)} (old)"
             lines.append(
                 f"  {i['instance_id']:<24} {i['state']:<9} node={(i.get('node_id') or '-')[:12]:<12}"
                 f" in_flight={i.get('in_flight', 0)} load_s={load_text}{tier}{err}"

@@ -132,7 +132,9 @@ class Controller:
     # --- deployments -----------------------------------------------------------------------
 
     def deploy(self, spec: DeploymentSpec) -> None:
-        """Create or update a deployment; an update restarts its instances on a new source."""
+        """Create or update a deployment. An update of what instances load (the source or its
+        contents, tp, dtype, the engine's limits) starts a new revision: its instances replace
+        the running ones one for one, which serve until their replacements are ready."""
         spec.validate()
         remote = spec.source.startswith("s3://")  # fetched by the node stores
         if not remote and not Path(spec.source).expanduser().exists():
@@ -165,15 +167,23 @@ class Controller:
             if updated:
                 logger.info("deployment source changed in place name=%s", spec.name)
             if _engine_fields(old) != _engine_fields(spec) or updated:
-                # Instances load one engine configuration: replace them rather than mix two.
-                # Busy ones drain (finish what they run, take nothing new), the rest stop now.
+                # Instances load one engine configuration: a new revision replaces them, one
+                # for one. The ready ones keep serving until their replacements are ready
+                # (`_reconcile_deployment` retires them then); ones still starting serve no
+                # one and stop now.
+                dep.revision += 1
+                # New contents at the same `s3://` place: a node store holds one copy per
+                # source and cannot fetch the new one while an old instance maps the old
+                # (StaleCheckpointError), so those are replaced, not rolled: push each version
+                # to its own prefix for a rolling update.
+                in_place = updated and remote
                 now = self._clock.now()
                 for inst in self._live(spec.name):
-                    if inst.state is InstanceState.READY and inst.handle and inst.handle.in_flight:
-                        inst.fire(InstanceEvent.DRAIN)
-                        inst.drain_since_s = now
-                    elif inst.state is not InstanceState.DRAINING:
+                    if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
                         self._begin_stop(inst)
+                    elif in_place and inst.state is InstanceState.READY:
+                        self._scale_down([inst], 1, now)
+                logger.info("deployment revision name=%s revision=%d", spec.name, dep.revision)
             logger.info("deployment updated name=%s", spec.name)
         self._notify()
 
@@ -246,7 +256,11 @@ class Controller:
             insts = [i.info() for i in self._instances.values() if i.deployment == name]
             insts += [i.info() for i in dep.failed]
             cached = tuple(sorted(self._locality(dep.spec.source)))
-            out.append(DeploymentStatus(dep.spec, tuple(insts), dep.desired, cached))
+            out.append(
+                DeploymentStatus(
+                    dep.spec, tuple(insts), dep.desired, cached, dep.revision, dep.last_error
+                )
+            )
         return out
 
     def nodes(self) -> list[NodeInfo]:
@@ -410,7 +424,11 @@ class Controller:
         dep.wake_pending = False
         if queued + in_flight > 0:
             dep.last_busy_s = now
-        active = [i for i in insts if i.state in ACTIVE_STATES]
+        active = [i for i in insts if i.state in ACTIVE_STATES and i.revision == dep.revision]
+        # A rolling update: the previous revision's ready instances, serving until replaced.
+        outdated = [
+            i for i in insts if i.state is InstanceState.READY and i.revision != dep.revision
+        ]
         spec = dep.spec
         config = AutoscalerConfig(
             min_instances=spec.min_instances,
@@ -422,7 +440,7 @@ class Controller:
             config,
             queued=queued,
             in_flight=in_flight,
-            current=len(active),
+            current=len(active) + len(outdated),
             now_s=now,
             last_busy_s=dep.last_busy_s,
         )
@@ -430,9 +448,21 @@ class Controller:
             nodes = self._cluster.nodes()
             self._observe(nodes)
             for _ in range(dep.desired - len(active)):
-                nodes = self._launch(dep, now, nodes)
+                nodes, placed = self._launch(dep, now, nodes)
+                if not placed and outdated:
+                    # No node has room for the new revision next to the old: retire an old
+                    # instance first (its CPUs free up; Ray starts the queued one there).
+                    self._scale_down(outdated, 1, now)
+                    outdated = [i for i in outdated if i.state is InstanceState.READY]
         elif dep.desired < len(active):
             self._scale_down(active, len(active) - dep.desired, now)
+        if outdated:
+            # Keep as many old instances as the new revision still lacks ready ones; the rest
+            # drain (busy) or stop (idle). A new revision that cannot start leaves them serving.
+            ready = sum(1 for i in active if i.state is InstanceState.READY)
+            keep = min(len(outdated), max(0, dep.desired - ready))
+            if len(outdated) > keep:
+                self._scale_down(outdated, len(outdated) - keep, now)
         for inst in insts:
             if inst.state is InstanceState.DRAINING:
                 idle = inst.handle is None or inst.handle.in_flight == 0
@@ -461,11 +491,16 @@ class Controller:
 
     # --- instance actions ------------------------------------------------------------------
 
-    def _launch(self, dep: DeploymentRecord, now: float, nodes: list[NodeInfo]) -> list[NodeInfo]:
-        """Start one instance; returns `nodes` with the chosen node's free CPUs reduced."""
+    def _launch(
+        self, dep: DeploymentRecord, now: float, nodes: list[NodeInfo]
+    ) -> tuple[list[NodeInfo], bool]:
+        """Start one instance; returns `nodes` with the chosen node's free CPUs reduced, and
+        whether a node had room for it (else Ray queues it until one has)."""
         spec = dep.spec
         instance_id = f"{spec.name}-{next(self._ids)}"
-        inst = InstanceRecord(instance_id, spec.name, InstanceState.PENDING, started_at_s=now)
+        inst = InstanceRecord(
+            instance_id, spec.name, InstanceState.PENDING, started_at_s=now, revision=dep.revision
+        )
         self._instances[instance_id] = inst
         need = self._cluster.instance_cpus(spec)
         kw = self._estimate_inputs(spec, nodes)
@@ -489,14 +524,15 @@ class Controller:
         except Exception as e:
             logger.exception("launch of %s failed", instance_id)
             self._fail(inst, f"{type(e).__name__}: {e}")
-            return nodes
+            return nodes, True
         inst.node_id = node_id
         inst.fire(InstanceEvent.LAUNCHED)
         inst.task = asyncio.create_task(self._await_start(inst, spec), name=f"start-{instance_id}")
-        return [
+        nodes = [
             replace(n, cpus_available=n.cpus_available - need) if n.node_id == node_id else n
             for n in nodes
         ]
+        return nodes, where is not None
 
     async def _await_start(self, inst: InstanceRecord, spec: DeploymentSpec) -> None:
         assert inst.handle is not None
@@ -518,7 +554,7 @@ class Controller:
         self._hint(spec.source, ready.node_id, DISK)  # at least on its disk now
         dep = self._deployments.get(inst.deployment)
         if dep is not None:
-            dep.failures, dep.retry_at_s = 0, 0.0
+            dep.failures, dep.retry_at_s, dep.last_error = 0, 0.0, None
         inst.fire(InstanceEvent.LOADED)
         self._notify()
 

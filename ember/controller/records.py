@@ -61,6 +61,7 @@ class InstanceRecord:
     error: str | None = None
     drain_since_s: float | None = None
     task: asyncio.Task[None] | None = None
+    revision: int = 0  # its deployment's revision at launch (an update bumps the deployment's)
 
     def fire(self, event: InstanceEvent) -> None:
         before = self.state
@@ -85,6 +86,7 @@ class InstanceRecord:
             load_s=self.load_s,
             tier=self.tier,
             error=self.error,
+            revision=self.revision,
         )
 
 
@@ -101,3 +103,6 @@ class DeploymentRecord:
     error_seq: int = 0
     failed: list[InstanceRecord] = field(default_factory=list)  # the last few, for `status`
     version: str | None = None  # digest of the source's contents when deployed (None: unknown)
+    # Bumped by an update that needs new instances (engine fields, the source or its contents):
+    # instances of an older revision serve until this one's are ready (a rolling update).
+    revision: int = 0

@@ -228,6 +228,7 @@ class InstanceInfo:
     load_s: float | None
     error: str | None = None
     tier: str | None = None  # where its weights came from: dram, ssd, remote, local or disk
+    revision: int = 0  # the deployment revision it runs (`DeploymentStatus.revision`)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -243,6 +244,8 @@ class DeploymentStatus:
     instances: tuple[InstanceInfo, ...]
     desired: int
     cached_on: tuple[str, ...] = ()  # nodes that converted the checkpoint (placement prefers them)
+    revision: int = 0  # bumped by each update that replaces the instances (a rolling update)
+    last_error: str | None = None  # why the last start failed (reset by a successful one)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -251,6 +254,8 @@ class DeploymentStatus:
             "desired": self.desired,
             "instances": [i.to_dict() for i in self.instances],
             "cached_on": list(self.cached_on),
+            "revision": self.revision,
+            "last_error": self.last_error,
         }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -242,27 +242,45 @@ def test_tensor_parallel_instance_reserves_its_ranks_and_matches_tp1(
     run(tmp_path, cluster, body)
 
 
-def test_engine_change_drains_the_busy_instance_and_replaces_it(
+def test_an_engine_change_rolls_over_and_the_busy_old_instance_drains(
     tmp_path: Path, cluster: RayCluster, model: Path
 ) -> None:
+    """A rolling update: the old instance serves until the new revision's is ready, then takes
+    nothing new and finishes the request it runs."""
+
     async def body(controller: Controller, clock: FakeClock) -> None:
         controller.deploy(DeploymentSpec("u", str(model), min_instances=1))
         await controller.wait_for_instance("u", START_TIMEOUT_S)
         [old] = controller.ready_instances("u")
-        stream = old.generate("long", "hi", SamplingParams(max_tokens=300, ignore_eos=True))
+        stream = old.generate("long", "hi", SamplingParams(max_tokens=2000, ignore_eos=True))
         first = await stream.__anext__()
+        rest_task = asyncio.ensure_future(collect_rest(stream))
         controller.deploy(DeploymentSpec("u", str(model), min_instances=1, max_num_seqs=8))
-        assert states(controller, "u") == [InstanceState.DRAINING]
-        assert controller.ready_instances("u") == []  # the router sends it nothing new
-        rest = [d async for d in stream]  # the running request finishes on the old instance
-        assert len(first.new_token_ids) + sum(len(d.new_token_ids) for d in rest) == 300
-        assert rest[-1].finish_reason == "length"
-        await controller.wait_for_instance("u", START_TIMEOUT_S)
-        [new] = controller.ready_instances("u")
+        assert controller.ready_instances("u") == [old]  # no gap while the new one starts
+
+        def taken_over() -> bool:
+            return [h.instance_id for h in controller.ready_instances("u")] not in (
+                [], [old.instance_id],
+            )  # fmt: skip
+
+        await until(controller, taken_over, timeout_s=START_TIMEOUT_S)
+        [new] = controller.ready_instances("u")  # the old one takes nothing new
         assert new.instance_id != old.instance_id
+        [status] = controller.status()
+        if not rest_task.done():  # still running its request: draining, not stopped
+            old_state = next(i.state for i in status.instances if i.instance_id == old.instance_id)
+            assert old_state is InstanceState.DRAINING
+        rest = await rest_task  # the running request finishes on the old instance
+        assert len(first.new_token_ids) + sum(len(d.new_token_ids) for d in rest) == 2000
+        assert rest[-1].finish_reason == "length"
         await until(controller, lambda: states(controller, "u") == [InstanceState.READY])
+        assert [i.revision for i in controller.status()[0].instances] == [1]
 
     run(tmp_path, cluster, body)
+
+
+async def collect_rest(stream: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
+    return [d async for d in stream]
 
 
 def test_killed_instance_is_found_and_replaced(

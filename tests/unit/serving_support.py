@@ -114,6 +114,9 @@ class LocalCluster:
             await asyncio.Event().wait()
         return await asyncio.wait_for(handle.start(), timeout_s)
 
+    async def probe(self, handle: Any, timeout_s: float) -> bool:
+        return handle.runner is not None and not handle.lost
+
     async def stop(self, handle: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, handle.stop)
         self.handles.pop(handle.instance_id, None)

@@ -70,3 +70,21 @@ def test_status_shows_each_nodes_measured_fetch_rates() -> None:
     ]})  # fmt: skip
     assert "0123456789ab" in text and "fetch: remote 0.14 GB/s, ssd 2.31 GB/s" in text
     assert text.count("fetch:") == 1  # a node that measured nothing shows no rates
+
+
+def test_status_marks_the_old_revisions_instances_and_the_last_failed_start() -> None:
+    from ember.cli.status import render
+
+    inst = {"state": "ready", "node_id": "n1", "in_flight": 0, "load_s": 0.5}
+    text = render({"deployments": [{
+        "name": "m", "spec": {"source": "/m"}, "desired": 1, "revision": 2,
+        "last_error": "CheckpointCorruptError: /m/model.safetensors: truncated",
+        "instances": [
+            {**inst, "instance_id": "m-1", "revision": 0},
+            {**inst, "instance_id": "m-3", "revision": 2, "state": "starting"},
+        ],
+    }]})  # fmt: skip
+    [old] = [line for line in text.splitlines() if "m-1" in line]
+    [new] = [line for line in text.splitlines() if "m-3" in line]
+    assert "revision=0 (old)" in old and "(old)" not in new
+    assert "last start failed: CheckpointCorruptError: /m/model.safetensors: truncated" in text

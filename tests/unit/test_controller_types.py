@@ -96,6 +96,7 @@ def test_status_to_dict_lists_instances_with_string_states() -> None:
     info = InstanceInfo("m-1", "m", "node-a", S.READY, 2, 1.5, 0.25, tier="dram")
     d = DeploymentStatus(spec, (info,), desired=1, cached_on=("node-a",)).to_dict()
     assert d["name"] == "m" and d["desired"] == 1 and d["cached_on"] == ["node-a"]
+    assert (d["revision"], d["last_error"]) == (0, None)
     assert d["instances"] == [
         {
             "instance_id": "m-1",
@@ -107,6 +108,7 @@ def test_status_to_dict_lists_instances_with_string_states() -> None:
             "load_s": 0.25,
             "error": None,
             "tier": "dram",
+            "revision": 0,
         }
     ]
 

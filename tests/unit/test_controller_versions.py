@@ -62,3 +62,65 @@ def test_a_source_changed_in_place_replaces_the_instances_on_the_next_deploy(
             assert second != first and tokens == want[v2]
 
     asyncio.run(main())
+
+
+def test_an_update_rolls_instances_over_with_every_request_served(
+    tmp_path: Path, model_factory: Callable[..., Path]
+) -> None:
+    """A new source (or engine change) is a new revision: the old instance keeps serving until
+    its replacement is ready, then retires, so requests sent throughout are all answered, first
+    by v1, then by v2. A revision that cannot start (a truncated weights file) leaves the
+    running one serving, with the reason in status."""
+    v1, v2 = (model_factory("llama", "tiny", "fp32", seed=s) for s in (33, 34))
+    broken = tmp_path / "broken"
+    shutil.copytree(v1, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    want = {LLM(str(v), max_model_len=64).generate(PROMPT, PARAMS)[0].text: v for v in (v1, v2)}
+    assert len(want) == 2
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+
+    def spec(source: Path) -> DeploymentSpec:
+        return DeploymentSpec("m", str(source), min_instances=1, max_model_len=64)
+
+    async def main() -> None:
+        async with serving(tmp_path) as stack:
+            c = stack.controller
+
+            async def served_by() -> Path:
+                resp = await stack.client.post("/v1/completions", json=body)
+                assert resp.status_code == 200, resp.text
+                return want[resp.json()["choices"][0]["text"]]
+
+            def states() -> list[tuple[int, InstanceState]]:
+                return sorted(
+                    (i.revision, i.state) for s in c.status() for i in s.instances
+                    if i.state is not InstanceState.FAILED  # status keeps the last few
+                )  # fmt: skip
+
+            async def until(pred: Callable[[], bool]) -> None:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 60
+                while not pred():
+                    assert loop.time() < deadline, states()
+                    await asyncio.sleep(0.05)
+
+            c.deploy(spec(v1))
+            assert await served_by() == v1
+            [old] = c.ready_instances("m")
+            c.deploy(spec(broken))  # revision 1 fails to start; revision 0 keeps serving
+            await until(lambda: c.status()[0].last_error is not None)
+            assert "model.safetensors" in str(c.status()[0].last_error)
+            assert c.ready_instances("m") == [old] and await served_by() == v1
+            c.deploy(spec(v2))  # revision 2
+            assert c.ready_instances("m") == [old]  # no gap: the old one serves meanwhile
+            seen = []
+            while len(seen) < 3 or seen[-1] != v2:
+                seen.append(await served_by())
+                assert len(seen) < 2000, "the new revision never took over"
+            assert seen[0] == v1 and seen[-1] == v2
+            await until(lambda: states() == [(2, InstanceState.READY)])
+            assert old.instance_id in stack.cluster.stopped
+            assert (c.status()[0].revision, c.status()[0].last_error) == (2, None)
+
+    asyncio.run(main())
