@@ -359,7 +359,8 @@ def http_cold_starts(
                 "max_model_len": 512, "max_num_seqs": 4, "prefetch": "none"}  # fmt: skip
         httpx.post(base + "/admin/deployments", json=spec, timeout=30).raise_for_status()
         body = {"model": "m", "prompt": PROMPT, "max_tokens": 1, "temperature": 0.0}
-        times = []
+        times: list[float] = []
+        estimates: list[dict[str, Any]] = []
         for i in range(1 + runs):
             _wait_scaled_to_zero(base, 120)
             time.sleep(3.0)  # the pool's replacement worker finishes starting
@@ -368,8 +369,28 @@ def http_cold_starts(
             r.raise_for_status()
             times.append(time.perf_counter() - t0)
             print(f"http request {i} ({'s3' if i == 0 else 'dram'}): {times[-1]:.3f} s", flush=True)
+            estimates.append(_estimate_row(base, "m", times[-1]))
         out = {"s3_total_s": times[0], "dram_total_s": sorted(times[1:])[len(times[1:]) // 2],
                "dram_runs_s": [round(t, 4) for t in times[1:]]}  # fmt: skip
+        # From S3 again, now that the node's store has measured its link: placement's estimate
+        # of the load next to the load itself, before (assumed 1 GB/s) and after.
+        _wait_scaled_to_zero(base, 120)
+        for tier in ("dram", "ssd"):
+            r = httpx.post(base + "/admin/deployments/m/evict", json={"tier": tier}, timeout=60)
+            r.raise_for_status()
+        time.sleep(3.0)
+        t0 = time.perf_counter()
+        httpx.post(base + "/v1/completions", json=body, timeout=300).raise_for_status()
+        out["s3_measured_total_s"] = time.perf_counter() - t0
+        estimates.append(_estimate_row(base, "m", out["s3_measured_total_s"]))
+        out["estimates"] = estimates
+        nodes = httpx.get(base + "/admin/status", timeout=10).json().get("nodes", [])
+        out["fetch_bytes_per_s"] = [n.get("fetch_bytes_per_s") for n in nodes]
+        for e in estimates:
+            print(
+                f"  from {e['tier']}: load {e['load_s']:.3f} s, placement estimated "
+                f"{e['estimated_load_s'] or float('nan'):.3f} s", flush=True,
+            )  # fmt: skip
         _wait_scaled_to_zero(base, 120)
         time.sleep(3.0)
         t0 = time.perf_counter()
@@ -416,6 +437,20 @@ def _wait_http(url: str, timeout_s: float) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {timeout_s} s")
+
+
+def _estimate_row(base: str, name: str, total_s: float) -> dict[str, Any]:
+    """The instance serving `name`: where its weights came from, its load and placement's
+    estimate of it (`ember status`)."""
+    import httpx
+
+    state = httpx.get(base + "/admin/status", timeout=10).json()
+    [dep] = [d for d in state["deployments"] if d["name"] == name]
+    [inst] = [i for i in dep["instances"] if i["state"] == "ready"]
+    return {
+        "tier": inst.get("tier"), "load_s": inst.get("load_s"), "total_s": round(total_s, 4),
+        "estimated_load_s": inst.get("estimated_load_s"),
+    }  # fmt: skip
 
 
 def _on_ssd(base: str, url: str) -> bool:

@@ -46,6 +46,9 @@ def render(state: dict[str, Any]) -> str:
         for i in insts:
             load = i.get("load_s")
             load_text = f"{load:.2f}" if isinstance(load, (int, float)) else "-"
+            est = i.get("estimated_load_s")
+            if isinstance(est, (int, float)):  # placement's estimate, to compare
+                load_text += f" (est {est:.2f})"
             err = f"  error={i['error']}" if i.get("error") else ""
             tier = f" from={i['tier']}" if i.get("tier") else ""
             if i.get("revision", 0) != d.get("revision", 0):  # a rolling update's old one

@@ -751,7 +751,7 @@ class Controller:
         out: dict[str, float] = {}
         for inst in self._instances.values():
             if inst.node_id and inst.state in (InstanceState.PENDING, InstanceState.STARTING):
-                out[inst.node_id] = out.get(inst.node_id, 0.0) + inst.expected_load_s
+                out[inst.node_id] = out.get(inst.node_id, 0.0) + (inst.expected_load_s or 0.0)
         return out
 
     def _prefetch(self, spec: DeploymentSpec) -> None:

@@ -17,17 +17,22 @@ order still decides. The bandwidths are each node's measured ones where its node
 measured them (`ember.store.rates`: every fetch from S3, every read of its disk), else the
 assumed `BANDWIDTH_BPS`: a node with a slow link to the remote store, or a slow disk, loses
 to one that fetches faster. The score adds ember's preemption-risk term (`SCORE`): a spot node's risk
-is its zone's recent node losses over its alive nodes (`NodeLosses`). Not (yet) from the policy
-core: live-migrating running instances to make room (`policy.startup.place`), peers' copies (a
-node fetches from the remote store, never from a neighbour), price (no estimate of it in the
-live system).
+is its zone's recent node losses over its alive nodes (`NodeLosses`), and its price: a node
+labelled `price=<$ per hour>` (per GPU on a GPU node) costs `SCORE.price_weight_s` seconds per
+dollar, so between nodes that start a model about as soon the cheaper one wins, and a dearer
+node must start it that much sooner (unlabelled nodes cost 0; an unreadable label is logged and
+counts as 0). Not (yet) from the policy core: live-migrating running instances to make room
+(`policy.startup.place`), peers' copies (a node fetches from the remote store, never from a
+neighbour).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ember.controller.types import NodeInfo
 from ember.policy.startup import (
@@ -41,6 +46,8 @@ from ember.policy.startup import (
     zone_risk,
 )
 
+logger = logging.getLogger(__name__)
+
 DRAM, DISK, NOWHERE = 0, 1, 2  # locality ranks: lower starts faster
 TIER_RANK = {"dram": DRAM, "ssd": DISK}
 DEFAULT_MODEL_BYTES = 1 << 30
@@ -53,8 +60,9 @@ BANDWIDTH_BPS: Mapping[Tier, float] = {
 }  # fmt: skip
 _TIER = {DRAM: Tier.DRAM, DISK: Tier.SSD}
 _MEASURED = {"remote": Tier.REMOTE, "ssd": Tier.SSD}  # a node store's rates -> tiers
-# ember's score: start-up + 60 s per unit of preemption risk (the policy core's default).
-SCORE = PlacementConfig(migrate=False, risk_penalty_s=PlacementConfig.ember().risk_penalty_s)
+# ember's score: start-up + 60 s per unit of preemption risk + 1 s per $/hour (the policy
+# core's defaults).
+SCORE = replace(PlacementConfig.ember(), migrate=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +109,7 @@ def choose_node(
             n.node_id, free_gpus=1, bandwidth_Bps=bandwidth(n.node_id),
             tiers={model.model_id: _TIER[where]} if where in _TIER else {},
             queue_s=queue_s.get(n.node_id, 0.0), preemption_risk=risk.get(n.node_id, 0.0),
+            price_per_gpu_hour=node_price(n),
         )  # fmt: skip
         tier = _TIER.get(where, Tier.REMOTE).value
         startup = load_s(server, model, [server])
@@ -117,6 +126,21 @@ def choose_node(
         )  # fmt: skip
 
     return options[min(fits, key=rank).node_id]
+
+
+def node_price(n: NodeInfo) -> float:
+    """The node's `price` label: $ per hour (per GPU on a GPU node); 0 if absent or bad."""
+    text = n.label("price")
+    if not text:
+        return 0.0
+    try:
+        price = float(text)
+    except ValueError:
+        price = -1.0
+    if not (math.isfinite(price) and price >= 0):
+        logger.warning("node %s: label price=%r is not a price in $/hour; using 0", n.node_id, text)
+        return 0.0
+    return price
 
 
 class NodeLosses:

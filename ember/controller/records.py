@@ -57,7 +57,8 @@ class InstanceRecord:
     node_id: str | None = None
     load_s: float | None = None
     tier: str | None = None  # where its weights came from (`InstanceReady.tier`)
-    expected_load_s: float = 0.0  # placement's estimate of its load (the node's loading queue)
+    # placement's estimate of its load (the node's loading queue); None: placed by Ray alone
+    expected_load_s: float | None = None
     error: str | None = None
     drain_since_s: float | None = None
     task: asyncio.Task[None] | None = None
@@ -87,6 +88,7 @@ class InstanceRecord:
             tier=self.tier,
             error=self.error,
             revision=self.revision,
+            estimated_load_s=self.expected_load_s,
         )
 
 

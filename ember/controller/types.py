@@ -229,6 +229,8 @@ class InstanceInfo:
     error: str | None = None
     tier: str | None = None  # where its weights came from: dram, ssd, remote, local or disk
     revision: int = 0  # the deployment revision it runs (`DeploymentStatus.revision`)
+    # placement's estimate of its load (bytes over the tier's bandwidth), next to `load_s`
+    estimated_load_s: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -266,6 +266,8 @@ def test_a_node_whose_store_measured_a_slow_s3_link_is_passed_over(tmp_path: Pat
         await until(lambda: c.rates() == cluster.link_rates)
         c.wake("m")
         await until(lambda: cluster.launched_on == [("m", "b")])
+        [inst] = next(s.instances for s in c.status() if s.spec.name == "m")
+        assert inst.estimated_load_s == pytest.approx((1 << 30) / 2e9)  # 1 GiB at b's rate
         cluster.link_rates = {}  # measured nothing: a is the freer node again
         await until(lambda: c.rates() == {})
         c.deploy(DeploymentSpec("n", "s3://models/n", prefetch="none"))

@@ -13,6 +13,7 @@ from ember.controller.placement import (
     NodeLosses,
     Placement,
     choose_node,
+    node_price,
 )
 from ember.controller.types import NodeInfo
 from ember.policy.startup import Tier
@@ -97,6 +98,24 @@ def test_measured_rates_replace_the_assumed_bandwidths_per_node() -> None:
     assert p == Placement("a", pytest.approx(2.0), "remote")
     p = choose_node(nodes, {"b": DISK}, need_cpus=1.0, model_bytes=2 * GB)  # 2 GB/s assumed
     assert p == Placement("b", pytest.approx(1.0), "ssd")
+
+
+def test_a_price_label_costs_a_second_per_dollar_an_hour() -> None:
+    """b ($0.90/h) is picked over a ($3/h) when both fetch from S3; a's DRAM copy (0.1 s
+    instead of 2 s) still wins against a $1 difference, not against a $2.10 one. Unlabelled
+    or unreadable prices cost nothing."""
+
+    def priced(node_id: str, price: str) -> NodeInfo:
+        return NodeInfo(node_id, "127.0.0.1", True, (("price", price),), 4.0, 4.0)
+
+    two = [priced("a", "3.0"), priced("b", "0.9")]
+    assert chosen(two, {}, need_cpus=1.0, model_bytes=2 * GB) == "b"
+    assert chosen(two, {"a": DRAM}, need_cpus=1.0, model_bytes=2 * GB) == "b"  # 3.1 vs 2.9 s
+    cheaper = [priced("a", "1.9"), priced("b", "0.9")]
+    assert chosen(cheaper, {"a": DRAM}, need_cpus=1.0, model_bytes=2 * GB) == "a"  # 2.0 vs 2.9
+    bad = [priced("a", "lots"), priced("b", "-1"), node("c", 1.0)]
+    assert chosen(bad, {}, need_cpus=1.0) == "a"  # all cost 0: the freest, then the node id
+    assert node_price(bad[0]) == node_price(bad[1]) == node_price(bad[2]) == 0.0
 
 
 def test_a_risky_spot_node_loses_its_dram_advantage() -> None:

@@ -109,6 +109,7 @@ def test_status_to_dict_lists_instances_with_string_states() -> None:
             "error": None,
             "tier": "dram",
             "revision": 0,
+            "estimated_load_s": None,
         }
     ]
 
