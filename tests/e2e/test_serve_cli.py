@@ -263,7 +263,9 @@ def test_s3_model_push_deploy_prefetch_evict_as_a_user_runs_them(
 
         def tiers() -> set[str]:
             rows = status_json(server).get("checkpoints", {}).values()
-            return {r["tier"] for rs in rows for r in rs if r["key"] == src and not r["fetched"]}
+            return {
+                r["tier"] for rs in rows for r in rs if r["key"] == src and r["fetched"] is None
+            }
 
         r = ember("deploy", "s3m", "s3://cli-models/nothing-here", *url)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
