@@ -55,11 +55,6 @@ class RemoteStoreError(CheckpointError):
     """The remote object store (S3 API) failed after every retry; the message names the object."""
 
 
-class StaleCheckpointError(CheckpointError):
-    """A node's cached copy is of an older version of the source, and instances still use it,
-    so the new version cannot be fetched under the same name yet."""
-
-
 class StoreCapacityError(CheckpointError):
     """A node-store tier cannot make room: the checkpoint is larger than the tier, or every
     other checkpoint in it is pinned (in use or being loaded)."""

@@ -77,6 +77,8 @@ def render(state: dict[str, Any]) -> str:
             for r in rows:
                 fetched = r.get("fetched")
                 how = f"pins={r['pins']}" if fetched is None else f"fetching {fetched:.0%}"
+                if r.get("retired"):  # an older version, held until its instances stop
+                    how = f"retired (old version, pins={r['pins']})"
                 lines.append(
                     f"  {node_id[:12]:<12} {r['tier']:<5} {r['nbytes'] / 1e9:>7.2f} GB"
                     f" {how}  {r['key']}"

@@ -68,7 +68,7 @@ class NodeStoreActor:
             for pid, tier in list(holders):
                 if not _alive(pid):
                     holders.remove((pid, tier))
-                    self._store.release(source, tier)
+                    self._store.release(source, tier, pid)
                     logger.info("pin reaped source=%s pid=%d tier=%s", source, pid, tier)
             if not holders:
                 del self._holders[source]
@@ -90,20 +90,21 @@ class NodeStoreActor:
         path: Path | None = None
         try:
             if streaming:
-                path = await loop.run_in_executor(None, self._store.acquire_ssd, source)
+                path = await loop.run_in_executor(None, self._store.acquire_ssd, source, pid)
                 if path is not None:
                     tier = "ssd"
                 else:
                     path, _complete = await loop.run_in_executor(
-                        None, partial(self._store.acquire_streaming, source, checked=True)
+                        None,
+                        partial(self._store.acquire_streaming, source, checked=True, owner=pid),
                     )
             else:
-                path = await loop.run_in_executor(None, self._store.acquire, source)
+                path = await loop.run_in_executor(None, self._store.acquire, source, pid)
         except StoreCapacityError as e:
             # No room in DRAM for it: the instance maps it from disk (SSD tier, or the local
             # directory) rather than fail, slower to start but serving.
             logger.warning("dram tier has no room, mapping from disk source=%s: %s", source, e)
-            path, tier = await loop.run_in_executor(None, self._store.acquire_on_disk, source)
+            path, tier = await loop.run_in_executor(None, self._store.acquire_on_disk, source, pid)
             if tier is None:  # a local directory, read where it is
                 where = "disk"
         if tier is not None:
@@ -115,7 +116,7 @@ class NodeStoreActor:
         for holder in holders:
             if holder[0] == pid:
                 holders.remove(holder)
-                self._store.release(source, holder[1])
+                self._store.release(source, holder[1], pid)
                 break
 
     async def ensure(self, source: str, tier: str = "dram") -> AcquireReport:

@@ -172,17 +172,11 @@ class Controller:
                 # (`_reconcile_deployment` retires them then); ones still starting serve no
                 # one and stop now.
                 dep.revision += 1
-                # New contents at the same `s3://` place: a node store holds one copy per
-                # source and cannot fetch the new one while an old instance maps the old
-                # (StaleCheckpointError), so those are replaced, not rolled: push each version
-                # to its own prefix for a rolling update.
-                in_place = updated and remote
-                now = self._clock.now()
+                # (New contents at the same `s3://` place roll too: a node store retires the
+                # old copy the old instances map and fetches the new one beside it.)
                 for inst in self._live(spec.name):
                     if inst.state in (InstanceState.PENDING, InstanceState.STARTING):
                         self._begin_stop(inst)
-                    elif in_place and inst.state is InstanceState.READY:
-                        self._scale_down([inst], 1, now)
                 logger.info("deployment revision name=%s revision=%d", spec.name, dep.revision)
             logger.info("deployment updated name=%s", spec.name)
         self._notify()
@@ -366,6 +360,8 @@ class Controller:
             fresh: dict[str, dict[str, int]] = {}
             for node_id, rows in stored.items():
                 for row in rows:
+                    if row.get("retired"):  # an old version's copy, still mapped: not served
+                        continue
                     rank = TIER_RANK.get(row.get("tier", ""))
                     if rank is not None and row.get("nbytes"):
                         self._model_bytes[str(row.get("key"))] = int(row["nbytes"])
@@ -692,6 +688,7 @@ class Controller:
                 if any(
                     r.get("key") == source and r.get("tier") == tier
                     and r.get("fetched") is None  # a fetch in flight is not a copy yet
+                    and not r.get("retired")
                     for r in rows
                 )
             )  # fmt: skip

@@ -7,8 +7,10 @@ SSD -> DRAM in one chunk pipeline, see `ember.store.fetch`) or a local checkpoin
 (-> DRAM). Concurrent calls for one checkpoint share one fetch. `start_fetch` returns at once
 with the in-progress directory a streaming reader can map (`ember.store.shm.map_streaming`).
 
-Pins: `acquire(source)` marks a DRAM copy in use by a local instance (never evicted until
-`release`); a fetch in progress pins its reservation. `acquire_ssd(source)` lets an instance
+Pins: `acquire(source, owner)` marks a DRAM copy in use by a local instance (never evicted
+until `release`); a fetch in progress pins its reservation. A copy pinned when its source
+changes (a new version pushed to the same place) is retired, not evicted, so the new version
+can be fetched beside it (`drop_stale`). `acquire_ssd(source)` lets an instance
 map a checkpoint that is on SSD (with its files in the page cache) but not in DRAM straight
 from the SSD tier's files (checked block by block first), pinning the SSD copy instead, and
 brings it into DRAM behind it: copying into the DRAM tier's tmpfs runs at the rate tmpfs
@@ -45,7 +47,6 @@ from ember.errors import (
     ConfigError,
     RemoteStoreError,
     RequestTimeoutError,
-    StaleCheckpointError,
     StoreCapacityError,
 )
 from ember.store.fetch import (
@@ -155,7 +156,8 @@ def claim_slot(config: NodeStoreConfig) -> tuple[NodeStoreConfig, IO[str]]:
 class CachedCheckpoint:
     """One row of `status()`: where a checkpoint is on this node. `fetched` is the share of its
     blocks already verified and written while a fetch into that tier is still running (None
-    for a complete copy)."""
+    for a complete copy). `retired`: an older version's copy, out of the tier but still mapped
+    by `pins` instances (its memory is freed when they stop)."""
 
     key: str
     tier: str
@@ -163,6 +165,7 @@ class CachedCheckpoint:
     pins: int
     last_used: float
     fetched: float | None = None
+    retired: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +263,7 @@ class NodeStore:
         out = []
         with self._lock:
             for pid, tier_name, key in sorted(found):
-                self._tier(tier_name).pin(key)
+                self._tier(tier_name).pin(key, pid)
                 out.append((pid, tier_name, self._source_of(tier_name, key)))
         if out:
             logger.info("pins adopted from running processes: %d", len(out))
@@ -319,6 +322,14 @@ class NodeStore:
                 for key, nbytes in tier.reserved().items()
             ]
             dram_fetches = set(self._fetches)
+            out += [
+                CachedCheckpoint(
+                    self._source_of(tier.name, r.key), tier.name, r.nbytes, len(r.owners), 0.0,
+                    retired=True,
+                )
+                for tier in (self.dram, self.ssd)
+                for r in tier.retired()
+            ]  # fmt: skip
         for tier, key, nbytes, source in fetching:
             # A DRAM fetch keeps its progress in the DRAM copy and writes the SSD one alongside.
             where = self.dram if tier is self.ssd and key in dram_fetches else tier
@@ -340,9 +351,11 @@ class NodeStore:
         """Make sure this node's copies are of `source`'s current checkpoint: one read of the
         source's `index.json` (a GET for S3), compared with each tier's copy. A copy of an
         older version (the model was pushed or converted again at the same place) is evicted;
-        if an instance still uses it, StaleCheckpointError (the new version cannot be fetched
-        under the same name until it stops). If the source cannot be read (S3 unreachable), the
-        copies are trusted, with a warning."""
+        if instances still use it, it is retired (`Tier.retire`): out of the tier, so the new
+        version can be fetched under its name, while those instances keep the old files they
+        mapped (a rolling update runs both side by side); its bytes are counted until they
+        release it. If the source cannot be read (S3 unreachable), the copies are trusted,
+        with a warning."""
         key = checkpoint_key(source)
         try:
             if is_s3_url(source):
@@ -365,28 +378,29 @@ class NodeStore:
                 if cached == current:
                     continue
                 if tier.pins(key):
-                    raise StaleCheckpointError(
-                        source,
-                        f"changed since this node's {tier.name} copy was fetched, and "
-                        f"{tier.pins(key)} instance(s) still use that copy; stop them to load "
-                        "the new version",
-                    )
+                    n = tier.retire(key)
+                    logger.warning(
+                        "stale copy retired tier=%s source=%s: %d pin(s) keep its files "
+                        "until released", tier.name, source, n,
+                    )  # fmt: skip
+                    continue
                 tier.evict(key)
                 logger.warning("stale copy evicted tier=%s source=%s", tier.name, source)
 
     # --- pins ------------------------------------------------------------------------------
 
-    def acquire(self, source: str) -> Path:
-        """Pin the DRAM copy (fetching it first if needed) for a local instance."""
+    def acquire(self, source: str, owner: int | None = None) -> Path:
+        """Pin the DRAM copy (fetching it first if needed) for a local instance; `owner` (its
+        process id) names the pin for `release`."""
         key = checkpoint_key(source)
         while True:
             result = self.ensure(source)
             with self._lock:
                 if self.dram.has(key):  # else evicted since ensure returned: fetch again
-                    self.dram.pin(key)
+                    self.dram.pin(key, owner)
                     return result.path
 
-    def acquire_on_disk(self, source: str) -> tuple[Path, str | None]:
+    def acquire_on_disk(self, source: str, owner: int | None = None) -> tuple[Path, str | None]:
         """For a checkpoint the DRAM tier cannot hold (larger than the tier, or the tier full
         of checkpoints in use): a copy on disk for the engine to map, and the tier pinned for
         it (`release(source, tier)`), or None. An S3 checkpoint is fetched to the SSD tier
@@ -401,11 +415,16 @@ class NodeStore:
             self._ensure_ssd(source)
             with self._lock:
                 if self.ssd.has(key):  # else evicted since: fetch again
-                    self.ssd.pin(key)
+                    self.ssd.pin(key, owner)
                     return self.ssd.path(key), "ssd"
 
     def acquire_streaming(
-        self, source: str, timeout_s: float = 600.0, *, checked: bool = False
+        self,
+        source: str,
+        timeout_s: float = 600.0,
+        *,
+        checked: bool = False,
+        owner: int | None = None,
     ) -> tuple[Path, bool]:
         """Pin `source` in DRAM and return as soon as it can be mapped: (the complete
         directory, True) if it is there, else (the in-progress `.fetching/<key>` directory,
@@ -416,7 +435,7 @@ class NodeStore:
             self.drop_stale(source)
         key = checkpoint_key(source)
         with self._lock:
-            self.dram.pin(key)
+            self.dram.pin(key, owner)
         try:
             fetch = self.start_fetch(source)
             if not fetch.prepared.wait(timeout_s):
@@ -428,10 +447,10 @@ class NodeStore:
                 return fetch.result.path, True
             return fetch.partial, False
         except BaseException:
-            self.release(source)
+            self.release(source, owner=owner)
             raise
 
-    def acquire_ssd(self, source: str) -> Path | None:
+    def acquire_ssd(self, source: str, owner: int | None = None) -> Path | None:
         """For a checkpoint on SSD, in the page cache, and neither in DRAM nor being fetched
         there: pin the SSD copy, check every block of it (`verify_mapped`, at memory speed),
         start copying it into DRAM in the background (one thread, lowest CPU priority) and
@@ -446,7 +465,7 @@ class NodeStore:
             if self.dram.has(key) or key in self._fetches or not self.ssd.has(key):
                 return None
             self._sources[key] = source
-            self.ssd.pin(key)
+            self.ssd.pin(key, owner)
         path = self.ssd.path(key)
         try:
             if not _in_page_cache(path):
@@ -454,19 +473,19 @@ class NodeStore:
                 # than faulting the files in through a mapping (whose 2 MiB folios may need the
                 # kernel to compact memory first: 1.1-3.7 s against 0.78 s for 2.2 GB here).
                 with self._lock:
-                    self.ssd.unpin(key)
+                    self.ssd.unpin(key, owner)
                 return None
             verify_mapped(path)
         except CheckpointError as e:
             logger.error("ssd copy failed its check, evicting it: %s", e)
             with self._lock:
-                self.ssd.unpin(key)
+                self.ssd.unpin(key, owner)
                 if not self.ssd.pins(key):  # else an instance maps it: evicted on a later try
                     self.ssd.evict(key)
             return None
         except BaseException:
             with self._lock:
-                self.ssd.unpin(key)
+                self.ssd.unpin(key, owner)
             raise
         threading.Thread(
             target=self._promote, args=(source,), name="ember-promote", daemon=True
@@ -497,10 +516,11 @@ class NodeStore:
         index = parse_index(data, f"{source.rstrip('/')}/{INDEX_FILE}")
         return sum(p.nbytes for p in index.partitions), hashlib.sha256(data).hexdigest()[:16]
 
-    def release(self, source: str, tier: str = "dram") -> None:
-        """Drop a pin `acquire`/`acquire_streaming` ("dram") or `acquire_ssd` ("ssd") took."""
+    def release(self, source: str, tier: str = "dram", owner: int | None = None) -> None:
+        """Drop a pin `acquire`/`acquire_streaming` ("dram") or `acquire_ssd` ("ssd") took for
+        `owner`: on the current copy, or on the retired copy of an older version it holds."""
         with self._lock:
-            self._tier(tier).unpin(checkpoint_key(source))
+            self._tier(tier).unpin(checkpoint_key(source), owner)
 
     def evict(self, source: str, tier: str = "dram") -> bool:
         key = checkpoint_key(source)

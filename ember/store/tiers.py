@@ -9,9 +9,14 @@ Layout under the tier's root:
 - `.ember-tier`: marks the root (the engine recognises a DRAM-tier checkpoint by it).
 
 Invariants (the caller, `NodeStore`, holds its lock around every call): bytes of complete
-entries plus reservations never exceed `capacity_bytes`; a pinned entry (in use by a local
-instance, or being fetched) is never evicted; eviction takes the least recently used first.
-Not thread-safe by itself.
+entries plus reservations plus retired copies never exceed `capacity_bytes`; a pinned entry (in
+use by a local instance, or being fetched) is never evicted; eviction takes the least recently
+used first. Not thread-safe by itself.
+
+A pin may name its owner (an instance's process id). `retire(key)` takes a pinned entry out
+of the tier (a newer version of the checkpoint is about to take its name): its files are
+unlinked, which the processes mapping them do not notice (the kernel keeps the pages until
+they unmap), and its pins and bytes move to a retired record until those owners `unpin`.
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ class TierEntry:
     key: str
     nbytes: int
     last_used: float  # clock seconds
+
+
+@dataclass(slots=True)
+class RetiredCopy:
+    """A copy taken out of the tier while still pinned: its bytes stay counted (the memory is
+    held by the processes that map it) until its last owner unpins."""
+
+    key: str
+    nbytes: int
+    owners: list[int | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +94,8 @@ class Tier:
                 shutil.rmtree(entry, ignore_errors=True)
         self._entries: dict[str, TierEntry] = {}
         self._reserved: dict[str, int] = {}
-        self._pins: dict[str, int] = {}
+        self._pins: dict[str, list[int | None]] = {}  # key -> the owner of each pin
+        self._retired: list[RetiredCopy] = []
         for d in sorted(self.root.iterdir()):
             if d.is_dir() and not d.name.startswith(".") and (d / INDEX_FILE).is_file():
                 st = d.stat()
@@ -101,10 +117,17 @@ class Tier:
         return dict(self._reserved)
 
     def used_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values()) + sum(self._reserved.values())
+        return (
+            sum(e.nbytes for e in self._entries.values())
+            + sum(self._reserved.values())
+            + sum(r.nbytes for r in self._retired)
+        )
 
     def pins(self, key: str) -> int:
-        return self._pins.get(key, 0)
+        return len(self._pins.get(key, ()))
+
+    def retired(self) -> list[RetiredCopy]:
+        return list(self._retired)
 
     def items(self) -> list[TierItem]:
         return [
@@ -119,16 +142,40 @@ class Tier:
         if entry is not None:
             entry.last_used = self._clock()
 
-    def pin(self, key: str) -> None:
-        self._pins[key] = self._pins.get(key, 0) + 1
+    def pin(self, key: str, owner: int | None = None) -> None:
+        self._pins.setdefault(key, []).append(owner)
         self.touch(key)
 
-    def unpin(self, key: str) -> None:
-        n = self._pins.get(key, 0) - 1
-        if n > 0:
-            self._pins[key] = n
-        else:
-            self._pins.pop(key, None)
+    def unpin(self, key: str, owner: int | None = None) -> None:
+        """Drop one pin of `owner` on `key`: on the current copy if it holds one, else on a
+        retired copy of that key (freed with its last pin); an anonymous unpin takes the
+        current copy's first."""
+        pins = self._pins.get(key, [])
+        if owner in pins or (owner is None and pins):
+            pins.remove(owner if owner in pins else pins[0])
+            if not pins:
+                self._pins.pop(key, None)
+            return
+        for r in self._retired:
+            if r.key == key and owner in r.owners:
+                r.owners.remove(owner)
+                if not r.owners:
+                    self._retired.remove(r)
+                    logger.info("retired copy freed tier=%s key=%s", self.name, key)
+                return
+
+    def retire(self, key: str) -> int:
+        """Take `key`'s complete copy out of the tier though pinned (a newer version takes its
+        name); returns how many pins it held. Its owners keep the files they mapped."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return 0
+        owners = self._pins.pop(key, [])
+        self._remove(key)
+        if owners:
+            self._retired.append(RetiredCopy(key, entry.nbytes, owners))
+        logger.info("retired tier=%s key=%s pins=%d", self.name, key, len(owners))
+        return len(owners)
 
     # --- capacity --------------------------------------------------------------------------
 

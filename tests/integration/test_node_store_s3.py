@@ -525,28 +525,36 @@ def test_a_model_pushed_again_to_the_same_place_replaces_the_cached_copies(
     tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
 ) -> None:
     """An update in place (`ember push` of a new version to the same prefix): the next start
-    gets the new weights, not this node's copies of the old ones; while an instance still maps
-    the old copy, a start says so instead of serving either silently."""
-    from ember.errors import StaleCheckpointError
-
+    gets the new weights, not this node's copies of the old ones. An instance still mapping the
+    old copy keeps reading the old bytes (the copy is retired: unlinked, counted until its
+    owner releases it), so old and new run side by side during a rolling update."""
     remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
     url = "s3://models/updated-in-place"
+    key = checkpoint_key(url)
     remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
     store = make_store(tmp_path, endpoint)
     dram_cleanup.append(store)
-    path = store.acquire(url)  # an instance runs version a
-    assert_same_tensors(map_checkpoint(path), checkpoints["a"])
+    old = map_checkpoint(store.acquire(url, owner=101))  # an instance runs version a
+    assert_same_tensors(old, checkpoints["a"])
+    size = store.dram.used_bytes()
     remote.upload_checkpoint(checkpoints["b"], parse_s3_url(url))  # version b, same place
-    with pytest.raises(StaleCheckpointError, match="updated-in-place: changed since"):
-        store.acquire(url)
-    store.release(url)  # the old instance stopped
-    fresh = store.acquire(url)
+    fresh = store.acquire(url, owner=102)  # the new revision's instance
     assert_same_tensors(map_checkpoint(fresh), checkpoints["b"])
+    assert_same_tensors(old, checkpoints["a"])  # the old instance's mapping is untouched
     assert (
-        read_index(store.ssd.path(checkpoint_key(url))).partitions
-        == read_index(checkpoints["b"]).partitions
+        read_index(store.ssd.path(key)).partitions == read_index(checkpoints["b"]).partitions
     )  # the SSD copy was replaced too
-    store.release(url)
+    assert [(r.key, r.owners) for r in store.dram.retired()] == [(key, [101])]
+    assert store.dram.used_bytes() >= 2 * size - 4096  # both versions' memory is counted
+    dram = [(r.key, r.pins, r.retired) for r in store.status() if r.tier == "dram"]
+    assert dram == [(url, 1, False), (url, 1, True)]  # status shows where the memory is
+    store.release(url, owner=101)  # the old instance stopped: its memory is accounted free
+    assert store.dram.retired() == [] and store.dram.used_bytes() <= size + 4096
+    assert [r.retired for r in store.status() if r.tier == "dram"] == [False]
+    assert store.dram.pins(key) == 1  # the new instance's pin was not the one released
+    store.release(url, owner=102)
+    assert store.dram.pins(key) == 0
 
 
 def test_a_local_checkpoint_converted_again_in_place_is_not_served_from_an_old_copy(

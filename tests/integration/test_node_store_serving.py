@@ -300,8 +300,9 @@ def test_a_model_pushed_again_rolls_out_on_the_next_deploy(
     tmp_path: Path, served: tuple[RayCluster, Path], model_factory: Callable[..., Path]
 ) -> None:
     """`ember push` of a new version to the same prefix, then `ember deploy` of the same spec:
-    the instance running the old weights is replaced, and the new one fetches the new version
-    (the node's copies of the old one are stale) and serves its tokens."""
+    the instance running the old weights keeps serving while the new one fetches the new
+    version beside it (the node's copies of the old one are stale, retired while mapped) and
+    serves its tokens; then the old one retires."""
     import httpx
 
     from ember.api.app import create_app
@@ -347,8 +348,22 @@ def test_a_model_pushed_again_rolls_out_on_the_next_deploy(
                     convert(v2, tmp_path / "ck2", progress=False), parse_s3_url(url)
                 )
                 assert (await http.post("/admin/deployments", json=spec)).status_code == 200
+                # A rolling update: the old instance serves (v1) until the new one is ready.
+                assert [h.instance_id for h in controller.ready_instances("rolled")] == [first]
                 second, tokens = await serving_tokens(not_id=first)
-                assert tokens == want[v2]
+                assert tokens == want[v2]  # the store fetched v2 beside the mapped v1 copy
+                deadline = loop.time() + 60
+                while [h.instance_id for h in controller.ready_instances("rolled")] != [second]:
+                    assert loop.time() < deadline, controller.status()
+                    await asyncio.sleep(0.1)
+
+                async def dram_pins() -> list[int]:
+                    rows = [r for rs in (await controller.checkpoints()).values() for r in rs]
+                    return [r["pins"] for r in rows if r["key"] == url and r["tier"] == "dram"]
+
+                while await dram_pins() != [1]:  # the new copy, pinned by the new instance
+                    assert loop.time() < deadline, await dram_pins()
+                    await asyncio.sleep(0.1)
 
     asyncio.run(body())
 

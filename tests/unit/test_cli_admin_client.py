@@ -53,10 +53,12 @@ def test_status_shows_a_fetch_in_flight_with_its_progress() -> None:
     rows = [
         asdict(CachedCheckpoint("s3://m/a", "dram", 2_000_000_000, 1, 0.0)),
         asdict(CachedCheckpoint("s3://m/b", "ssd", 2_000_000_000, 0, 0.0, fetched=0.42)),
+        asdict(CachedCheckpoint("s3://m/a", "dram", 2_000_000_000, 2, 0.0, retired=True)),
     ]
     text = render({"deployments": [], "checkpoints": {"0123456789abcdef": rows}})
     assert "dram     2.00 GB pins=1  s3://m/a" in text
     assert "ssd      2.00 GB fetching 42%  s3://m/b" in text
+    assert "dram     2.00 GB retired (old version, pins=2)  s3://m/a" in text
 
 
 def test_status_shows_each_nodes_measured_fetch_rates() -> None:

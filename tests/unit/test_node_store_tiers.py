@@ -56,6 +56,38 @@ def test_pinned_checkpoint_is_never_evicted_and_the_error_names_it(tmp_path: Pat
     assert tier.has("a")
 
 
+def test_a_retired_copy_keeps_its_owners_bytes_and_mapping_until_they_unpin(
+    tmp_path: Path,
+) -> None:
+    """A newer version takes the name of a pinned copy: the old one leaves the tier (its files
+    unlinked; a process that mapped them still reads them) but its bytes stay counted, and each
+    owner's unpin goes to the copy that owner pinned."""
+    import mmap
+
+    tier = Tier("dram", tmp_path, capacity_bytes=300, clock=Clock())
+    add(tier, "m", 100)
+    tier.pin("m", owner=7)
+    tier.pin("m", owner=8)
+    with open(tier.path("m") / "rank0-part0000.bin", "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    assert tier.retire("m") == 2
+    assert not tier.has("m") and not tier.path("m").exists()
+    assert mapped[:98] == bytes(98)  # unlinked, still readable through the mapping
+    mapped.close()
+    assert tier.used_bytes() == 100
+    with pytest.raises(StoreCapacityError, match="no room"):
+        tier.reserve("x", 250)  # the retired bytes still count
+    add(tier, "m", 100)  # the new version, under the same name
+    tier.pin("m", owner=9)
+    tier.unpin("m", owner=7)  # an old owner: the retired copy's pin, not the new one's
+    assert tier.pins("m") == 1 and [r.owners for r in tier.retired()] == [[8]]
+    tier.unpin("m", owner=8)
+    assert tier.retired() == [] and tier.used_bytes() == 100
+    tier.unpin("m", owner=9)
+    assert tier.pins("m") == 0
+    assert tier.retire("absent") == 0
+
+
 def test_a_checkpoint_larger_than_the_tier_names_the_knob(tmp_path: Path) -> None:
     tier = Tier("ssd", tmp_path, capacity_bytes=50)
     with pytest.raises(StoreCapacityError, match="ssd_capacity_bytes"):
