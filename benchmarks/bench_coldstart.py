@@ -459,9 +459,7 @@ def _on_ssd(base: str, url: str) -> bool:
     state = httpx.get(base + "/admin/status", timeout=10).json()
     rows = [r for rows in state.get("checkpoints", {}).values() for r in rows]
     # A complete copy: status also lists fetches in flight, with their progress in "fetched".
-    return any(
-        r["key"] == url and r["tier"] == "ssd" and r.get("fetched") is None for r in rows
-    )
+    return any(r["key"] == url and r["tier"] == "ssd" and r.get("fetched") is None for r in rows)
 
 
 def _wait_scaled_to_zero(base: str, timeout_s: float) -> None:
