@@ -677,7 +677,9 @@ class NodeStore:
             "gbps=%.2f", key, where, stats.nbytes, stats.from_source_bytes, stats.reused_bytes,
             stats.seconds, stats.nbytes / max(stats.seconds, 1e-9) / 1e9,
         )  # fmt: skip
-        self.rates.observe(where, stats.from_source_bytes, stats.seconds)
+        if fetch is None or fetch.threads == self.config.fetch_threads:
+            # (not `_promote`'s background copy: one thread at the lowest priority)
+            self.rates.observe(where, stats.from_source_bytes, stats.seconds)
         return EnsureResult(path, where, stats)
 
     def _ensure_ssd(self, source: str) -> EnsureResult:
