@@ -7,7 +7,9 @@ the node store completes is a measurement: the bytes it moved from the source ov
 seconds it took, verification and writes included (what a start from that tier waits for).
 `"remote"` is the S3 link into this node; `"ssd"` is a read of this node's disk (the SSD tier,
 or a local checkpoint directory). Fetches smaller than `min_bytes` are not counted: per-request
-latency dominates them and would make a link look slower than it is for a real model.
+latency dominates them and would make a link look slower than it is for a real model. Nor is
+the background copy into DRAM behind an instance that maps an SSD copy (one thread at the
+lowest priority: a measure of nothing a start waits for).
 
 The rates are an exponentially weighted mean (`alpha`, the newest fetch's weight) kept in a
 small JSON file next to the SSD tier, so a store restarted on the node knows them at once.
