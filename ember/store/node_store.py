@@ -218,6 +218,7 @@ class _Fetch:
         self.done = threading.Event()
         self.error: BaseException | None = None
         self.result: EnsureResult | None = None
+        self.index: bytes | None = None  # the index.json it fetches by, once read
 
 
 class NodeStore:
@@ -233,6 +234,7 @@ class NodeStore:
         # SSD-only fetches (prefetches) running, by key: set when they end. One writer per
         # tier copy: a DRAM fetch that starts meanwhile leaves the SSD copy to it.
         self._ssd_fetches: dict[str, threading.Event] = {}
+        self._ssd_fetch_index: dict[str, bytes] = {}  # key -> the index a prefetch fetches by
         self._sources: dict[str, str] = {}  # key -> source, for status
         # Measured fetch rates into this node, by where from (placement's start-up estimate).
         self.rates = LinkRates(self.ssd.root / RATES_FILE, min_bytes=cfg.rate_min_bytes)
@@ -367,6 +369,18 @@ class NodeStore:
             return
         except CheckpointNotFoundError:
             return  # gone at the source: the next fetch says so; a cached copy still serves
+        # A fetch of an older version still running would hand its copy out as current: let
+        # it end (its copy is then stale like any other; its error is not this caller's).
+        with self._lock:
+            dram_fetch = self._fetches.get(key)
+            busy = (
+                [dram_fetch.done] if dram_fetch and dram_fetch.index not in (None, current) else []
+            )
+            if self._ssd_fetch_index.get(key, current) != current and key in self._ssd_fetches:
+                busy.append(self._ssd_fetches[key])
+        for done in busy:
+            logger.warning("waiting for a fetch of an older version to end source=%s", source)
+            done.wait()
         with self._lock:
             for tier in (self.dram, self.ssd):
                 if not tier.has(key):
@@ -626,6 +640,8 @@ class NodeStore:
         self, src: ChunkSource, key: str, where: str, to_ssd: bool, fetch: _Fetch | None
     ) -> EnsureResult:
         index_bytes = src.read_file(INDEX_FILE)
+        if fetch is not None:
+            fetch.index = index_bytes
         dram_partial = self.dram.partial_path(key)
         ssd_partial = self.ssd.partial_path(key)
         sinks = [dram_partial, *([ssd_partial] if to_ssd else [])]
@@ -706,11 +722,14 @@ class NodeStore:
         finally:
             with self._lock:
                 del self._ssd_fetches[key]
+                self._ssd_fetch_index.pop(key, None)
             mine.set()
 
     def _fetch_to_ssd(self, source: str, key: str) -> EnsureResult:
         src = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
         index_bytes = src.read_file(INDEX_FILE)
+        with self._lock:
+            self._ssd_fetch_index[key] = index_bytes
         partial = self.ssd.partial_path(key)
         partial.mkdir(parents=True, exist_ok=True)
         scratch = partial.parent / f"{key}.index-{threading.get_ident()}"

@@ -559,6 +559,32 @@ def test_a_model_pushed_again_to_the_same_place_replaces_the_cached_copies(
     assert store.dram.pins(key) == 0
 
 
+def test_a_start_after_an_update_does_not_join_a_fetch_of_the_old_version(
+    tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
+) -> None:
+    """A fetch of version a still running (a slow link) when version b is pushed to the same
+    prefix: a start then must not take a's bytes as the current checkpoint. It waits for that
+    fetch, then fetches b."""
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    url = "s3://models/updated-mid-fetch"
+    remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    relay.delay_s = 0.01  # per 64 KiB: a couple of seconds for the checkpoint
+    try:
+        store = make_store(tmp_path, relay.endpoint)
+        dram_cleanup.append(store)
+        old = store.start_fetch(url)  # e.g. a prefetch of version a
+        assert old.prepared.wait(30) and not old.done.is_set()
+        remote.upload_checkpoint(checkpoints["b"], parse_s3_url(url))  # version b, same place
+        relay.delay_s = 0.0
+        fresh = store.ensure(url)
+        assert old.done.is_set()
+        assert_same_tensors(map_checkpoint(fresh.path), checkpoints["b"])
+    finally:
+        relay.close()
+
+
 def test_a_local_checkpoint_converted_again_in_place_is_not_served_from_an_old_copy(
     tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
 ) -> None:
