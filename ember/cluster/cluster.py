@@ -120,6 +120,9 @@ class RayCluster:
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return self.config.instance_cpus * spec.tp
 
+    def instance_gpus(self, spec: DeploymentSpec) -> float:
+        return self.config.instance_gpus * spec.tp
+
     def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> InstanceHandle:
         ref = self.services.take(spec, instance_id, node_id) or self._adapter.create_actor(
             InstanceActor,

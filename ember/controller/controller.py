@@ -498,13 +498,14 @@ class Controller:
             instance_id, spec.name, InstanceState.PENDING, started_at_s=now, revision=dep.revision
         )
         self._instances[instance_id] = inst
-        need = self._cluster.instance_cpus(spec)
+        need, need_gpus = self._cluster.instance_cpus(spec), self._instance_gpus(spec)
         kw = self._estimate_inputs(spec, nodes)
         queue = kw["queue_s"]
         where = choose_node(
             nodes,
             self._locality(spec.source),
             need_cpus=need,
+            need_gpus=need_gpus,
             taken=[i.node_id for i in self._live(spec.name) if i.node_id],
             **kw,
         )
@@ -525,9 +526,12 @@ class Controller:
         inst.fire(InstanceEvent.LAUNCHED)
         inst.task = asyncio.create_task(self._await_start(inst, spec), name=f"start-{instance_id}")
         nodes = [
-            replace(n, cpus_available=n.cpus_available - need) if n.node_id == node_id else n
+            replace(
+                n, cpus_available=n.cpus_available - need,
+                gpus_available=n.gpus_available - need_gpus,
+            ) if n.node_id == node_id else n
             for n in nodes
-        ]
+        ]  # fmt: skip
         return nodes, where is not None
 
     async def _await_start(self, inst: InstanceRecord, spec: DeploymentSpec) -> None:
@@ -727,11 +731,16 @@ class Controller:
         room for it)."""
         kw = self._estimate_inputs(spec, nodes)
         where = self._locality(spec.source)
-        need = self._cluster.instance_cpus(spec)
-        best = choose_node(nodes, where, need_cpus=need, **kw) or choose_node(
-            nodes, where, need_cpus=0.0, **kw
+        need, need_gpus = self._cluster.instance_cpus(spec), self._instance_gpus(spec)
+        best = choose_node(nodes, where, need_cpus=need, need_gpus=need_gpus, **kw) or (
+            choose_node(nodes, where, need_cpus=0.0, **kw)
         )
         return best.node_id if best is not None else None
+
+    def _instance_gpus(self, spec: DeploymentSpec) -> float:
+        """GPUs one instance of `spec` reserves (0 on a CPU cluster)."""
+        fn = getattr(self._cluster, "instance_gpus", None)
+        return float(fn(spec)) if callable(fn) else 0.0
 
     def _estimate_inputs(self, spec: DeploymentSpec, nodes: list[NodeInfo]) -> dict[str, Any]:
         """`choose_node`'s inputs besides the locality: the checkpoint's size, the loads

@@ -11,7 +11,8 @@ else the remote store. The rule:
 2. among equals (a small model's tiers differ by less), the faster tier, then a node holding
    fewer instances of this deployment (spread replicas), then the one with the most free CPUs,
    then the node id (deterministic);
-3. no node has room: None, and the cluster queues the actor until one has.
+3. no node has room (the CPUs, and GPUs for a GPU instance): None, and the cluster queues the
+   actor until one has.
 The size is the checkpoint's when known; otherwise `DEFAULT_MODEL_BYTES`, with which the tiers'
 order still decides. The bandwidths are each node's measured ones where its node store has
 measured them (`ember.store.rates`: every fetch from S3, every read of its disk), else the
@@ -78,20 +79,26 @@ def choose_node(
     locality: Mapping[str, int],
     *,
     need_cpus: float,
+    need_gpus: float = 0.0,
     taken: Sequence[str] = (),
     model_bytes: int | None = None,
     queue_s: Mapping[str, float] | None = None,
     risk: Mapping[str, float] | None = None,
     rates: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Placement | None:
-    """Where a new instance starts soonest, or None when no alive node has `need_cpus` free.
+    """Where a new instance starts soonest, or None when no alive node has `need_cpus` CPUs
+    and `need_gpus` GPUs free.
 
     locality: node id -> where that node holds the checkpoint (`DRAM` or `DISK`); nodes missing
     from it hold no copy. queue_s: node id -> seconds of loads already running there. risk:
     node id -> preemption risk (0-1), which costs `SCORE.risk_penalty_s` seconds per unit.
     rates: node id -> its store's measured bytes/s by "remote" and "ssd"
     (`NodeStore.rates`), in place of the assumed `BANDWIDTH_BPS`."""
-    fits = [n for n in nodes if n.alive and n.cpus_available + 1e-9 >= need_cpus]
+    fits = [
+        n for n in nodes
+        if n.alive and n.cpus_available + 1e-9 >= need_cpus
+        and n.gpus_available + 1e-9 >= need_gpus
+    ]  # fmt: skip
     if not fits:
         return None
     model = ModelSpec("checkpoint", model_bytes or DEFAULT_MODEL_BYTES)

@@ -76,6 +76,14 @@ def test_replicas_spread_over_nodes_that_hold_the_checkpoint_alike() -> None:
     assert chosen(nodes, {"a": DRAM, "b": DISK}, need_cpus=1.0, taken=["a"]) == "a"
 
 
+def test_a_gpu_instance_needs_a_free_gpu_too() -> None:
+    gpu_busy = NodeInfo("a", "127.0.0.1", True, (), 4.0, 4.0, gpus_total=1.0, gpus_available=0.0)
+    gpu_free = NodeInfo("b", "127.0.0.1", True, (), 4.0, 1.0, gpus_total=1.0, gpus_available=1.0)
+    assert chosen([gpu_busy, gpu_free], {"a": DRAM}, need_cpus=1.0, need_gpus=1.0) == "b"
+    assert choose_node([gpu_busy], {}, need_cpus=1.0, need_gpus=1.0) is None
+    assert chosen([gpu_busy], {}, need_cpus=1.0) == "a"  # a CPU instance does not care
+
+
 def test_dead_nodes_and_full_cluster_give_none() -> None:
     assert choose_node([node("a", 4.0, alive=False), node("b", 0.0)], {}, need_cpus=1.0) is None
 

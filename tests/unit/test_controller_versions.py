@@ -8,11 +8,13 @@ import asyncio
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from serving_support import serving
+from serving_support import LocalCluster, serving
 
 from ember import LLM, SamplingParams
-from ember.controller.types import DeploymentSpec, InstanceState
+from ember.controller.controller import Controller
+from ember.controller.types import DeploymentSpec, InstanceState, NodeInfo
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 PROMPT = [5, 6, 7, 8]
@@ -122,5 +124,54 @@ def test_an_update_rolls_instances_over_with_every_request_served(
             await until(lambda: states() == [(2, InstanceState.READY)])
             assert old.instance_id in stack.cluster.stopped
             assert (c.status()[0].revision, c.status()[0].last_error) == (2, None)
+
+    asyncio.run(main())
+
+
+class OneGpu(LocalCluster):
+    """One node with one GPU that an instance holds from launch until it stops: a second
+    instance waits for it, as Ray queues an actor until its GPU is free."""
+
+    def nodes(self) -> list[NodeInfo]:
+        [n] = super().nodes()
+        return [NodeInfo(n.node_id, n.address, True, (), 8.0, 8.0, 1.0, 1.0 - len(self.handles))]
+
+    def instance_gpus(self, spec: DeploymentSpec) -> float:
+        return 1.0
+
+    async def wait_started(self, handle: Any, timeout_s: float) -> Any:
+        while next(iter(self.handles.values())) is not handle:  # the GPU is someone else's
+            await asyncio.sleep(0.02)
+        return await super().wait_started(handle, timeout_s)
+
+
+def test_an_update_on_a_full_gpu_node_retires_the_old_instance_first(
+    tmp_path: Path, model_factory: Callable[..., Path]
+) -> None:
+    """No room for old and new side by side (the only GPU is taken): the old instance goes
+    first, then the new one starts; without counting GPUs the update would wait forever."""
+    v1, v2 = (model_factory("llama", "tiny", "fp32", seed=s) for s in (35, 36))
+    want = LLM(str(v2), max_model_len=64).generate(PROMPT, PARAMS)[0].token_ids
+
+    async def main() -> None:
+        cluster = OneGpu(tmp_path / "cache")
+        c = Controller(cluster, tmp_path / "e.db", reconcile_interval_s=0.05)
+        await c.start()
+        try:
+            c.deploy(DeploymentSpec("m", str(v1), min_instances=1, max_model_len=64))
+            await c.wait_for_instance("m", 60)
+            [old] = c.ready_instances("m")
+            c.deploy(DeploymentSpec("m", str(v2), min_instances=1, max_model_len=64))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while [h.instance_id for h in c.ready_instances("m")] in ([], [old.instance_id]):
+                assert loop.time() < deadline, c.status()
+                await asyncio.sleep(0.05)
+            [new] = c.ready_instances("m")
+            assert old.instance_id in cluster.stopped
+            got = [t async for d in new.generate("r", PROMPT, PARAMS) for t in d.new_token_ids]
+            assert got == want
+        finally:
+            await c.stop()
 
     asyncio.run(main())
