@@ -436,7 +436,9 @@ class Controller:
             config,
             queued=queued,
             in_flight=in_flight,
-            current=len(active) + len(outdated),
+            # During a roll each new instance replaces an old one: the deployment's size is
+            # the larger count, not their sum (which would keep the surge for good).
+            current=max(len(active), len(outdated)),
             now_s=now,
             last_busy_s=dep.last_busy_s,
         )

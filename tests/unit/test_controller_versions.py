@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ def test_an_update_rolls_instances_over_with_every_request_served(
     body = {"model": "m", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
 
     def spec(source: Path) -> DeploymentSpec:
-        return DeploymentSpec("m", str(source), min_instances=1, max_model_len=64)
+        # Room to grow: an update must not leave the deployment larger than it was.
+        return DeploymentSpec("m", str(source), min_instances=1, max_instances=3, max_model_len=64)
 
     async def main() -> None:
         async with serving(tmp_path) as stack:
@@ -173,5 +175,36 @@ def test_an_update_on_a_full_gpu_node_retires_the_old_instance_first(
             assert got == want
         finally:
             await c.stop()
+
+    asyncio.run(main())
+
+
+def test_an_idle_deployment_keeps_its_size_through_an_update(
+    tmp_path: Path, model_factory: Callable[..., Path]
+) -> None:
+    """No load: the autoscaler keeps the current size through keep-alive. During the roll the
+    new instance and the old one it replaces are one replica, not two."""
+    model = model_factory("llama", "tiny", "fp32", seed=37)
+
+    async def main() -> None:
+        async with serving(tmp_path) as stack:
+            c = stack.controller
+            spec = DeploymentSpec("m", str(model), min_instances=1, max_instances=3)
+            c.deploy(spec)
+            await c.wait_for_instance("m", 60)
+            [old] = c.ready_instances("m")
+            c.deploy(replace(spec, max_num_seqs=8))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while [h.instance_id for h in c.ready_instances("m")] in ([], [old.instance_id]):
+                assert loop.time() < deadline, c.status()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # ten more reconcile passes
+            live = [
+                i for i in c.status()[0].instances
+                if i.state not in (InstanceState.FAILED, InstanceState.STOPPED)
+            ]  # fmt: skip
+            assert [(i.revision, i.state) for i in live] == [(1, InstanceState.READY)]
+            assert c.status()[0].desired == 1
 
     asyncio.run(main())
