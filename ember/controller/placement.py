@@ -16,13 +16,13 @@ else the remote store. The rule:
 The size is the checkpoint's when known; otherwise `DEFAULT_MODEL_BYTES`, with which the tiers'
 order still decides. The bandwidths are each node's measured ones where its node store has
 measured them (`ember.store.rates`: every fetch from S3, every read of its disk), else the
-assumed `BANDWIDTH_BPS`: a node with a slow link to the remote store, or a slow disk, loses
-to one that fetches faster. The score adds ember's preemption-risk term (`SCORE`): a spot node's risk
-is its zone's recent node losses over its alive nodes (`NodeLosses`), and its price: a node
-labelled `price=<$ per hour>` (per GPU on a GPU node) costs `SCORE.price_weight_s` seconds per
-dollar, so between nodes that start a model about as soon the cheaper one wins, and a dearer
-node must start it that much sooner (unlabelled nodes cost 0; an unreadable label is logged and
-counts as 0). Not (yet) from the policy core: live-migrating running instances to make room
+assumed `BANDWIDTH_BPS`: a node with a slow link to the remote store, or a slow disk, loses to
+one that fetches faster. The score adds ember's preemption-risk term (`SCORE`): a spot node's
+risk is its zone's recent node losses over its alive nodes (`NodeLosses`); and its price: a
+node labelled `price=<$ per hour>` (per GPU on a GPU node) costs `SCORE.price_weight_s` seconds
+per dollar, so between nodes that start a model about as soon the cheaper one wins, and a
+dearer node must start it that much sooner (unlabelled nodes cost 0; an unreadable label is
+logged once and counts as 0). Not (yet) from the policy core: live-migrating running instances to make room
 (`policy.startup.place`), peers' copies (a node fetches from the remote store, never from a
 neighbour).
 """
@@ -145,9 +145,14 @@ def node_price(n: NodeInfo) -> float:
     except ValueError:
         price = -1.0
     if not (math.isfinite(price) and price >= 0):
-        logger.warning("node %s: label price=%r is not a price in $/hour; using 0", n.node_id, text)
+        if (n.node_id, text) not in _BAD_PRICES:  # once, not at every placement
+            _BAD_PRICES.add((n.node_id, text))
+            logger.warning("node %s: label price=%r is not $ per hour; using 0", n.node_id, text)
         return 0.0
     return price
+
+
+_BAD_PRICES: set[tuple[str, str]] = set()
 
 
 class NodeLosses:
