@@ -2,8 +2,8 @@
 pre-started workers. `RayCluster` owns one `NodeServices` and calls it from these places:
 `sync(nodes)` each time it lists nodes (so nodes that join later get theirs), `take(...)` when
 it launches an instance, `checkpoints()` and `rates()` for `ember status` and placement,
-`shutdown()`. `prefetch` and
-`evict` are there for the controller's placement policy (`cluster.services.prefetch(...)`).
+`shutdown()`. `prefetch` and `evict` are there for the controller's placement policy
+(`cluster.services.prefetch(...)`).
 
 Configuration comes from the environment of the `ember serve` process (so it reaches every
 node's actors as arguments, not through their environments):
