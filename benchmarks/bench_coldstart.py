@@ -23,6 +23,11 @@ What each number includes:
   (time per output token over 16 more tokens) shows what each choice costs afterwards.
 - "dram-nopool": the same from DRAM, but the worker is a fresh actor process (what the pool
   saves: process start and imports).
+- "dram-checked": the same from DRAM, but the worker asks S3 whether the copy is current before
+  building its engine (`EMBER_CONFIRM_CACHE_FIRST=1`), as every start did until 2026-12-07;
+  "dram" asks while it builds. `--s3-rtt-ms` puts a round trip in front of every S3 answer
+  (`latency_proxy.py`; loopback moto answers in about a millisecond, a real object store in
+  tens), which is what the overlap hides.
 "ssd" runs drop the SSD copy from the page cache first (posix_fadvise DONTNEED), so they read
 the disk; "ssd-warm" runs read it into the page cache first (and check with mincore that it is
 there), as the baseline's HF folder is (its page cache is warm: it was just read by the
@@ -43,6 +48,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +57,7 @@ from machine import git_sha, machine_facts
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "coldstart"
 PROMPT = "The capital of France is"
-TIERS = ("s3", "ssd", "ssd-warm", "dram", "dram-packed", "dram-nopool")
+TIERS = ("s3", "ssd", "ssd-warm", "dram", "dram-packed", "dram-nopool", "dram-checked")
 DECODE_TOKENS = 16  # after the first, to report the time per output token
 
 BASELINE = r"""
@@ -146,7 +152,7 @@ def run_baseline(hf: Path, threads: int, device: str = "cpu") -> dict[str, float
 class Harness:
     """A private Ray node with the node store actor, a worker pool of one, a moto S3 server."""
 
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, s3_rtt_s: float = 0.0) -> None:
         import ray
         from moto.server import ThreadedMotoServer
 
@@ -165,6 +171,12 @@ class Harness:
         )  # fmt: skip
         self.remote = RemoteStore(remote_cfg)
         self.remote.ensure_bucket("bench")
+        self.proxy = None
+        if s3_rtt_s > 0:  # the node store reaches S3 through a round trip (uploads do not)
+            from latency_proxy import LatencyProxy
+
+            self.proxy = LatencyProxy(int(port), s3_rtt_s)
+            remote_cfg = replace(remote_cfg, endpoint_url=self.proxy.endpoint)
         self.shm = Path(f"/dev/shm/ember-bench-{os.getuid()}")
         shutil.rmtree(self.shm, ignore_errors=True)
         shutil.rmtree(CACHE / "ssd", ignore_errors=True)
@@ -181,12 +193,19 @@ class Harness:
         self.env = env
         self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=False)
         self.packed_pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=True)
+        self.checked_pool = WorkerPool(
+            1, str(CACHE / "ember-cache"), env={**env, "EMBER_CONFIRM_CACHE_FIRST": "1"},
+            pack_weights=False,
+        )  # fmt: skip
         self.ray = ray
         self.last_residual: float | None = None
 
     def close(self) -> None:
         self.pool.shutdown()
         self.packed_pool.shutdown()
+        self.checked_pool.shutdown()
+        if self.proxy is not None:
+            self.proxy.close()
         self.adapter.shutdown()
         self.moto.stop()
         shutil.rmtree(self.shm, ignore_errors=True)
@@ -248,8 +267,13 @@ class Harness:
             raise RuntimeError(f"{copy}: only {resident:.1%} in the page cache after reading it")
         return resident
 
-    def warm_worker(self, packed: bool = False) -> Any:
-        pool = self.packed_pool if packed else self.pool
+    def pool_for(self, tier: str) -> Any:
+        return {"dram-packed": self.packed_pool, "dram-checked": self.checked_pool}.get(
+            tier, self.pool
+        )
+
+    def warm_worker(self, tier: str = "dram") -> Any:
+        pool = self.pool_for(tier)
         pool.sync([self.node])
         (ref,) = pool.idle()[self.node]
         return self.ray.get(ref.actor.info.remote())
@@ -266,8 +290,7 @@ class Harness:
         params = SamplingParams(max_tokens=1 + DECODE_TOKENS, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         if tier != "dram-nopool":
-            pool = self.packed_pool if tier == "dram-packed" else self.pool
-            ref = pool.take(self.node, refill=False)
+            ref = self.pool_for(tier).take(self.node, refill=False)
             assert ref is not None
             actor = ref.actor
         else:
@@ -302,6 +325,7 @@ class Harness:
             "store_s": timings.get("store_s"),
             "engine_s": timings.get("engine_s"),
             "served_from": timings.get("served_from"),
+            "confirm_wait_s": timings.get("confirm_wait_s"),
             "first_token_s": t_token - t_load,
             "tpot_s": (t_end - t_token) / max(1, len(tokens) - 1),
             "token": tokens[0] if tokens else None,
@@ -488,6 +512,10 @@ def main() -> int:
     p.add_argument("--tiers", default=",".join(TIERS), help=f"subset of {','.join(TIERS)}")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "coldstart.json"))
     p.add_argument(
+        "--s3-rtt-ms", type=float, default=0.0,
+        help="a round trip added to every S3 answer the node store gets (default 0: loopback)",
+    )  # fmt: skip
+    p.add_argument(
         "--device", default="cpu", help="cuda: to the GPU, without Ray (see coldstart_gpu.py)"
     )
     args = p.parse_args()
@@ -504,13 +532,14 @@ def main() -> int:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the moto server's request log
     facts = machine_facts()
+    facts["s3_rtt_ms_added"] = args.s3_rtt_ms
     models = {s: ensure_model(s) for s in sizes}
     part = next((CACHE / f"llama-{sizes[-1]}-ember").glob("rank0-part*.bin"), None)
     if part is not None:
         facts["disk_odirect_read_gbps"] = round(disk_read_gbps(part), 2)
         print(f"disk: O_DIRECT read at qd32 {facts['disk_odirect_read_gbps']} GB/s", flush=True)
     results: dict[str, Any] = {}
-    harness = Harness(threads)
+    harness = Harness(threads, args.s3_rtt_ms / 1000)
     try:
         for size in sizes:
             hf = models[size]
@@ -527,7 +556,7 @@ def main() -> int:
                 for _ in range(1 if tier == "s3" else runs):  # S3 runs are moto-bound, slow
                     harness.place(url, "dram" if tier.startswith("dram") else tier)
                     if tier != "dram-nopool":
-                        harness.warm_worker(packed=tier == "dram-packed")
+                        harness.warm_worker(tier)
                     cells.append(harness.cold_start(url, tier))
                     print(f"{size} {tier}: " + json.dumps(cells[-1]), flush=True)
                 res[tier] = median_run(cells)

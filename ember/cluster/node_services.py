@@ -13,6 +13,9 @@ node's actors as arguments, not through their environments):
 - EMBER_S3_ENDPOINT_URL (any S3-compatible server; default AWS), AWS_* credentials as usual
 - EMBER_WORKER_POOL_SIZE: pre-started workers per node (default 1; 0 turns the pool off)
 - EMBER_RATE_MIN_BYTES (64 MiB): smaller fetches are left out of the store's measured rates
+- EMBER_CONFIRM_CACHE_FIRST (default 0), read by pooled workers: 1 asks the source whether a
+  DRAM copy is still current before building the engine over it (one S3 round trip on the
+  start's path) instead of while building it
 - EMBER_POOL_PACK_WEIGHTS (default 1): pooled instances re-lay bf16 weights out for oneDNN
   after their first step (faster decode, a private copy per instance), as instances started
   from scratch do; 0 keeps the weights as zero-copy views of the DRAM tier

@@ -40,6 +40,9 @@ class AcquireReport:
     path: str
     served_from: str  # "dram", "ssd", "remote" or "local"
     seconds: float
+    # The DRAM copy was handed out before the source was asked whether it is current: the
+    # instance must `confirm` before it serves (`acquire(..., trust_cache=True)`).
+    unconfirmed: bool = False
 
 
 def store_actor_name(node_id: str) -> str:
@@ -62,6 +65,8 @@ class NodeStoreActor:
         # After a crash and restart: the instances still running keep their copies pinned.
         for pid, tier, source in self._store.adopt_mappings():
             self._holders.setdefault(source, []).append((pid, tier))
+        # (source, pid) -> the freshness check of a copy handed out before it (`confirm`)
+        self._checks: dict[tuple[str, int], asyncio.Future[bool]] = {}
 
     def _reap(self) -> None:
         for source, holders in list(self._holders.items()):
@@ -72,25 +77,47 @@ class NodeStoreActor:
                     logger.info("pin reaped source=%s pid=%d tier=%s", source, pid, tier)
             if not holders:
                 del self._holders[source]
+        for source, pid in [k for k in self._checks if not _alive(k[1])]:
+            self._checks.pop((source, pid)).cancel()
 
-    async def acquire(self, source: str, pid: int, streaming: bool = False) -> AcquireReport:
+    async def acquire(
+        self, source: str, pid: int, streaming: bool = False, trust_cache: bool = False
+    ) -> AcquireReport:
         """Pin `source` for process `pid`, fetching it if needed. With `streaming`, answer as
         soon as the engine can map it: a checkpoint on SSD (in the page cache) but not in DRAM is
         mapped from the SSD tier (checked first, copied into DRAM behind it:
         `NodeStore.acquire_ssd`); else the
         path may be the in-progress `.fetching/<key>` DRAM directory, which
-        `ember.store.shm.map_dram` maps chunk by chunk."""
+        `ember.store.shm.map_dram` maps chunk by chunk.
+
+        With `trust_cache`, a copy already in DRAM is pinned and handed out at once, and the
+        question whether the source still holds that version (a GET of its index: one round
+        trip to S3) runs meanwhile: the caller builds its engine, then must `confirm` before
+        serving."""
         from ember.errors import StoreCapacityError
 
         self._reap()
         t0 = time.perf_counter()
         loop = asyncio.get_running_loop()
+        if trust_cache:
+            cached = await loop.run_in_executor(None, self._store.acquire_cached, source, pid)
+            if cached is not None:
+                self._holders.setdefault(source, []).append((pid, "dram"))
+                self._checks[(source, pid)] = loop.run_in_executor(
+                    None, self._store.is_current, source, cached[1]
+                )
+                return AcquireReport(str(cached[0]), "dram", time.perf_counter() - t0, True)
+        # Stale copies go first (one read of the source's index), so `where` names the tier
+        # the current version comes from.
+        await loop.run_in_executor(None, self._store.drop_stale, source)
         where = self._store.locate(source) or ("remote" if source.startswith("s3://") else "local")
         tier: str | None = "dram"
         path: Path | None = None
         try:
             if streaming:
-                path = await loop.run_in_executor(None, self._store.acquire_ssd, source, pid)
+                path = await loop.run_in_executor(
+                    None, partial(self._store.acquire_ssd, source, pid, checked=True)
+                )
                 if path is not None:
                     tier = "ssd"
                 else:
@@ -99,7 +126,9 @@ class NodeStoreActor:
                         partial(self._store.acquire_streaming, source, checked=True, owner=pid),
                     )
             else:
-                path = await loop.run_in_executor(None, self._store.acquire, source, pid)
+                path = await loop.run_in_executor(
+                    None, partial(self._store.acquire, source, pid, checked=True)
+                )
         except StoreCapacityError as e:
             # No room in DRAM for it: the instance maps it from disk (SSD tier, or the local
             # directory) rather than fail, slower to start but serving.
@@ -110,6 +139,13 @@ class NodeStoreActor:
         if tier is not None:
             self._holders.setdefault(source, []).append((pid, tier))
         return AcquireReport(str(path), where, time.perf_counter() - t0)
+
+    async def confirm(self, source: str, pid: int) -> bool:
+        """Whether the copy `acquire(..., trust_cache=True)` handed `pid` is `source`'s current
+        checkpoint (True if nothing was left to confirm). If not, the caller releases it and
+        acquires again without `trust_cache`, which fetches the new version."""
+        check = self._checks.pop((source, pid), None)
+        return True if check is None else bool(await check)
 
     async def release(self, source: str, pid: int) -> None:
         holders = self._holders.get(source, [])
@@ -195,18 +231,34 @@ def node_store_handle(node_id: str) -> Any | None:
 
 
 async def acquire_on_this_node(
-    source: str, timeout_s: float = 600.0, *, streaming: bool = False
+    source: str, timeout_s: float = 600.0, *, streaming: bool = False, trust_cache: bool = False
 ) -> AcquireReport | None:
     """From inside an instance: fetch and pin `source` in this node's DRAM tier for this
-    process. None when the node runs no store actor (the caller loads as before)."""
+    process. None when the node runs no store actor (the caller loads as before). With
+    `trust_cache`, see `NodeStoreActor.acquire` (then `confirm_on_this_node`)."""
     node_id = ray.get_runtime_context().get_node_id()
     handle = node_store_handle(node_id)
     if handle is None:
         return None
     report: AcquireReport = await asyncio.wait_for(
-        handle.acquire.remote(source, os.getpid(), streaming), timeout_s
+        handle.acquire.remote(source, os.getpid(), streaming, trust_cache), timeout_s
     )
     return report
+
+
+async def confirm_on_this_node(source: str, timeout_s: float = 60.0) -> bool:
+    """After `acquire_on_this_node(..., trust_cache=True)`: whether the copy is current."""
+    handle = node_store_handle(ray.get_runtime_context().get_node_id())
+    if handle is None:
+        return True
+    return bool(await asyncio.wait_for(handle.confirm.remote(source, os.getpid()), timeout_s))
+
+
+async def release_on_this_node(source: str) -> None:
+    """Drop this process's pin on `source` (an instance that will not use the copy)."""
+    handle = node_store_handle(ray.get_runtime_context().get_node_id())
+    if handle is not None:
+        await handle.release.remote(source, os.getpid())
 
 
 def fetch_on_this_node(source: str, timeout_s: float = 600.0) -> AcquireReport | None:

@@ -90,9 +90,12 @@ class PooledInstanceActor(InstanceActor):
                 f"pooled worker was not assigned a deployment within {ASSIGN_TIMEOUT_S:g} s"
             ) from None
         from ember.cluster.adapter import current_node_id
-        from ember.cluster.node_store_actor import acquire_on_this_node
+        from ember.cluster.node_store_actor import (
+            acquire_on_this_node,
+            confirm_on_this_node,
+            release_on_this_node,
+        )
         from ember.cluster.runner import prepare_checkpoint
-        from ember.errors import CheckpointNotFoundError
         from ember.store.shm import settled_path
 
         t0 = time.perf_counter()
@@ -105,8 +108,11 @@ class PooledInstanceActor(InstanceActor):
             )
             source = str(converted)
         t_fetch = time.perf_counter()
-        # Streaming: the engine is built while the fetch runs; its weights map chunk by chunk.
-        report = await acquire_on_this_node(source, streaming=True)
+        # Streaming: the engine is built while the fetch runs; its weights map chunk by chunk. A
+        # copy already in DRAM is handed out before the source is asked whether it still holds
+        # that version: the question (a round trip to S3) overlaps the engine's build.
+        overlap = os.environ.get("EMBER_CONFIRM_CACHE_FIRST", "0") in ("0", "")
+        report = await acquire_on_this_node(source, streaming=True, trust_cache=overlap)
         self._timings["store_s"] = time.perf_counter() - t_fetch
         self._timings["served_from"] = report.served_from if report else "disk"
         t_engine = time.perf_counter()
@@ -114,16 +120,19 @@ class PooledInstanceActor(InstanceActor):
             raise DeploymentError(f"{source}: no node store on node {node_id[:12]} to fetch it")
         path = settled_path(report.path) if report is not None else Path(source)
         self._source = source if report is not None else None
-        try:
-            runner = await loop.run_in_executor(None, self._runner_for, path)
-        except (CheckpointNotFoundError, FileNotFoundError):
-            # The fetch committed while the engine read the in-progress path (the directory
-            # was between its rename and the link left in its place): the complete one.
-            settled = settled_path(path)
-            if settled == path:
-                raise
-            runner = await loop.run_in_executor(None, self._runner_for, settled)
-            path = settled
+        runner, path = await self._build(path)
+        if report is not None and report.unconfirmed:
+            t_confirm = time.perf_counter()
+            current = await confirm_on_this_node(source)
+            self._timings["confirm_wait_s"] = time.perf_counter() - t_confirm
+            if not current:  # an older version (pushed again in place): fetch the new one
+                logger.warning("dram copy of %s is of an older version; fetching it again", source)
+                await loop.run_in_executor(None, runner.stop)
+                await release_on_this_node(source)
+                report = await acquire_on_this_node(source, streaming=True)
+                assert report is not None
+                self._timings["served_from"] = report.served_from
+                runner, path = await self._build(settled_path(report.path))
         runner.start(loop)
         self._runner = runner
         self._timings["engine_s"] = time.perf_counter() - t_engine
@@ -135,6 +144,22 @@ class PooledInstanceActor(InstanceActor):
             report.served_from if report else "disk",
         )  # fmt: skip
         return self._ready
+
+    async def _build(self, path: Path) -> tuple[EngineRunner, Path]:
+        """The engine over `path`, and the path it read."""
+        from ember.errors import CheckpointNotFoundError
+        from ember.store.shm import settled_path
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self._runner_for, path), path
+        except (CheckpointNotFoundError, FileNotFoundError):
+            # The fetch committed while the engine read the in-progress path (the directory
+            # was between its rename and the link left in its place): the complete one.
+            settled = settled_path(path)
+            if settled == path:
+                raise
+            return await loop.run_in_executor(None, self._runner_for, settled), settled
 
     def _runner_for(self, path: Path) -> EngineRunner:
         """`EngineRunner.create`'s engine, with `pack_weights` chosen by the pool: unpacked,

@@ -403,16 +403,45 @@ class NodeStore:
 
     # --- pins ------------------------------------------------------------------------------
 
-    def acquire(self, source: str, owner: int | None = None) -> Path:
+    def acquire(self, source: str, owner: int | None = None, *, checked: bool = False) -> Path:
         """Pin the DRAM copy (fetching it first if needed) for a local instance; `owner` (its
         process id) names the pin for `release`."""
         key = checkpoint_key(source)
         while True:
-            result = self.ensure(source)
+            result = self.ensure(source, checked=checked)
             with self._lock:
                 if self.dram.has(key):  # else evicted since ensure returned: fetch again
                     self.dram.pin(key, owner)
                     return result.path
+
+    def acquire_cached(self, source: str, owner: int | None = None) -> tuple[Path, bytes] | None:
+        """Pin the DRAM copy if there is one, without asking the source whether it is still
+        current: (its directory, its index.json's bytes), or None (nothing pinned). For a start
+        that overlaps that question with building its engine: it must ask
+        `is_current(source, index)` with those bytes before serving. (Not with the directory:
+        a newer version fetched meanwhile takes the same name.)"""
+        key = checkpoint_key(source)
+        with self._lock:
+            if not self.dram.has(key):
+                return None
+            path = self.dram.path(key)
+            index = (path / INDEX_FILE).read_bytes()
+            self.dram.pin(key, owner)
+            return path, index
+
+    def is_current(self, source: str, index: bytes) -> bool:
+        """Whether a copy with this `index.json` (from `acquire_cached`) is `source`'s current
+        checkpoint: one read of the source's index, as `drop_stale` does. A source that cannot
+        be read trusts the copy."""
+        try:
+            if is_s3_url(source):
+                current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+            else:
+                current = (Path(source).expanduser() / INDEX_FILE).read_bytes()
+        except (RemoteStoreError, OSError, CheckpointNotFoundError) as e:
+            logger.warning("cannot read the source's index, trusting the cached copy: %s", e)
+            return True
+        return index == current
 
     def acquire_on_disk(self, source: str, owner: int | None = None) -> tuple[Path, str | None]:
         """For a checkpoint the DRAM tier cannot hold (larger than the tier, or the tier full
@@ -464,7 +493,9 @@ class NodeStore:
             self.release(source, owner=owner)
             raise
 
-    def acquire_ssd(self, source: str, owner: int | None = None) -> Path | None:
+    def acquire_ssd(
+        self, source: str, owner: int | None = None, *, checked: bool = False
+    ) -> Path | None:
         """For a checkpoint on SSD, in the page cache, and neither in DRAM nor being fetched
         there: pin the SSD copy, check every block of it (`verify_mapped`, at memory speed),
         start copying it into DRAM in the background (one thread, lowest CPU priority) and
@@ -473,7 +504,8 @@ class NodeStore:
         evicted (the error is logged) and the caller fetches as usual."""
         from ember.store.verify import verify_mapped
 
-        self.drop_stale(source)
+        if not checked:
+            self.drop_stale(source)
         key = checkpoint_key(source)
         with self._lock:
             if self.dram.has(key) or key in self._fetches or not self.ssd.has(key):
@@ -543,10 +575,12 @@ class NodeStore:
 
     # --- fetching --------------------------------------------------------------------------
 
-    def ensure(self, source: str, tier: str = "dram") -> EnsureResult:
+    def ensure(self, source: str, tier: str = "dram", *, checked: bool = False) -> EnsureResult:
         """A complete copy of `source` in `tier` ("dram" by default, or "ssd" to prefetch only
-        to disk), fetched from the best tier that has it. Blocks until done."""
-        self.drop_stale(source)
+        to disk), fetched from the best tier that has it. Blocks until done. `checked`: the
+        caller has just run `drop_stale`."""
+        if not checked:
+            self.drop_stale(source)
         if tier == "ssd":
             return self._ensure_ssd(source)
         fetch = self.start_fetch(source)

@@ -559,6 +559,35 @@ def test_a_model_pushed_again_to_the_same_place_replaces_the_cached_copies(
     assert store.dram.pins(key) == 0
 
 
+def test_a_cached_copy_handed_out_unchecked_is_confirmed_against_the_source(
+    tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
+) -> None:
+    """`acquire_cached` pins a DRAM copy without asking S3; `is_current` asks afterwards (the
+    pooled worker overlaps it with building its engine), about the index it handed out: true
+    until a new version is pushed, and still false once the new version, fetched for another
+    start, has taken the copy's directory name."""
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    url = "s3://models/confirmed"
+    remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
+    store = make_store(tmp_path, endpoint)
+    dram_cleanup.append(store)
+    assert store.acquire_cached(url, owner=1) is None  # nothing in DRAM: nothing pinned
+    assert store.dram.pins(checkpoint_key(url)) == 0
+    store.ensure(url)
+    cached = store.acquire_cached(url, owner=1)
+    assert cached is not None and store.dram.pins(checkpoint_key(url)) == 1
+    path, index = cached
+    assert store.is_current(url, index)
+    remote.upload_checkpoint(checkpoints["b"], parse_s3_url(url))
+    fresh = store.acquire(url, owner=2)  # another start meanwhile: a retired, b fetched
+    assert fresh == path  # the same directory name, now version b
+    assert not store.is_current(url, index)  # owner 1 mapped a: it must fetch again
+    assert store.is_current(url, (fresh / "index.json").read_bytes())
+    store.release(url, owner=1)
+    store.release(url, owner=2)
+
+
 def test_a_start_after_an_update_does_not_join_a_fetch_of_the_old_version(
     tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
 ) -> None:

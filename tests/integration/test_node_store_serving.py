@@ -352,6 +352,10 @@ def test_a_model_pushed_again_rolls_out_on_the_next_deploy(
                 assert [h.instance_id for h in controller.ready_instances("rolled")] == [first]
                 second, tokens = await serving_tokens(not_id=first)
                 assert tokens == want[v2]  # the store fetched v2 beside the mapped v1 copy
+                # The pooled worker was handed the DRAM copy (v1) unchecked, built its engine,
+                # learnt it was stale and fetched v2 from S3.
+                [status] = controller.status()
+                assert [i.tier for i in status.instances if i.instance_id == second] == ["remote"]
                 deadline = loop.time() + 60
                 while [h.instance_id for h in controller.ready_instances("rolled")] != [second]:
                     assert loop.time() < deadline, controller.status()
