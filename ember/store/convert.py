@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -316,7 +317,8 @@ def _publish(tmp: Path, dst: Path) -> None:
 
     Two processes converting the same source to the same `dst` at once (ranks of one engine)
     write identical bytes; if another one publishes between our check and our rename, ours is
-    discarded and theirs kept.
+    discarded and theirs kept. (With three or more, a third may have moved that one away
+    again by the time we look: then ours is renamed in after all.)
     """
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -330,12 +332,21 @@ def _publish(tmp: Path, dst: Path) -> None:
             os.rename(dst, old)
         except FileNotFoundError:  # another conversion moved it away first
             old = None
-    try:
-        os.rename(tmp, dst)
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not (dst / INDEX_FILE).is_file():
-            raise
-        logger.info("another conversion published dst=%s first; keeping it", dst)
-        shutil.rmtree(tmp, ignore_errors=True)
+    for attempt in range(20):
+        try:
+            os.rename(tmp, dst)
+            break
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if (dst / INDEX_FILE).is_file():
+                logger.info("another conversion published dst=%s first; keeping it", dst)
+                shutil.rmtree(tmp, ignore_errors=True)
+                break
+            # Between their publish and our look, a third conversion moved `dst` away to
+            # replace it: try again (it is about to publish, or gone).
+            if attempt == 19:
+                raise
+            time.sleep(0.01)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

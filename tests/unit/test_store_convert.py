@@ -282,6 +282,35 @@ def test_concurrent_conversions_to_one_destination_all_succeed(tmp_path: Path) -
     assert torch.equal(out["model.norm.weight"], src["model.norm.weight"])
 
 
+def test_a_destination_moved_away_between_a_clash_and_the_look_is_published_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three conversions at once: ours finds `dst` taken (another published it), but by the
+    time it looks, a third has moved that one away to replace it. Ours is renamed in after
+    all, rather than failing (a CI run met this once in the four-thread test above)."""
+    import errno
+    import importlib
+    import os
+
+    convert_module = importlib.import_module("ember.store.convert")  # the module, not the function
+
+    tmp, dst = tmp_path / ".ck.converting", tmp_path / "ck"
+    tmp.mkdir()
+    (tmp / "index.json").write_text("{}")
+    real_rename = os.rename
+    clashes = []
+
+    def rename(src: object, target: object) -> None:
+        if Path(str(src)) == tmp and not clashes:
+            clashes.append(1)  # dst was there a moment ago, and is gone (moved away) now
+            raise OSError(errno.ENOTEMPTY, "Directory not empty")
+        real_rename(src, target)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(convert_module.os, "rename", rename)
+    convert_module._publish(tmp, dst)
+    assert clashes == [1] and (dst / "index.json").is_file() and not tmp.exists()
+
+
 def test_partitions_are_written_in_whole_aligned_blocks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
