@@ -288,3 +288,46 @@ def test_s3_model_push_deploy_prefetch_evict_as_a_user_runs_them(
         assert r.returncode == 1 and "nosuch" in r.stderr
     finally:
         moto.stop()
+
+
+def test_an_update_rolls_over_and_a_broken_one_leaves_the_old_serving(
+    ember_server: EmberServer, model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """`ember deploy` again with a new engine setting, then with a truncated weights file, as a
+    user runs them against a live server: the deployment keeps answering throughout, ends with
+    one instance of the new revision, and a revision that cannot start leaves it serving with
+    the reason in `ember status`."""
+    import shutil
+
+    model = model_factory("llama", "tiny", "fp32", seed=4)
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    url = ("--url", ember_server.url)
+    base = ("deploy", "cli-u", "--min-instances", "1", "--max-instances", "3", *url)
+    body = {"model": "cli-u", "prompt": [1, 2, 3], "max_tokens": 2}
+
+    def answers() -> bool:
+        r = httpx.post(ember_server.url + "/v1/completions", json=body, timeout=120.0)
+        return r.status_code == 200
+
+    def live(name: str) -> list[tuple[int, str]]:
+        d = deployment(status_http(ember_server), name) or {"instances": []}
+        return sorted((i["revision"], i["state"]) for i in d["instances"] if i["state"] != "failed")
+
+    r = ember(base[0], base[1], str(model), *base[2:])
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: live("cli-u") == [(0, "ready")])
+    r = ember(base[0], base[1], str(model), *base[2:], "--max-num-seqs", "8")
+    assert (r.returncode, r.stdout.strip()) == (0, f"deployment cli-u updated (source {model})")
+    assert (0, "ready") in live("cli-u") and answers()  # the old one serves meanwhile
+    wait_for(lambda: live("cli-u") == [(1, "ready")])
+    assert answers()
+    r = ember(base[0], base[1], str(broken), *base[2:])
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: bool((deployment(status_http(ember_server), "cli-u") or {}).get("last_error")))
+    assert live("cli-u")[0] == (1, "ready") and answers()  # revision 2 failed: 1 serves on
+    text = ember("status", *url).stdout
+    assert "last start failed: " in text and "model.safetensors" in text and "(old)" in text
+    assert ember("delete", "cli-u", *url).returncode == 0
