@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--prefetch", choices=("ssd", "dram", "none"), default="ssd",
-        help="s3:// sources: the tier one node fetches the checkpoint into at deploy time",
+        help="the tier one node brings the checkpoint into at deploy time (a local model: "
+        "ssd converts it there, dram also loads it into DRAM)",
     )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the server's answer as JSON")
     add_connection_arguments(parser)

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "deploy": ("deploy", "create or update a deployment on a running server"),
     "delete": ("delete", "delete a deployment on a running server"),
     "status": ("status", "show deployments, instances and where checkpoints are cached"),
-    "prefetch": ("prefetch", "fetch a deployment's s3:// checkpoint into a node's SSD or DRAM"),
+    "prefetch": ("prefetch", "bring a deployment's checkpoint into a node's SSD or DRAM"),
     "evict": ("evict", "drop a deployment's s3:// checkpoint from the nodes' DRAM or SSD tier"),
     "push": ("push", "convert a model and upload it to an S3 bucket"),
     "sim": ("sim", "simulate policies on spot and workload traces"),

@@ -1,6 +1,7 @@
 """`ember prefetch NAME [--tier ssd|dram] [--node ID]` and `ember evict NAME [--tier dram|ssd]
-[--node ID]`: move a deployment's `s3://` checkpoint between a running server's node store
-tiers.
+[--node ID]`: move a deployment's checkpoint between a running server's node store tiers.
+A local model is converted on the node (ssd) and loaded into its DRAM tier (dram); evict
+takes `s3://` deployments only.
 
 Prefetch returns at once (the node's store fetches in the background; `ember status` shows
 the copy when it is there); by default it targets the node the next instance would start on.
@@ -16,7 +17,7 @@ from ember.cli.admin_client import AdminClient, add_connection_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_tier: str = "ssd") -> None:
-    parser.add_argument("name", help="the deployment (its source must be s3://...)")
+    parser.add_argument("name", help="the deployment (evict: its source must be s3://...)")
     parser.add_argument("--tier", choices=("ssd", "dram"), default=default_tier)
     parser.add_argument("--node", help="node id or a prefix of one (as `ember status` shows)")
     add_connection_arguments(parser)

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from ember.errors import ConfigError
 logger = logging.getLogger("ember.serve")
 
 DEMO_NAME = "ember-demo"
+# `ember serve` listens once the node stores and pre-started workers are up, or after this.
+WARM_TIMEOUT_S = 60.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,7 +185,18 @@ async def _serve(config: ServeConfig, api_config: Any, models: list[DeploymentSp
                 DEMO_NAME,
                 path,
             )
-            controller.deploy(DeploymentSpec(name=DEMO_NAME, source=str(path), max_instances=2))
+            controller.deploy(
+                DeploymentSpec(name=DEMO_NAME, source=str(path), max_instances=2, prefetch="dram")
+            )
+        t0 = time.perf_counter()
+        if await cluster.warm(WARM_TIMEOUT_S):
+            logger.info("node services warm in %.1f s", time.perf_counter() - t0)
+        else:
+            logger.warning(
+                "node stores or pre-started workers not ready after %.0f s; serving anyway "
+                "(the first requests may wait for them)",
+                WARM_TIMEOUT_S,
+            )
         app = create_app(controller, api_config)
         server = uvicorn.Server(
             uvicorn.Config(

@@ -93,6 +93,12 @@ class RayCluster:
         self.services.sync(nodes)  # nodes that joined get their store and pool
         return nodes
 
+    async def warm(self, timeout_s: float = 60.0) -> bool:
+        """Wait until the node stores have started and the pre-started workers have done their
+        imports (at most `timeout_s`; False if time ran out)."""
+        self.nodes()
+        return await self.services.warm(timeout_s)
+
     async def checkpoints(self) -> dict[str, list[dict[str, Any]]]:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
@@ -111,6 +117,11 @@ class RayCluster:
         """Start bringing `source` into `node_id`'s store tier ("ssd" or "dram"); returns at
         once (the controller's prefetch on deploy)."""
         self.services.prefetch(source, node_id, tier)
+
+    def prepare(self, spec: DeploymentSpec, node_id: str, tier: str) -> None:
+        """Start converting `spec`'s local model on `node_id` ahead of its first start (and for
+        "dram" loading it into the node store's DRAM tier); returns at once."""
+        self.services.prepare(spec, node_id, tier)
 
     async def evict(self, source: str, node_id: str, tier: str) -> bool:
         """Drop `source` from `node_id`'s store tier; False if it was not there. Raises

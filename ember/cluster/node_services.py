@@ -105,6 +105,7 @@ class NodeServices:
             logger.info("worker pool off: device=%s (pooled workers are CPU-only)", device)
             self.config = config = replace(config, pool_size=0)
         self._pool = WorkerPool(config.pool_size, cache_root, device, env, config.pack_weights)
+        self._cache_root = cache_root
         self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
 
     def store_config(self) -> NodeStoreConfig:
@@ -129,6 +130,20 @@ class NodeServices:
             self._ready.pop(gone, None)
         if self.config.pool_size:
             self._pool.sync(alive)
+
+    async def warm(self, timeout_s: float) -> bool:
+        """Wait until every node's store has started and its idle pooled workers have done
+        their imports (their constructors ran), at most `timeout_s`; False if time ran out.
+        `ember serve` answers only after this, so a request sent the moment `/health` first
+        answers finds a warm worker instead of paying for its imports."""
+        refs = list(self._ready.values())
+        refs += [ref.actor.info.remote() for idle in self._pool.idle().values() for ref in idle]
+        if not refs:
+            return True
+        done, _ = await asyncio.wait(
+            [asyncio.ensure_future(_quiet(r)) for r in refs], timeout=timeout_s
+        )
+        return len(done) == len(refs)
 
     def take(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> ActorRef | None:
         """A pre-started worker on `node_id`, assigned to `spec`; None if the pool is off or
@@ -214,6 +229,14 @@ class NodeServices:
             raise ConfigError(f"node {node_id[:12]} runs no node store")
         store.prefetch.remote(source, tier)
 
+    def prepare(self, spec: DeploymentSpec, node_id: str, tier: str = "ssd") -> None:
+        """Start converting `spec`'s local model on `node_id` (and, for "dram", loading it into
+        the DRAM tier) ahead of its first start; returns at once."""
+        store = self._stores.get(node_id)
+        if store is None:
+            raise ConfigError(f"node {node_id[:12]} runs no node store")
+        store.prepare.remote(spec, self._cache_root, tier)
+
     async def evict(self, source: str, node_id: str, tier: str = "dram") -> bool:
         """Drop `source` from `node_id`'s `tier`; False if it was not there. Raises
         StoreCapacityError if an instance on the node is using it."""
@@ -227,3 +250,12 @@ class NodeServices:
         directories stay, and the next store actor on the node finds the complete checkpoints
         in them again."""
         self._pool.shutdown()
+
+
+async def _quiet(ref: Any) -> None:
+    """Await a Ray object ref; a failure is the caller's to meet later (a worker that died
+    while starting is replaced by the pool, a store that failed is logged where it is used)."""
+    try:
+        await ref
+    except Exception:
+        logger.debug("waiting for a node service failed", exc_info=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +25,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 if TYPE_CHECKING:  # ember.store imports torch; the controller's process imports this module
+    from ember.controller.types import DeploymentSpec
     from ember.store.node_store import CachedCheckpoint, NodeStoreConfig
 
 logger = logging.getLogger(__name__)
@@ -168,6 +170,31 @@ class NodeStoreActor:
 
     async def prefetch(self, source: str, tier: str = "dram") -> None:
         self._store.prefetch(source, tier)
+
+    async def prepare(self, spec: DeploymentSpec, cache_root: str, tier: str = "ssd") -> None:
+        """A local model's first start, done ahead (the controller's prefetch on deploy): in
+        the background, convert its Hugging Face folder into this node's cache of converted
+        checkpoints, as the first instance here would (same file lock, same directory), and
+        for `tier` "dram" bring the result into the DRAM tier. Returns at once."""
+        threading.Thread(
+            target=self._prepare, args=(spec, cache_root, tier), name="ember-prepare", daemon=True
+        ).start()
+
+    def _prepare(self, spec: DeploymentSpec, cache_root: str, tier: str) -> None:
+        from ember.cluster.adapter import current_node_id
+        from ember.cluster.runner import prepare_checkpoint
+
+        t0 = time.perf_counter()
+        try:
+            path, _ = prepare_checkpoint(spec, cache_root, current_node_id())
+            if tier == "dram":
+                self._store.ensure(str(path), "dram")
+        except Exception:  # the first start meets the same error and reports it
+            logger.exception("prepare failed source=%s tier=%s", spec.source, tier)
+            return
+        logger.info(
+            "prepared source=%s tier=%s in %.2f s", spec.source, tier, time.perf_counter() - t0
+        )
 
     async def evict(self, source: str, tier: str = "dram") -> bool:
         self._reap()

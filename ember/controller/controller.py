@@ -649,16 +649,18 @@ class Controller:
 
     def prefetch(self, name: str, tier: str = "ssd", node_id: str | None = None) -> str:
         """Have a node's store bring deployment `name`'s `s3://` checkpoint into `tier` ("ssd"
-        or "dram") in the background; `node_id` (a prefix is enough) or, by default, the node
-        its next instance would start on. Returns the node id."""
+        or "dram") in the background, or convert its local model there ("ssd") and load that
+        into DRAM ("dram"); `node_id` (a prefix is enough) or, by default, the node its next
+        instance would start on. Returns the node id."""
         spec = self.get(name)
-        fn = self._store_lever(spec, tier, "prefetch")
+        remote = spec.source.startswith("s3://")
+        fn = self._store_lever(spec, tier, "prefetch" if remote else "prepare")
         nodes = [n for n in self._cluster.nodes() if n.alive]
         target = _one_node(nodes, node_id) if node_id else self._prefetch_node(spec, nodes)
         if target is None:
             raise DeploymentError("no alive node to prefetch to")
-        fn(spec.source, target, tier)
-        self._hint(spec.source, target, TIER_RANK[tier])
+        fn(spec.source if remote else spec, target, tier)
+        self._hint(spec.source, target, TIER_RANK[tier] if remote else DISK)
         logger.info("prefetch source=%s node=%s tier=%s", spec.source, target[:12], tier)
         return target
 
@@ -718,10 +720,11 @@ class Controller:
     def _store_lever(self, spec: DeploymentSpec, tier: str, what: str) -> Callable[..., Any]:
         if tier not in TIER_RANK:
             raise ConfigError(f"tier: {tier!r} is not one of {', '.join(TIER_RANK)}")
-        if not spec.source.startswith("s3://"):
+        if not spec.source.startswith("s3://") and what != "prepare":
             raise ConfigError(
-                f"source: {spec.name} serves {spec.source}; only s3:// checkpoints live in the "
-                "node stores' tiers (a local model is converted on each node at its first start)"
+                f"source: {spec.name} serves {spec.source}; only s3:// checkpoints can be "
+                f"{what}ed by name (a local model's converted copies leave DRAM by the stores' "
+                "LRU, and stay on each node's disk until `ember cache prune`)"
             )
         fn = getattr(self._cluster, what, None)
         if not callable(fn):
@@ -767,8 +770,9 @@ class Controller:
         bring its `s3://` checkpoint into `spec.prefetch`'s tier now, so the first request
         starts from it: the node the next instance would be placed on, unless a node already
         holds it in that tier or a faster one."""
-        fn = getattr(self._cluster, "prefetch", None)
-        if spec.prefetch == "none" or not spec.source.startswith("s3://") or not callable(fn):
+        remote = spec.source.startswith("s3://")
+        fn = getattr(self._cluster, "prefetch" if remote else "prepare", None)
+        if spec.prefetch == "none" or not callable(fn):
             return
         if spec.min_instances > 0:  # an instance starts now; its fetch fills SSD and DRAM
             return
@@ -781,11 +785,12 @@ class Controller:
         if node_id is None:
             return
         try:
-            fn(spec.source, node_id, spec.prefetch)
+            fn(spec.source if remote else spec, node_id, spec.prefetch)
         except Exception as e:  # a node without a store, a store gone: the first start fetches
             logger.warning("prefetch of %s to node %s failed: %s", spec.source, node_id[:12], e)
             return
-        self._hint(spec.source, node_id, want)
+        # A local model is converted there for good; its DRAM copy is the store's to evict.
+        self._hint(spec.source, node_id, want if remote else DISK)
         logger.info("prefetch source=%s node=%s tier=%s", spec.source, node_id[:12], spec.prefetch)
 
     # --- helpers ---------------------------------------------------------------------------

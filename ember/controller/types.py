@@ -38,10 +38,11 @@ class DeploymentSpec:
         puts on running requests, higher prefills bursts in fewer steps.
     max_queue: requests the router queues for this deployment before answering 429.
     request_timeout_s: the longest a request may wait and run before a timeout error.
-    prefetch: for an `s3://` source with min_instances 0, the tier ("ssd", "dram" or "none")
-        one node's store brings the checkpoint into as soon as the deployment is created (or
-        its source changes), so the first request starts from it instead of the remote store;
-        ignored for local sources (and with min_instances > 0: that instance fetches it).
+    prefetch: with min_instances 0, the tier ("ssd", "dram" or "none") one node's store
+        brings the checkpoint into as soon as the deployment is created (or its source
+        changes), so the first request starts from it: an `s3://` checkpoint is fetched; a
+        local Hugging Face folder is converted on that node ("ssd") and loaded into its DRAM
+        tier ("dram"). Ignored with min_instances > 0 (that instance fetches it).
     """
 
     name: str

@@ -3,7 +3,8 @@
 `warm_engine_process(device)` imports what building an engine imports (torch, the model code,
 the tokenizer library, the DRAM-tier mapper) and runs each kind of op a decode step uses once,
 on tiny tensors, in every float dtype: the thread pool starts and first-call kernel setup
-(oneDNN, bf16 paths) happens now, not during a request's first token. On CUDA it also creates
+(oneDNN, bf16 paths) happens now, not during a request's first token. It loads ember's CPU
+decode-attention kernel too, compiling it if this machine's cache has none yet. On CUDA it also creates
 the device's context, runs the same ops there (cuBLAS handles, attention kernels), pins the
 loader's staging buffers and, given checkpoints it may be asked to load (the node store's DRAM
 tier), registers their files with the driver (`cuda_loader.pin_checkpoint`) so that loading
@@ -15,6 +16,7 @@ request: the first forward pass of a fresh CUDA process pays for loading each ke
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,6 +60,12 @@ def warm_engine_process(
                 F.scaled_dot_product_attention(y, y, y, is_causal=True)
                 torch.softmax(y.float(), dim=-1).argmax(dim=-1).tolist()
                 F.embedding(torch.tensor([1, 2], device=dev), w)
+    # The CPU decode-attention kernel: compiled on this machine's first use (about a second,
+    # once per cache directory), then only loaded; either way not during a request's start.
+    from ember.engine.models import cpu_attention
+
+    if os.environ.get("EMBER_CPU_KERNELS", "1") != "0":
+        cpu_attention.load()
     if engine_pass if engine_pass is not None else device.startswith("cuda"):
         _tiny_engine_pass(device)
     return time.perf_counter() - t0

@@ -33,6 +33,7 @@ class TwoNodes(LocalCluster):
         super().__init__(cache_root, cpus=0.0)  # instances never finish starting
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.prefetched: list[tuple[str, str, str]] = []
+        self.prepared: list[tuple[str, str, str]] = []  # local models converted ahead
         self.link_rates: dict[str, dict[str, float]] = {}  # what the stores measured
         self.launched_on: list[tuple[str, str | None]] = []  # (deployment, node)
         self.node_list = [
@@ -55,6 +56,9 @@ class TwoNodes(LocalCluster):
 
     def prefetch(self, source: str, node_id: str, tier: str) -> None:
         self.prefetched.append((source, node_id, tier))
+
+    def prepare(self, spec: DeploymentSpec, node_id: str, tier: str) -> None:
+        self.prepared.append((spec.source, node_id, tier))
 
     async def evict(self, source: str, node_id: str, tier: str) -> bool:
         rows = self.rows.get(node_id, [])
@@ -107,9 +111,19 @@ def test_an_s3_deployment_is_prefetched_once_to_the_node_it_would_start_on(
         assert cached_on(c, "m") == ("a",)
         c.deploy(DeploymentSpec("m", URL, max_num_seqs=4))  # same source: nothing to fetch
         c.deploy(DeploymentSpec("n", "s3://models/n", prefetch="none"))
-        c.deploy(DeploymentSpec("local", str(tmp_path)))  # local folders are converted at start
         c.deploy(DeploymentSpec("n1", "s3://models/n1", min_instances=1))  # its start fetches
         assert cluster.prefetched == [(URL, "a", "ssd")]
+        # A local folder is converted on that node ahead of its first start (and, for "dram",
+        # loaded into its DRAM tier); the conversion stays on the node's disk.
+        (tmp_path / "x").mkdir()
+        (tmp_path / "y").mkdir()
+        c.deploy(DeploymentSpec("local", str(tmp_path)))
+        c.deploy(DeploymentSpec("local-none", str(tmp_path / "x"), prefetch="none"))
+        c.deploy(DeploymentSpec("local-dram", str(tmp_path / "y"), prefetch="dram"))
+        assert cluster.prepared == [(str(tmp_path), "a", "ssd"), (str(tmp_path / "y"), "a", "dram")]
+        assert cached_on(c, "local") == ("a",)
+        c.deploy(DeploymentSpec("local", str(tmp_path), max_num_seqs=4))  # converted already
+        assert len(cluster.prepared) == 2
         c.deploy(DeploymentSpec("m", URL, prefetch="dram"))  # a faster tier is asked for
         assert cluster.prefetched[1:] == [(URL, "a", "dram")]
         # A second deployment of a source already held: the stores have it, no new fetch.
@@ -169,7 +183,7 @@ def test_prefetch_and_evict_on_demand_through_the_admin_api(tmp_path: Path) -> N
             r = await http.post("/admin/deployments/m/evict", json={"tier": "ssd"})
             assert r.json()["nodes"] == []  # no node holds it there
             for path, body, status, param in [
-                ("/admin/deployments/local/prefetch", {}, 400, "source"),
+                ("/admin/deployments/local/evict", {}, 400, "source"),
                 ("/admin/deployments/m/prefetch", {"tier": "gpu"}, 400, "tier"),
                 ("/admin/deployments/m/prefetch", {"node": "z"}, 400, "node"),
                 ("/admin/deployments/m/evict", {"bogus": 1}, 400, None),
@@ -178,9 +192,12 @@ def test_prefetch_and_evict_on_demand_through_the_admin_api(tmp_path: Path) -> N
                 r = await http.post(path, json=body)
                 assert r.status_code == status, (path, body, r.text)
                 assert r.json()["error"]["param"] == param, r.text
-        with pytest.raises(ConfigError, match="only s3:// checkpoints"):
-            c.prefetch("local")
+        with pytest.raises(ConfigError, match="only s3:// checkpoints can be evicted"):
+            await c.evict("local")
         assert len(cluster.prefetched) == 2
+        # `ember prefetch` of a local model: converted there, and loaded into DRAM.
+        assert c.prefetch("local", "dram", "b") == "b"
+        assert cluster.prepared[-1] == (str(tmp_path), "b", "dram")
 
     run(tmp_path, body)
 
