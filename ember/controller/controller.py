@@ -53,6 +53,11 @@ logger = logging.getLogger(__name__)
 
 LoadSource = Callable[[str], tuple[int, int]]  # deployment -> (queued, in_flight)
 HINT_TTL_S = 600.0  # how long a prefetch or start is believed without the stores listing it
+# Scale-out prefetch: a deployment whose load is above this fraction of what its instances are
+# sized for (target_concurrency each) gets its checkpoint onto the node its next instance would
+# start on; checked at most every AHEAD_INTERVAL_S per deployment.
+AHEAD_LOAD = 0.5
+AHEAD_INTERVAL_S = 2.0
 
 
 class Controller:
@@ -461,6 +466,7 @@ class Controller:
             keep = min(len(outdated), max(0, dep.desired - ready))
             if len(outdated) > keep:
                 self._scale_down(outdated, len(outdated) - keep, now)
+        self._prefetch_ahead(dep, len(active), queued + in_flight)
         for inst in insts:
             if inst.state is InstanceState.DRAINING:
                 idle = inst.handle is None or inst.handle.in_flight == 0
@@ -792,6 +798,54 @@ class Controller:
         # A local model is converted there for good; its DRAM copy is the store's to evict.
         self._hint(spec.source, node_id, want if remote else DISK)
         logger.info("prefetch source=%s node=%s tier=%s", spec.source, node_id[:12], spec.prefetch)
+
+    def _prefetch_ahead(self, dep: DeploymentRecord, active: int, load: int) -> None:
+        """Scale-out prefetch: while a deployment carries more than AHEAD_LOAD of what its
+        instances are sized for and may still grow, the node its next instance would start on
+        gets the checkpoint into the deployment's `prefetch` tier (an `s3://` one fetched, a
+        local one converted). The instance that the next rise in load adds then starts from
+        there instead of downloading while requests queue for it. Nothing is done when that
+        node already holds the checkpoint there or faster: typically the node of a running
+        instance with room for another."""
+        spec = dep.spec
+        if spec.prefetch == "none" or not 0 < active < spec.max_instances:
+            return
+        if load <= AHEAD_LOAD * active * spec.target_concurrency:
+            return
+        now = time.monotonic()
+        if now - dep.ahead_checked_at < AHEAD_INTERVAL_S:
+            return
+        dep.ahead_checked_at = now
+        remote = spec.source.startswith("s3://")
+        fn = getattr(self._cluster, "prefetch" if remote else "prepare", None)
+        if not callable(fn):
+            return
+        nodes = [n for n in self._cluster.nodes() if n.alive]
+        where = self._locality(spec.source)
+        best = choose_node(
+            nodes,
+            where,
+            need_cpus=self._cluster.instance_cpus(spec),
+            need_gpus=self._instance_gpus(spec),
+            taken=[i.node_id for i in self._live(spec.name) if i.node_id],
+            **self._estimate_inputs(spec, nodes),
+        )
+        want = TIER_RANK[spec.prefetch]
+        # A local model converted there is enough (its DRAM copy is a read of the page cache).
+        if best is None or where.get(best.node_id, NOWHERE) <= (want if remote else DISK):
+            return
+        try:
+            fn(spec.source if remote else spec, best.node_id, spec.prefetch)
+        except Exception as e:  # the next instance fetches it itself
+            logger.warning(
+                "prefetch of %s to node %s failed: %s", spec.source, best.node_id[:12], e
+            )
+            return
+        self._hint(spec.source, best.node_id, want if remote else DISK)
+        logger.info(
+            "scale-out prefetch deployment=%s source=%s node=%s tier=%s load=%d instances=%d",
+            spec.name, spec.source, best.node_id[:12], spec.prefetch, load, active,
+        )  # fmt: skip
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -108,3 +108,4 @@ class DeploymentRecord:
     # Bumped by an update that needs new instances (engine fields, the source or its contents):
     # instances of an older revision serve until this one's are ready (a rolling update).
     revision: int = 0
+    ahead_checked_at: float = float("-inf")  # monotonic time of the last scale-out prefetch check

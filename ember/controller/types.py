@@ -42,7 +42,9 @@ class DeploymentSpec:
         brings the checkpoint into as soon as the deployment is created (or its source
         changes), so the first request starts from it: an `s3://` checkpoint is fetched; a
         local Hugging Face folder is converted on that node ("ssd") and loaded into its DRAM
-        tier ("dram"). Ignored with min_instances > 0 (that instance fetches it).
+        tier ("dram"). Ignored with min_instances > 0 (that instance fetches it). The same
+        tier is used ahead of a scale-out, on the node the next instance would start on
+        ("none" turns that off too).
     """
 
     name: str

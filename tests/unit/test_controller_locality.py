@@ -292,3 +292,61 @@ def test_a_node_whose_store_measured_a_slow_s3_link_is_passed_over(tmp_path: Pat
         await until(lambda: cluster.launched_on[1:] == [("n", "a")])
 
     run(tmp_path, body)
+
+
+def test_a_busy_deployment_gets_its_checkpoint_onto_the_node_its_next_instance_starts_on(
+    tmp_path: Path,
+) -> None:
+    """Scale-out prefetch: above half of what its instances are sized for, a deployment that
+    may still grow has its checkpoint brought to the node its next instance would start on
+    (once), so that instance does not download while requests queue for it."""
+    load = {"m": (0, 0)}
+
+    async def ticks(c: Controller, n: int = 5) -> None:
+        for _ in range(n):
+            await c.reconcile_once()
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        c.set_load_source(lambda name: load.get(name, (0, 0)))
+        c.deploy(DeploymentSpec("m", URL, min_instances=1, max_instances=2))
+        await until(lambda: cluster.launched_on == [("m", "a")])
+        cluster.rows = {"a": [row(URL, "dram", pins=1, nbytes=2**30)]}
+        # The first instance never finishes loading here, which queues a second one on "a"
+        # behind it: "b" is made clearly worse (its store measured a slow link to S3).
+        cluster.link_rates = {"b": {"remote": 1e6}}
+        await until(lambda: cached_on(c, "m") == ("a",) and "b" in c.rates())
+        # "a" has room for the next instance beside its DRAM copy: nothing to fetch.
+        load["m"] = (1, 2)  # 3 of 4
+        await ticks(c)
+        assert cluster.prefetched == []
+        # "a" is full now: the next instance would go to "b", which holds nothing.
+        cluster.node_list[0] = replace(cluster.node_list[0], cpus_available=0.0)
+        load["m"] = (0, 2)  # half: not yet
+        c._deployments["m"].ahead_checked_at = float("-inf")
+        await ticks(c)
+        assert cluster.prefetched == []
+        load["m"] = (0, 3)
+        c._deployments["m"].ahead_checked_at = float("-inf")
+        await ticks(c)
+        assert cluster.prefetched == [(URL, "b", "ssd")]
+        c._deployments["m"].ahead_checked_at = float("-inf")
+        await ticks(c)
+        assert cluster.prefetched == [(URL, "b", "ssd")]  # believed there now: once
+        # A local model is converted there; none when the deployment is at its maximum or
+        # prefetches nothing.
+        for name, spec in [
+            ("local", DeploymentSpec("local", str(tmp_path), min_instances=1, max_instances=2)),
+            ("full", DeploymentSpec("full", "s3://models/full", min_instances=1)),
+            ("off", DeploymentSpec("off", "s3://models/off", min_instances=1, max_instances=3,
+                                   prefetch="none")),
+        ]:  # fmt: skip
+            cluster.node_list[0] = replace(cluster.node_list[0], cpus_available=4.0)
+            c.deploy(spec)
+            await until(lambda n=name: any(d == n for d, _ in cluster.launched_on))  # type: ignore[misc]
+            cluster.node_list[0] = replace(cluster.node_list[0], cpus_available=0.0)
+            load[name] = (0, 4)
+            await ticks(c)
+        assert cluster.prepared == [(str(tmp_path), "b", "ssd")]
+        assert cluster.prefetched == [(URL, "b", "ssd")]
+
+    run(tmp_path, body)
