@@ -93,7 +93,8 @@ class Controller:
         self._versions: dict[str, str] = {}  # s3:// source -> version seen by `check_source`
         self._losses = NodeLosses()  # nodes seen to go away: spot zones' preemption risk
         # node -> its store's measured fetch rates, bytes/s by "remote" / "ssd" (refreshed
-        # with `_stored`; placement assumes its defaults where a node measured nothing)
+        # with `_stored`; where a node measured nothing, placement takes the other nodes' S3
+        # link, else its defaults)
         self._rates: dict[str, dict[str, float]] = {}
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None

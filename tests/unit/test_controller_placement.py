@@ -93,10 +93,10 @@ def test_ties_break_on_node_id() -> None:
 
 
 def test_measured_rates_replace_the_assumed_bandwidths_per_node() -> None:
-    """A node whose store measured a slow S3 link (0.1 GB/s) loses to one that measured nothing
-    (1 GB/s assumed); a slow disk (0.2 GB/s) makes S3 at 1 GB/s the sooner start for 2 GB."""
+    """A node whose store measured a slow S3 link (0.1 GB/s) loses to one that measured a
+    faster one (1 GB/s); a slow disk (0.2 GB/s) makes S3 at 1 GB/s the sooner start for 2 GB."""
     nodes = [node("a", 4.0), node("b", 1.0)]
-    slow_link = {"a": {"remote": 0.1 * GB}}
+    slow_link = {"a": {"remote": 0.1 * GB}, "b": {"remote": 1 * GB}}
     p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, rates=slow_link)
     assert p == Placement("b", pytest.approx(2.0), "remote")
     p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, rates={"a": {"remote": 4 * GB}})
@@ -106,6 +106,25 @@ def test_measured_rates_replace_the_assumed_bandwidths_per_node() -> None:
     assert p == Placement("a", pytest.approx(2.0), "remote")
     p = choose_node(nodes, {"b": DISK}, need_cpus=1.0, model_bytes=2 * GB)  # 2 GB/s assumed
     assert p == Placement("b", pytest.approx(1.0), "ssd")
+
+
+def test_a_node_that_never_fetched_from_s3_expects_the_fleets_median_link() -> None:
+    """All nodes fetch from one remote store: a node with no measurement of its own takes the
+    median of those measured, not the assumed 1 GB/s; its own measurement, once made, wins."""
+    nodes = [node("a", 0.0), node("b", 0.0), node("c", 4.0)]  # busy: c has the room
+    rates = {"a": {"remote": 0.1 * GB}, "b": {"remote": 0.3 * GB, "ssd": 1 * GB}}
+    p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, rates=rates)
+    assert p == Placement("c", pytest.approx(10.0), "remote")  # 2 GB at the median 0.2 GB/s
+    # Only the remote link is shared: c's disk keeps the assumed 2 GB/s, not b's 1 GB/s.
+    p = choose_node(nodes, {"c": DISK}, need_cpus=1.0, model_bytes=2 * GB, rates=rates)
+    assert p == Placement("c", pytest.approx(1.0), "ssd")
+    rates["c"] = {"remote": 2 * GB}
+    p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, rates=rates)
+    assert p == Placement("c", pytest.approx(1.0), "remote")
+    # Nobody measured: the assumption.
+    assert choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB) == Placement(
+        "c", pytest.approx(2.0), "remote"
+    )
 
 
 def test_a_price_label_costs_a_second_per_dollar_an_hour() -> None:
