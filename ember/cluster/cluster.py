@@ -164,6 +164,8 @@ class RayCluster:
                 f"instance {handle.instance_id} did not start within {timeout_s:g} s "
                 "(no node with room, or a slow load)"
             ) from None
+        finally:  # a pooled worker's replacement starts now, off the start's CPU time
+            self.services.started(handle.actor_ref.name)
         if not isinstance(ready, InstanceReady):
             raise DeploymentError(f"instance {handle.instance_id} answered {ready!r} to start")
         return ready

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,15 @@ if TYPE_CHECKING:  # ember.store imports torch: only store actors and instances 
     from ember.store.node_store import NodeStoreConfig
 
 logger = logging.getLogger(__name__)
+
+# After a pooled worker's start has ended, its replacement starts this much later, so that its
+# imports (about 2 s of CPU) do not run beside the load and the new instance's first request.
+# The health probe's pool top-up leaves such a node alone until then. A 0.5b start from DRAM
+# over HTTP on 2 cores (5 requests each, median): replacement started at the take 0.354 s,
+# right after the start 0.386 s, 2 s after it (probe held off) 0.300 s.
+REFILL_DELAY_S = 2.0
+# The longest a start holds its node's pool back (a start the caller never reports ended).
+HOLD_MAX_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +117,11 @@ class NodeServices:
         self._pool = WorkerPool(config.pool_size, cache_root, device, env, config.pack_weights)
         self._cache_root = cache_root
         self._taken: dict[str, Any] = {}  # name -> actor handle of pooled workers in service
+        # Nodes whose pool `sync` leaves alone until then (monotonic time): a pooled worker was
+        # taken there and its start is running, or ended less than REFILL_DELAY_S ago. The
+        # node each taken worker came from.
+        self._hold: dict[str, float] = {}
+        self._taken_on: dict[str, str] = {}
 
     def store_config(self) -> NodeStoreConfig:
         """The stores' configuration; each store narrows its directories to a slot of its
@@ -129,7 +144,8 @@ class NodeServices:
             del self._stores[gone]
             self._ready.pop(gone, None)
         if self.config.pool_size:
-            self._pool.sync(alive)
+            now = time.monotonic()
+            self._pool.sync(alive, hold={n for n, t in self._hold.items() if t > now})
 
     async def warm(self, timeout_s: float) -> bool:
         """Wait until every node's store has started and its idle pooled workers have done
@@ -147,10 +163,27 @@ class NodeServices:
 
     def take(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> ActorRef | None:
         """A pre-started worker on `node_id`, assigned to `spec`; None if the pool is off or
-        empty there (the caller starts an instance from scratch)."""
+        empty there (the caller starts an instance from scratch).
+
+        Its replacement starts REFILL_DELAY_S after this instance's start has ended
+        (`started`), not now: on a small node the replacement's imports would compete with the
+        load and the first request for CPU. A second start on the node meanwhile starts the
+        replacement at once and takes it, as before."""
         if not self.config.enabled or spec.tp != 1:
             return None
-        ref = self._pool.take(node_id)
+        if node_id is None:  # no node had room: any node's worker, replaced at once
+            ref = self._pool.take(None)
+        else:
+            ref = self._pool.take(node_id, refill=False)
+            if ref is None and self._hold.get(node_id, 0.0) > time.monotonic():
+                # Its replacement is being held back for a start still running here: start it
+                # now, for this one.
+                self._pool.fill(node_id)
+                ref = self._pool.take(node_id, refill=False)
+            if ref is not None:
+                until = time.monotonic() + HOLD_MAX_S
+                self._hold[node_id] = max(self._hold.get(node_id, 0.0), until)
+                self._taken_on[ref.name] = node_id
         if ref is None:
             return None
         ref.actor.assign.remote(spec, instance_id)  # ordered before the caller's start()
@@ -163,6 +196,33 @@ class NodeServices:
         self._taken[ref.name] = ref.actor
         logger.info("pooled worker taken name=%s instance=%s", ref.name, instance_id)
         return ActorRef(name=ref.name, actor=ref.actor, placement_group=pg)
+
+    def idle(self) -> dict[str, int]:
+        """Node id -> pre-started workers idle there."""
+        return {n: len(refs) for n, refs in self._pool.idle().items()}
+
+    def started(self, name: str) -> None:
+        """The start of the instance in pooled worker `name` has ended (ready or failed): its
+        node's pool is topped up REFILL_DELAY_S later (the new instance's first request runs
+        meanwhile), unless another start there holds it back longer."""
+        node_id = self._taken_on.pop(name, None)
+        if node_id is None:
+            return
+        others = node_id in self._taken_on.values()  # another start still running there
+        self._hold[node_id] = time.monotonic() + (HOLD_MAX_S if others else REFILL_DELAY_S)
+        if others:
+            return
+        try:
+            asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._refill, node_id)
+        except RuntimeError:  # no event loop: now
+            self._refill(node_id)
+
+    def _refill(self, node_id: str) -> None:
+        if self._hold.get(node_id, 0.0) > time.monotonic() + 0.05:
+            return  # held again by a later start
+        self._hold.pop(node_id, None)
+        if node_id in self._stores:
+            self._pool.fill(node_id)
 
     def _started(self, node_id: str) -> bool:
         ref = self._ready.get(node_id)

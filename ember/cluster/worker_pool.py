@@ -6,7 +6,8 @@ library takes longer than loading the weights from DRAM. `PooledInstanceActor` i
 `InstanceActor` started before any deployment needs it: its constructor imports everything
 the engine needs and holds no model. `WorkerPool` (driver side, used by `RayCluster`) keeps
 `size` of them per node; `take(node_id)` hands one over (the caller `assign`s it a deployment
-and calls `start` as for any instance) and immediately starts its replacement.
+and calls `start` as for any instance) and starts its replacement, at once or, with
+`refill=False`, when the caller says (`fill`; `NodeServices` does once the start has ended).
 
 A pooled worker loads its checkpoint through the node store (`acquire_on_this_node`), so on a
 CPU node its weights are views into the DRAM tier's shared memory (zero copy) and the DRAM copy
@@ -202,15 +203,21 @@ class WorkerPool:
         self._idle: dict[str, list[ActorRef]] = {}
         self._ids = itertools.count()
 
-    def sync(self, node_ids: list[str]) -> None:
-        """Fill the pool on every listed node; forget nodes no longer listed."""
+    def sync(self, node_ids: list[str], hold: set[str] | frozenset[str] = frozenset()) -> None:
+        """Fill the pool on every listed node but those in `hold`; forget nodes no longer
+        listed."""
         for gone in set(self._idle) - set(node_ids):
             for ref in self._idle.pop(gone):
                 _kill(ref)
         for node_id in node_ids:
-            idle = self._idle.setdefault(node_id, [])
-            while len(idle) < self.size:
-                idle.append(self._start(node_id))
+            if node_id not in hold:
+                self.fill(node_id)
+
+    def fill(self, node_id: str) -> None:
+        """Start workers on `node_id` until `size` are idle there."""
+        idle = self._idle.setdefault(node_id, [])
+        while len(idle) < self.size:
+            idle.append(self._start(node_id))
 
     def _start(self, node_id: str) -> ActorRef:
         name = f"{POOL_PREFIX}{node_id[:12]}-{os.getpid()}-{next(self._ids)}"

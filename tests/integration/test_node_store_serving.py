@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,55 @@ def test_a_new_deployment_is_prefetched_to_ssd_and_wakes_from_there(
                 assert loop.time() < deadline, cluster.actor_names()
                 await controller.reconcile_once()
                 await asyncio.sleep(0.1)
+
+    asyncio.run(body())
+
+
+def test_the_pool_refills_after_a_start_and_serves_two_starts_at_once(
+    tmp_path: Path, served: tuple[RayCluster, Path]
+) -> None:
+    """The replacement a start owes the pool begins only REFILL_DELAY_S after that start has
+    ended (its imports would compete with the first requests); two instances starting together
+    on the node both come from the pool (the second takes a replacement started for it at
+    once), and the pool is full again after."""
+    from ember.cluster.node_services import REFILL_DELAY_S
+
+    cluster, _ = served
+    services = cluster.services
+
+    async def body() -> None:
+        # The probe (which also tops the pool up) stays out of the way: one per minute.
+        async with running(cluster, tmp_path / "ember.db", probe_interval_s=60.0) as controller:
+            loop = asyncio.get_running_loop()
+            [node] = [n.node_id for n in cluster.nodes() if n.alive]
+            deadline = loop.time() + 200
+
+            async def until(pred: Callable[[], bool]) -> None:
+                while not pred():
+                    assert loop.time() < deadline, (services.idle(), cluster.actor_names())
+                    await controller.reconcile_once()
+                    await asyncio.sleep(0.05)
+
+            def pooled() -> list[str]:
+                return [n for n in cluster.actor_names() if n.startswith(POOL_PREFIX)]
+
+            await until(lambda: services.idle().get(node) == 1)
+            spec = DeploymentSpec("one", URL, min_instances=1, max_model_len=64, prefetch="none")
+            controller.deploy(spec)
+            await controller.wait_for_instance("one", 120.0)
+            t_ready = loop.time()
+            assert len(pooled()) == 1
+            assert services.idle()[node] == 0  # not yet: the instance's first requests run
+            await asyncio.sleep(max(0.0, t_ready + REFILL_DELAY_S + 0.5 - loop.time()))
+            assert services.idle()[node] == 1
+            controller.delete("one")
+            await until(lambda: not cluster.actor_names())
+            controller.deploy(replace(spec, name="two", min_instances=2, max_instances=2))
+            await until(lambda: len(controller.ready_instances("two")) == 2)
+            assert len(pooled()) == 2, cluster.actor_names()  # both from the pool
+            await until(lambda: services.idle()[node] == 1)  # and it fills up again
+            controller.delete("two")
+            await until(lambda: not cluster.actor_names())
 
     asyncio.run(body())
 
