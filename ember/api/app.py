@@ -193,8 +193,11 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
                 out["nodes"] = [n.to_dict() for n in nodes()]
                 rates = getattr(controller, "rates", None)
                 measured = rates() if callable(rates) else {}
+                pool = getattr(controller, "pool_idle", None)
+                idle = pool() if callable(pool) else {}
                 for n in out["nodes"]:  # what placement's start-up estimate uses
                     n["fetch_bytes_per_s"] = measured.get(n["node_id"], {})
+                    n["pool_idle"] = idle.get(n["node_id"], 0)  # pre-started workers waiting
             except Exception:  # the cluster may be unreachable; status still answers
                 logger.exception("admin status: listing nodes failed")
                 out["nodes"] = []

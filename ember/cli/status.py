@@ -68,6 +68,7 @@ def render(state: dict[str, Any]) -> str:
                 f"cpus={n.get('cpus_available', 0):g}/{n.get('cpus_total', 0):g} "
                 f"gpus={n.get('gpus_available', 0):g}/{n.get('gpus_total', 0):g}"
                 + (f" labels={labels}" if labels else "")
+                + (f" pool={n['pool_idle']}" if n.get("pool_idle") else "")
                 + _rates_text(n.get("fetch_bytes_per_s") or {})
             )
     checkpoints = state.get("checkpoints") or {}

@@ -103,6 +103,10 @@ class RayCluster:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
 
+    def pool_idle(self) -> dict[str, int]:
+        """Per node id, its pre-started workers idle (`ember status`)."""
+        return self.services.idle()
+
     async def rates(self) -> dict[str, dict[str, float]]:
         """Per node id, its node store's measured fetch rates (bytes/s by "remote", "ssd")."""
         return await self.services.rates()

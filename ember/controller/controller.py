@@ -271,6 +271,11 @@ class Controller:
         fn = getattr(self._cluster, "checkpoints", None)
         return await fn() if callable(fn) else {}
 
+    def pool_idle(self) -> dict[str, int]:
+        """Per node, its pre-started workers waiting for a start (empty without a pool)."""
+        fn = getattr(self._cluster, "pool_idle", None)
+        return dict(fn()) if callable(fn) else {}
+
     def rates(self) -> dict[str, dict[str, float]]:
         """Per node, its store's measured fetch rates (bytes/s by "remote", "ssd"), as of the
         last refresh; placement's estimate uses them."""

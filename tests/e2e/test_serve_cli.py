@@ -183,6 +183,7 @@ def test_a_fresh_server_is_warm_when_it_first_answers(
         if "PooledInstanceActor" in " ".join(p.cmdline())
     ]  # fmt: skip
     assert len(workers) == 1
+    assert [n["pool_idle"] for n in status_http(server)["nodes"]] == [1]
     maps = [m.path for m in workers[0].memory_maps()]
     assert any("/paged_attention-" in m for m in maps), "the kernel is not loaded yet"
 
