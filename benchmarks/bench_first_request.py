@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_update import free_port, overlay_python
+from bench_update import overlay_python
 from machine import git_sha, machine_facts
+from serve_process import check_tree, free_port, stop, wait_health, worktree
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_REF = "a9b1b67"
@@ -42,12 +42,7 @@ def one_start(python: Path, tree: Path, work: Path) -> dict[str, float]:
         **os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "EMBER_DRAM_DIR": str(work / "shm"), "EMBER_SSD_DIR": str(work / "ssd"),
     }  # fmt: skip
-    where = subprocess.run(
-        [str(python), "-c", "import ember; print(ember.__file__)"],
-        env=env, capture_output=True, text=True, check=True, cwd=work,
-    ).stdout.strip()  # fmt: skip
-    if not Path(where).resolve().is_relative_to(tree.resolve()):
-        raise RuntimeError(f"`import ember` found {where}, not the tree under test {tree}")
+    check_tree(python, tree, env, work)
     log = open(work / "serve.log", "ab")  # noqa: SIM115  # closed below
     t0 = time.monotonic()
     proc = subprocess.Popen(
@@ -56,26 +51,14 @@ def one_start(python: Path, tree: Path, work: Path) -> dict[str, float]:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
     )  # fmt: skip
     try:
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() - t0 > 180 or proc.poll() is not None:
-                raise RuntimeError(f"ember serve did not answer /health; see {work}/serve.log")
-            time.sleep(0.05)
+        wait_health(base, proc, 180, work / "serve.log")
         t_health = time.monotonic()
         body = {"model": "ember-demo", "prompt": "hello", "max_tokens": 4, "temperature": 0.0}
         r = httpx.post(base + "/v1/completions", json=body, timeout=300)
         r.raise_for_status()
         t_first = time.monotonic()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.close()
     return {"health_s": t_health - t0, "first_request_s": t_first - t_health}
 
@@ -88,12 +71,7 @@ def main() -> int:
     args = p.parse_args()
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     with tempfile.TemporaryDirectory(prefix="ember-bench-first-") as tmp:
-        baseline = Path(tmp) / "baseline-tree"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline),
-             args.baseline_ref], check=True, capture_output=True,
-        )  # fmt: skip
-        try:
+        with worktree(ROOT, args.baseline_ref, Path(tmp) / "baseline-tree") as baseline:
             trees = {"baseline": baseline, "ember": ROOT}
             pythons = {n: overlay_python(t, Path(tmp) / f"venv-{n}") for n, t in trees.items()}
             for i in range(args.runs):  # the trees take turns, so a slow phase hits both
@@ -105,11 +83,6 @@ def main() -> int:
                         results.setdefault(name, {}).setdefault(case, []).append(row)
                         print(f"{name} run {i} {case}: {json.dumps(row)}", flush=True)
                     shutil.rmtree(work / "shm", ignore_errors=True)
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)],
-                check=False, capture_output=True,
-            )  # fmt: skip
     summary: dict[str, Any] = {}
     for name, cases in results.items():
         for case, rows in cases.items():

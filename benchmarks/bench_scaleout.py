@@ -23,8 +23,6 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,17 +33,12 @@ from typing import Any
 
 import httpx
 from machine import git_sha, machine_facts
+from serve_process import free_port, stop, wait_health
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "scaleout"
 URL = "s3://bench/scaleout"
 PROMPT = "The history of the river begins in the mountains where"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ensure_checkpoint(size: str) -> Path:
@@ -149,16 +142,7 @@ def run_variant(prefetch: str, endpoint: str, args: argparse.Namespace) -> dict[
     clients = Clients(base)
     out: dict[str, Any] = {"prefetch": prefetch}
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"ember serve did not start; see {log.name}")
-            time.sleep(0.5)
+        wait_health(base, proc, 180, Path(log.name))
         spec = {
             "name": "m", "source": URL, "min_instances": 1, "max_instances": 2,
             "target_concurrency": 2, "keep_alive_s": 600, "max_model_len": 256,
@@ -213,11 +197,7 @@ def run_variant(prefetch: str, endpoint: str, args: argparse.Namespace) -> dict[
         )
     finally:
         clients.stop()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.close()
         cluster.shutdown()
         shutil.rmtree(shm, ignore_errors=True)

@@ -17,8 +17,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,16 +28,11 @@ from typing import Any
 
 import httpx
 from machine import git_sha, machine_facts
+from serve_process import check_tree, free_port, stop, wait_health, worktree
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_REF = "a8af3d9"  # the commit before f6a95f5 (rolling updates)
 DEFAULT_MODEL = Path.home() / ".cache" / "ember" / "bench-models" / "llama-125m"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def overlay_python(tree: Path, where: Path) -> Path:
@@ -74,12 +67,7 @@ def run_tree(
         **os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "EMBER_DRAM_DIR": str(work / "shm"), "EMBER_SSD_DIR": str(work / "ssd"),
     }  # fmt: skip
-    where = subprocess.run(
-        [str(python), "-c", "import ember; print(ember.__file__)"],
-        env=env, capture_output=True, text=True, check=True, cwd=work,
-    ).stdout.strip()  # fmt: skip
-    if not Path(where).resolve().is_relative_to(tree.resolve()):
-        raise RuntimeError(f"`import ember` found {where}, not the tree under test {tree}")
+    check_tree(python, tree, env, work)
     log = open(work / "serve.log", "wb")  # noqa: SIM115  # closed below
     proc = subprocess.Popen(
         [str(python), "-m", "ember", "serve", "--port", str(port), "--no-demo",
@@ -87,16 +75,7 @@ def run_tree(
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("ember serve did not answer /health in 180 s")
-            time.sleep(0.2)
+        wait_health(base, proc, 180, work / "serve.log")
         spec = {"name": "m", "source": str(model), "min_instances": 1, "max_model_len": 512,
                 "max_num_seqs": 4}  # fmt: skip
         httpx.post(base + "/admin/deployments", json=spec, timeout=60).raise_for_status()
@@ -105,11 +84,11 @@ def run_tree(
         while httpx.post(base + "/v1/completions", json=body, timeout=300).status_code != 200:
             time.sleep(0.5)  # the first instance is starting
         records: list[tuple[float, float, int]] = []  # (sent, seconds, status)
-        stop = threading.Event()
+        halt = threading.Event()
 
         def client() -> None:
             with httpx.Client(timeout=300) as c:
-                while not stop.is_set():
+                while not halt.is_set():
                     t0 = time.monotonic()
                     try:
                         status = c.post(base + "/v1/completions", json=body).status_code
@@ -139,14 +118,10 @@ def run_tree(
             raise TimeoutError("the update did not finish in 300 s")
         t_done = time.monotonic()
         time.sleep(settle_s)
-        stop.set()
+        halt.set()
         thread.join(300)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop(proc)
         log.close()
         shutil.rmtree(work / "shm", ignore_errors=True)
     before = [s for t, s, _ in records if t + s < t_update]
@@ -175,12 +150,7 @@ def main() -> int:
         p.error(f"--model {model}: no config.json (make one: ember make-model --size 125m DIR)")
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ember-bench-update-") as tmp:
-        baseline = Path(tmp) / "baseline-tree"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(baseline),
-             args.baseline_ref], check=True, capture_output=True,
-        )  # fmt: skip
-        try:
+        with worktree(ROOT, args.baseline_ref, Path(tmp) / "baseline-tree") as baseline:
             for name, tree in (("baseline", baseline), ("ember", ROOT)):
                 python = overlay_python(tree, Path(tmp) / f"venv-{name}")
                 for change in ("engine", "source"):
@@ -190,11 +160,6 @@ def main() -> int:
                         python, tree, model, work, args.settle_s, change
                     )
                     print(f"{name} {change}: {json.dumps(results[f'{name}_{change}'])}", flush=True)
-        finally:
-            subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline)],
-                check=False, capture_output=True,
-            )  # fmt: skip
     rows = []
     for change in ("engine", "source"):
         b, e = results[f"baseline_{change}"], results[f"ember_{change}"]

@@ -1,0 +1,75 @@
+"""`ember serve` as a subprocess for the benchmarks that measure it from outside: a free port on
+127.0.0.1, a baseline tree checked out beside this one, a check that the interpreter imports
+the tree under test, waiting for `/health`, and a clean stop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def worktree(repo: Path, ref: str, where: Path) -> Iterator[Path]:
+    """`repo` at `ref`, checked out at `where` (a git worktree) for as long as the block runs."""
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", str(where), ref],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield where
+    finally:
+        subprocess.run(
+            ["git", "-C", str(repo), "worktree", "remove", "--force", str(where)],
+            check=False, capture_output=True,
+        )  # fmt: skip
+
+
+def check_tree(python: Path | str, tree: Path, env: dict[str, str], cwd: Path) -> None:
+    """Refuse to measure the wrong code: `python` must import `ember` from `tree` (the project's
+    editable install puts its own finder ahead of PYTHONPATH, in every process Ray starts too)."""
+    where = subprocess.run(
+        [str(python), "-c", "import ember; print(ember.__file__)"],
+        env=env, capture_output=True, text=True, check=True, cwd=cwd,
+    ).stdout.strip()  # fmt: skip
+    if not Path(where).resolve().is_relative_to(tree.resolve()):
+        raise RuntimeError(f"`import ember` found {where}, not the tree under test {tree}")
+
+
+def wait_health(base: str, proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    """Poll `base`/health until it answers 200; raise if the server exits or `timeout_s` ends."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"ember serve exited with {proc.returncode}; see {log}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ember serve did not answer /health in {timeout_s:g} s; see {log}")
+        time.sleep(0.05)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT (ember serve stops its instances and its private Ray), then SIGKILL to the
+    process group if it has not exited within a minute."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
