@@ -96,6 +96,8 @@ class Controller:
         # with `_stored`; where a node measured nothing, placement takes the other nodes' S3
         # link, else its defaults)
         self._rates: dict[str, dict[str, float]] = {}
+        # source -> node -> bytes a fetch in flight there still has to bring from S3
+        self._pending: dict[str, dict[str, float]] = {}
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
         self._ids = itertools.count(1)
@@ -368,18 +370,36 @@ class Controller:
         except Exception as e:
             logger.warning("listing the node stores' checkpoints failed: %s", e)
         else:
+            # A fetch in flight counts as a copy in its tier where the node has no complete
+            # one (a start there joins it), with the bytes still to come from S3 as pending.
             fresh: dict[str, dict[str, int]] = {}
+            arriving: dict[str, dict[str, tuple[int, float]]] = {}
             for node_id, rows in stored.items():
                 for row in rows:
                     if row.get("retired"):  # an old version's copy, still mapped: not served
                         continue
                     rank = TIER_RANK.get(row.get("tier", ""))
-                    if rank is not None and row.get("nbytes"):
-                        self._model_bytes[str(row.get("key"))] = int(row["nbytes"])
-                    if rank is not None:
-                        by_node = fresh.setdefault(str(row.get("key")), {})  # the source
-                        by_node[node_id] = min(rank, by_node.get(node_id, NOWHERE))
-            self._stored = fresh
+                    if rank is None:
+                        continue
+                    key, nbytes = str(row.get("key")), int(row.get("nbytes") or 0)
+                    if nbytes:
+                        self._model_bytes[key] = nbytes
+                    if row.get("fetched") is not None:
+                        done = float(row["fetched"])
+                        best = arriving.setdefault(key, {}).get(node_id, (NOWHERE, 0.0))
+                        left = (1.0 - done) * nbytes
+                        if (rank, left) < best:
+                            arriving[key][node_id] = (rank, left)
+                        continue
+                    by_node = fresh.setdefault(key, {})  # the source
+                    by_node[node_id] = min(rank, by_node.get(node_id, NOWHERE))
+            pending: dict[str, dict[str, float]] = {}
+            for key, in_flight in arriving.items():
+                for node_id, (rank, left) in in_flight.items():
+                    if node_id not in fresh.get(key, {}):
+                        fresh.setdefault(key, {})[node_id] = rank
+                        pending.setdefault(key, {})[node_id] = left
+            self._stored, self._pending = fresh, pending
         rates = getattr(self._cluster, "rates", None)
         if callable(rates):
             try:
@@ -767,6 +787,7 @@ class Controller:
             "queue_s": self._loading_queue(),
             "risk": self._losses.risk(nodes, time.monotonic()),
             "rates": self._rates,
+            "pending": self._pending.get(spec.source, {}),
         }
 
     def _loading_queue(self) -> dict[str, float]:

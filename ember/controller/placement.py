@@ -87,6 +87,7 @@ def choose_node(
     queue_s: Mapping[str, float] | None = None,
     risk: Mapping[str, float] | None = None,
     rates: Mapping[str, Mapping[str, float]] | None = None,
+    pending: Mapping[str, float] | None = None,
 ) -> Placement | None:
     """Where a new instance starts soonest, or None when no alive node has `need_cpus` CPUs
     and `need_gpus` GPUs free.
@@ -95,7 +96,10 @@ def choose_node(
     from it hold no copy. queue_s: node id -> seconds of loads already running there. risk:
     node id -> preemption risk (0-1), which costs `SCORE.risk_penalty_s` seconds per unit.
     rates: node id -> its store's measured bytes/s by "remote" and "ssd"
-    (`NodeStore.rates`), in place of the assumed `BANDWIDTH_BPS`."""
+    (`NodeStore.rates`), in place of the assumed `BANDWIDTH_BPS`. pending: node id -> bytes of
+    the checkpoint still on their way from the remote store into the tier `locality` names
+    (a fetch in flight there, a prefetch say): a start there waits for them, at the node's
+    remote bandwidth."""
     fits = [
         n for n in nodes
         if n.alive and n.cpus_available + 1e-9 >= need_cpus
@@ -104,7 +108,7 @@ def choose_node(
     if not fits:
         return None
     model = ModelSpec("checkpoint", model_bytes or DEFAULT_MODEL_BYTES)
-    queue_s, risk, rates = queue_s or {}, risk or {}, rates or {}
+    queue_s, risk, rates, pending = queue_s or {}, risk or {}, rates or {}, pending or {}
 
     # Every node fetches from the same remote store: one that has not fetched from it yet is
     # expected to reach it as the nodes that have (their median), not at the assumed constant
@@ -120,10 +124,13 @@ def choose_node(
 
     def estimate(n: NodeInfo) -> Placement:
         where = locality.get(n.node_id, NOWHERE)
+        bw = bandwidth(n.node_id)
+        arriving = pending.get(n.node_id, 0.0) / bw[Tier.REMOTE] if where in _TIER else 0.0
         server = ServerState(
-            n.node_id, free_gpus=1, bandwidth_Bps=bandwidth(n.node_id),
+            n.node_id, free_gpus=1, bandwidth_Bps=bw,
             tiers={model.model_id: _TIER[where]} if where in _TIER else {},
-            queue_s=queue_s.get(n.node_id, 0.0), preemption_risk=risk.get(n.node_id, 0.0),
+            queue_s=queue_s.get(n.node_id, 0.0) + arriving,
+            preemption_risk=risk.get(n.node_id, 0.0),
             price_per_gpu_hour=node_price(n),
         )  # fmt: skip
         tier = _TIER.get(where, Tier.REMOTE).value

@@ -18,6 +18,7 @@ import pytest
 from serving_support import LocalCluster
 
 from ember.controller.controller import Controller
+from ember.controller.placement import DISK
 from ember.controller.types import DeploymentSpec, NodeInfo
 from ember.errors import ConfigError, StoreCapacityError
 from ember.policy.clock import FakeClock
@@ -69,9 +70,14 @@ class TwoNodes(LocalCluster):
         return bool(hit)
 
 
-def row(source: str, tier: str, pins: int = 0, nbytes: int = 1) -> dict[str, Any]:
-    """One row of a node store's listing, as `RayCluster.checkpoints` gives it."""
-    return asdict(CachedCheckpoint(source, tier, nbytes=nbytes, pins=pins, last_used=0.0))
+def row(
+    source: str, tier: str, pins: int = 0, nbytes: int = 1, fetched: float | None = None
+) -> dict[str, Any]:
+    """One row of a node store's listing, as `RayCluster.checkpoints` gives it (`fetched`: the
+    share a fetch in flight has written)."""
+    return asdict(
+        CachedCheckpoint(source, tier, nbytes=nbytes, pins=pins, last_used=0.0, fetched=fetched)
+    )
 
 
 def run(tmp_path: Path, body: Callable[[Controller, TwoNodes], Awaitable[None]]) -> None:
@@ -146,6 +152,31 @@ def test_the_instance_goes_where_the_stores_hold_the_checkpoint_fastest(tmp_path
         await until(lambda: cluster.launched_on == [("m", "b")])  # DRAM beats a freer SSD
         cluster.rows = {"a": [row(src, "ssd")]}  # evicted from b entirely
         await until(lambda: cached_on(c, "m") == ("a",))  # the next refresh drops b
+
+    run(tmp_path, body)
+
+
+def test_a_fetch_in_flight_counts_with_the_bytes_it_still_has_to_bring(tmp_path: Path) -> None:
+    """a's store is 10% into fetching the 2 GiB checkpoint to SSD at 0.1 GB/s (19 s to go); b
+    holds a complete SSD copy: the instance goes to b (counted as a finished copy, a's fetch
+    tied with b's and the freer a won). A complete SSD copy beside a DRAM fetch in flight is
+    an SSD copy, not a DRAM one."""
+    gib = 1 << 30
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        c.deploy(DeploymentSpec("m", URL, prefetch="none"))
+        cluster.link_rates = {"a": {"remote": 1e8}}
+        cluster.rows = {
+            "a": [row(URL, "ssd", nbytes=2 * gib, fetched=0.1)],
+            "b": [row(URL, "ssd", nbytes=2 * gib)],
+        }
+        await until(lambda: "a" in c.rates() and cached_on(c, "m") == ("a", "b"))
+        assert c._pending == {URL: {"a": pytest.approx(0.9 * 2 * gib)}}
+        c.wake("m")
+        await until(lambda: cluster.launched_on == [("m", "b")])
+        cluster.rows["a"] = [row(URL, "ssd", nbytes=2 * gib), row(URL, "dram", 0, 2 * gib, 0.5)]
+        await until(lambda: c._pending == {})
+        assert c._stored[URL] == {"a": DISK, "b": DISK}
 
     run(tmp_path, body)
 

@@ -4,6 +4,8 @@ and the freest node; None when full."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ember.controller.placement import (
@@ -125,6 +127,25 @@ def test_a_node_that_never_fetched_from_s3_expects_the_fleets_median_link() -> N
     assert choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB) == Placement(
         "c", pytest.approx(2.0), "remote"
     )
+
+
+def test_bytes_still_arriving_at_a_node_delay_its_start_at_its_remote_bandwidth() -> None:
+    """A fetch in flight into a's SSD with 1.8 of 2 GB to come at a's measured 0.5 GB/s: a
+    start there waits 3.6 s, then reads its disk (1 s), so b's complete SSD copy wins; with
+    nothing pending the tie goes to the freer a. Against a fetch from S3 (b: 4 s at the fleet's
+    0.5 GB/s), a with 1 GB to come (2 s + 1 s) still wins."""
+    nodes = [node("a", 4.0), node("b", 1.0)]
+    both = {"a": DISK, "b": DISK}
+    rates = {"a": {"remote": 0.5 * GB}}
+    kw: dict[str, Any] = {"need_cpus": 1.0, "model_bytes": 2 * GB, "rates": rates}
+    p = choose_node(nodes, both, pending={"a": 1.8 * GB}, **kw)
+    assert p == Placement("b", pytest.approx(1.0), "ssd")
+    assert choose_node(nodes, both, **kw) == Placement("a", pytest.approx(1.0), "ssd")
+    p = choose_node(nodes, {"a": DISK}, pending={"a": 1.0 * GB}, **kw)
+    assert p == Placement("a", pytest.approx(3.0), "ssd")
+    # Pending bytes where the node holds nothing (no fetch there) change nothing.
+    p = choose_node(nodes, {}, pending={"a": 1.8 * GB}, **kw)
+    assert p == Placement("a", pytest.approx(4.0), "remote")
 
 
 def test_a_price_label_costs_a_second_per_dollar_an_hour() -> None:
