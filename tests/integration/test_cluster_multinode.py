@@ -223,3 +223,58 @@ def test_instance_returns_to_the_node_that_has_its_checkpoint(
             await controller.stop()
 
     asyncio.run(main())
+
+
+def test_a_busy_instance_gets_its_model_onto_the_other_node_before_a_scale_out(
+    two_nodes: tuple[RayCluster, Path], model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The scale-out prefetch on Ray: one instance of a local model carries 3 of the 4 requests
+    it is sized for and has no room beside it (one CPU per node), so the next instance would
+    start on the other node. That node's store loads the model into its DRAM tier
+    (`prefetch: dram`) while no instance runs there, before the load asks for one."""
+    cluster, _ = two_nodes
+    model = model_factory("llama", "tiny", "fp32", seed=3)
+
+    async def main() -> None:
+        controller = Controller(cluster, tmp_path / "e.db", FakeClock(), reconcile_interval_s=0.05)
+        await controller.start()
+        tasks: list[asyncio.Task[list[int]]] = []
+        try:
+            spec = DeploymentSpec(
+                "busy", str(model), min_instances=1, max_instances=2, target_concurrency=4,
+                prefetch="dram",
+            )  # fmt: skip
+            controller.deploy(spec)
+            await until(controller, lambda: len(ready_nodes(controller, "busy")) == 1)
+            [home] = ready_nodes(controller, "busy")
+            [other] = [n.node_id for n in cluster.nodes() if n.node_id != home]
+
+            async def in_other_dram() -> bool:
+                rows = (await controller.checkpoints()).get(other, [])
+                return any(r["tier"] == "dram" and r.get("fetched") is None for r in rows)
+
+            assert not await in_other_dram()
+            [handle] = controller.ready_instances("busy")
+            params = SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True)
+
+            async def run(rid: str) -> list[int]:
+                return [
+                    t async for d in handle.generate(rid, "hi", params) for t in d.new_token_ids
+                ]
+
+            tasks = [asyncio.create_task(run(f"r{i}")) for i in range(3)]
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while not await in_other_dram():
+                assert loop.time() < deadline, await controller.checkpoints()
+                await controller.reconcile_once()
+                await asyncio.sleep(0.1)
+            assert ready_nodes(controller, "busy") == [home]  # the load asked for no second one
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await controller.stop()
+        assert cluster.actor_names() == []
+
+    asyncio.run(main())
