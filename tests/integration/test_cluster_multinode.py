@@ -233,8 +233,6 @@ def test_a_busy_instance_gets_its_model_onto_the_other_node_before_a_scale_out(
     start on the other node. That node's store loads the model into its DRAM tier
     (`prefetch: dram`) while no instance runs there, before the load asks for one."""
     cluster, _ = two_nodes
-    # A seed no other test uses: node stores reuse this machine's tier slots across clusters,
-    # so a model another test loaded could already be in the other node's DRAM tier.
     model = model_factory("llama", "tiny", "fp32", seed=53)
 
     async def main() -> None:
@@ -252,8 +250,15 @@ def test_a_busy_instance_gets_its_model_onto_the_other_node_before_a_scale_out(
             [other] = [n.node_id for n in cluster.nodes() if n.node_id != home]
 
             async def in_other_dram() -> bool:
+                # This model's conversion (named after its folder): node stores reuse this
+                # machine's tier slots across clusters, so the other node's DRAM tier may hold
+                # what earlier tests loaded.
                 rows = (await controller.checkpoints()).get(other, [])
-                return any(r["tier"] == "dram" and r.get("fetched") is None for r in rows)
+                return any(
+                    Path(r["key"]).name.startswith(f"{model.name}-")
+                    and r["tier"] == "dram" and r.get("fetched") is None
+                    for r in rows
+                )  # fmt: skip
 
             assert not await in_other_dram()
             [handle] = controller.ready_instances("busy")
