@@ -66,10 +66,14 @@ def run(args: argparse.Namespace) -> int:
     config = _merge(load_config(args.config), args)
     api_config = _api_config(config)
     api_config.validate()  # refuses a non-loopback host without keys before anything starts
-    _check_port_free(config.host, config.port)  # before Ray starts, not after
+    # Bound now, before Ray starts, and held: Ray's own servers take random free ports, and one
+    # (its metrics exporter answers any path with 200) once took a port ember had checked was
+    # free and not yet bound, so a client's /health reached Ray while ember was still starting.
+    # Unlike a check, the bound socket is ours; connections are refused until the API listens.
+    sock = _bind(config.host, config.port)
     models = [_model_spec(m) for m in args.model]
     try:
-        asyncio.run(_serve(config, api_config, models))
+        asyncio.run(_serve(config, api_config, models, sock))
     except SystemExit as e:
         # Ray's driver turns SIGTERM into exit(15) (uvicorn passes the signal on once it has
         # stopped). A stop asked for with SIGTERM is a clean one: exit 0, which service
@@ -118,17 +122,20 @@ def _api_config(config: ServeConfig) -> Any:
         raise ConfigError(f"api: {e}") from None
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _bind(host: str, port: int) -> socket.socket:
+    """The API's socket, bound (not yet listening: uvicorn listens once the server is warm)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(
-                f"port: cannot bind {host}:{port} ({e.strerror}); is another server running? "
-                "choose another with --port"
-            ) from None
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise ConfigError(
+            f"port: cannot bind {host}:{port} ({e.strerror}); is another server running? "
+            "choose another with --port"
+        ) from None
+    return s
 
 
 def _model_spec(text: str) -> DeploymentSpec:
@@ -151,7 +158,9 @@ def demo_model(cache_dir: str | Path) -> Path:
     return out
 
 
-async def _serve(config: ServeConfig, api_config: Any, models: list[DeploymentSpec]) -> None:
+async def _serve(
+    config: ServeConfig, api_config: Any, models: list[DeploymentSpec], sock: socket.socket
+) -> None:
     import uvicorn
 
     from ember.api.app import create_app
@@ -218,7 +227,7 @@ async def _serve(config: ServeConfig, api_config: Any, models: list[DeploymentSp
             names,
             "on" if api_config.auth_enabled else "off",
         )
-        await server.serve()
+        await server.serve(sockets=[sock])
     finally:
         await controller.stop()
         cluster.shutdown()
