@@ -17,8 +17,8 @@ The size is the checkpoint's when known; otherwise `DEFAULT_MODEL_BYTES`, with w
 order still decides. The bandwidths are each node's measured ones where its node store has
 measured them (`ember.store.rates`: every fetch from S3, every read of its disk); a node that
 has not fetched from the remote store yet takes the median of the nodes that have (they all
-fetch from the same store); else the assumed `BANDWIDTH_BPS`: a node with a slow link to the remote store, or a slow disk, loses to
-one that fetches faster. The score adds ember's preemption-risk term (`SCORE`): a spot node's
+fetch from the same store); else the assumed `BANDWIDTH_BPS`: a node with a slow link to the
+remote store, or a slow disk, loses to one that fetches faster. The score adds ember's preemption-risk term (`SCORE`): a spot node's
 risk is its zone's recent node losses over its alive nodes (`NodeLosses`); and its price: a
 node labelled `price=<$ per hour>` (per GPU on a GPU node) costs `SCORE.price_weight_s` seconds
 per dollar, so between nodes that start a model about as soon the cheaper one wins, and a

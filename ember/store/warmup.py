@@ -4,10 +4,10 @@
 the tokenizer library, the DRAM-tier mapper) and runs each kind of op a decode step uses once,
 on tiny tensors, in every float dtype: the thread pool starts and first-call kernel setup
 (oneDNN, bf16 paths) happens now, not during a request's first token. It loads ember's CPU
-decode-attention kernel too, compiling it if this machine's cache has none yet. On CUDA it also creates
-the device's context, runs the same ops there (cuBLAS handles, attention kernels), pins the
-loader's staging buffers and, given checkpoints it may be asked to load (the node store's DRAM
-tier), registers their files with the driver (`cuda_loader.pin_checkpoint`) so that loading
+decode-attention kernel too, compiling it if this machine's cache has none yet. On CUDA it also
+creates the device's context, runs the same ops there (cuBLAS handles, attention kernels), pins
+the loader's staging buffers and, given checkpoints it may be asked to load (the node store's
+DRAM tier), registers their files with the driver (`cuda_loader.pin_checkpoint`) so that loading
 one later is a DMA from where it already is. With `engine_pass` (the default on CUDA) it also
 builds a tiny random-weight Llama engine on the device and generates with it (prefill, decode,
 greedy and sampled), so the kernels an engine step launches are loaded before the first real
@@ -16,7 +16,6 @@ request: the first forward pass of a fresh CUDA process pays for loading each ke
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -64,7 +63,7 @@ def warm_engine_process(
     # once per cache directory), then only loaded; either way not during a request's start.
     from ember.engine.models import cpu_attention
 
-    if os.environ.get("EMBER_CPU_KERNELS", "1") != "0":
+    if cpu_attention.enabled():
         cpu_attention.load()
     if engine_pass if engine_pass is not None else device.startswith("cuda"):
         _tiny_engine_pass(device)

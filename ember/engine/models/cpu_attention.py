@@ -379,11 +379,16 @@ def _bind(lib: ctypes.CDLL) -> None:
     ]  # fmt: skip
 
 
+def enabled() -> bool:
+    """Whether the kernel may be used at all (`EMBER_CPU_KERNELS` is not "0")."""
+    return os.environ.get("EMBER_CPU_KERNELS", "1") != "0"
+
+
 def supports(cache: torch.Tensor) -> bool:
     """Whether the kernel can attend over `cache` (CPU, bf16 or fp32, the library loads, and
     `EMBER_CPU_KERNELS` is not "0")."""
     return (
-        os.environ.get("EMBER_CPU_KERNELS", "1") != "0"
+        enabled()
         and cache.device.type == "cpu"
         and cache.dtype in (torch.bfloat16, torch.float32)
         and cache.is_contiguous()
