@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -685,14 +685,12 @@ class Controller:
         into DRAM ("dram"); `node_id` (a prefix is enough) or, by default, the node its next
         instance would start on. Returns the node id."""
         spec = self.get(name)
-        remote = spec.source.startswith("s3://")
-        fn = self._store_lever(spec, tier, "prefetch" if remote else "prepare")
+        fn = self._store_lever(spec, tier, _lever_name(spec))
         nodes = [n for n in self._cluster.nodes() if n.alive]
         target = _one_node(nodes, node_id) if node_id else self._prefetch_node(spec, nodes)
         if target is None:
             raise DeploymentError("no alive node to prefetch to")
-        fn(spec.source if remote else spec, target, tier)
-        self._hint(spec.source, target, TIER_RANK[tier] if remote else DISK)
+        self._bring(fn, spec, target, tier)
         logger.info("prefetch source=%s node=%s tier=%s", spec.source, target[:12], tier)
         return target
 
@@ -763,16 +761,32 @@ class Controller:
             raise DeploymentError(f"this cluster runs no node stores to {what} from")
         return cast(Callable[..., Any], fn)
 
-    def _prefetch_node(self, spec: DeploymentSpec, nodes: list[NodeInfo]) -> str | None:
-        """The node the next instance of `spec` would start on (any alive one if none has
-        room for it)."""
+    def _prefetch_node(
+        self,
+        spec: DeploymentSpec,
+        nodes: list[NodeInfo],
+        taken: Sequence[str] = (),
+        anywhere: bool = True,
+    ) -> str | None:
+        """The node the next instance of `spec` would start on (`taken`: the nodes of its
+        running instances); if none has room for it, any alive one with `anywhere`, else
+        None."""
         kw = self._estimate_inputs(spec, nodes)
         where = self._locality(spec.source)
         need, need_gpus = self._cluster.instance_cpus(spec), self._instance_gpus(spec)
-        best = choose_node(nodes, where, need_cpus=need, need_gpus=need_gpus, **kw) or (
-            choose_node(nodes, where, need_cpus=0.0, **kw)
-        )
+        best = choose_node(nodes, where, need_cpus=need, need_gpus=need_gpus, taken=taken, **kw)
+        if best is None and anywhere:
+            best = choose_node(nodes, where, need_cpus=0.0, **kw)
         return best.node_id if best is not None else None
+
+    def _bring(self, fn: Callable[..., Any], spec: DeploymentSpec, node_id: str, tier: str) -> None:
+        """Have `node_id`'s store bring `spec`'s checkpoint into `tier` with the cluster's
+        `fn` (the method `_lever_name` names), and remember that it is there. Raises what `fn`
+        raises."""
+        remote = spec.source.startswith("s3://")
+        fn(spec.source if remote else spec, node_id, tier)
+        # A local model is converted there for good; its DRAM copy is the store's to evict.
+        self._hint(spec.source, node_id, TIER_RANK[tier] if remote else DISK)
 
     def _instance_gpus(self, spec: DeploymentSpec) -> float:
         """GPUs one instance of `spec` reserves (0 on a CPU cluster)."""
@@ -800,11 +814,11 @@ class Controller:
 
     def _prefetch(self, spec: DeploymentSpec) -> None:
         """At deploy, for a deployment that starts with no instance: ask one node's store to
-        bring its `s3://` checkpoint into `spec.prefetch`'s tier now, so the first request
+        bring its checkpoint into `spec.prefetch`'s tier now (`_bring`: an `s3://` one fetched,
+        a local model converted), so the first request
         starts from it: the node the next instance would be placed on, unless a node already
         holds it in that tier or a faster one."""
-        remote = spec.source.startswith("s3://")
-        fn = getattr(self._cluster, "prefetch" if remote else "prepare", None)
+        fn = getattr(self._cluster, _lever_name(spec), None)
         if spec.prefetch == "none" or not callable(fn):
             return
         if spec.min_instances > 0:  # an instance starts now; its fetch fills SSD and DRAM
@@ -818,12 +832,10 @@ class Controller:
         if node_id is None:
             return
         try:
-            fn(spec.source if remote else spec, node_id, spec.prefetch)
+            self._bring(fn, spec, node_id, spec.prefetch)
         except Exception as e:  # a node without a store, a store gone: the first start fetches
             logger.warning("prefetch of %s to node %s failed: %s", spec.source, node_id[:12], e)
             return
-        # A local model is converted there for good; its DRAM copy is the store's to evict.
-        self._hint(spec.source, node_id, want if remote else DISK)
         logger.info("prefetch source=%s node=%s tier=%s", spec.source, node_id[:12], spec.prefetch)
 
     def _prefetch_ahead(self, dep: DeploymentRecord, active: int, load: int) -> None:
@@ -843,35 +855,24 @@ class Controller:
         if now - dep.ahead_checked_at < AHEAD_INTERVAL_S:
             return
         dep.ahead_checked_at = now
-        remote = spec.source.startswith("s3://")
-        fn = getattr(self._cluster, "prefetch" if remote else "prepare", None)
+        fn = getattr(self._cluster, _lever_name(spec), None)
         if not callable(fn):
             return
         nodes = [n for n in self._cluster.nodes() if n.alive]
-        where = self._locality(spec.source)
-        best = choose_node(
-            nodes,
-            where,
-            need_cpus=self._cluster.instance_cpus(spec),
-            need_gpus=self._instance_gpus(spec),
-            taken=[i.node_id for i in self._live(spec.name) if i.node_id],
-            **self._estimate_inputs(spec, nodes),
-        )
-        want = TIER_RANK[spec.prefetch]
+        taken = [i.node_id for i in self._live(spec.name) if i.node_id]
+        node_id = self._prefetch_node(spec, nodes, taken, anywhere=False)
         # A local model converted there is enough (its DRAM copy is a read of the page cache).
-        if best is None or where.get(best.node_id, NOWHERE) <= (want if remote else DISK):
+        enough = TIER_RANK[spec.prefetch] if spec.source.startswith("s3://") else DISK
+        if node_id is None or self._locality(spec.source).get(node_id, NOWHERE) <= enough:
             return
         try:
-            fn(spec.source if remote else spec, best.node_id, spec.prefetch)
+            self._bring(fn, spec, node_id, spec.prefetch)
         except Exception as e:  # the next instance fetches it itself
-            logger.warning(
-                "prefetch of %s to node %s failed: %s", spec.source, best.node_id[:12], e
-            )
+            logger.warning("prefetch of %s to node %s failed: %s", spec.source, node_id[:12], e)
             return
-        self._hint(spec.source, best.node_id, want if remote else DISK)
         logger.info(
             "scale-out prefetch deployment=%s source=%s node=%s tier=%s load=%d instances=%d",
-            spec.name, spec.source, best.node_id[:12], spec.prefetch, load, active,
+            spec.name, spec.source, node_id[:12], spec.prefetch, load, active,
         )  # fmt: skip
 
     # --- helpers ---------------------------------------------------------------------------
@@ -906,6 +907,12 @@ def _folder_bytes(path: Path) -> int:
         return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     except OSError:
         return 0
+
+
+def _lever_name(spec: DeploymentSpec) -> str:
+    """The cluster method that brings `spec`'s checkpoint onto a node: `prefetch` fetches an
+    `s3://` one, `prepare` converts a local model there."""
+    return "prefetch" if spec.source.startswith("s3://") else "prepare"
 
 
 def _one_node(nodes: list[NodeInfo], prefix: str) -> str:
