@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 from machine import git_sha, machine_facts
-from serve_process import free_port, stop, wait_health
+from serve_process import free_port, instances, status, stop, wait_health
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "scaleout"
@@ -53,15 +53,6 @@ def ensure_checkpoint(size: str) -> Path:
     if not (ck / "index.json").is_file():
         convert(hf, ck, progress=False, overwrite=True)
     return ck
-
-
-def status(base: str) -> dict[str, Any]:
-    return dict(httpx.get(base + "/admin/status", timeout=10).json())
-
-
-def instances(base: str) -> list[dict[str, Any]]:
-    [dep] = [d for d in status(base)["deployments"] if d["name"] == "m"]
-    return list(dep["instances"])
 
 
 class Clients:

@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 from machine import git_sha, machine_facts
-from serve_process import check_tree, free_port, stop, wait_health, worktree
+from serve_process import check_tree, free_port, instances, stop, wait_health, worktree
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE_REF = "a8af3d9"  # the commit before f6a95f5 (rolling updates)
@@ -45,12 +45,6 @@ def overlay_python(tree: Path, where: Path) -> Path:
     (site / "00-ember-tree.pth").write_text(f"{tree}\n")
     (site / "01-deps.pth").write_text(f"{deps}\n")
     return where / "bin" / "python"
-
-
-def instances(base: str) -> list[dict[str, Any]]:
-    state = httpx.get(base + "/admin/status", timeout=10).json()
-    [dep] = [d for d in state["deployments"] if d["name"] == "m"]
-    return list(dep["instances"])
 
 
 def run_tree(

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -63,6 +64,17 @@ def wait_health(base: str, proc: subprocess.Popen[bytes], timeout_s: float, log:
         if time.monotonic() > deadline:
             raise TimeoutError(f"ember serve did not answer /health in {timeout_s:g} s; see {log}")
         time.sleep(0.05)
+
+
+def status(base: str) -> dict[str, Any]:
+    """The server's /admin/status (`ember status --json`)."""
+    return dict(httpx.get(base + "/admin/status", timeout=10).json())
+
+
+def instances(base: str, name: str = "m") -> list[dict[str, Any]]:
+    """Deployment `name`'s instances, as /admin/status lists them."""
+    [dep] = [d for d in status(base)["deployments"] if d["name"] == name]
+    return list(dep["instances"])
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
