@@ -61,6 +61,7 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         RequestJournal(config.journal_max_finished),
         clock=clock,
         on_cold_start=lambda model: metrics.cold_starts.labels(model).inc(),
+        on_resume=lambda model: metrics.resumed.labels(model).inc(),
     )
     metrics.watch(router.loads, controller.status)
     generation = Generation(ctl, router, config, metrics, clock)

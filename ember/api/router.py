@@ -8,6 +8,13 @@ waits for an instance (scale from zero). The whole wait, up to the first token, 
 `spec.request_timeout_s` (RequestTimeoutError). Once placed, deltas stream straight through and
 each one's token ids are appended to the request journal.
 
+A request whose instance is lost (its process or node died: `InstanceLostError`) is resumed:
+it goes back to the head of the line and, on the next instance it gets (a cold start if none
+is left), carries on from the journal (prompt, ids and text streamed so far) as a
+`Continuation`; the engine recomputes those tokens and continues, so the client's stream goes
+on with the tokens it would have had (greedy and seeded: the same ones). At most MAX_RESUMES
+times per request; the deadline to the first new token starts again at each resume.
+
 The controller reads `load(name) -> (queued, in_flight)` through `set_load_source` to decide how
 many instances a deployment needs.
 
@@ -26,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ember.api.journal import JournalEntry, RequestJournal
-from ember.controller.types import DeploymentSpec, StreamDelta
-from ember.errors import QueueFullError, RequestTimeoutError
+from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
+from ember.errors import InstanceLostError, ModelNotFoundError, QueueFullError, RequestTimeoutError
 from ember.policy.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
@@ -37,6 +44,9 @@ logger = logging.getLogger(__name__)
 
 # How often a queued request re-checks for instances that became ready or free, in seconds.
 POLL_INTERVAL_S = 0.05
+# How many times one request is resumed after losing its instance before its error reaches the
+# client (each resume recomputes its tokens so far on another instance).
+MAX_RESUMES = 3
 
 
 class InstanceLike(Protocol):
@@ -45,7 +55,7 @@ class InstanceLike(Protocol):
     instance_id: str
 
     def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int] | Continuation, params: SamplingParams
     ) -> AsyncIterator[StreamDelta]: ...
 
     async def abort(self, request_id: str) -> None: ...
@@ -56,7 +66,7 @@ class ControllerLike(Protocol):
 
     def get(self, name: str) -> DeploymentSpec: ...
 
-    def ready_instances(self, name: str) -> list[Any]: ...
+    def ready_instances(self, name: str) -> list[Any]: ...  # never one known to be lost
 
     def set_load_source(self, fn: Callable[[str], tuple[int, int]]) -> None: ...
 
@@ -90,11 +100,13 @@ class Router:
         journal: RequestJournal | None = None,
         clock: Clock | None = None,
         on_cold_start: Callable[[str], None] | None = None,
+        on_resume: Callable[[str], None] | None = None,
     ) -> None:
         self._controller = controller
         self.journal = journal if journal is not None else RequestJournal()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._on_cold_start = on_cold_start
+        self._on_resume = on_resume
         self._loads: dict[str, _Load] = {}
         self._background: set[asyncio.Task[Any]] = set()
         controller.set_load_source(self.load)
@@ -127,17 +139,38 @@ class Router:
         handle: Any = None
         stream: AsyncIterator[StreamDelta] | None = None
         finished = False
+        resumes = 0
         try:
-            handle = await self._acquire(model, spec, state, deadline)
-            entry.instance_id = handle.instance_id
-            stream = handle.generate(request_id, prompt, params)
-            first = await self._first_delta(stream, deadline, spec)
-            finished = self._record(entry, first)
-            yield first
-            while not finished:
-                delta = await anext(stream)
-                finished = self._record(entry, delta)
-                yield delta
+            while True:
+                handle = await self._acquire(model, spec, state, deadline, resuming=resumes > 0)
+                entry.instance_id = handle.instance_id
+                what: str | list[int] | Continuation = prompt
+                if entry.token_ids:
+                    what = Continuation(prompt, tuple(entry.token_ids), entry.text)
+                stream = handle.generate(request_id, what, params)
+                try:
+                    delta = await self._first_delta(stream, deadline, spec)
+                    while True:
+                        finished = self._record(entry, delta)
+                        yield delta
+                        if finished:
+                            break
+                        delta = await anext(stream)
+                    break
+                except InstanceLostError as lost:
+                    resumes += 1
+                    spec = self._resumable(model, lost, resumes)
+                    logger.warning(
+                        "instance %s lost with request %s after %d tokens (%s); resuming it on "
+                        "another instance (%d of %d)",
+                        handle.instance_id, request_id, len(entry.token_ids), lost, resumes,
+                        MAX_RESUMES,
+                    )  # fmt: skip
+                    self._release(state, handle.instance_id)
+                    handle = stream = None
+                    deadline = self._clock.now() + spec.request_timeout_s
+                    if self._on_resume is not None:
+                        self._on_resume(model)
             finish_reason = entry.finish_reason
         except StopAsyncIteration:
             finish_reason = entry.finish_reason or "abort"
@@ -147,6 +180,16 @@ class Router:
             if stream is not None and not finished:
                 self._spawn(self._close(handle, stream, request_id))
             self.journal.close(entry, finish_reason)
+
+    def _resumable(self, model: str, lost: InstanceLostError, resumes: int) -> DeploymentSpec:
+        """The deployment's spec when a request its instance lost may be resumed; else `lost`
+        is raised again (too many resumes, or the deployment was deleted)."""
+        if resumes > MAX_RESUMES:
+            raise lost
+        try:
+            return self._controller.get(model)
+        except ModelNotFoundError:
+            raise lost from None
 
     async def _first_delta(
         self, stream: AsyncIterator[StreamDelta], deadline: float, spec: DeploymentSpec
@@ -165,20 +208,30 @@ class Router:
         return delta.finished
 
     async def _acquire(
-        self, model: str, spec: DeploymentSpec, state: _Load, deadline: float
+        self,
+        model: str,
+        spec: DeploymentSpec,
+        state: _Load,
+        deadline: float,
+        resuming: bool = False,
     ) -> Any:
-        """A ready instance with a free slot, taken in FIFO order; see the module docstring."""
+        """A ready instance with a free slot, taken in FIFO order; see the module docstring. A
+        request `resuming` after its instance was lost goes to the head of the line (it was
+        admitted already and its client is waiting mid-stream)."""
         if not state.line:
             handle = self._pick(model, spec, state)
             if handle is not None:
                 return handle
-        if len(state.line) >= spec.max_queue:
+        if len(state.line) >= spec.max_queue and not resuming:
             raise QueueFullError(
                 f"deployment {model!r} has {len(state.line)} requests queued "
                 f"(max_queue={spec.max_queue}); retry later"
             )
         ticket = object()
-        state.line.append(ticket)
+        if resuming:
+            state.line.appendleft(ticket)
+        else:
+            state.line.append(ticket)
         try:
             while True:
                 if state.line[0] is ticket:

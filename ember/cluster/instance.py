@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.types import DeploymentSpec, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
 from ember.errors import InstanceLostError
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class InstanceActor:
         return self._ready
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int] | Continuation, params: SamplingParams
     ) -> AsyncIterator[StreamDelta | BaseException]:
         """Stream a request's deltas; an error is yielded (not raised) so it keeps its type."""
         runner = self._runner
@@ -138,7 +138,7 @@ class InstanceActor:
             runner.release(request_id)
 
     async def submit(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int] | Continuation, params: SamplingParams
     ) -> None:
         """Start a request whose output goes to the `events` stream (errors too)."""
         if self._runner is None:
@@ -298,7 +298,7 @@ class InstanceHandle:
         )
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int] | Continuation, params: SamplingParams
     ) -> AsyncIterator[StreamDelta]:
         if self.lost:
             raise InstanceLostError(f"instance {self.instance_id} is gone")

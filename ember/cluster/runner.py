@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.types import DeploymentSpec, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
 
 if TYPE_CHECKING:
     from ember import SamplingParams
@@ -174,11 +174,11 @@ class EngineRunner:
     def submit(
         self,
         request_id: str,
-        prompt: str | list[int],
+        prompt: str | list[int] | Continuation,
         params: SamplingParams,
         sink: Sink | None = None,
     ) -> asyncio.Queue[Item]:
-        """Queue a request for the engine.
+        """Queue a request for the engine (a `Continuation` resumes one another instance lost).
 
         Its deltas (or one exception) arrive on the returned queue, or, with `sink`, as calls
         `sink(request_id, item)`; a sink's request is released after its last item.
@@ -428,7 +428,12 @@ class EngineRunner:
             ids.append(request_id)
             return
         try:
-            self._engine.add_request(request_id, prompt, params)
+            if isinstance(prompt, Continuation):
+                self._engine.resume_request(
+                    request_id, prompt.prompt, params, prompt.output_token_ids, prompt.text
+                )
+            else:
+                self._engine.add_request(request_id, prompt, params)
         except Exception as e:  # bad request: only this request fails
             items.append(e)
             ids.append(request_id)

@@ -284,11 +284,15 @@ class Controller:
         return {node_id: dict(r) for node_id, r in self._rates.items() if r}
 
     def ready_instances(self, name: str) -> list[InstanceHandle]:
-        """Handles of the deployment's ready instances ([] for an unknown name)."""
+        """Handles of the deployment's ready instances ([] for an unknown name), without those
+        found lost (they are failed and replaced at the next reconcile)."""
         return [
             i.handle
             for i in self._instances.values()
-            if i.deployment == name and i.state is InstanceState.READY and i.handle is not None
+            if i.deployment == name
+            and i.state is InstanceState.READY
+            and i.handle is not None
+            and not i.handle.lost
         ]
 
     def set_load_source(self, fn: LoadSource) -> None:

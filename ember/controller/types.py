@@ -1,8 +1,9 @@
 """Plain-data types shared by the controller, the cluster layer and the API.
 
 Owns: `DeploymentSpec` (what a user asks for), `InstanceState` and its pure transition
-function, `InstanceInfo` / `DeploymentStatus` (what `ember status` shows) and `StreamDelta`
-(one increment of a generation as it crosses from an instance to the router).
+function, `InstanceInfo` / `DeploymentStatus` (what `ember status` shows), `StreamDelta`
+(one increment of a generation as it crosses from an instance to the router) and
+`Continuation` (a request resumed on another instance after its own was lost).
 Invariants: every type here is frozen and picklable; none holds a Ray or torch object.
 """
 
@@ -301,3 +302,17 @@ class StreamDelta:
     finish_reason: str | None
     prompt_tokens: int
     logprobs: tuple[Any, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Continuation:
+    """A request carried on after its instance was lost: it goes to the new instance where a
+    prompt would (the engine's `resume_request` takes it) with what the client already has.
+
+    output_token_ids: the ids streamed to the client so far.
+    text: the text streamed so far (the new instance's text starts after it).
+    """
+
+    prompt: str | list[int]
+    output_token_ids: tuple[int, ...]
+    text: str

@@ -146,18 +146,82 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt_ids = self._prompt_ids(prompt)
-        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            generator=self._generator(params),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, len(prompt_ids)),
+        )
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+
+    def resume_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        output_token_ids: Sequence[int],
+        text_sent: str = "",
+    ) -> None:
+        """Carry on a request whose engine was lost, from what its client was sent: the prompt,
+        the ids generated so far and their text (`text_sent`; new text starts after it).
+
+        Nothing of the lost engine is needed: the tokens are recomputed in a prefill, the
+        detokenizer is replayed token by token as it ran there, and a seeded request's
+        generator is advanced past the draws its sampled tokens took (one each, see
+        sampling.py), so greedy and seeded requests go on with exactly the tokens they would
+        have produced unmoved. An unseeded sampled request goes on from a fresh seed.
+        """
+        if not output_token_ids:
+            self.add_request(request_id, prompt, params)
+            return
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_ids(prompt)
+        ids = self._prompt_ids([*prompt_ids, *output_token_ids])  # in the vocabulary, fits
+        output = ids[len(prompt_ids) :]
+        if len(output) >= params.max_tokens:
+            raise RequestError(
+                f"request {request_id!r} already has {len(output)} of max_tokens="
+                f"{params.max_tokens} tokens: nothing is left to generate"
+            )
+        generator = self._generator(params)
+        if not params.greedy:
+            for _ in output:
+                torch.rand(1, generator=generator, dtype=torch.float64)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_ids))
+        for end in range(len(prompt_ids) + 1, len(ids) + 1):
+            start = detokenizer.prefix_offset
+            detokenizer.step(ids[start:end], start)
+        if not detokenizer.text.startswith(text_sent):
+            logger.warning(
+                "request %s resumed: the text sent (%d chars) is not a prefix of its tokens' "
+                "text (%d chars); continuing after the text sent",
+                request_id, len(text_sent), len(detokenizer.text),
+            )  # fmt: skip
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             params=params,
             generator=generator,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, len(prompt_ids)),
+            detokenizer=detokenizer,
+            output_token_ids=output,
+            emitted_text_len=len(text_sent),
         )
         self._requests[request_id] = request
         self.scheduler.add(request)
+
+    def _generator(self, params: SamplingParams) -> torch.Generator:
+        """A request's own generator: seeded from `params.seed`, else from the engine's seed."""
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed)
+        return generator
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):

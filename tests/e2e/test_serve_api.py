@@ -1,7 +1,8 @@
 """The OpenAI-compatible API of a real `ember serve` on 127.0.0.1, driven by the `openai` client:
 completions and chat (streamed and not) equal to the in-process engine's greedy output, 32
 concurrent requests over two instances, every bad-request status, scale to zero and wake,
-client disconnect, API keys on and off, and deletion that leaves no instance actor behind."""
+client disconnect, an instance killed mid-stream with no request lost and no token changed, API
+keys on and off, and deletion that leaves no instance actor behind."""
 
 from __future__ import annotations
 
@@ -278,6 +279,69 @@ def test_client_gone_before_a_plain_response_aborts_it(server: EmberServer) -> N
         metric(server, 'ember_requests_total{endpoint="completions",model="tiny2",status="499"}')
         == gone_before + 1
     )
+
+
+def test_an_instance_killed_mid_stream_loses_no_request_and_changes_no_token(
+    server: EmberServer, tiny: Path
+) -> None:
+    """SIGKILL one of the two instances' processes while four long streams run on them
+    (greedy and seeded): every stream still ends with exactly the text of an undisturbed run,
+    the requests it carried are resumed on the other, and the dead one is replaced."""
+    prompts = ["the water of time", "people would make a sound"]
+    greedy = {"temperature": 0.0}
+    seeded = {"temperature": 0.8, "seed": 5}
+    cases = [(p, kind) for p in prompts for kind in (greedy, seeded)]
+    max_tokens = 1200
+    llm = LLM(str(tiny))
+    try:
+        want = [
+            llm.generate([p], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kind))[0]
+            for p, kind in cases
+        ]
+    finally:
+        llm.close()
+    victims = serving_processes(server)
+    assert len(victims) == 2
+    before = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}')
+    aclient = openai.AsyncOpenAI(
+        base_url=server.base_url, api_key="none", max_retries=0, timeout=300
+    )
+    started = [asyncio.Event() for _ in cases]
+
+    async def one(i: int) -> str:
+        prompt, kind = cases[i]
+        extra = {"ignore_eos": True, **({"seed": kind["seed"]} if "seed" in kind else {})}
+        stream = await aclient.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True,
+            temperature=kind["temperature"], extra_body=extra,
+        )  # fmt: skip
+        text = ""
+        async for chunk in stream:
+            text += chunk.choices[0].text if chunk.choices else ""
+            if len(text) > 20:
+                started[i].set()
+        return text
+
+    async def kill_one() -> None:
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
+        victims[0].kill()  # SIGKILL: nothing is exported, nobody tells ember
+
+    async def all_of() -> list[str]:
+        try:
+            texts = await asyncio.gather(*(one(i) for i in range(len(cases))), kill_one())
+            return texts[: len(cases)]
+        finally:
+            await aclient.close()
+
+    texts = asyncio.run(all_of())
+    for text, ref, case in zip(texts, want, cases, strict=True):
+        assert text == ref.text, case
+    resumed = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}') - before
+    assert resumed >= 1  # (a stream the killed instance carried)
+    wait_for(lambda: states(server, MODEL).count("ready") == 2, 180, "the lost one replaced")
+    assert states(server, MODEL) == ["failed", "ready", "ready"]  # the lost one, kept for status
+    d = deployment(server, MODEL)
+    assert (d["queued"], d["in_flight"]) == (0, 0)
 
 
 def serving_processes(server: EmberServer) -> list[psutil.Process]:

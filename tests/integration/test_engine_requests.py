@@ -204,6 +204,51 @@ def test_exported_request_resumes_with_identical_tokens(
     assert rest[-1].token_ids == unmoved.token_ids and rest[-1].text == unmoved.text
 
 
+@pytest.mark.parametrize(
+    ("temperature", "stop"), [(0.0, None), (0.9, None), (0.0, "stop"), (0.9, "stop")]
+)
+def test_a_lost_request_resumes_from_what_its_client_was_sent(
+    model: Path, engine: Engine, temperature: float, stop: str | None
+) -> None:
+    """Only the prompt, the ids streamed and the text streamed survive the lost engine (no
+    generator state, no KV): the new engine still gives the unmoved tokens and text."""
+    params = SamplingParams(max_tokens=30, temperature=temperature, seed=7, ignore_eos=True)
+    prompt = "the people of the water"
+    full = _run(engine, {"u": prompt}, params)["u"]
+    if stop is not None:  # a stop string first found late in the output
+        early = len(engine.tokenizer.decode(full.token_ids[:16]))
+        stop_at = next(
+            full.text[i : i + 3]
+            for i in range(len(full.text) - 4, early, -1)
+            if full.text.find(full.text[i : i + 3]) > early
+        )
+        params = SamplingParams(
+            max_tokens=30, temperature=temperature, seed=7, ignore_eos=True, stop=[stop_at]
+        )
+    unmoved = _run(engine, {"u": prompt}, params)["u"]
+    engine.add_request("u", prompt, params)
+    ids: list[int] = []
+    text = ""
+    while len(ids) < 12:
+        for out in engine.step():
+            assert not out.finished
+            ids += out.new_token_ids
+            text += out.new_text
+    assert stop is None or text != engine.tokenizer.decode(ids)  # something was held back
+    engine.abort("u")
+    _drain(engine)
+    target = _new_engine(model)
+    target.resume_request("u", prompt, params, ids, text)
+    rest = _drain(target)["u"]
+    assert ids + [t for o in rest for t in o.new_token_ids] == unmoved.token_ids
+    assert text + "".join(o.new_text for o in rest) == unmoved.text
+    assert rest[-1].finish_reason == unmoved.finish_reason
+    with pytest.raises(RequestError, match="max_tokens"):
+        target.resume_request("v", prompt, params, unmoved.token_ids, unmoved.text)
+    target.resume_request("w", prompt, params, [], "")  # nothing sent yet: a new request
+    assert _drain(target)["w"][-1].token_ids == unmoved.token_ids
+
+
 def test_mapped_weights_and_loaded_weights_give_the_same_tokens(
     model: Path, engine: Engine
 ) -> None:

@@ -26,6 +26,7 @@ from ember.cluster.instance import InstanceReady
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
 from ember.controller.types import DeploymentSpec, NodeInfo, StreamDelta
+from ember.errors import InstanceLostError
 
 NODE_ID = "local0000000000000000"
 
@@ -43,6 +44,7 @@ class LocalHandle:
         self.lost = False
         self.runner: EngineRunner | None = None
         self.aborted: list[str] = []
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
 
     async def start(self) -> InstanceReady:
         t0 = time.perf_counter()
@@ -58,9 +60,11 @@ class LocalHandle:
     async def generate(
         self, request_id: str, prompt: str | list[int], params: Any
     ) -> AsyncIterator[StreamDelta]:
-        assert self.runner is not None, "instance not started"
+        if self.lost or self.runner is None:
+            raise InstanceLostError(f"instance {self.instance_id} is gone")
         self.in_flight += 1
-        queue = self.runner.submit(request_id, prompt, params)
+        runner = self.runner
+        queue = self._queues[request_id] = runner.submit(request_id, prompt, params)
         finished = False
         try:
             while not finished:
@@ -72,9 +76,20 @@ class LocalHandle:
                 yield item
         finally:
             self.in_flight -= 1
-            if not finished:
-                self.runner.abort(request_id)
-            self.runner.release(request_id)
+            self._queues.pop(request_id, None)
+            if not finished and not self.lost:
+                runner.abort(request_id)
+            runner.release(request_id)
+
+    def crash(self) -> None:
+        """As when the instance's process dies: its engine stops where it is; output already
+        sent still arrives, then each request's stream raises InstanceLostError."""
+        self.lost = True
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.stop()
+        for queue in self._queues.values():
+            queue.put_nowait(InstanceLostError(f"instance {self.instance_id} died"))
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)

@@ -161,3 +161,105 @@ async def test_engine_request_error_reaches_the_caller(
         )
         assert resp.status_code == 400, resp.text
         assert router.load("tiny") == (0, 0)
+
+
+SEEDED = SamplingParams(max_tokens=60, temperature=0.8, seed=11, ignore_eos=True)
+
+
+async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """The instance dies mid-stream (its engine stops, nothing is exported): greedy and seeded
+    requests carry on on the other instance, the client's stream has exactly the tokens and
+    text of an undisturbed run, and the dead instance is replaced."""
+    greedy = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(model_dir))
+    try:
+        want = {rid: llm.generate([p], sp)[0] for rid, p, sp in (
+            ("g", "Hello there", greedy), ("s", "The number of people", SEEDED)
+        )}  # fmt: skip
+    finally:
+        llm.close()
+    spec = _spec(model_dir, min_instances=2, max_instances=2)
+    async with serving(tmp_path, (spec,), cache_root=cache_root) as s:
+        router = s.app.state.router
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 2, 120)
+        streams = {
+            "g": router.generate("tiny", "g", "Hello there", greedy),
+            "s": router.generate("tiny", "s", "The number of people", SEEDED),
+        }
+        got: dict[str, list[StreamDelta]] = {rid: [await anext(st)] for rid, st in streams.items()}
+        for rid, st in streams.items():
+            while sum(len(d.new_token_ids) for d in got[rid]) < 10:
+                got[rid].append(await anext(st))
+        victim = router.journal.get("g").instance_id
+        s.cluster.handles[victim].crash()
+        for rid, st in streams.items():
+            got[rid] += await _collect(st)
+            tokens = [t for d in got[rid] for t in d.new_token_ids]
+            assert tokens == list(want[rid].token_ids), rid
+            assert "".join(d.new_text for d in got[rid]) == want[rid].text
+            assert got[rid][-1].finish_reason == "length"
+            entry = router.journal.get(rid)
+            assert entry.finished and entry.token_ids == tokens
+            assert entry.instance_id != victim  # both ended on the survivor
+        assert router.load("tiny") == (0, 0)
+        metrics = (await s.client.get("/metrics")).text
+        assert 'ember_requests_resumed_total{model="tiny"}' in metrics
+
+        def replaced() -> bool:
+            ready = s.controller.ready_instances("tiny")
+            return len(ready) == 2 and victim not in {h.instance_id for h in ready}
+
+        await _until(replaced, 120)
+        for handle in s.controller.ready_instances("tiny"):
+            assert handle.runner.stats()["unfinished"] == 0
+
+
+async def test_the_only_instance_dies_and_its_request_waits_for_a_new_one(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """Scale to zero: no other instance exists, so the request resumes after a cold start."""
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(model_dir))
+    try:
+        want = llm.generate([PROMPTS[0]], params)[0].token_ids
+    finally:
+        llm.close()
+    async with serving(tmp_path, (_spec(model_dir),), cache_root=cache_root) as s:
+        router = s.app.state.router
+        stream = router.generate("tiny", "z", PROMPTS[0], params)
+        first = [await anext(stream)]
+        while sum(len(d.new_token_ids) for d in first) < 4:
+            first.append(await anext(stream))
+        [handle] = s.cluster.handles.values()
+        handle.crash()
+        rest = await _collect(stream)
+        assert [t for d in first + rest for t in d.new_token_ids] == list(want)
+        assert next(s.cluster.launched) == 2  # the lost instance and its replacement
+
+
+async def test_a_request_lost_too_often_fails_with_instance_lost(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """Every instance it reaches dies: after MAX_RESUMES resumes the error reaches the caller,
+    and the router's counts return to zero."""
+    from ember.api.router import MAX_RESUMES
+    from ember.errors import InstanceLostError
+
+    async with serving(tmp_path, (_spec(model_dir, min_instances=1),), cache_root=cache_root) as s:
+        router = s.app.state.router
+        stream = router.generate("tiny", "doomed", "Hello there", LONG)
+        await anext(stream)
+        crashed: set[str] = set()
+        with pytest.raises(InstanceLostError):
+            while True:
+                for handle in list(s.cluster.handles.values()):
+                    if handle.runner is not None and handle.instance_id not in crashed:
+                        if handle.in_flight:
+                            crashed.add(handle.instance_id)
+                            handle.crash()
+                await asyncio.wait_for(anext(stream), 60)
+        assert len(crashed) == MAX_RESUMES + 1
+        assert router.journal.get("doomed").finish_reason == "abort"
+        assert router.load("tiny") == (0, 0)
