@@ -26,7 +26,7 @@ from ember.engine.kv_sizing import kv_cache_blocks
 from ember.engine.model_runner import load_runner
 from ember.engine.models.layers import ParallelContext
 from ember.engine.request import Request, RequestOutput, RequestState, RequestStatus
-from ember.engine.sampling import SamplingParams, sample
+from ember.engine.sampling import SamplingParams, advance, sample
 from ember.engine.scheduler import SchedulePlan, Scheduler
 from ember.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from ember.errors import ConfigError, RequestError
@@ -169,9 +169,9 @@ class Engine:
 
         Nothing of the lost engine is needed: the tokens are recomputed in a prefill, the
         detokenizer is replayed token by token as it ran there, and a seeded request's
-        generator is advanced past the draws its sampled tokens took (one each, see
-        sampling.py), so greedy and seeded requests go on with exactly the tokens they would
-        have produced unmoved. An unseeded sampled request goes on from a fresh seed.
+        generator is advanced past the draws its sampled tokens took (`sampling.advance`), so
+        greedy and seeded requests go on with exactly the tokens they would have produced
+        unmoved. An unseeded sampled request goes on from a fresh seed.
         """
         if not output_token_ids:
             self.add_request(request_id, prompt, params)
@@ -192,8 +192,7 @@ class Engine:
             )
         generator = self._generator(params)
         if not params.greedy:
-            for _ in output:
-                torch.rand(1, generator=generator, dtype=torch.float64)
+            advance(generator, len(output), self.model_config.vocab_size)
         detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_ids))
         for end in range(len(prompt_ids) + 1, len(ids) + 1):
             start = detokenizer.prefix_offset

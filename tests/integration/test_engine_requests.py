@@ -249,6 +249,24 @@ def test_a_lost_request_resumes_from_what_its_client_was_sent(
     assert _drain(target)["w"][-1].token_ids == unmoved.token_ids
 
 
+def test_a_long_seeded_request_resumed_anywhere_keeps_every_token(
+    model_factory: Callable[..., Path],
+) -> None:
+    """1,200 sampled tokens, resumed (recomputed in a prefill) at several points: every
+    continuation equals the unmoved run. With inverse-CDF sampling this model, prompt and seed
+    lost token 266 at three of these four points (the prefill's logits differ in the last bits
+    from the decode steps' and the draw fell that close to a CDF boundary)."""
+    model = model_factory("llama", "tiny", "fp32", seed=11)
+    engine = Engine(EngineConfig(model=str(model), dtype="fp32", max_model_len=2048))
+    params = SamplingParams(max_tokens=1200, temperature=0.8, seed=5, ignore_eos=True)
+    prompt = "people would make a sound"
+    unmoved = _run(engine, {"u": prompt}, params)["u"].token_ids
+    for cut in (30, 50, 60, 200):
+        ids = unmoved[:cut]
+        engine.resume_request(f"r{cut}", prompt, params, ids, engine.tokenizer.decode(ids))
+        assert _drain(engine)[f"r{cut}"][-1].token_ids == unmoved, cut
+
+
 def test_mapped_weights_and_loaded_weights_give_the_same_tokens(
     model: Path, engine: Engine
 ) -> None:

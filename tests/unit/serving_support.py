@@ -97,9 +97,13 @@ class LocalHandle:
             self.runner.abort(request_id)
 
     def stop(self) -> None:
+        """As InstanceHandle.close with the actor's shutdown: requests still running end with
+        InstanceLostError."""
         if self.runner is not None:
             self.runner.stop()
             self.runner = None
+        for queue in self._queues.values():
+            queue.put_nowait(InstanceLostError(f"instance {self.instance_id} was stopped"))
 
 
 class LocalCluster:

@@ -163,7 +163,7 @@ async def test_engine_request_error_reaches_the_caller(
         assert router.load("tiny") == (0, 0)
 
 
-SEEDED = SamplingParams(max_tokens=60, temperature=0.8, seed=11, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=400, temperature=0.8, seed=11, ignore_eos=True)
 
 
 async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens(
@@ -172,7 +172,7 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
     """The instance dies mid-stream (its engine stops, nothing is exported): greedy and seeded
     requests carry on on the other instance, the client's stream has exactly the tokens and
     text of an undisturbed run, and the dead instance is replaced."""
-    greedy = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
     llm = LLM(str(model_dir))
     try:
         want = {rid: llm.generate([p], sp)[0] for rid, p, sp in (
@@ -193,6 +193,7 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
             while sum(len(d.new_token_ids) for d in got[rid]) < 10:
                 got[rid].append(await anext(st))
         victim = router.journal.get("g").instance_id
+        assert router.journal.get("s").instance_id != victim  # one on each instance
         s.cluster.handles[victim].crash()
         for rid, st in streams.items():
             got[rid] += await _collect(st)
@@ -202,10 +203,10 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
             assert got[rid][-1].finish_reason == "length"
             entry = router.journal.get(rid)
             assert entry.finished and entry.token_ids == tokens
-            assert entry.instance_id != victim  # both ended on the survivor
+            assert entry.instance_id != victim  # "g" moved, "s" stayed
         assert router.load("tiny") == (0, 0)
         metrics = (await s.client.get("/metrics")).text
-        assert 'ember_requests_resumed_total{model="tiny"}' in metrics
+        assert 'ember_requests_resumed_total{model="tiny"} 1.0' in metrics
 
         def replaced() -> bool:
             ready = s.controller.ready_instances("tiny")
@@ -262,4 +263,21 @@ async def test_a_request_lost_too_often_fails_with_instance_lost(
                 await asyncio.wait_for(anext(stream), 60)
         assert len(crashed) == MAX_RESUMES + 1
         assert router.journal.get("doomed").finish_reason == "abort"
+        assert router.load("tiny") == (0, 0)
+
+
+async def test_a_request_of_a_deleted_deployment_is_not_resumed(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """Deleting the deployment stops its instances under their requests: those end with the
+    instance's error instead of waiting for an instance that will never come."""
+    from ember.errors import InstanceLostError
+
+    async with serving(tmp_path, (_spec(model_dir, min_instances=1),), cache_root=cache_root) as s:
+        router = s.app.state.router
+        stream = router.generate("tiny", "orphan", "Hello there", LONG)
+        await anext(stream)
+        s.controller.delete("tiny")
+        with pytest.raises(InstanceLostError, match="stopped"):
+            await asyncio.wait_for(_collect(stream), 60)
         assert router.load("tiny") == (0, 0)
