@@ -45,6 +45,7 @@ def baseline_sampler(ref: str, where: Path) -> Callable[..., Any]:
     spec = importlib.util.spec_from_file_location("baseline_sampling", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_sampling"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     fn: Callable[..., Any] = module.sample
     return fn

@@ -589,6 +589,7 @@ class Controller:
         inst.handle.node_id = ready.node_id
         inst.load_s = ready.load_s
         inst.tier = ready.tier
+        inst.pid = ready.pid or None
         self._hint(spec.source, ready.node_id, DISK)  # at least on its disk now
         dep = self._deployments.get(inst.deployment)
         if dep is not None:

@@ -63,6 +63,7 @@ class InstanceRecord:
     drain_since_s: float | None = None
     task: asyncio.Task[None] | None = None
     revision: int = 0  # its deployment's revision at launch (an update bumps the deployment's)
+    pid: int | None = None  # its process (`InstanceReady.pid`) once started
 
     def fire(self, event: InstanceEvent) -> None:
         before = self.state
@@ -89,6 +90,7 @@ class InstanceRecord:
             error=self.error,
             revision=self.revision,
             estimated_load_s=self.expected_load_s,
+            pid=self.pid,
         )
 
 

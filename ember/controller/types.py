@@ -235,6 +235,7 @@ class InstanceInfo:
     revision: int = 0  # the deployment revision it runs (`DeploymentStatus.revision`)
     # placement's estimate of its load (bytes over the tier's bandwidth), next to `load_s`
     estimated_load_s: float | None = None
+    pid: int | None = None  # its process on its node (rank 0's for tensor parallelism)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

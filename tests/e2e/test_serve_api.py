@@ -302,6 +302,8 @@ def test_an_instance_killed_mid_stream_loses_no_request_and_changes_no_token(
         llm.close()
     victims = serving_processes(server)
     assert len(victims) == 2
+    pids = sorted(i["pid"] for i in deployment(server, MODEL)["instances"])
+    assert pids == sorted(p.pid for p in victims)  # `ember status` names each one's process
     before = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}')
     aclient = openai.AsyncOpenAI(
         base_url=server.base_url, api_key="none", max_retries=0, timeout=300
