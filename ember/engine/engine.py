@@ -139,13 +139,7 @@ class Engine:
     def add_request(
         self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
     ) -> None:
-        if not isinstance(request_id, str) or not request_id:
-            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}")
-        if request_id in self._requests:
-            raise RequestError(f"request_id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self._new_request_ids(request_id, prompt, params)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -176,13 +170,7 @@ class Engine:
         if not output_token_ids:
             self.add_request(request_id, prompt, params)
             return
-        if not isinstance(request_id, str) or not request_id:
-            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}")
-        if request_id in self._requests:
-            raise RequestError(f"request_id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self._new_request_ids(request_id, prompt, params)
         ids = self._prompt_ids([*prompt_ids, *output_token_ids])  # in the vocabulary, fits
         output = ids[len(prompt_ids) :]
         if len(output) >= params.max_tokens:
@@ -214,6 +202,18 @@ class Engine:
         )
         self._requests[request_id] = request
         self.scheduler.add(request)
+
+    def _new_request_ids(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
+    ) -> list[int]:
+        """The prompt's token ids, once the id is free and the params are SamplingParams."""
+        if not isinstance(request_id, str) or not request_id:
+            raise RequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise RequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        return self._prompt_ids(prompt)
 
     def _generator(self, params: SamplingParams) -> torch.Generator:
         """A request's own generator: seeded from `params.seed`, else from the engine's seed."""
