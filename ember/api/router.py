@@ -12,8 +12,9 @@ A request whose instance is lost (its process or node died: `InstanceLostError`)
 it goes back to the head of the line and, on the next instance it gets (a cold start if none
 is left), carries on from the journal (prompt, ids and text streamed so far) as a
 `Continuation`; the engine recomputes those tokens and continues, so the client's stream goes
-on with the tokens it would have had (greedy and seeded: the same ones). At most MAX_RESUMES
-times per request; the deadline to the first new token starts again at each resume.
+on with the tokens it would have had (greedy and seeded: the same ones in fp32; a bf16 recompute
+can flip a near-tie, see docs/serving.md). At most MAX_RESUMES times per request; the deadline
+to the first new token starts again at each resume.
 
 The controller reads `load(name) -> (queued, in_flight)` through `set_load_source` to decide how
 many instances a deployment needs.
