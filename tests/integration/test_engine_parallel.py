@@ -57,6 +57,10 @@ def test_tensor_parallel_two_ranks_give_the_same_greedy_tokens(
         assert state.kv is not None and state.kv.shape[3] == 2  # both ranks' kv heads
         tp.abort("m")
         tp.step()
+        # A request whose (single-rank) instance died resumes on the TP group from its ids.
+        tp.resume_request("lost", PROMPTS[2], PARAMS, reference["2"][:5])
+        assert reference["2"][:5] + _generate_rest(tp) == reference["2"]
+        assert tp.block_manager.num_free == tp.block_manager.num_blocks
     single = Engine(EngineConfig(**cfg))  # type: ignore[arg-type]
     single.import_request(state)
     tail = _generate_rest(single)
