@@ -53,9 +53,10 @@ def render(state: dict[str, Any]) -> str:
             tier = f" from={i['tier']}" if i.get("tier") else ""
             if i.get("revision", 0) != d.get("revision", 0):  # a rolling update's old one
                 tier += f" revision={i.get('revision', 0)} (old)"
+            pid = f" pid={i['pid']}" if i.get("pid") else ""
             lines.append(
                 f"  {i['instance_id']:<24} {i['state']:<9} node={(i.get('node_id') or '-')[:12]:<12}"
-                f" in_flight={i.get('in_flight', 0)} load_s={load_text}{tier}{err}"
+                f" in_flight={i.get('in_flight', 0)} load_s={load_text}{tier}{pid}{err}"
             )
     nodes = state.get("nodes") or []
     if nodes:

@@ -83,12 +83,13 @@ def test_status_marks_the_old_revisions_instances_and_the_last_failed_start() ->
         "name": "m", "spec": {"source": "/m"}, "desired": 1, "revision": 2,
         "last_error": "CheckpointCorruptError: /m/model.safetensors: truncated",
         "instances": [
-            {**inst, "instance_id": "m-1", "revision": 0, "estimated_load_s": 0.1},
-            {**inst, "instance_id": "m-3", "revision": 2, "state": "starting"},
+            {**inst, "instance_id": "m-1", "revision": 0, "estimated_load_s": 0.1, "pid": 4242},
+            {**inst, "instance_id": "m-3", "revision": 2, "state": "starting", "pid": None},
         ],
     }]})  # fmt: skip
     [old] = [line for line in text.splitlines() if "m-1" in line]
     [new] = [line for line in text.splitlines() if "m-3" in line]
     assert "revision=0 (old)" in old and "(old)" not in new
     assert "load_s=0.50 (est 0.10)" in old and "(est" not in new  # placement's estimate
+    assert "pid=4242" in old and "pid=" not in new  # its process, once started
     assert "last start failed: CheckpointCorruptError: /m/model.safetensors: truncated" in text
