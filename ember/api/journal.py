@@ -2,7 +2,8 @@
 
 The router appends each delta's tokens as they pass through, so at any moment the journal holds
 exactly what the client has been sent. That is what resuming a request elsewhere needs (prompt +
-generated ids + sampling parameters): a later issue reads it after an instance is lost.
+generated ids and text + sampling parameters): the router sends it to another instance as a
+`Continuation` when the request's instance is lost (router.py).
 
 Owns: active entries (unbounded: bounded in practice by the router's queues) and the most recent
 finished entries (at most `max_finished`, oldest dropped first). In-memory only.
