@@ -85,11 +85,7 @@ class LocalHandle:
         """As when the instance's process dies: its engine stops where it is; output already
         sent still arrives, then each request's stream raises InstanceLostError."""
         self.lost = True
-        runner, self.runner = self.runner, None
-        if runner is not None:
-            runner.stop()
-        for queue in self._queues.values():
-            queue.put_nowait(InstanceLostError(f"instance {self.instance_id} died"))
+        self._end("died")
 
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
@@ -99,11 +95,15 @@ class LocalHandle:
     def stop(self) -> None:
         """As InstanceHandle.close with the actor's shutdown: requests still running end with
         InstanceLostError."""
-        if self.runner is not None:
-            self.runner.stop()
-            self.runner = None
+        self._end("was stopped")
+
+    def _end(self, why: str) -> None:
+        """Stop the engine; every request still waiting gets InstanceLostError saying `why`."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.stop()
         for queue in self._queues.values():
-            queue.put_nowait(InstanceLostError(f"instance {self.instance_id} was stopped"))
+            queue.put_nowait(InstanceLostError(f"instance {self.instance_id} {why}"))
 
 
 class LocalCluster:
