@@ -16,6 +16,15 @@ time from sending it until it has the same `--before` tokens again (its text is 
 reference). A retry would also lose the time to notice the error, which the resumed run's
 "kill to next token" includes and this does not.
 
+The live move, in the same run (`--notice`, on by default): the same request again, and once
+`--before` tokens have arrived a preemption notice for the node (`POST /admin/nodes/{node}/
+notice`). The router moves the request to another instance in rounds while it streams and
+switches when the target is a few tokens behind; the server's log names the token after which
+it switched, and the client's gap there is the move's pause (also recorded: the longest gap
+from the notice to the end). `ember serve` here is one machine, so the notice drains both
+instances and the replacements start on the same machine (there is no other): the source's
+chunks slow down while they load, which is the cost of the notice, not of the move.
+
     python benchmarks/bench_resume.py [--dtype bf16|fp32] [--contexts 16 512 1536] [--before 64]
 """
 
@@ -25,6 +34,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import statistics
@@ -145,6 +155,50 @@ def one_pair(base: str, prompt: list[int], before: int, max_tokens: int) -> dict
     }
 
 
+def one_move(
+    base: str, prompt: list[int], before: int, max_tokens: int, log_path: Path, ref_text: str
+) -> dict[str, Any]:
+    """The same request moved live on a preemption notice for its node; see the docstring."""
+    noticed: dict[str, Any] = {}
+
+    def maybe_notice(request_id: str, count: int) -> None:
+        if noticed or count < before:
+            return
+        node = httpx.get(f"{base}/admin/status", timeout=10).json()["nodes"][0]["node_id"]
+        noticed["t"] = time.monotonic()
+        noticed["at_tokens"] = count
+        noticed["id"] = request_id
+        r = httpx.post(f"{base}/admin/nodes/{node}/notice", json={"deadline_s": 120}, timeout=10)
+        r.raise_for_status()
+
+    _, chunks, text = stream(base, prompt, max_tokens, maybe_notice)
+    moves = re.findall(
+        rf"request {re.escape(noticed['id'])} moved to \S+ after (\d+) tokens \((\d+) sent",
+        log_path.read_text(errors="replace"),
+    )
+    if not moves:
+        raise RuntimeError(f"request {noticed['id']} was not moved (see {log_path})")
+    at, last_round = int(moves[-1][0]), int(moves[-1][1])
+    # The client has `at` tokens when the source stops: the pause is the gap after that chunk.
+    i = next(k for k, (_, n) in enumerate(chunks) if n >= at)
+    times = [t for t, _ in chunks]
+    after = [t for t in times if t >= noticed["t"]]
+    before_notice = [t for t in times if t < noticed["t"]]
+    gaps = [b - a for a, b in zip(before_notice, before_notice[1:], strict=False)]
+    return {
+        "tokens_before_notice": noticed["at_tokens"],
+        "switch_after_tokens": at,
+        "last_round_tokens": last_round,
+        "notice_to_switch_s": times[i] - noticed["t"],
+        "switch_gap_s": times[i + 1] - times[i] if i + 1 < len(times) else None,
+        "longest_gap_after_notice_s": max(
+            (b - a for a, b in zip(after, after[1:], strict=False)), default=None
+        ),
+        "median_chunk_gap_before_s": statistics.median(gaps) if gaps else None,
+        "identical_text": text == ref_text,
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[16, 512, 1536])
@@ -154,6 +208,11 @@ def main() -> int:
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--dtype", default="bf16", help="the deployment's dtype (fp32: exact)")
     p.add_argument("--out", default=None, help="default: benchmarks/results/resume-DTYPE.json")
+    p.add_argument(
+        "--notice-after", type=int, default=1500,
+        help="tokens to generate after the notice (the replacement's cold start runs meanwhile)",
+    )  # fmt: skip
+    p.add_argument("--no-notice", dest="notice", action="store_false", help="skip the live move")
     args = p.parse_args()
     model = ensure_model(args.model)
     rows: list[dict[str, Any]] = []
@@ -186,6 +245,23 @@ def main() -> int:
                 for run in range(args.runs):
                     row = one_pair(base, prompt, args.before, args.before + args.after)
                     row |= {"prompt_tokens": context, "run": run}
+                    wait_ready(base, 2)  # the lost instance replaced
+                    if args.notice:
+                        _, _, ref = stream(base, prompt, args.before + args.notice_after)
+                        move = one_move(
+                            base, prompt, args.before, args.before + args.notice_after,
+                            log_path, ref,
+                        )  # fmt: skip
+                        row["move"] = move
+                        print(
+                            f"prompt {context:5d} run {run}: moved after "
+                            f"{move['switch_after_tokens']} tokens ({move['last_round_tokens']} "
+                            f"in the last round), switch gap {move['switch_gap_s'] or 0:.3f} s, "
+                            f"longest gap after the notice "
+                            f"{move['longest_gap_after_notice_s'] or 0:.3f} s; identical "
+                            f"{move['identical_text']}",
+                            flush=True,
+                        )
                     rows.append(row)
                     print(
                         f"prompt {context:5d} run {run}: client gap {row['client_gap_s']:.3f} s "
@@ -197,7 +273,10 @@ def main() -> int:
                     )
                     wait_ready(base, 2)  # the lost instance replaced before the next run
             metrics = httpx.get(base + "/metrics", timeout=10).text
-            resumed = [ln for ln in metrics.splitlines() if ln.startswith("ember_requests_resumed")]
+            resumed = [
+                ln for ln in metrics.splitlines()
+                if ln.startswith(("ember_requests_resumed", "ember_requests_migrated"))
+            ]  # fmt: skip
         finally:
             stop(server)
             log.close()
@@ -219,6 +298,20 @@ def main() -> int:
                 "all_identical": all(r["identical_text"] for r in mine),
             }
         )
+        moved = [r["move"] for r in mine if "move" in r]
+        if moved:
+            summary[-1] |= {
+                "move_switch_gap_s_median": statistics.median(
+                    m["switch_gap_s"] for m in moved if m["switch_gap_s"] is not None
+                ),
+                "move_longest_gap_after_notice_s_median": statistics.median(
+                    m["longest_gap_after_notice_s"] for m in moved
+                ),
+                "move_notice_to_switch_s_median": statistics.median(
+                    m["notice_to_switch_s"] for m in moved
+                ),
+                "move_all_identical": all(m["identical_text"] for m in moved),
+            }
     result = {
         "benchmark": "resume",
         "git_sha": git_sha(),
@@ -233,6 +326,9 @@ def main() -> int:
             "runs": args.runs,
             "kill": "SIGKILL to the serving instance's process once `before` tokens arrived",
             "baseline": "the same request undisturbed: send to `before` tokens (a retry's cost)",
+            "notice": "a preemption notice for the node once `before` tokens arrived (live move)"
+            if args.notice
+            else None,
         },  # fmt: skip
         "runs": rows,
         "summary": summary,

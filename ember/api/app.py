@@ -12,6 +12,7 @@ Routes:
     DELETE /admin/deployments/{name}             delete (404 if unknown)
     POST /admin/deployments/{name}/prefetch      {"tier", "node"}: an s3:// checkpoint to a node
     POST /admin/deployments/{name}/evict         {"tier", "node"}: drop it (409 while in use)
+    POST /admin/nodes/{node}/notice              {"deadline_s"}: a preemption notice; drain it
     GET  /admin/status                           deployments, instances, nodes (`ember status`)
     GET  /admin/requests[/{request_id}]          active journal entries, or one (prompt, token ids)
     GET  /health, /metrics                       liveness; Prometheus text format (no key needed)
@@ -62,6 +63,7 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         clock=clock,
         on_cold_start=lambda model: metrics.cold_starts.labels(model).inc(),
         on_resume=lambda model: metrics.resumed.labels(model).inc(),
+        on_migrate=lambda model: metrics.migrated.labels(model).inc(),
     )
     metrics.watch(router.loads, controller.status)
     generation = Generation(ctl, router, config, metrics, clock)
@@ -183,6 +185,25 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         return JSONResponse({"deployment": name, "source": spec.source, "tier": tier,
                              "nodes": gone})  # fmt: skip
 
+    @app.post("/admin/nodes/{node}/notice", dependencies=[Depends(admin)])
+    async def notice(node: str, request: Request) -> dict[str, Any]:
+        try:
+            body = await request.json() if await request.body() else {}
+        except ValueError:
+            raise InvalidRequestError("request body is not valid JSON") from None
+        if not isinstance(body, dict) or set(body) - {"deadline_s"}:
+            raise InvalidRequestError('body: expected {"deadline_s": seconds}')
+        deadline = body.get("deadline_s", 30.0)
+        if isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline < 0:
+            raise InvalidRequestError(
+                f"deadline_s: expected seconds >= 0, got {deadline!r}", "deadline_s"
+            )
+        try:
+            result: dict[str, Any] = controller.notice(node, float(deadline))
+        except ConfigError as e:
+            raise InvalidRequestError(str(e), _field_of(str(e))) from None
+        return result
+
     @app.get("/admin/status", dependencies=[Depends(admin)])
     async def status() -> dict[str, Any]:
         out: dict[str, Any] = {"deployments": [s.to_dict() for s in controller.status()]}
@@ -196,8 +217,11 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
                 measured = rates() if callable(rates) else {}
                 pool = getattr(controller, "pool_idle", None)
                 idle = pool() if callable(pool) else {}
+                noticed = getattr(controller, "noticed", None)
+                notices = noticed() if callable(noticed) else {}
                 for n in out["nodes"]:  # what placement's start-up estimate uses
                     n["fetch_bytes_per_s"] = measured.get(n["node_id"], {})
+                    n["notice_s"] = notices.get(n["node_id"])  # seconds left of a notice
                     n["pool_idle"] = idle.get(n["node_id"], 0)  # pre-started workers waiting
             except Exception:  # the cluster may be unreachable; status still answers
                 logger.exception("admin status: listing nodes failed")

@@ -13,6 +13,7 @@ the controller when Prometheus scrapes, so they are never stale.
     ember_queue_depth{model}, ember_requests_in_flight{model}
     ember_cold_starts_total{model}                     requests that found zero instances
     ember_requests_resumed_total{model}                requests resumed after their instance died
+    ember_requests_migrated_total{model}               requests moved live off a node under notice
     ember_instance_load_seconds{model,tier}            instance start-up (load) time by tier
     ember_instances{model,state}                       instances by lifecycle state
 """
@@ -134,6 +135,10 @@ class ApiMetrics:
         self.cold_starts = Counter(
             "ember_cold_starts", "Requests that found no instance and woke one", ["model"],
             registry=r,
+        )  # fmt: skip
+        self.migrated = Counter(
+            "ember_requests_migrated", "Requests moved live off an instance under notice",
+            ["model"], registry=r,
         )  # fmt: skip
         self.resumed = Counter(
             "ember_requests_resumed", "Requests resumed on another instance after theirs died",

@@ -16,17 +16,31 @@ on with the tokens it would have had (greedy and seeded: the same ones in fp32; 
 can flip a near-tie, see docs/serving.md). At most MAX_RESUMES times per request; the deadline
 to the first new token starts again at each resume.
 
+A request whose instance is about to go away (its node got a preemption notice: the controller
+calls `migrate(instance_id)`) moves while it streams, in rounds (token-based live migration): a
+target instance takes the slot at the head of the line and prefills a held copy from the
+journal's tokens while the source keeps decoding; each later round sends the tokens streamed
+meanwhile (fewer each time, as a prefill of n tokens takes less than n decode steps); once the
+target is at most SWITCH_BEHIND tokens behind (or after MAX_ROUNDS), the next delta from the
+source is the last: the source's copy is aborted and the target, given the rest of the tokens
+and the text the client has, goes on. The client's pause is the last round's few tokens, not a
+prefill of the whole context. A move that fails (the target lost, no instance in time) leaves
+the request on its source; if the source dies first, a target that holds a prefix takes over
+with the tokens it lacks, else the request is resumed as above.
+
 The controller reads `load(name) -> (queued, in_flight)` through `set_load_source` to decide how
 many instances a deployment needs.
 
 Invariants: `queued` counts requests in the line; `in_flight` counts requests holding a slot;
 both return to zero when every request has ended, however it ended (finished, error, timeout,
-client gone). A request whose consumer stops early is aborted on its instance.
+client gone). A moving request holds a slot on its source and one on its target until it
+switches. A request whose consumer stops early is aborted on its instance (and its target).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -34,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ember.api.journal import JournalEntry, RequestJournal
-from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, Extension, StreamDelta
 from ember.errors import InstanceLostError, ModelNotFoundError, QueueFullError, RequestTimeoutError
 from ember.policy.clock import Clock, SystemClock
 
@@ -48,6 +62,10 @@ POLL_INTERVAL_S = 0.05
 # How many times one request is resumed after losing its instance before its error reaches the
 # client (each resume recomputes its tokens so far on another instance).
 MAX_RESUMES = 3
+# Live migration: rounds of catching up before the switch, and how far behind (in tokens) the
+# target may be when the source stops (the pause is the prefill of those tokens plus a step).
+MAX_ROUNDS = 4
+SWITCH_BEHIND = 4
 
 
 class InstanceLike(Protocol):
@@ -61,6 +79,8 @@ class InstanceLike(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    def extend(self, request_id: str, extension: Extension) -> None: ...
+
 
 class ControllerLike(Protocol):
     """The part of `ember.controller.controller.Controller` the router uses."""
@@ -70,6 +90,8 @@ class ControllerLike(Protocol):
     def ready_instances(self, name: str) -> list[Any]: ...  # never one known to be lost
 
     def set_load_source(self, fn: Callable[[str], tuple[int, int]]) -> None: ...
+
+    def set_migrate_hook(self, fn: Callable[[str], object]) -> None: ...
 
     def wake(self, name: str) -> None: ...
 
@@ -92,6 +114,32 @@ class _Load:
         self.changed = asyncio.Event()
 
 
+@dataclass(eq=False, slots=True)
+class _Move:
+    """A live migration in progress (see the module docstring). `target` holds a slot once
+    set; `stream` is the target's stream of the held copy, which has the first `sent` ids."""
+
+    task: asyncio.Task[None] | None = None
+    target: Any = None
+    stream: _Relay | None = None
+    sent: int = 0
+    held: bool = False  # the target acknowledged its copy: it can take over
+    ready: bool = False  # caught up: switch at the source's next delta
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    """A request streaming from an instance (what `migrate` finds by instance)."""
+
+    model: str
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    entry: JournalEntry
+    instance_id: str = ""
+    move: _Move | None = None
+
+
 class Router:
     """Routes requests of every deployment to its instances; see the module docstring."""
 
@@ -102,15 +150,19 @@ class Router:
         clock: Clock | None = None,
         on_cold_start: Callable[[str], None] | None = None,
         on_resume: Callable[[str], None] | None = None,
+        on_migrate: Callable[[str], None] | None = None,
     ) -> None:
         self._controller = controller
         self.journal = journal if journal is not None else RequestJournal()
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._on_cold_start = on_cold_start
         self._on_resume = on_resume
+        self._on_migrate = on_migrate
         self._loads: dict[str, _Load] = {}
+        self._flights: dict[str, dict[str, _Flight]] = {}  # instance id -> request id -> flight
         self._background: set[asyncio.Task[Any]] = set()
         controller.set_load_source(self.load)
+        controller.set_migrate_hook(self.migrate)
 
     # --- what the controller and /metrics read ---------------------------------------------
 
@@ -136,6 +188,7 @@ class Router:
         state = self._loads.setdefault(model, _Load())
         deadline = self._clock.now() + spec.request_timeout_s
         entry = self.journal.open(request_id, model, prompt, params, self._clock.now())
+        flight = _Flight(model, request_id, prompt, params, entry)
         finish_reason: str | None = "abort"
         handle: Any = None
         stream: AsyncIterator[StreamDelta] | None = None
@@ -143,32 +196,49 @@ class Router:
         resumes = 0
         try:
             while True:
-                handle = await self._acquire(model, spec, state, deadline, resuming=resumes > 0)
-                entry.instance_id = handle.instance_id
-                what: str | list[int] | Continuation = prompt
-                if entry.token_ids:
-                    what = Continuation(prompt, tuple(entry.token_ids), entry.text)
-                stream = handle.generate(request_id, what, params)
                 try:
-                    delta = await self._first_delta(stream, deadline, spec)
+                    if handle is None:
+                        handle = await self._acquire(
+                            model, spec, state, deadline, resuming=resumes > 0
+                        )
+                        self._fly(flight, handle.instance_id)
+                        what: str | list[int] | Continuation = prompt
+                        if entry.token_ids:
+                            what = Continuation(prompt, tuple(entry.token_ids), entry.text)
+                        stream = handle.generate(request_id, what, params)
+                        delta = await self._first_delta(stream, deadline, spec)
+                    else:  # a migration's target that took over from a lost source
+                        assert stream is not None
+                        delta = await _next_output(stream)
                     while True:
                         finished = self._record(entry, delta)
                         yield delta
                         if finished:
                             break
-                        delta = await anext(stream)
+                        move = flight.move
+                        if move is not None and move.ready:
+                            handle, stream = self._switch(flight, state, handle, stream)
+                        delta = await _next_output(stream)
                     break
                 except InstanceLostError as lost:
+                    self._release(state, handle.instance_id)
+                    lost_id, handle, stream = handle.instance_id, None, None
+                    move = flight.move
+                    if move is not None and move.held:
+                        logger.warning(
+                            "instance %s lost with request %s during its migration (%s); "
+                            "the target takes over", lost_id, request_id, lost,
+                        )  # fmt: skip
+                        with contextlib.suppress(InstanceLostError):  # else: resumed
+                            handle, stream = self._switch(flight, state, None, None)
+                            continue
                     resumes += 1
                     spec = self._resumable(model, lost, resumes)
                     logger.warning(
                         "instance %s lost with request %s after %d tokens (%s); resuming it on "
                         "another instance (%d of %d)",
-                        handle.instance_id, request_id, len(entry.token_ids), lost, resumes,
-                        MAX_RESUMES,
+                        lost_id, request_id, len(entry.token_ids), lost, resumes, MAX_RESUMES,
                     )  # fmt: skip
-                    self._release(state, handle.instance_id)
-                    handle = stream = None
                     deadline = self._clock.now() + spec.request_timeout_s
                     if self._on_resume is not None:
                         self._on_resume(model)
@@ -176,11 +246,126 @@ class Router:
         except StopAsyncIteration:
             finish_reason = entry.finish_reason or "abort"
         finally:
+            self._land(flight)
+            self._abandon(flight, state)
             if handle is not None:
                 self._release(state, handle.instance_id)
             if stream is not None and not finished:
                 self._spawn(self._close(handle, stream, request_id))
             self.journal.close(entry, finish_reason)
+
+    # --- live migration ------------------------------------------------------------------------
+
+    def migrate(self, instance_id: str) -> int:
+        """Move every request streaming from `instance_id` to other instances of its
+        deployment, live (module docstring); returns how many moves started."""
+        started = 0
+        for flight in list(self._flights.get(instance_id, {}).values()):
+            if flight.move is None:
+                move = flight.move = _Move()
+                move.task = asyncio.get_running_loop().create_task(
+                    self._prepare(flight, move), name=f"migrate-{flight.request_id}"
+                )
+                started += 1
+        if started:
+            logger.info("migrating %d requests off instance %s", started, instance_id)
+        return started
+
+    async def _prepare(self, flight: _Flight, move: _Move) -> None:
+        """Rounds of a move until the target is close behind the source (then `ready`)."""
+        model, rid, ids = flight.model, flight.request_id, flight.entry.token_ids
+        source = flight.instance_id
+        try:
+            spec = self._controller.get(model)
+            state = self._loads.setdefault(model, _Load())
+            deadline = self._clock.now() + spec.request_timeout_s
+            move.target = await self._acquire(model, spec, state, deadline, resuming=True)
+            n = len(ids)
+            copy = Continuation(flight.prompt, tuple(ids[:n]), "", hold=True)
+            move.stream = _Relay(move.target.generate(rid, copy, flight.params))
+            await _acknowledged(move.stream)
+            move.sent, move.held = n, True
+            for _ in range(MAX_ROUNDS - 1):
+                n = len(ids)
+                if n - move.sent <= SWITCH_BEHIND:
+                    break
+                move.target.extend(rid, Extension(tuple(ids[move.sent : n])))
+                move.sent = n  # (a switch from here on sends only what follows)
+                await _acknowledged(move.stream)
+            move.ready = True
+            logger.info(
+                "request %s ready to move from %s to %s (%d tokens held, %d behind)",
+                rid, source, move.target.instance_id, move.sent, len(ids) - move.sent,
+            )  # fmt: skip
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the request stays on its source (and is resumed if it dies)
+            logger.warning("migration of request %s off %s failed: %s", rid, source, e)
+            if flight.move is move:
+                flight.move = None
+                self._abandon_move(move, flight, self._loads.get(model))
+
+    def _switch(
+        self, flight: _Flight, state: _Load, handle: Any, stream: AsyncIterator[StreamDelta] | None
+    ) -> tuple[Any, AsyncIterator[StreamDelta]]:
+        """Stop the source (`handle`, None when it died) and release the target with the ids
+        and text the client has: the target's stream is the request's from now on."""
+        move = flight.move
+        assert move is not None and move.stream is not None
+        flight.move = None
+        if move.task is not None and not move.task.done():
+            move.task.cancel()  # mid-round (its source died): it only waits on the relay
+        entry = flight.entry
+        rest = tuple(entry.token_ids[move.sent :])
+        try:
+            move.target.extend(flight.request_id, Extension(rest, entry.text, release=True))
+        except InstanceLostError:  # the target is gone: stay on the source if it is alive
+            logger.warning("migration target of request %s was lost", flight.request_id)
+            self._abandon_move(move, flight, state)
+            if handle is None or stream is None:
+                raise
+            return handle, stream
+        if handle is not None and stream is not None:
+            self._spawn(self._close(handle, stream, flight.request_id))
+            self._release(state, handle.instance_id)
+        self._fly(flight, move.target.instance_id)
+        entry.instance_id = move.target.instance_id
+        logger.info(
+            "request %s moved to %s after %d tokens (%d sent in the last round)",
+            flight.request_id, move.target.instance_id, len(entry.token_ids), len(rest),
+        )  # fmt: skip
+        if self._on_migrate is not None:
+            self._on_migrate(flight.model)
+        return move.target, move.stream
+
+    def _abandon(self, flight: _Flight, state: _Load) -> None:
+        """End a move that did not switch (the request ended first)."""
+        move, flight.move = flight.move, None
+        if move is not None:
+            self._abandon_move(move, flight, state)
+
+    def _abandon_move(self, move: _Move, flight: _Flight, state: _Load | None) -> None:
+        if move.task is not None and not move.task.done():
+            move.task.cancel()
+        if move.target is not None:
+            if state is not None:
+                self._release(state, move.target.instance_id)
+            if move.stream is not None:
+                self._spawn(self._close(move.target, move.stream, flight.request_id))
+            move.target = move.stream = None
+
+    def _fly(self, flight: _Flight, instance_id: str) -> None:
+        self._land(flight)
+        flight.instance_id = instance_id
+        flight.entry.instance_id = instance_id
+        self._flights.setdefault(instance_id, {})[flight.request_id] = flight
+
+    def _land(self, flight: _Flight) -> None:
+        on = self._flights.get(flight.instance_id)
+        if on is not None:
+            on.pop(flight.request_id, None)
+            if not on:
+                del self._flights[flight.instance_id]
 
     def _resumable(self, model: str, lost: InstanceLostError, resumes: int) -> DeploymentSpec:
         """The deployment's spec when a request its instance lost may be resumed; else `lost`
@@ -324,6 +509,55 @@ class Router:
         """Wait for pending abort tasks (tests and shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+class _Relay:
+    """A stream read by its own task into a queue, so that a reader waiting on it (a migration
+    round) can be cancelled without ending the stream; `aclose` ends it (and so the request)."""
+
+    def __init__(self, stream: AsyncIterator[StreamDelta]) -> None:
+        self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        self._task = asyncio.get_running_loop().create_task(self._pump(stream))
+
+    async def _pump(self, stream: AsyncIterator[StreamDelta]) -> None:
+        try:
+            async for delta in stream:
+                self._queue.put_nowait(delta)
+            self._queue.put_nowait(StopAsyncIteration())
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._queue.put_nowait(e)
+
+    def __aiter__(self) -> _Relay:
+        return self
+
+    async def __anext__(self) -> StreamDelta:
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(item)  # every later read ends the same way
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _next_output(stream: AsyncIterator[StreamDelta]) -> StreamDelta:
+    """The next delta with output (a migration's acknowledgement that arrives after its
+    target was released is skipped)."""
+    delta = await anext(stream)
+    while not (delta.new_token_ids or delta.new_text or delta.finished):
+        delta = await anext(stream)
+    return delta
+
+
+async def _acknowledged(stream: AsyncIterator[StreamDelta]) -> None:
+    """Wait for a held copy's acknowledgement (a delta with no token) on its stream."""
+    delta = await anext(stream)
+    if delta.new_token_ids or delta.finished:
+        raise RuntimeError(f"a held request produced output: {delta}")
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:

@@ -1,5 +1,5 @@
 """HTTP client of a running server's admin endpoints, shared by `ember deploy|delete|status|
-prefetch|evict`.
+prefetch|evict|notice`.
 
 Owns the server URL and key resolution (--url / EMBER_URL, --api-key / EMBER_API_KEY) and the
 mapping of HTTP errors (OpenAI's error JSON) onto ember's exceptions, so each command prints
@@ -56,6 +56,10 @@ class AdminClient:
     def evict(self, name: str, tier: str, node: str | None) -> dict[str, Any]:
         body = {"tier": tier, "node": node}
         return self._request("POST", f"/admin/deployments/{name}/evict", json=body)
+
+    def notice(self, node: str, deadline_s: float) -> dict[str, Any]:
+        body = {"deadline_s": deadline_s}
+        return self._request("POST", f"/admin/nodes/{node}/notice", json=body)
 
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/admin/status")

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "show deployments, instances and where checkpoints are cached"),
     "prefetch": ("prefetch", "bring a deployment's checkpoint into a node's SSD or DRAM"),
     "evict": ("evict", "drop a deployment's s3:// checkpoint from the nodes' DRAM or SSD tier"),
+    "notice": ("notice", "tell a running server a node will be preempted: move its requests off"),
     "push": ("push", "convert a model and upload it to an S3 bucket"),
     "sim": ("sim", "simulate policies on spot and workload traces"),
     "replay": ("replay", "replay a spot trace against a live local cluster"),

@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, Extension, StreamDelta
 from ember.errors import InstanceLostError
 
 if TYPE_CHECKING:
@@ -181,6 +181,11 @@ class InstanceActor:
         host = node_ip()
         port, token = self._runner.open_channel(host)
         return host, port, token
+
+    async def extend(self, request_id: str, extension: Extension) -> None:
+        """A round of a live migration for a held request (see `Extension`)."""
+        if self._runner is not None:
+            self._runner.extend(request_id, extension)
 
     async def abort(self, request_id: str) -> None:
         if self._runner is not None:
@@ -341,9 +346,17 @@ class InstanceHandle:
     async def abort(self, request_id: str) -> None:
         await self._adapter.call(self._actor, "abort", request_id)
 
+    def extend(self, request_id: str, extension: Extension) -> None:
+        """Send a round of a live migration to the held request `request_id` here (its
+        acknowledgement, or its first tokens after a release, arrive on its `generate` stream)."""
+        if self.lost:
+            raise InstanceLostError(f"instance {self.instance_id} is gone")
+        self._command("extend", request_id, extension)
+
     def _command(self, op: str, request_id: str, *args: Any) -> None:
-        """Start ("submit") or stop ("abort") a request: over the channel when it is in use
-        (no thread of the actor but the engine's wakes for it), else as a Ray call."""
+        """Start ("submit"), extend ("extend") or stop ("abort") a request: over the channel
+        when it is in use (no thread of the actor but the engine's wakes for it), else as a Ray
+        call."""
         writer = self._writer
         if writer is None or writer.is_closing():
             self._adapter.send(self._actor, op, request_id, *args)

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, Extension, StreamDelta
 
 if TYPE_CHECKING:
     from ember import SamplingParams
@@ -205,6 +205,12 @@ class EngineRunner:
         self._inbox.append(("add", request_id, prompt, params))
         self._notify()
         return queue
+
+    def extend(self, request_id: str, extension: Extension) -> None:
+        """A round of a live migration for a held request (`Engine.extend_request`); an error
+        (the request is not held here) ends the request's stream."""
+        self._inbox.append(("extend", request_id, extension, None))
+        self._notify()
 
     def abort(self, request_id: str) -> None:
         """Stop a request: its stream ends with finish_reason "abort"; the engine frees it."""
@@ -380,6 +386,8 @@ class EngineRunner:
                 self._switch_channel(prompt)
             elif op == "abort":
                 self._abort(request_id, items, ids)
+            elif op == "extend":
+                self._extend(request_id, prompt, items, ids)
             else:
                 self._add(request_id, prompt, params, items, ids)
         if self._channel is None:
@@ -388,6 +396,9 @@ class EngineRunner:
         for i, (op, request_id, *rest) in enumerate(commands):
             if op == "abort":
                 self._abort(request_id, items, ids)
+                continue
+            if op == "extend":
+                self._extend(request_id, rest[0], items, ids)
                 continue
             if request_id in self._aborting:
                 # The id's aborted request ends in the next step's output: start the new one
@@ -430,11 +441,24 @@ class EngineRunner:
         try:
             if isinstance(prompt, Continuation):
                 self._engine.resume_request(
-                    request_id, prompt.prompt, params, prompt.output_token_ids, prompt.text
+                    request_id,
+                    prompt.prompt,
+                    params,
+                    prompt.output_token_ids,
+                    prompt.text,
+                    hold=prompt.hold,
                 )
             else:
                 self._engine.add_request(request_id, prompt, params)
         except Exception as e:  # bad request: only this request fails
+            items.append(e)
+            ids.append(request_id)
+
+    def _extend(self, request_id: str, ext: Extension, items: list[Item], ids: list[str]) -> None:
+        try:
+            self._engine.extend_request(request_id, ext.token_ids, ext.text, ext.release)
+        except Exception as e:  # not held here (finished, aborted, unknown): end its stream
+            self._abort_in_engine(request_id)
             items.append(e)
             ids.append(request_id)
 

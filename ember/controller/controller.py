@@ -4,6 +4,8 @@ Owns: the set of deployments (persisted in SQLite through `DeploymentStore`, res
 start), every instance's lifecycle record, and the decision of how many instances each
 deployment should have (`ember.policy.autoscaler.desired_instances`, fed with the router's
 queue and in-flight counts and an injected clock). It acts only through a `ClusterBackend`.
+A preemption notice for a node (`notice`) drains the node's instances: replacements start
+elsewhere and the router moves their requests live (`set_migrate_hook`).
 
 Invariants: `reconcile_once` is idempotent (running it twice with nothing changed does
 nothing); instance states change only through `types.transition`; a deployment being
@@ -18,6 +20,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -58,6 +61,8 @@ HINT_TTL_S = 600.0  # how long a prefetch or start is believed without the store
 # start on; checked at most every AHEAD_INTERVAL_S per deployment.
 AHEAD_LOAD = 0.5
 AHEAD_INTERVAL_S = 2.0
+# A node that outlives its preemption notice by this long is used again, in seconds.
+NOTICE_KEEP_S = 300.0
 
 
 class Controller:
@@ -100,6 +105,8 @@ class Controller:
         self._pending: dict[str, dict[str, float]] = {}
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
+        self._migrate_hook: Callable[[str], object] | None = None
+        self._noticed: dict[str, float] = {}  # node -> clock time its preemption notice ends
         self._ids = itertools.count(1)
         self._kick: asyncio.Event | None = None
         self._changed: asyncio.Event | None = None
@@ -297,6 +304,54 @@ class Controller:
 
     def set_load_source(self, fn: LoadSource) -> None:
         self._load_source = fn
+
+    def set_migrate_hook(self, fn: Callable[[str], object]) -> None:
+        """`fn(instance_id)` moves the requests streaming from an instance elsewhere, live
+        (the router's `migrate`); called for each instance on a node under notice."""
+        self._migrate_hook = fn
+
+    # --- preemption notices ----------------------------------------------------------------
+
+    def notice(self, node_id: str, deadline_s: float) -> dict[str, Any]:
+        """A preemption notice: node `node_id` (a prefix is enough) goes away in `deadline_s`
+        seconds. Nothing new is placed there; its starting instances stop; its ready ones
+        drain: they take no new request, replacements start on other nodes at once, and the
+        requests they are streaming move to other instances live (`set_migrate_hook`).
+        Requests still there when the node goes are resumed from the journal.
+
+        Returns {"node", "deadline_s", "draining": [instance ids], "moving": requests}.
+        Raises ConfigError for a node id that names no alive node (or several) or a
+        negative deadline."""
+        if not deadline_s >= 0:
+            raise ConfigError(f"deadline_s: must be >= 0 seconds, got {deadline_s!r}")
+        target = _one_node([n for n in self._cluster.nodes() if n.alive], node_id)
+        now = self._clock.now()
+        self._noticed[target] = min(now + deadline_s, self._noticed.get(target, math.inf))
+        draining: list[str] = []
+        moving = 0
+        for inst in list(self._instances.values()):
+            if inst.node_id != target:
+                continue
+            if inst.state is InstanceState.READY:
+                inst.fire(InstanceEvent.DRAIN)
+                inst.drain_since_s = now
+                draining.append(inst.instance_id)
+                if self._migrate_hook is not None:
+                    moved = self._migrate_hook(inst.instance_id)
+                    moving += moved if isinstance(moved, int) else 0
+            elif inst.state in (InstanceState.PENDING, InstanceState.STARTING):
+                self._begin_stop(inst)
+        logger.warning(
+            "preemption notice node=%s deadline_s=%.1f draining=%s moving=%d requests",
+            target[:12], deadline_s, draining, moving,
+        )  # fmt: skip
+        self._notify()  # replacements now, not at the next tick
+        return {"node": target, "deadline_s": deadline_s, "draining": draining, "moving": moving}
+
+    def noticed(self) -> dict[str, float]:
+        """Nodes under a preemption notice: node id -> seconds left (negative: overdue)."""
+        now = self._clock.now()
+        return {node: deadline - now for node, deadline in self._noticed.items()}
 
     def wake(self, name: str) -> None:
         """A request for `name` is waiting: reconcile now instead of at the next tick."""
@@ -540,7 +595,7 @@ class Controller:
         kw = self._estimate_inputs(spec, nodes)
         queue = kw["queue_s"]
         where = choose_node(
-            nodes,
+            [n for n in nodes if n.node_id not in self._noticed],
             self._locality(spec.source),
             need_cpus=need,
             need_gpus=need_gpus,
@@ -658,6 +713,12 @@ class Controller:
     def _observe(self, nodes: list[NodeInfo]) -> None:
         for node_id in self._losses.observe(nodes, time.monotonic()):
             logger.warning("node lost node=%s", node_id[:12])
+        if self._noticed:  # a notice ends with its node, or NOTICE_KEEP_S after its deadline
+            alive = {n.node_id for n in nodes if n.alive}
+            now = self._clock.now()
+            for node_id, deadline in list(self._noticed.items()):
+                if node_id not in alive or now > deadline + NOTICE_KEEP_S:
+                    del self._noticed[node_id]
 
     # --- checkpoint locality ---------------------------------------------------------------
 

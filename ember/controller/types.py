@@ -3,7 +3,8 @@
 Owns: `DeploymentSpec` (what a user asks for), `InstanceState` and its pure transition
 function, `InstanceInfo` / `DeploymentStatus` (what `ember status` shows), `StreamDelta`
 (one increment of a generation as it crosses from an instance to the router) and
-`Continuation` (a request resumed on another instance after its own was lost).
+`Continuation` (a request resumed on another instance after its own was lost, or the
+target's copy in a live migration) and `Extension` (a later round of that migration).
 Invariants: every type here is frozen and picklable; none holds a Ray or torch object.
 """
 
@@ -312,8 +313,22 @@ class Continuation:
 
     output_token_ids: the ids streamed to the client so far.
     text: the text streamed so far (the new instance's text starts after it).
+    hold: the target of a live migration: prefill, acknowledge, sample nothing until an
+      `Extension` releases it (the engine's `resume_request(hold=True)`).
     """
 
     prompt: str | list[int]
     output_token_ids: tuple[int, ...]
     text: str
+    hold: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Extension:
+    """One round of a live migration for a held request (the engine's `extend_request`): the
+    ids the source streamed since the previous round; with `release`, the text the client has
+    and the end of the hold."""
+
+    token_ids: tuple[int, ...]
+    text: str = ""
+    release: bool = False

@@ -157,6 +157,7 @@ class Engine:
         params: SamplingParams,
         output_token_ids: Sequence[int],
         text_sent: str = "",
+        hold: bool = False,
     ) -> None:
         """Carry on a request whose engine was lost, from what its client was sent: the prompt,
         the ids generated so far and their text (`text_sent`; new text starts after it).
@@ -166,42 +167,90 @@ class Engine:
         generator is advanced past the draws its sampled tokens took (`sampling.advance`), so
         greedy and seeded requests go on with exactly the tokens they would have produced
         unmoved. An unseeded sampled request goes on from a fresh seed.
+
+        `hold`: the target side of a live migration. The tokens are prefilled but nothing is
+        sampled; once they are in the cache, `step()` reports the request once with no new
+        tokens (the acknowledgement). `extend_request` appends the tokens the source produced
+        meanwhile and, with `release=True`, lets it go on from there.
         """
-        if not output_token_ids:
+        if not output_token_ids and not hold:
             self.add_request(request_id, prompt, params)
             return
         prompt_ids = self._new_request_ids(request_id, prompt, params)
         ids = self._prompt_ids([*prompt_ids, *output_token_ids])  # in the vocabulary, fits
         output = ids[len(prompt_ids) :]
-        if len(output) >= params.max_tokens:
-            raise RequestError(
-                f"request {request_id!r} already has {len(output)} of max_tokens="
-                f"{params.max_tokens} tokens: nothing is left to generate"
-            )
-        generator = self._generator(params)
-        if not params.greedy:
-            advance(generator, len(output), self.model_config.vocab_size)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, len(prompt_ids))
-        for end in range(len(prompt_ids) + 1, len(ids) + 1):
-            start = detokenizer.prefix_offset
-            detokenizer.step(ids[start:end], start)
-        if not detokenizer.text.startswith(text_sent):
-            logger.warning(
-                "request %s resumed: the text sent (%d chars) is not a prefix of its tokens' "
-                "text (%d chars); continuing after the text sent",
-                request_id, len(text_sent), len(detokenizer.text),
-            )  # fmt: skip
+        self._check_room(request_id, params, len(output))
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             params=params,
-            generator=generator,
-            detokenizer=detokenizer,
+            generator=self._generator(params),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, len(prompt_ids)),
             output_token_ids=output,
             emitted_text_len=len(text_sent),
+            held=hold,
         )
+        if not hold:
+            self._replay(request, text_sent)
         self._requests[request_id] = request
         self.scheduler.add(request)
+
+    def extend_request(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        text_sent: str = "",
+        release: bool = False,
+    ) -> None:
+        """Append `token_ids` (produced by the migration's source since the last round) to a
+        held request; they are prefilled in the next steps and acknowledged like the first
+        round. `release=True` ends the hold: `text_sent` is what the client has (new text
+        starts after it), and the request samples its next token as the unmoved one would."""
+        request = self._requests.get(request_id)
+        if request is None or not request.held:
+            raise RequestError(f"request_id {request_id!r} is not a held request here")
+        extra = self._prompt_ids([*request.prompt_token_ids, *token_ids])
+        extra = extra[len(request.prompt_token_ids) :]  # in the vocabulary
+        self._check_room(request_id, request.params, len(request.output_token_ids) + len(extra))
+        if request.num_tokens + len(extra) >= self.max_model_len:
+            raise RequestError(
+                f"request {request_id!r} would have {request.num_tokens + len(extra)} tokens; "
+                f"max_model_len is {self.max_model_len}"
+            )
+        request.output_token_ids.extend(extra)
+        request.acked_tokens = -1
+        if release:
+            request.held = False
+            request.emitted_text_len = len(text_sent)
+            request.generator = self._generator(request.params)
+            self._replay(request, text_sent)
+
+    def _check_room(self, request_id: str, params: SamplingParams, generated: int) -> None:
+        if generated >= params.max_tokens:
+            raise RequestError(
+                f"request {request_id!r} already has {generated} of max_tokens="
+                f"{params.max_tokens} tokens: nothing is left to generate"
+            )
+
+    def _replay(self, request: Request, text_sent: str) -> None:
+        """Bring a resumed or released request's sampling and text state to where its tokens
+        left them: a seeded generator advanced past the draws they took, the detokenizer run
+        over them one by one as it ran where they were generated."""
+        output = request.output_token_ids
+        if not request.params.greedy:
+            advance(request.generator, len(output), self.model_config.vocab_size)
+        n_prompt = len(request.prompt_token_ids)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, n_prompt)
+        for end in range(n_prompt + 1, request.num_tokens + 1):
+            start = detokenizer.prefix_offset
+            detokenizer.step(request.token_ids_from(start, end), start)
+        if not detokenizer.text.startswith(text_sent):
+            logger.warning(
+                "request %s resumed: the text sent (%d chars) is not a prefix of its tokens' "
+                "text (%d chars); continuing after the text sent",
+                request.request_id, len(text_sent), len(detokenizer.text),
+            )  # fmt: skip
+        request.detokenizer = detokenizer
 
     def _new_request_ids(
         self, request_id: str, prompt: str | Sequence[int], params: SamplingParams
@@ -273,6 +322,11 @@ class Engine:
             logits = self._executor.execute(plan)
             assert logits is not None
             outputs.extend(self._postprocess(plan, logits))
+        for request in self.scheduler.running:
+            if request.held and request.acked_tokens != request.num_tokens:
+                if request.num_cached_tokens == request.num_tokens - 1:  # all prefilled
+                    request.acked_tokens = request.num_tokens
+                    outputs.append(self._output(request, ""))
         return outputs
 
     @torch.inference_mode()

@@ -45,6 +45,10 @@ class Request:
     # Tokens appended since the last output was emitted (the streaming increment).
     new_token_ids: list[int] = field(default_factory=list)
     emitted_text_len: int = 0  # characters of text already returned in outputs
+    # A migration target's copy (`Engine.resume_request(hold=True)`): its tokens are prefilled
+    # as they arrive (`extend_request`) but nothing is sampled until it is released.
+    held: bool = False
+    acked_tokens: int = -1  # a held request's length when `step()` last acknowledged it
 
     @property
     def num_tokens(self) -> int:

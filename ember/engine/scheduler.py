@@ -15,6 +15,10 @@ A request is mid-prefill while more than one of its tokens has no K/V in the cac
 nothing. A chunk that stops one token short leaves the request in the decode state: its next
 step runs the prompt's last token as a decode and samples the first output token.
 
+A held request (the target's copy during a live migration, `Request.held`) is prefilled up to
+its last token, as its tokens arrive, and then skipped: it neither decodes nor counts against
+the decode budget until it is released.
+
 `postprocess` applies a step's results: records the prefilled chunks, appends the sampled tokens,
 checks the token-level stop conditions (EOS, stop token ids, max_tokens, max_model_len) and
 frees finished requests' blocks. Stop strings are text-level and decided by the engine's output
@@ -118,13 +122,17 @@ class Scheduler:
         kept: list[Request] = []  # running requests in order, scheduled this step or not
         preempted: list[str] = []
         budget = self.max_num_batched_tokens - sum(
-            1 for r in self.running if r.num_tokens - r.num_cached_tokens == 1
+            1 for r in self.running if r.num_tokens - r.num_cached_tokens == 1 and not r.held
         )
         while self.running:
             request = self.running.popleft()
             remaining = request.num_tokens - request.num_cached_tokens
-            n = 1 if remaining == 1 else min(remaining, budget)
-            if n <= 0:  # mid-prefill and no budget left: it waits for the next step
+            if request.held:  # prefill up to its last token, never decode (`Request.held`)
+                remaining -= 1
+                n = min(remaining, budget)
+            else:
+                n = 1 if remaining == 1 else min(remaining, budget)
+            if n <= 0:  # mid-prefill and no budget left, or held: it waits for a later step
                 kept.append(request)
                 continue
             target = request.num_cached_tokens + n
@@ -137,7 +145,7 @@ class Scheduler:
             else:
                 self.block_manager.grow(request, target)
                 kept.append(request)
-                if remaining == 1:
+                if remaining == 1 and not request.held:
                     decodes.append(request)
                 else:
                     chunks.append((request, n))
@@ -152,15 +160,16 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_cached_tokens, budget)
+            n = min(request.num_tokens - request.num_cached_tokens - request.held, budget)
             if not self.block_manager.can_grow(request, request.num_cached_tokens + n):
                 break
             self.block_manager.grow(request, request.num_cached_tokens + n)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
-            budget -= n
-            scheduled.append((request, n))
             self.running.append(request)
+            if n > 0:  # (a held request of one token has nothing to prefill yet)
+                budget -= n
+                scheduled.append((request, n))
         return scheduled
 
     def _preempt(self, request: Request) -> None:

@@ -1,8 +1,8 @@
 """The OpenAI-compatible API of a real `ember serve` on 127.0.0.1, driven by the `openai` client:
 completions and chat (streamed and not) equal to the in-process engine's greedy output, 32
 concurrent requests over two instances, every bad-request status, scale to zero and wake,
-client disconnect, an instance killed mid-stream with no request lost and no token changed, API
-keys on and off, and deletion that leaves no instance actor behind."""
+client disconnect, an instance killed mid-stream with no request lost and no token changed, a
+preemption notice whose streams move live with no token changed, API keys on and off, and deletion that leaves no instance actor behind."""
 
 from __future__ import annotations
 
@@ -281,37 +281,34 @@ def test_client_gone_before_a_plain_response_aborts_it(server: EmberServer) -> N
     )
 
 
-def test_an_instance_killed_mid_stream_loses_no_request_and_changes_no_token(
-    server: EmberServer, tiny: Path
+LONG_CASES = [
+    (p, kind)
+    for p in ("the water of time", "people would make a sound")
+    for kind in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 5})
+]
+
+
+def _long_streams(
+    server: EmberServer, tiny: Path, max_tokens: int, disturb: Callable[[], None]
 ) -> None:
-    """SIGKILL one of the two instances' processes while four long streams run on them
-    (greedy and seeded): every stream still ends with exactly the text of an undisturbed run,
-    the requests it carried are resumed on the other, and the dead one is replaced."""
-    prompts = ["the water of time", "people would make a sound"]
-    greedy = {"temperature": 0.0}
-    seeded = {"temperature": 0.8, "seed": 5}
-    cases = [(p, kind) for p in prompts for kind in (greedy, seeded)]
-    max_tokens = 1200
+    """Four long streams (greedy and seeded, two prompts) over the openai client; `disturb()`
+    runs (in a thread) once all four have text; each stream must end with exactly the text of
+    an undisturbed in-process run."""
     llm = LLM(str(tiny))
     try:
         want = [
             llm.generate([p], SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kind))[0]
-            for p, kind in cases
+            for p, kind in LONG_CASES
         ]
     finally:
         llm.close()
-    victims = serving_processes(server)
-    assert len(victims) == 2
-    pids = sorted(i["pid"] for i in deployment(server, MODEL)["instances"])
-    assert pids == sorted(p.pid for p in victims)  # `ember status` names each one's process
-    before = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}')
     aclient = openai.AsyncOpenAI(
         base_url=server.base_url, api_key="none", max_retries=0, timeout=300
     )
-    started = [asyncio.Event() for _ in cases]
+    started = [asyncio.Event() for _ in LONG_CASES]
 
     async def one(i: int) -> str:
-        prompt, kind = cases[i]
+        prompt, kind = LONG_CASES[i]
         extra = {"ignore_eos": True, **({"seed": kind["seed"]} if "seed" in kind else {})}
         stream = await aclient.completions.create(
             model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True,
@@ -324,26 +321,88 @@ def test_an_instance_killed_mid_stream_loses_no_request_and_changes_no_token(
                 started[i].set()
         return text
 
-    async def kill_one() -> None:
+    async def when_started() -> None:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 120)
-        victims[0].kill()  # SIGKILL: nothing is exported, nobody tells ember
+        await asyncio.to_thread(disturb)
 
     async def all_of() -> list[str]:
         try:
-            texts = await asyncio.gather(*(one(i) for i in range(len(cases))), kill_one())
-            return texts[: len(cases)]
+            texts = await asyncio.gather(*(one(i) for i in range(len(LONG_CASES))), when_started())
+            return texts[: len(LONG_CASES)]
         finally:
             await aclient.close()
 
     texts = asyncio.run(all_of())
-    for text, ref, case in zip(texts, want, cases, strict=True):
+    for text, ref, case in zip(texts, want, LONG_CASES, strict=True):
         assert text == ref.text, case
+
+
+def test_an_instance_killed_mid_stream_loses_no_request_and_changes_no_token(
+    server: EmberServer, tiny: Path
+) -> None:
+    """SIGKILL one of the two instances' processes while four long streams run on them
+    (greedy and seeded): every stream still ends with exactly the text of an undisturbed run,
+    the requests it carried are resumed on the other, and the dead one is replaced."""
+    victims = serving_processes(server)
+    assert len(victims) == 2
+    pids = sorted(i["pid"] for i in deployment(server, MODEL)["instances"])
+    assert pids == sorted(p.pid for p in victims)  # `ember status` names each one's process
+    before = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}')
+    # SIGKILL: nothing is exported, nobody tells ember
+    _long_streams(server, tiny, 1200, victims[0].kill)
     resumed = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}') - before
     assert resumed >= 1  # (a stream the killed instance carried)
     wait_for(lambda: states(server, MODEL).count("ready") == 2, 180, "the lost one replaced")
     assert states(server, MODEL) == ["failed", "ready", "ready"]  # the lost one, kept for status
     d = deployment(server, MODEL)
     assert (d["queued"], d["in_flight"]) == (0, 0)
+
+
+def test_a_preemption_notice_moves_every_stream_live_and_changes_no_token(
+    server: EmberServer, tiny: Path
+) -> None:
+    """`ember notice NODE` while four long streams run: the node's instances (both: this server
+    is one machine) drain, replacements start, and every stream moves to one of them live; the
+    texts are those of an undisturbed run, nothing is resumed, and the drained ones stop."""
+    import contextlib
+    import io
+
+    from ember.cli.main import main
+
+    wait_for(lambda: states(server, MODEL).count("ready") == 2, 180, "two ready instances")
+    old = {i["instance_id"] for i in deployment(server, MODEL)["instances"]}
+    node = admin(server, "GET", "/admin/status").json()["nodes"][0]["node_id"]
+    migrated = f'ember_requests_migrated_total{{model="{MODEL}"}}'
+    before = (
+        metric(server, migrated),
+        metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}'),
+    )
+    said: list[str] = []
+
+    def notice() -> None:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = main(["notice", node[:8], "--deadline-s", "120", "--url", server.url])
+        assert rc == 0
+        said.append(out.getvalue())
+
+    _long_streams(server, tiny, 2000, notice)
+    assert said[0].startswith(f"node {node[:12]} goes in 120 s: draining instances")
+    assert metric(server, migrated) - before[0] == len(LONG_CASES)
+    assert metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}') == before[1]
+    status = admin(server, "GET", "/admin/status").json()
+    assert status["nodes"][0]["notice_s"] is not None
+    d = deployment(server, MODEL)
+    assert (d["queued"], d["in_flight"]) == (0, 0)
+
+    def drained() -> bool:
+        now = {i["instance_id"]: i["state"] for i in deployment(server, MODEL)["instances"]}
+        return (
+            all(now.get(i, "stopped") not in ("ready", "draining") for i in old)
+            and sum(s == "ready" for s in now.values()) == 2
+        )
+
+    wait_for(drained, 180, "the drained instances stopped and two others ready")
 
 
 def serving_processes(server: EmberServer) -> list[psutil.Process]:

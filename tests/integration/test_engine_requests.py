@@ -249,6 +249,75 @@ def test_a_lost_request_resumes_from_what_its_client_was_sent(
     assert _drain(target)["w"][-1].token_ids == unmoved.token_ids
 
 
+@pytest.mark.parametrize(("temperature", "stop"), [(0.0, None), (0.9, None), (0.9, "stop")])
+def test_a_live_migration_in_rounds_gives_the_unmoved_tokens_and_text(
+    model: Path, engine: Engine, temperature: float, stop: str | None
+) -> None:
+    """The target holds a copy: prefilled from what the client had when the move began, then
+    from what the source streamed during each round, acknowledged (an output with no token)
+    after each; nothing is sampled while held. Released with the text sent, it goes on with
+    exactly the unmoved tokens and text; the source's copy is aborted; no block leaks."""
+    params = SamplingParams(
+        max_tokens=40, temperature=temperature, seed=3, ignore_eos=True,
+        stop=[stop] if stop else None,
+    )  # fmt: skip
+    prompt = "the people of the water"
+    if stop is not None:  # a stop string found late in the output, so text is held back
+        full = _run(engine, {"u": prompt}, params)["u"].text
+        stop = next(
+            full[i : i + 3] for i in range(len(full) - 4, 10, -1) if full.find(full[i : i + 3]) > 10
+        )
+        params = SamplingParams(
+            max_tokens=40, temperature=temperature, seed=3, ignore_eos=True, stop=[stop]
+        )
+    unmoved = _run(engine, {"u": prompt}, params)["u"]
+    target = _new_engine(model)
+    engine.add_request("u", prompt, params)
+    ids: list[int] = []
+    text = ""
+    sent = 0  # ids the target has
+    acks = 0
+    for goal in (8, 14, 17, 19):  # the source streams on while the target catches up
+        while len(ids) < goal:
+            for out in engine.step():
+                ids += out.new_token_ids
+                text += out.new_text
+        if sent == 0:
+            target.resume_request("u", prompt, params, ids, "", hold=True)
+        elif goal < 19:
+            target.extend_request("u", ids[sent:])
+        else:  # the last round: the source stops, the target goes on
+            engine.abort("u")
+            _drain(engine)
+            target.extend_request("u", ids[sent:], text, release=True)
+            break
+        sent = len(ids)
+        outs: list[RequestOutput] = []
+        while not outs:
+            outs = target.step()
+        assert [(o.new_token_ids, o.new_text, o.finished) for o in outs] == [([], "", False)]
+        assert target.step() == []  # held: nothing sampled, nothing more reported
+        acks += 1
+    assert acks == 3
+    rest = _drain(target)["u"]
+    assert ids + [t for o in rest for t in o.new_token_ids] == unmoved.token_ids
+    assert text + "".join(o.new_text for o in rest) == unmoved.text
+    with pytest.raises(RequestError, match="not a held request"):
+        target.extend_request("u", [5])
+
+
+def test_a_held_request_refuses_tokens_past_its_limits(model: Path) -> None:
+    target = _new_engine(model)
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    target.resume_request("h", [5, 6, 7], params, [8, 9], hold=True)
+    with pytest.raises(RequestError, match="max_tokens"):
+        target.extend_request("h", list(range(8)))
+    with pytest.raises(RequestError, match="vocabulary"):
+        target.extend_request("h", [10**9])
+    target.extend_request("h", [10], "", release=True)
+    assert len(_drain(target)["h"][-1].token_ids) == 10
+
+
 def test_a_long_seeded_request_resumed_anywhere_keeps_every_token(
     model_factory: Callable[..., Path],
 ) -> None:

@@ -5,7 +5,8 @@ process: each converts its checkpoint (`prepare_checkpoint`) and runs a real eng
 thread through the same `EngineRunner` the Ray instance actor uses; `LocalHandle` is the
 `InstanceHandle` interface over one of them. Nothing here imitates the controller, the router
 or the engine: only the Ray hop is skipped. A cluster with `cpus=0` has no room, so instances
-stay pending forever (for queueing and timeout tests that need no engine).
+stay pending forever (for queueing and timeout tests that need no engine). `nodes` names the
+cluster's nodes (each with `cpus`): an instance runs "on" the node placement chose for it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from ember.api.config import ApiConfig
 from ember.cluster.instance import InstanceReady
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
-from ember.controller.types import DeploymentSpec, NodeInfo, StreamDelta
+from ember.controller.types import DeploymentSpec, Extension, NodeInfo, StreamDelta
 from ember.errors import InstanceLostError
 
 NODE_ID = "local0000000000000000"
@@ -34,12 +35,14 @@ NODE_ID = "local0000000000000000"
 class LocalHandle:
     """The InstanceHandle interface over an engine runner in this process."""
 
-    def __init__(self, spec: DeploymentSpec, instance_id: str, cache_root: str) -> None:
+    def __init__(
+        self, spec: DeploymentSpec, instance_id: str, cache_root: str, node_id: str = NODE_ID
+    ) -> None:
         self._spec = spec
         self._cache_root = cache_root
         self.instance_id = instance_id
         self.deployment = spec.name
-        self.node_id: str | None = None
+        self.node_id: str | None = node_id
         self.in_flight = 0
         self.lost = False
         self.runner: EngineRunner | None = None
@@ -55,7 +58,8 @@ class LocalHandle:
         runner = await loop.run_in_executor(None, EngineRunner.create, self._spec, path)
         runner.start(loop)
         self.runner = runner
-        return InstanceReady(NODE_ID, str(path), time.perf_counter() - t0, 0, tier)
+        node_id = self.node_id or NODE_ID
+        return InstanceReady(node_id, str(path), time.perf_counter() - t0, 0, tier)
 
     async def generate(
         self, request_id: str, prompt: str | list[int], params: Any
@@ -87,6 +91,11 @@ class LocalHandle:
         self.lost = True
         self._end("died")
 
+    def extend(self, request_id: str, extension: Extension) -> None:
+        if self.lost or self.runner is None:
+            raise InstanceLostError(f"instance {self.instance_id} is gone")
+        self.runner.extend(request_id, extension)
+
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         if self.runner is not None:
@@ -109,21 +118,24 @@ class LocalHandle:
 class LocalCluster:
     """A one-node ClusterBackend whose instances live in this process."""
 
-    def __init__(self, cache_root: str | Path, cpus: float = 8.0) -> None:
+    def __init__(
+        self, cache_root: str | Path, cpus: float = 8.0, nodes: tuple[str, ...] = (NODE_ID,)
+    ) -> None:
         self._cache_root = str(cache_root)
         self._cpus = cpus
+        self._nodes = nodes
         self.handles: dict[str, LocalHandle] = {}
         self.launched = itertools.count()
         self.stopped: list[str] = []
 
     def nodes(self) -> list[NodeInfo]:
-        return [NodeInfo(NODE_ID, "127.0.0.1", True, (), self._cpus, self._cpus)]
+        return [NodeInfo(n, "127.0.0.1", True, (), self._cpus, self._cpus) for n in self._nodes]
 
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return 1.0
 
     def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> Any:
-        handle = LocalHandle(spec, instance_id, self._cache_root)
+        handle = LocalHandle(spec, instance_id, self._cache_root, node_id or self._nodes[0])
         self.handles[instance_id] = handle
         next(self.launched)
         return handle
@@ -159,9 +171,10 @@ async def serving(
     config: ApiConfig | None = None,
     cpus: float = 8.0,
     cache_root: Path | None = None,
+    nodes: tuple[str, ...] = (NODE_ID,),
 ) -> AsyncIterator[Stack]:
     """The real controller (started) over a LocalCluster, and the app behind an ASGI client."""
-    cluster = LocalCluster(cache_root or tmp_path / "cache", cpus=cpus)
+    cluster = LocalCluster(cache_root or tmp_path / "cache", cpus=cpus, nodes=nodes)
     controller = Controller(cluster, tmp_path / "deployments.sqlite", reconcile_interval_s=0.05)
     await controller.start()
     try:

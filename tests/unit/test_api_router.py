@@ -281,3 +281,98 @@ async def test_a_request_of_a_deleted_deployment_is_not_resumed(
         with pytest.raises(InstanceLostError, match="stopped"):
             await asyncio.wait_for(_collect(stream), 60)
         assert router.load("tiny") == (0, 0)
+
+
+async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """A preemption notice for the node of the only instance: its replacement starts on the
+    other node and both requests (greedy, seeded) move there in rounds while they stream; the
+    client's streams have the undisturbed tokens and text, nothing was resumed, the source
+    drains and stops, and no engine keeps a request."""
+    greedy = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=600, temperature=0.8, seed=11, ignore_eos=True)
+    llm = LLM(str(model_dir))
+    try:
+        want = {rid: llm.generate([p], sp)[0] for rid, p, sp in (
+            ("g", "Hello there", greedy), ("s", "The number of people", seeded)
+        )}  # fmt: skip
+    finally:
+        llm.close()
+    spec = _spec(model_dir, min_instances=1, max_instances=1)
+    nodes = ("node-a000", "node-b000")
+    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=nodes) as s:
+        router = s.app.state.router
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
+        [source] = s.controller.ready_instances("tiny")
+        streams = {
+            "g": router.generate("tiny", "g", "Hello there", greedy),
+            "s": router.generate("tiny", "s", "The number of people", seeded),
+        }
+        got: dict[str, list[StreamDelta]] = {rid: [await anext(st)] for rid, st in streams.items()}
+        for rid, st in streams.items():
+            while sum(len(d.new_token_ids) for d in got[rid]) < 10:
+                got[rid].append(await anext(st))
+        r = await s.client.post(
+            f"/admin/nodes/{source.node_id[:6]}/notice", json={"deadline_s": 60}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["draining"] == [source.instance_id] and r.json()["moving"] == 2
+        assert s.controller.noticed().keys() == {source.node_id}
+        rests = await asyncio.gather(*(_collect(st) for st in streams.values()))
+        for rid, rest in zip(streams, rests, strict=True):
+            got[rid] += rest
+            assert [t for d in got[rid] for t in d.new_token_ids] == list(want[rid].token_ids)
+            assert "".join(d.new_text for d in got[rid]) == want[rid].text
+            assert router.journal.get(rid).instance_id != source.instance_id
+        assert router.load("tiny") == (0, 0)
+        metrics = (await s.client.get("/metrics")).text
+        assert 'ember_requests_migrated_total{model="tiny"} 2.0' in metrics
+        assert 'ember_requests_resumed_total{model="tiny"}' not in metrics  # none resumed
+        await _until(lambda: source.instance_id in s.cluster.stopped, 30)
+        [target] = s.controller.ready_instances("tiny")
+        assert target.node_id == "node-b000"
+        assert target.runner.stats()["unfinished"] == 0
+        bad = await s.client.post("/admin/nodes/nosuch/notice", json={"deadline_s": 5})
+        assert bad.status_code == 400 and "no alive node" in bad.json()["error"]["message"]
+        bad = await s.client.post(f"/admin/nodes/{nodes[1]}/notice", json={"deadline_s": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "deadline_s"
+
+
+async def test_a_source_lost_mid_migration_hands_over_to_the_target_that_holds_its_tokens(
+    tmp_path: Path, model_dir: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node goes before the move is done (rounds never catch up here): the target's held
+    copy gets the tokens it lacks and goes on; the client sees the undisturbed tokens and the
+    request counts as migrated, not resumed."""
+    from ember.api import router as router_module
+
+    monkeypatch.setattr(router_module, "SWITCH_BEHIND", -1)  # never close enough
+    monkeypatch.setattr(router_module, "MAX_ROUNDS", 10**6)
+    params = SamplingParams(max_tokens=300, temperature=0.8, seed=5, ignore_eos=True)
+    llm = LLM(str(model_dir))
+    try:
+        want = llm.generate([PROMPTS[1]], params)[0].token_ids
+    finally:
+        llm.close()
+    spec = _spec(model_dir, min_instances=1, max_instances=1)
+    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=("na", "nb")) as s:
+        router = s.app.state.router
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
+        [source] = s.controller.ready_instances("tiny")
+        stream = router.generate("tiny", "x", PROMPTS[1], params)
+        got = [await anext(stream)]
+        while sum(len(d.new_token_ids) for d in got) < 6:
+            got.append(await anext(stream))
+        s.controller.notice(source.node_id, 30.0)
+        flight = router._flights[source.instance_id]["x"]
+        await _until(lambda: flight.move is not None and flight.move.held, 60)
+        got.append(await anext(stream))  # the source streams on meanwhile
+        source.crash()
+        got += await _collect(stream)
+        assert [t for d in got for t in d.new_token_ids] == list(want)
+        assert router.journal.get("x").instance_id != source.instance_id
+        metrics = (await s.client.get("/metrics")).text
+        assert 'ember_requests_migrated_total{model="tiny"} 1.0' in metrics
+        assert 'ember_requests_resumed_total{model="tiny"}' not in metrics
+        assert router.load("tiny") == (0, 0)
