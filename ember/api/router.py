@@ -40,7 +40,6 @@ switches. A request whose consumer stops early is aborted on its instance (and i
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -221,17 +220,21 @@ class Router:
                         delta = await _next_output(stream)
                     break
                 except InstanceLostError as lost:
-                    self._release(state, handle.instance_id)
-                    lost_id, handle, stream = handle.instance_id, None, None
-                    move = flight.move
+                    lost_id, move = handle.instance_id, flight.move
+                    handle = stream = None
                     if move is not None and move.held:
                         logger.warning(
                             "instance %s lost with request %s during its migration (%s); "
                             "the target takes over", lost_id, request_id, lost,
                         )  # fmt: skip
-                        with contextlib.suppress(InstanceLostError):  # else: resumed
+                        self._release(state, lost_id, request=False)  # it goes on there
+                        try:
                             handle, stream = self._switch(flight, state, None, None)
                             continue
+                        except InstanceLostError:  # the target too: resumed below
+                            self._release(state, None)
+                    else:
+                        self._release(state, lost_id)
                     resumes += 1
                     spec = self._resumable(model, lost, resumes)
                     logger.warning(
@@ -280,6 +283,7 @@ class Router:
             state = self._loads.setdefault(model, _Load())
             deadline = self._clock.now() + spec.request_timeout_s
             move.target = await self._acquire(model, spec, state, deadline, resuming=True)
+            state.in_flight -= 1  # a second slot, not a second request (see `_release`)
             n = len(ids)
             copy = Continuation(flight.prompt, tuple(ids[:n]), "", hold=True)
             move.stream = _Relay(move.target.generate(rid, copy, flight.params))
@@ -327,7 +331,7 @@ class Router:
             return handle, stream
         if handle is not None and stream is not None:
             self._spawn(self._close(handle, stream, flight.request_id))
-            self._release(state, handle.instance_id)
+            self._release(state, handle.instance_id, request=False)  # it goes on on the target
         self._fly(flight, move.target.instance_id)
         entry.instance_id = move.target.instance_id
         logger.info(
@@ -349,7 +353,7 @@ class Router:
             move.task.cancel()
         if move.target is not None:
             if state is not None:
-                self._release(state, move.target.instance_id)
+                self._release(state, move.target.instance_id, request=False)
             if move.stream is not None:
                 self._spawn(self._close(move.target, move.stream, flight.request_id))
             move.target = move.stream = None
@@ -477,13 +481,17 @@ class Router:
             state.in_flight += 1
         return best
 
-    def _release(self, state: _Load, instance_id: str) -> None:
-        state.in_flight -= 1
-        left = state.per_instance.get(instance_id, 0) - 1
-        if left > 0:
-            state.per_instance[instance_id] = left
-        else:
-            state.per_instance.pop(instance_id, None)
+    def _release(self, state: _Load, instance_id: str | None, request: bool = True) -> None:
+        """Give back a slot on `instance_id` (None: none) and, with `request`, the request's
+        count in `in_flight` (a moving request holds two slots but counts once)."""
+        if request:
+            state.in_flight -= 1
+        if instance_id is not None:
+            left = state.per_instance.get(instance_id, 0) - 1
+            if left > 0:
+                state.per_instance[instance_id] = left
+            else:
+                state.per_instance.pop(instance_id, None)
         assert state.in_flight >= 0, "router in-flight count went negative"
         state.notify()
 

@@ -70,6 +70,11 @@ def render(state: dict[str, Any]) -> str:
                 f"gpus={n.get('gpus_available', 0):g}/{n.get('gpus_total', 0):g}"
                 + (f" labels={labels}" if labels else "")
                 + (f" pool={n['pool_idle']}" if n.get("pool_idle") else "")
+                + (
+                    f" NOTICE: goes in {n['notice_s']:.0f} s"
+                    if n.get("notice_s") is not None
+                    else ""
+                )
                 + _rates_text(n.get("fetch_bytes_per_s") or {})
             )
     checkpoints = state.get("checkpoints") or {}

@@ -124,6 +124,7 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
+        self._held: dict[str, Request] = {}  # held requests (live-migration targets), by id
         logger.info(
             "engine model=%s arch=%s dtype=%s tp=%d max_model_len=%d kv_blocks=%d",
             self.model_name, self.model_config.architecture, self.dtype, tp,
@@ -190,7 +191,9 @@ class Engine:
             emitted_text_len=len(text_sent),
             held=hold,
         )
-        if not hold:
+        if hold:
+            self._held[request_id] = request
+        else:
             self._replay(request, text_sent)
         self._requests[request_id] = request
         self.scheduler.add(request)
@@ -221,6 +224,7 @@ class Engine:
         request.acked_tokens = -1
         if release:
             request.held = False
+            del self._held[request_id]
             request.emitted_text_len = len(text_sent)
             request.generator = self._generator(request.params)
             self._replay(request, text_sent)
@@ -303,6 +307,7 @@ class Engine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return
+        self._held.pop(request_id, None)
         self.scheduler.finish(request, "abort")
         self._aborted.append(self._output(request, request.detokenizer.text))
 
@@ -322,11 +327,13 @@ class Engine:
             logits = self._executor.execute(plan)
             assert logits is not None
             outputs.extend(self._postprocess(plan, logits))
-        for request in self.scheduler.running:
-            if request.held and request.acked_tokens != request.num_tokens:
-                if request.num_cached_tokens == request.num_tokens - 1:  # all prefilled
-                    request.acked_tokens = request.num_tokens
-                    outputs.append(self._output(request, ""))
+        for request in self._held.values():  # acknowledge those whose tokens are all cached
+            if request.acked_tokens != request.num_tokens and (
+                request.status is RequestStatus.RUNNING
+                and request.num_cached_tokens == request.num_tokens - 1
+            ):
+                request.acked_tokens = request.num_tokens
+                outputs.append(self._output(request, ""))
         return outputs
 
     @torch.inference_mode()

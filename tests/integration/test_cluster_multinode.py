@@ -285,3 +285,82 @@ def test_a_busy_instance_gets_its_model_onto_the_other_node_before_a_scale_out(
         assert cluster.actor_names() == []
 
     asyncio.run(main())
+
+
+def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
+    two_nodes: tuple[RayCluster, Path], model_factory: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Over real Ray actors on two nodes: a preemption notice for the node of the only
+    instance starts its replacement on the other node and moves both streams there live (the
+    output channel carries the rounds); the tokens are the undisturbed ones and the drained
+    instance stops."""
+    from ember import LLM
+    from ember.api.router import Router
+
+    cluster, _ = two_nodes
+    model = model_factory("llama", "tiny", "fp32", seed=4)
+    cases = {
+        "g": ("the water of time", SamplingParams(max_tokens=1900, temperature=0.0, ignore_eos=True)),
+        "s": ("people would", SamplingParams(max_tokens=1900, temperature=0.8, seed=3, ignore_eos=True)),
+    }  # fmt: skip
+    llm = LLM(str(model))
+    try:
+        want = {rid: llm.generate([p], sp)[0].token_ids for rid, (p, sp) in cases.items()}
+    finally:
+        llm.close()
+
+    async def main() -> None:
+        controller = Controller(cluster, tmp_path / "n.db", FakeClock(), reconcile_interval_s=0.05)
+        await controller.start()
+        router = Router(controller)
+        try:
+            controller.deploy(DeploymentSpec("m", str(model), min_instances=1, max_instances=1))
+            await until(controller, lambda: len(ready_nodes(controller, "m")) == 1)
+            [source] = controller.ready_instances("m")
+            got: dict[str, list[int]] = {rid: [] for rid in cases}
+            started = asyncio.Event()
+            reading = asyncio.Event()
+            reading.set()
+
+            async def one(rid: str) -> None:
+                prompt, params = cases[rid]
+                async for delta in router.generate("m", rid, prompt, params):
+                    got[rid] += delta.new_token_ids
+                    if all(len(v) >= 10 for v in got.values()):
+                        started.set()
+                    await reading.wait()
+
+            tasks = [asyncio.create_task(one(rid)) for rid in cases]
+            await asyncio.wait_for(started.wait(), 120)
+            # The clients stop reading while the replacement starts (the tiny model would finish
+            # 1,900 tokens before it is up): the journal, what the clients have, stays put, and
+            # the source's tokens beyond it are dropped at the switch and computed again.
+            reading.clear()
+            assert source.node_id is not None
+            answer = controller.notice(source.node_id, 60.0)
+            assert answer["draining"] == [source.instance_id] and answer["moving"] == 2
+            flights = list(router._flights[source.instance_id].values())
+
+            def caught_up() -> bool:
+                return all(f.move is not None and f.move.ready for f in flights)
+
+            await until(controller, caught_up)
+            reading.set()
+            await asyncio.wait_for(asyncio.gather(*tasks), 300)
+            assert got == {rid: list(ids) for rid, ids in want.items()}
+            for rid in cases:
+                entry = router.journal.get(rid)
+                assert entry is not None and entry.instance_id != source.instance_id
+            await until(controller, lambda: ready_nodes(controller, "m") != [source.node_id])
+            [target] = controller.ready_instances("m")
+            assert target.node_id != source.node_id
+            await until(controller, lambda: source.instance_id not in {
+                i.instance_id for s in controller.status() for i in s.instances
+                if i.state is not InstanceState.STOPPED
+            })  # fmt: skip
+        finally:
+            await router.drain_background()
+            await controller.stop()
+        assert cluster.actor_names() == []
+
+    asyncio.run(main())

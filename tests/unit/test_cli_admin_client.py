@@ -68,11 +68,14 @@ def test_status_shows_each_nodes_measured_fetch_rates() -> None:
             "cpus_total": 2, "cpus_available": 1, "labels": {}}  # fmt: skip
     text = render({"deployments": [], "nodes": [
         {**node, "fetch_bytes_per_s": {"remote": 1.4e8, "ssd": 2.31e9}, "pool_idle": 1},
-        {**node, "node_id": "fedcba9876543210", "fetch_bytes_per_s": {}, "pool_idle": 0},
+        {**node, "node_id": "fedcba9876543210", "fetch_bytes_per_s": {}, "pool_idle": 0,
+         "notice_s": 24.6},
     ]})  # fmt: skip
     assert "0123456789ab" in text and "fetch: remote 0.14 GB/s, ssd 2.31 GB/s" in text
     assert text.count("fetch:") == 1  # a node that measured nothing shows no rates
     assert text.count(" pool=1") == 1 and " pool=0" not in text  # pre-started workers idle
+    [noticed] = [line for line in text.splitlines() if "NOTICE" in line]
+    assert noticed.startswith("  fedcba987654") and "NOTICE: goes in 25 s" in noticed
 
 
 def test_status_marks_the_old_revisions_instances_and_the_last_failed_start() -> None:
