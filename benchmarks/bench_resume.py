@@ -47,7 +47,7 @@ from typing import Any
 
 import httpx
 from machine import git_sha, machine_facts
-from serve_process import free_port, instances, stop, wait_health
+from serve_process import free_port, instances, metric_lines, stop, wait_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path.home() / ".cache" / "ember" / "bench-models" / "llama-125m"
@@ -101,14 +101,6 @@ def stream(
             if on_tokens is not None:
                 on_tokens(data["id"], count)
     return t0, chunks, text
-
-
-def wait_ready(base: str, n: int, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum(i["state"] == "ready" for i in instances(base)) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{n} ready instances not reached in {timeout_s:g} s")
-        time.sleep(0.2)
 
 
 def one_pair(base: str, prompt: list[int], before: int, max_tokens: int) -> dict[str, Any]:
@@ -272,11 +264,7 @@ def main() -> int:
                         flush=True,
                     )
                     wait_ready(base, 2)  # the lost instance replaced before the next run
-            metrics = httpx.get(base + "/metrics", timeout=10).text
-            resumed = [
-                ln for ln in metrics.splitlines()
-                if ln.startswith(("ember_requests_resumed", "ember_requests_migrated"))
-            ]  # fmt: skip
+            resumed = metric_lines(base, "ember_requests_resumed", "ember_requests_migrated")
         finally:
             stop(server)
             log.close()

@@ -37,22 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from bench_resume import MODEL, ensure_model
 from machine import git_sha, machine_facts
-from serve_process import free_port, instances, stop, wait_health
+from serve_process import free_port, instances, metric_lines, stop, wait_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = Path.home() / ".cache" / "ember" / "bench-models" / "llama-125m"
 LENGTHS_CSV = Path("/work/shared/traces/workload/sharegpt/lengths.csv")
 SPOT = {"spot": "true", "zone": "b"}
-
-
-def ensure_model(path: Path) -> Path:
-    if not (path / "config.json").is_file():
-        from ember.store.factory import make_model
-
-        print(f"making the 125m factory model in {path} (once)", flush=True)
-        make_model(path, "llama", "125m", "bf16")
-    return path
 
 
 def workload(n: int, max_prompt: int, max_output: int, seed: int) -> list[tuple[list[int], int]]:
@@ -215,11 +206,9 @@ def run_mode(
             spot_nodes.append(cluster.add_node(**common, labels=SPOT))
             print(f"[{mode}] preempted {node_id[:12]} at {t:.1f} s", flush=True)
         clients.stop()
-        metrics = httpx.get(base + "/metrics", timeout=10).text
-        counters = [
-            ln for ln in metrics.splitlines()
-            if ln.startswith(("ember_requests_resumed_total", "ember_requests_migrated_total"))
-        ]  # fmt: skip
+        counters = metric_lines(
+            base, "ember_requests_resumed_total", "ember_requests_migrated_total"
+        )
     finally:
         clients.stop()
         stop(proc)
@@ -231,14 +220,6 @@ def run_mode(
         rec["end"] -= t_start
     return {"mode": mode, "events": events, "records": clients.records, "counters": counters,
             "log": str(log_path)}  # fmt: skip
-
-
-def wait_ready(base: str, n: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while sum(i["state"] == "ready" for i in instances(base)) < n:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{n} ready instances not reached in {timeout_s:g} s")
-        time.sleep(0.5)
 
 
 def busy_spot_node(base: str, cluster: Any, spot_nodes: list[Any]) -> tuple[Any, str] | None:

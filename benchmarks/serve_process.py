@@ -77,6 +77,21 @@ def instances(base: str, name: str = "m") -> list[dict[str, Any]]:
     return list(dep["instances"])
 
 
+def wait_ready(base: str, n: int, timeout_s: float = 300, name: str = "m") -> None:
+    """Wait until deployment `name` has `n` ready instances."""
+    deadline = time.monotonic() + timeout_s
+    while sum(i["state"] == "ready" for i in instances(base, name)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{n} ready instances not reached in {timeout_s:g} s")
+        time.sleep(0.2)
+
+
+def metric_lines(base: str, *prefixes: str) -> list[str]:
+    """The server's /metrics lines that start with one of `prefixes`."""
+    text = httpx.get(base + "/metrics", timeout=10).text
+    return [line for line in text.splitlines() if line.startswith(prefixes)]
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGINT (ember serve stops its instances and its private Ray), then SIGKILL to the
     process group if it has not exited within a minute."""

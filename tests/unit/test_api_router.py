@@ -57,6 +57,15 @@ async def _collect(stream: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
     return [d async for d in stream]
 
 
+def _undisturbed(model_dir: Path, cases: dict[str, tuple[str, SamplingParams]]) -> dict[str, Any]:
+    """Each case's output from the in-process engine, each request alone."""
+    llm = LLM(str(model_dir))
+    try:
+        return {rid: llm.generate([p], sp)[0] for rid, (p, sp) in cases.items()}
+    finally:
+        llm.close()
+
+
 async def _until(cond: Any, timeout_s: float = 30.0) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -173,13 +182,7 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
     requests carry on on the other instance, the client's stream has exactly the tokens and
     text of an undisturbed run, and the dead instance is replaced."""
     greedy = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-    llm = LLM(str(model_dir))
-    try:
-        want = {rid: llm.generate([p], sp)[0] for rid, p, sp in (
-            ("g", "Hello there", greedy), ("s", "The number of people", SEEDED)
-        )}  # fmt: skip
-    finally:
-        llm.close()
+    want = _undisturbed(model_dir, {"g": ("Hello there", greedy), "s": (PROMPTS[1], SEEDED)})
     spec = _spec(model_dir, min_instances=2, max_instances=2)
     async with serving(tmp_path, (spec,), cache_root=cache_root) as s:
         router = s.app.state.router
@@ -292,13 +295,7 @@ async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
     drains and stops, and no engine keeps a request."""
     greedy = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
     seeded = SamplingParams(max_tokens=600, temperature=0.8, seed=11, ignore_eos=True)
-    llm = LLM(str(model_dir))
-    try:
-        want = {rid: llm.generate([p], sp)[0] for rid, p, sp in (
-            ("g", "Hello there", greedy), ("s", "The number of people", seeded)
-        )}  # fmt: skip
-    finally:
-        llm.close()
+    want = _undisturbed(model_dir, {"g": ("Hello there", greedy), "s": (PROMPTS[1], seeded)})
     spec = _spec(model_dir, min_instances=1, max_instances=1)
     nodes = ("node-a000", "node-b000")
     async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=nodes) as s:
