@@ -111,6 +111,10 @@ class RayCluster:
         """Per node id, its node store's measured fetch rates (bytes/s by "remote", "ssd")."""
         return await self.services.rates()
 
+    async def notices(self) -> dict[str, float]:
+        """Per node id whose cloud posted a preemption notice, the seconds left."""
+        return await self.services.notices()
+
     async def check_source(self, source: str) -> tuple[int, str]:
         """That an `s3://` source holds a checkpoint the node stores can fetch: its bytes and
         version (a digest of its index)."""

@@ -19,6 +19,9 @@ node's actors as arguments, not through their environments):
 - EMBER_POOL_PACK_WEIGHTS (default 1): pooled instances re-lay bf16 weights out for oneDNN
   after their first step (faster decode, a private copy per instance), as instances started
   from scratch do; 0 keeps the weights as zero-copy views of the DRAM tier
+- EMBER_NOTICE_SOURCE (none, aws or gce; default none), EMBER_NOTICE_URL: each node's store
+  asks its cloud's metadata service for a preemption notice at every health probe
+  (`ember.cluster.notices`); a notice drains the node (`Controller.notice`)
 - EMBER_NODE_STORE=0 turns both off (instances then load as before, from local paths only).
 
 Each node's tier directories get the node id appended, so several Ray nodes on one machine (a
@@ -33,7 +36,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +45,7 @@ from ray.util.placement_group import placement_group
 
 from ember.cluster.adapter import ActorRef
 from ember.cluster.node_store_actor import start_node_store
+from ember.cluster.notices import NoticeConfig
 from ember.cluster.worker_pool import WorkerPool
 from ember.controller.types import DeploymentSpec, NodeInfo
 from ember.errors import ConfigError
@@ -67,6 +71,7 @@ class NodeServicesConfig:
     store: NodeStoreConfig | None = None  # None: NodeStoreConfig's defaults
     pool_size: int = 1
     pack_weights: bool = True  # pooled instances pack bf16 weights (False: zero-copy views)
+    notices: NoticeConfig = field(default_factory=NoticeConfig)
 
     @classmethod
     def from_env(cls, cache_dir: str, env: dict[str, str] | None = None) -> NodeServicesConfig:
@@ -94,7 +99,9 @@ class NodeServicesConfig:
         if pool < 0:
             raise ConfigError(f"EMBER_WORKER_POOL_SIZE must be >= 0, got {pool}")
         pack = e.get("EMBER_POOL_PACK_WEIGHTS", "1") not in ("0", "", "false")
-        return cls(e.get("EMBER_NODE_STORE", "1") != "0", store, pool, pack)
+        return cls(
+            e.get("EMBER_NODE_STORE", "1") != "0", store, pool, pack, NoticeConfig.from_env(e)
+        )
 
 
 class NodeServices:
@@ -137,7 +144,9 @@ class NodeServices:
         alive = [n.node_id for n in nodes if n.alive]
         for node_id in alive:
             if node_id not in self._stores:
-                self._stores[node_id] = start_node_store(node_id, self.store_config())
+                self._stores[node_id] = start_node_store(
+                    node_id, self.store_config(), self.config.notices
+                )
                 self._ready[node_id] = self._stores[node_id].__ray_ready__.remote()
                 logger.info("node store started node=%s", node_id[:12])
         for gone in set(self._stores) - set(alive):
@@ -254,6 +263,14 @@ class NodeServices:
         """Per node id: its store's measured fetch rates, bytes/s by where from ("remote",
         "ssd"); stores that measured nothing yet answer {}."""
         return await self._ask_stores("rates", timeout_s)
+
+    async def notices(self, timeout_s: float = 2.0) -> dict[str, float]:
+        """Per node id under a preemption notice from its cloud: the seconds left ({} with no
+        notice source configured)."""
+        if self.config.notices.source == "none":
+            return {}
+        answers = await self._ask_stores("notice", timeout_s)
+        return {n: float(s) for n, s in answers.items() if s is not None}
 
     async def _ask_stores(self, method: str, timeout_s: float) -> dict[str, Any]:
         """Node id -> what `method` of its store answered, from the started stores that

@@ -6,7 +6,8 @@ copy the instance maps (DRAM, or SSD for a checkpoint not yet in DRAM) for as lo
 instance's process lives: pins are held per process id and
 reaped when that process is gone (an instance killed by Ray never says goodbye), so a crashed
 instance never keeps a checkpoint pinned forever. The controller calls `prefetch`, `evict` and
-`status` through the handle `start_node_store` returns.
+`status` through the handle `start_node_store` returns, and `notice` (the node's cloud's
+preemption notice, `ember.cluster.notices`) at each health probe.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 if TYPE_CHECKING:  # ember.store imports torch; the controller's process imports this module
+    from ember.cluster.notices import NoticeConfig
     from ember.controller.types import DeploymentSpec
     from ember.store.node_store import CachedCheckpoint, NodeStoreConfig
 
@@ -54,8 +56,11 @@ def store_actor_name(node_id: str) -> str:
 class NodeStoreActor:
     """Actor body (wrapped with ray.remote by `start_node_store`)."""
 
-    def __init__(self, config: NodeStoreConfig) -> None:
+    def __init__(self, config: NodeStoreConfig, notices: NoticeConfig | None = None) -> None:
+        from ember.cluster.notices import NoticeConfig, NoticeWatcher
         from ember.store.node_store import NodeStore, claim_slot
+
+        self._notices = NoticeWatcher(notices or NoticeConfig())
 
         # This machine's lowest free slot: a restarted store finds its predecessor's tiers.
         config, self._slot_lock = claim_slot(config)
@@ -208,6 +213,13 @@ class NodeStoreActor:
         """Measured fetch rates into this node, bytes/s by where from ("remote", "ssd")."""
         return self._store.rates.rates()
 
+    async def notice(self) -> float | None:
+        """Seconds until this node is reclaimed, if its cloud posted a preemption notice
+        (None: no notice, or no notice source configured)."""
+        if self._notices.config.source == "none":
+            return None
+        return await asyncio.get_running_loop().run_in_executor(None, self._notices.poll)
+
     async def tier_dirs(self) -> dict[str, str]:
         """The directories of this store's slot: {"dram": ..., "ssd": ...}."""
         return {"dram": str(self._store.dram.root), "ssd": str(self._store.ssd.root)}
@@ -234,9 +246,12 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
-def start_node_store(node_id: str, config: NodeStoreConfig) -> Any:
+def start_node_store(
+    node_id: str, config: NodeStoreConfig, notices: NoticeConfig | None = None
+) -> Any:
     """The node's store actor, created if it does not exist (idempotent). Hard affinity: it
-    must run on `node_id`, the node whose DRAM and SSD it manages."""
+    must run on `node_id`, the node whose DRAM and SSD it manages (and whose cloud metadata
+    `notices` reads)."""
     remote_cls: Any = ray.remote(NodeStoreActor)
     return remote_cls.options(
         name=store_actor_name(node_id),
@@ -246,7 +261,7 @@ def start_node_store(node_id: str, config: NodeStoreConfig) -> Any:
         max_concurrency=64,
         max_restarts=-1,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-    ).remote(config)
+    ).remote(config, notices)
 
 
 def node_store_handle(node_id: str) -> Any | None:

@@ -348,6 +348,24 @@ class Controller:
         self._notify()  # replacements now, not at the next tick
         return {"node": target, "deadline_s": deadline_s, "draining": draining, "moving": moving}
 
+    async def _read_notices(self) -> None:
+        """Preemption notices the nodes' clouds posted (`ClusterBackend.notices`, optional;
+        read at each health probe): each new one drains its node as `notice` does."""
+        notices = getattr(self._cluster, "notices", None)
+        if not callable(notices):
+            return
+        try:
+            found: dict[str, float] = await notices()
+        except Exception as e:  # the cluster may be unreachable for a moment
+            logger.warning("reading the nodes' preemption notices failed: %s", e)
+            return
+        for node_id, seconds in found.items():
+            if node_id not in self._noticed:
+                try:
+                    self.notice(node_id, max(float(seconds), 0.0))
+                except ConfigError as e:  # the node went meanwhile
+                    logger.warning("preemption notice for node %s: %s", node_id[:12], e)
+
     def noticed(self) -> dict[str, float]:
         """Nodes under a preemption notice: node id -> seconds left (negative: overdue)."""
         now = self._clock.now()
@@ -424,6 +442,7 @@ class Controller:
         """Probe `insts`, start node services on nodes that joined, and refresh what the node
         stores hold (for placement)."""
         self._sync_nodes()
+        await self._read_notices()
         try:
             stored = await self.checkpoints()
         except Exception as e:

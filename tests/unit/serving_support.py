@@ -24,6 +24,7 @@ import httpx
 from ember.api.app import create_app
 from ember.api.config import ApiConfig
 from ember.cluster.instance import InstanceReady
+from ember.cluster.notices import NoticeConfig, NoticeWatcher
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
 from ember.controller.types import DeploymentSpec, Extension, NodeInfo, StreamDelta
@@ -116,17 +117,30 @@ class LocalHandle:
 
 
 class LocalCluster:
-    """A one-node ClusterBackend whose instances live in this process."""
+    """A ClusterBackend whose instances live in this process (one node unless `nodes` names
+    more; `notices` gives a node a cloud metadata service to watch)."""
 
     def __init__(
-        self, cache_root: str | Path, cpus: float = 8.0, nodes: tuple[str, ...] = (NODE_ID,)
+        self,
+        cache_root: str | Path,
+        cpus: float = 8.0,
+        nodes: tuple[str, ...] = (NODE_ID,),
+        notices: dict[str, NoticeConfig] | None = None,
     ) -> None:
         self._cache_root = str(cache_root)
         self._cpus = cpus
         self._nodes = nodes
+        # Each node's cloud metadata, read the way a node store reads its own.
+        self._watchers = {n: NoticeWatcher(c) for n, c in (notices or {}).items()}
         self.handles: dict[str, LocalHandle] = {}
         self.launched = itertools.count()
         self.stopped: list[str] = []
+
+    async def notices(self) -> dict[str, float]:
+        loop = asyncio.get_running_loop()
+        polls = [loop.run_in_executor(None, w.poll) for w in self._watchers.values()]
+        found = dict(zip(self._watchers, await asyncio.gather(*polls), strict=True))
+        return {n: s for n, s in found.items() if s is not None}
 
     def nodes(self) -> list[NodeInfo]:
         return [NodeInfo(n, "127.0.0.1", True, (), self._cpus, self._cpus) for n in self._nodes]
@@ -172,10 +186,19 @@ async def serving(
     cpus: float = 8.0,
     cache_root: Path | None = None,
     nodes: tuple[str, ...] = (NODE_ID,),
+    notices: dict[str, NoticeConfig] | None = None,
+    probe_interval_s: float = 5.0,
 ) -> AsyncIterator[Stack]:
     """The real controller (started) over a LocalCluster, and the app behind an ASGI client."""
-    cluster = LocalCluster(cache_root or tmp_path / "cache", cpus=cpus, nodes=nodes)
-    controller = Controller(cluster, tmp_path / "deployments.sqlite", reconcile_interval_s=0.05)
+    cluster = LocalCluster(
+        cache_root or tmp_path / "cache", cpus=cpus, nodes=nodes, notices=notices
+    )
+    controller = Controller(
+        cluster,
+        tmp_path / "deployments.sqlite",
+        reconcile_interval_s=0.05,
+        probe_interval_s=probe_interval_s,
+    )
     await controller.start()
     try:
         for spec in specs:
