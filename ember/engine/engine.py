@@ -312,8 +312,13 @@ class Engine:
         self._aborted.append(self._output(request, request.detokenizer.text))
 
     def has_unfinished(self) -> bool:
-        """True while a request runs or waits, or an abort is still to be reported."""
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        """True while `step()` has work: a request runs or waits, or an abort is still to be
+        reported. A held request (a live migration's target copy) counts only until its tokens
+        are prefilled and acknowledged: then it waits for a command, not for a step (a runner
+        that kept stepping for it would spin)."""
+        if self._aborted or self.scheduler.num_unfinished() > len(self._held):
+            return True
+        return any(r.acked_tokens != r.num_tokens for r in self._held.values())
 
     def num_unfinished(self) -> int:
         return self.scheduler.num_unfinished()

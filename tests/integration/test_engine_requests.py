@@ -296,6 +296,7 @@ def test_a_live_migration_in_rounds_gives_the_unmoved_tokens_and_text(
         while not outs:
             outs = target.step()
         assert [(o.new_token_ids, o.new_text, o.finished) for o in outs] == [([], "", False)]
+        assert not target.has_unfinished()  # held and acknowledged: nothing to step for
         assert target.step() == []  # held: nothing sampled, nothing more reported
         acks += 1
     assert acks == 3
