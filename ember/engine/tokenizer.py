@@ -14,6 +14,7 @@ multi-byte character), so the concatenation of the increments is the decoded tex
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,10 @@ class Tokenizer:
 
         folder = Path(folder)
         path = folder / "tokenizer.json"
-        if not path.is_file():
+        text = _read_text(path)
+        if text is None:
             raise CheckpointNotFoundError(path, "no tokenizer.json (the engine needs one)")
-        self._tok = _HFTokenizer.from_file(str(path))
+        self._tok = _HFTokenizer.from_str(text)
         cfg = _read_json(folder / "tokenizer_config.json")
         self.chat_template: str = _chat_template(cfg.get("chat_template")) or DEFAULT_CHAT_TEMPLATE
         self.bos_token = _special_content(cfg.get("bos_token"))
@@ -113,10 +115,28 @@ def _chat_template(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    text = _read_text(path)
+    if text is None:
         return {}
-    data = json.loads(path.read_text())
+    data = json.loads(text)
     return data if isinstance(data, dict) else {}
+
+
+def _read_text(path: Path, gap_s: float = 1.0) -> str | None:
+    """The file's text, or None when its folder has no such file. A folder that is itself
+    missing is waited for (up to `gap_s`): a DRAM-tier checkpoint still being fetched is renamed
+    at its commit and a link is left in its place, and a read between the two found neither
+    (`ember.store.shm.settled_path`). Seen under load: the tokenizer, read by path after the
+    weights were mapped, failed with a bare "No such file or directory", and a missing
+    tokenizer_config.json would silently have meant the default chat template."""
+    deadline = time.monotonic() + gap_s
+    while True:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            if path.parent.is_dir() or time.monotonic() > deadline:
+                return None
+            time.sleep(0.001)
 
 
 class IncrementalDetokenizer:

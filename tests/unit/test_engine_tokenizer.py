@@ -36,6 +36,30 @@ def test_missing_tokenizer_names_the_file(tmp_path: Path) -> None:
         Tokenizer(tmp_path)
 
 
+def test_a_folder_caught_between_its_rename_and_its_link_is_waited_for(
+    folder: Path, tmp_path: Path
+) -> None:
+    """A DRAM-tier checkpoint's fetch commits by renaming its in-progress directory and leaving
+    a link in its place: a reader in between finds no folder at all. The tokenizer waits for it
+    instead of failing (or, for tokenizer_config.json, silently taking the defaults)."""
+    import shutil
+    import threading
+
+    final = tmp_path / "key"
+    shutil.copytree(folder, final)
+    (final / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'T' }}"}))
+    fetching = tmp_path / ".fetching" / "key"
+    fetching.parent.mkdir()
+    link = threading.Timer(0.05, lambda: fetching.symlink_to(final, target_is_directory=True))
+    link.start()  # the link appears 50 ms after the read began
+    try:
+        tok = Tokenizer(fetching)
+    finally:
+        link.join()
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "T"
+    assert tok.eos_token_id == 2
+
+
 def test_increments_never_split_a_character_and_add_up_to_the_text(folder: Path) -> None:
     tok = Tokenizer(folder)
     prompt = tok.encode("the water")
