@@ -148,13 +148,18 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         logger.info("deployment deleted name=%s", name)
         return {"deleted": name}
 
-    async def lever_args(request: Request, default_tier: str) -> tuple[str, str | None]:
+    async def body_of(request: Request, fields: set[str], shape: str) -> dict[str, Any]:
+        """An admin request's JSON object ({} for an empty body) with no field but `fields`."""
         try:
             data = await request.json() if await request.body() else {}
         except ValueError:
             raise InvalidRequestError("request body is not valid JSON") from None
-        if not isinstance(data, dict) or set(data) - {"tier", "node"}:
-            raise InvalidRequestError('body: expected {"tier": ..., "node": ...}')
+        if not isinstance(data, dict) or set(data) - fields:
+            raise InvalidRequestError(f"body: expected {shape}")
+        return data
+
+    async def lever_args(request: Request, default_tier: str) -> tuple[str, str | None]:
+        data = await body_of(request, {"tier", "node"}, '{"tier": ..., "node": ...}')
         tier, node = data.get("tier", default_tier), data.get("node")
         if not isinstance(tier, str):
             raise InvalidRequestError("tier: expected a string", "tier")
@@ -187,12 +192,7 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
 
     @app.post("/admin/nodes/{node}/notice", dependencies=[Depends(admin)])
     async def notice(node: str, request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json() if await request.body() else {}
-        except ValueError:
-            raise InvalidRequestError("request body is not valid JSON") from None
-        if not isinstance(body, dict) or set(body) - {"deadline_s"}:
-            raise InvalidRequestError('body: expected {"deadline_s": seconds}')
+        body = await body_of(request, {"deadline_s"}, '{"deadline_s": seconds}')
         deadline = body.get("deadline_s", 30.0)
         if isinstance(deadline, bool) or not isinstance(deadline, int | float) or deadline < 0:
             raise InvalidRequestError(

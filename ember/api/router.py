@@ -332,8 +332,7 @@ class Router:
         if handle is not None and stream is not None:
             self._spawn(self._close(handle, stream, flight.request_id))
             self._release(state, handle.instance_id, request=False)  # it goes on on the target
-        self._fly(flight, move.target.instance_id)
-        entry.instance_id = move.target.instance_id
+        self._fly(flight, move.target.instance_id)  # (the journal entry's too)
         logger.info(
             "request %s moved to %s after %d tokens (%d sent in the last round)",
             flight.request_id, move.target.instance_id, len(entry.token_ids), len(rest),

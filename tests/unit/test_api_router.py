@@ -57,6 +57,22 @@ async def _collect(stream: AsyncIterator[StreamDelta]) -> list[StreamDelta]:
     return [d async for d in stream]
 
 
+async def _two_streams(
+    router: Any, greedy: SamplingParams, seeded: SamplingParams
+) -> tuple[dict[str, AsyncIterator[StreamDelta]], dict[str, list[StreamDelta]]]:
+    """Requests "g" (greedy) and "s" (seeded) streaming from deployment "tiny", each read until
+    it has 10 tokens: (the streams, the deltas read)."""
+    streams = {
+        "g": router.generate("tiny", "g", "Hello there", greedy),
+        "s": router.generate("tiny", "s", PROMPTS[1], seeded),
+    }
+    got: dict[str, list[StreamDelta]] = {rid: [await anext(st)] for rid, st in streams.items()}
+    for rid, st in streams.items():
+        while sum(len(d.new_token_ids) for d in got[rid]) < 10:
+            got[rid].append(await anext(st))
+    return streams, got
+
+
 def _undisturbed(model_dir: Path, cases: dict[str, tuple[str, SamplingParams]]) -> dict[str, Any]:
     """Each case's output from the in-process engine, each request alone."""
     llm = LLM(str(model_dir))
@@ -187,14 +203,7 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
     async with serving(tmp_path, (spec,), cache_root=cache_root) as s:
         router = s.app.state.router
         await _until(lambda: len(s.controller.ready_instances("tiny")) == 2, 120)
-        streams = {
-            "g": router.generate("tiny", "g", "Hello there", greedy),
-            "s": router.generate("tiny", "s", "The number of people", SEEDED),
-        }
-        got: dict[str, list[StreamDelta]] = {rid: [await anext(st)] for rid, st in streams.items()}
-        for rid, st in streams.items():
-            while sum(len(d.new_token_ids) for d in got[rid]) < 10:
-                got[rid].append(await anext(st))
+        streams, got = await _two_streams(router, greedy, SEEDED)
         victim = router.journal.get("g").instance_id
         assert router.journal.get("s").instance_id != victim  # one on each instance
         s.cluster.handles[victim].crash()
@@ -302,14 +311,7 @@ async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
         router = s.app.state.router
         await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
         [source] = s.controller.ready_instances("tiny")
-        streams = {
-            "g": router.generate("tiny", "g", "Hello there", greedy),
-            "s": router.generate("tiny", "s", "The number of people", seeded),
-        }
-        got: dict[str, list[StreamDelta]] = {rid: [await anext(st)] for rid, st in streams.items()}
-        for rid, st in streams.items():
-            while sum(len(d.new_token_ids) for d in got[rid]) < 10:
-                got[rid].append(await anext(st))
+        streams, got = await _two_streams(router, greedy, seeded)
         r = await s.client.post(
             f"/admin/nodes/{source.node_id[:6]}/notice", json={"deadline_s": 60}
         )
