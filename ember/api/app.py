@@ -63,7 +63,9 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         clock=clock,
         on_cold_start=lambda model: metrics.cold_starts.labels(model).inc(),
         on_resume=lambda model: metrics.resumed.labels(model).inc(),
-        on_migrate=lambda model: metrics.migrated.labels(model).inc(),
+        on_migrate=metrics.observe_move,
+        on_move_failed=lambda model: metrics.moves_failed.labels(model).inc(),
+        link=config.move_link,
     )
     metrics.watch(router.loads, controller.status)
     generation = Generation(ctl, router, config, metrics, clock)

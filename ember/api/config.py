@@ -10,6 +10,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from ember.errors import ConfigError
+from ember.migration.transfer import KvMode, MoveLink
 
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -37,6 +38,11 @@ class ApiConfig:
     chat_default_max_tokens: max_tokens of /v1/chat/completions when the request names none.
     max_logprobs: the largest `logprobs` / `top_logprobs` a request may ask for.
     journal_max_finished: finished requests kept in the request journal (oldest dropped first).
+    migration_kv: how a live migration (a preemption notice) gives its target the K/V of the
+        request's tokens: "auto" (sent when that is faster than the target recomputing them,
+        judged by the source's measured prefill speed and `migration_link_gbps`), "always"
+        or "never" (always recomputed); see ember/migration/transfer.py.
+    migration_link_gbps: the network between two instances through the API server, in Gb/s.
     """
 
     host: str = "127.0.0.1"
@@ -47,6 +53,12 @@ class ApiConfig:
     chat_default_max_tokens: int = 256
     max_logprobs: int = 20
     journal_max_finished: int = 10_000
+    migration_kv: str = "auto"
+    migration_link_gbps: float = 8.0
+
+    @property
+    def move_link(self) -> MoveLink:
+        return MoveLink(KvMode(self.migration_kv), self.migration_link_gbps * 1e9 / 8)
 
     @property
     def auth_enabled(self) -> bool:
@@ -65,5 +77,11 @@ class ApiConfig:
         for name in ("completion_default_max_tokens", "chat_default_max_tokens", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.migration_kv not in ("auto", "always", "never"):
+            raise ConfigError(
+                f"migration_kv={self.migration_kv!r} must be 'auto', 'always' or 'never'"
+            )
+        if not self.migration_link_gbps > 0:
+            raise ConfigError(f"migration_link_gbps={self.migration_link_gbps} must be > 0")
         if self.journal_max_finished < 0:
             raise ConfigError(f"journal_max_finished={self.journal_max_finished} must be >= 0")

@@ -14,6 +14,8 @@ the controller when Prometheus scrapes, so they are never stale.
     ember_cold_starts_total{model}                     requests that found zero instances
     ember_requests_resumed_total{model}                requests resumed after their instance died
     ember_requests_migrated_total{model}               requests moved live off a node under notice
+    ember_migration_kv_tokens_total{model}             tokens whose K/V a move sent (not recomputed)
+    ember_migrations_failed_total{model}               live moves given up (no target in time, ...)
     ember_instance_load_seconds{model,tier}            instance start-up (load) time by tier
     ember_instances{model,state}                       instances by lifecycle state
 """
@@ -140,6 +142,14 @@ class ApiMetrics:
             "ember_requests_migrated", "Requests moved live off an instance under notice",
             ["model"], registry=r,
         )  # fmt: skip
+        self.kv_moved = Counter(
+            "ember_migration_kv_tokens", "Tokens whose K/V a live move sent instead of "
+            "recomputing them", ["model"], registry=r,
+        )  # fmt: skip
+        self.moves_failed = Counter(
+            "ember_migrations_failed", "Live moves given up (the request stayed where it was)",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.resumed = Counter(
             "ember_requests_resumed", "Requests resumed on another instance after theirs died",
             ["model"], registry=r,
@@ -152,6 +162,11 @@ class ApiMetrics:
     ) -> None:
         """Register the scrape-time gauges (router loads, controller status)."""
         self.registry.register(_StateCollector(loads, status))
+
+    def observe_move(self, model: str, kv_tokens: int) -> None:
+        self.migrated.labels(model).inc()
+        if kv_tokens:
+            self.kv_moved.labels(model).inc(kv_tokens)
 
     def observe_request(
         self,

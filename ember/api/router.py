@@ -17,16 +17,16 @@ can flip a near-tie, see docs/serving.md). At most MAX_RESUMES times per request
 to the first new token starts again at each resume.
 
 A request whose instance is about to go away (its node got a preemption notice: the controller
-calls `migrate(instance_id)`) moves while it streams, in rounds (token-based live migration): a
-target instance takes the slot at the head of the line and prefills a held copy from the
-journal's tokens while the source keeps decoding; each later round sends the tokens streamed
-meanwhile (fewer each time, as a prefill of n tokens takes less than n decode steps); once the
-target is at most SWITCH_BEHIND tokens behind (or after MAX_ROUNDS), the next delta from the
-source is the last: the source's copy is aborted and the target, given the rest of the tokens
-and the text the client has, goes on. The client's pause is the last round's few tokens, not a
-prefill of the whole context. A move that fails (the target lost, no instance in time) leaves
-the request on its source; if the source dies first, a target that holds a prefix takes over
-with the tokens it lacks, else the request is resumed as above.
+calls `migrate(instance_id, deadline_s)`) moves while it streams (token-based live migration,
+`ember.migration.live`): a target instance takes a slot at the head of the line, gets a held
+copy of the request (the journal's tokens, with the source's K/V when moving them is cheaper
+than recomputing them) and catches up in rounds while the source keeps decoding; once it is
+ready the next delta from the source is the last: the source's copy is aborted and the target,
+given the rest of the tokens and the text the client has, goes on. A move ends in time for the
+notice's deadline: a target not found by then leaves the request where it is. A move that fails
+(the target lost, no instance in time) leaves the request on its source; if the source dies
+first, a target that holds a prefix takes over with the tokens it lacks, else the request is
+resumed as above.
 
 The controller reads `load(name) -> (queued, in_flight)` through `set_load_source` to decide how
 many instances a deployment needs.
@@ -47,8 +47,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ember.api.journal import JournalEntry, RequestJournal
-from ember.controller.types import Continuation, DeploymentSpec, Extension, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
 from ember.errors import InstanceLostError, ModelNotFoundError, QueueFullError, RequestTimeoutError
+from ember.migration.live import (
+    SWITCH_MARGIN_S,
+    InstanceLike,
+    Move,
+    catch_up,
+    next_output,
+    release,
+)
+from ember.migration.transfer import MoveLink
 from ember.policy.clock import Clock, SystemClock
 
 if TYPE_CHECKING:
@@ -61,24 +70,6 @@ POLL_INTERVAL_S = 0.05
 # How many times one request is resumed after losing its instance before its error reaches the
 # client (each resume recomputes its tokens so far on another instance).
 MAX_RESUMES = 3
-# Live migration: rounds of catching up before the switch, and how far behind (in tokens) the
-# target may be when the source stops (the pause is the prefill of those tokens plus a step).
-MAX_ROUNDS = 4
-SWITCH_BEHIND = 4
-
-
-class InstanceLike(Protocol):
-    """The part of `ember.cluster.instance.InstanceHandle` the router uses."""
-
-    instance_id: str
-
-    def generate(
-        self, request_id: str, prompt: str | list[int] | Continuation, params: SamplingParams
-    ) -> AsyncIterator[StreamDelta]: ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-    def extend(self, request_id: str, extension: Extension) -> None: ...
 
 
 class ControllerLike(Protocol):
@@ -90,7 +81,7 @@ class ControllerLike(Protocol):
 
     def set_load_source(self, fn: Callable[[str], tuple[int, int]]) -> None: ...
 
-    def set_migrate_hook(self, fn: Callable[[str], object]) -> None: ...
+    def set_migrate_hook(self, fn: Callable[[str, float], object]) -> None: ...
 
     def wake(self, name: str) -> None: ...
 
@@ -114,19 +105,6 @@ class _Load:
 
 
 @dataclass(eq=False, slots=True)
-class _Move:
-    """A live migration in progress (see the module docstring). `target` holds a slot once
-    set; `stream` is the target's stream of the held copy, which has the first `sent` ids."""
-
-    task: asyncio.Task[None] | None = None
-    target: Any = None
-    stream: _Relay | None = None
-    sent: int = 0
-    held: bool = False  # the target acknowledged its copy: it can take over
-    ready: bool = False  # caught up: switch at the source's next delta
-
-
-@dataclass(eq=False, slots=True)
 class _Flight:
     """A request streaming from an instance (what `migrate` finds by instance)."""
 
@@ -136,7 +114,8 @@ class _Flight:
     params: SamplingParams
     entry: JournalEntry
     instance_id: str = ""
-    move: _Move | None = None
+    handle: InstanceLike | None = None  # the instance it streams from
+    move: Move | None = None
 
 
 class Router:
@@ -149,7 +128,9 @@ class Router:
         clock: Clock | None = None,
         on_cold_start: Callable[[str], None] | None = None,
         on_resume: Callable[[str], None] | None = None,
-        on_migrate: Callable[[str], None] | None = None,
+        on_migrate: Callable[[str, int], None] | None = None,
+        on_move_failed: Callable[[str], None] | None = None,
+        link: MoveLink | None = None,
     ) -> None:
         self._controller = controller
         self.journal = journal if journal is not None else RequestJournal()
@@ -157,6 +138,8 @@ class Router:
         self._on_cold_start = on_cold_start
         self._on_resume = on_resume
         self._on_migrate = on_migrate
+        self._on_move_failed = on_move_failed
+        self.link = link if link is not None else MoveLink()
         self._loads: dict[str, _Load] = {}
         self._flights: dict[str, dict[str, _Flight]] = {}  # instance id -> request id -> flight
         self._background: set[asyncio.Task[Any]] = set()
@@ -200,7 +183,7 @@ class Router:
                         handle = await self._acquire(
                             model, spec, state, deadline, resuming=resumes > 0
                         )
-                        self._fly(flight, handle.instance_id)
+                        self._fly(flight, handle)
                         what: str | list[int] | Continuation = prompt
                         if entry.token_ids:
                             what = Continuation(prompt, tuple(entry.token_ids), entry.text)
@@ -208,7 +191,7 @@ class Router:
                         delta = await self._first_delta(stream, deadline, spec)
                     else:  # a migration's target that took over from a lost source
                         assert stream is not None
-                        delta = await _next_output(stream)
+                        delta = await next_output(stream)
                     while True:
                         finished = self._record(entry, delta)
                         yield delta
@@ -217,7 +200,7 @@ class Router:
                         move = flight.move
                         if move is not None and move.ready:
                             handle, stream = self._switch(flight, state, handle, stream)
-                        delta = await _next_output(stream)
+                        delta = await next_output(stream)
                     break
                 except InstanceLostError as lost:
                     lost_id, move = handle.instance_id, flight.move
@@ -259,13 +242,15 @@ class Router:
 
     # --- live migration ------------------------------------------------------------------------
 
-    def migrate(self, instance_id: str) -> int:
+    def migrate(self, instance_id: str, deadline_s: float | None = None) -> int:
         """Move every request streaming from `instance_id` to other instances of its
-        deployment, live (module docstring); returns how many moves started."""
+        deployment, live (module docstring), done `deadline_s` from now at the latest (the
+        preemption notice's); returns how many moves started."""
+        until = None if deadline_s is None else self._clock.now() + deadline_s
         started = 0
         for flight in list(self._flights.get(instance_id, {}).values()):
             if flight.move is None:
-                move = flight.move = _Move()
+                move = flight.move = Move(until)
                 move.task = asyncio.get_running_loop().create_task(
                     self._prepare(flight, move), name=f"migrate-{flight.request_id}"
                 )
@@ -274,37 +259,35 @@ class Router:
             logger.info("migrating %d requests off instance %s", started, instance_id)
         return started
 
-    async def _prepare(self, flight: _Flight, move: _Move) -> None:
-        """Rounds of a move until the target is close behind the source (then `ready`)."""
-        model, rid, ids = flight.model, flight.request_id, flight.entry.token_ids
-        source = flight.instance_id
+    async def _prepare(self, flight: _Flight, move: Move) -> None:
+        """Find the move's target, then catch it up (`ember.migration.live.catch_up`)."""
+        model, rid, source = flight.model, flight.request_id, flight.handle
         try:
+            assert source is not None
             spec = self._controller.get(model)
             state = self._loads.setdefault(model, _Load())
             deadline = self._clock.now() + spec.request_timeout_s
+            if move.until is not None:
+                deadline = min(deadline, move.until - SWITCH_MARGIN_S)
             move.target = await self._acquire(model, spec, state, deadline, resuming=True)
             state.in_flight -= 1  # a second slot, not a second request (see `_release`)
-            n = len(ids)
-            copy = Continuation(flight.prompt, tuple(ids[:n]), "", hold=True)
-            move.stream = _Relay(move.target.generate(rid, copy, flight.params))
-            await _acknowledged(move.stream)
-            move.sent, move.held = n, True
-            for _ in range(MAX_ROUNDS - 1):
-                n = len(ids)
-                if n - move.sent <= SWITCH_BEHIND:
-                    break
-                move.target.extend(rid, Extension(tuple(ids[move.sent : n])))
-                move.sent = n  # (a switch from here on sends only what follows)
-                await _acknowledged(move.stream)
-            move.ready = True
+            t0 = self._clock.now()
+            await catch_up(
+                move, source, rid, flight.prompt, flight.params, flight.entry.token_ids,
+                self.link, self._clock,
+            )  # fmt: skip
             logger.info(
-                "request %s ready to move from %s to %s (%d tokens held, %d behind)",
-                rid, source, move.target.instance_id, move.sent, len(ids) - move.sent,
+                "request %s ready to move from %s to %s (%d tokens held, %d with their K/V; "
+                "%d behind; caught up in %.3f s)",
+                rid, source.instance_id, move.target.instance_id, move.sent, move.kv_tokens,
+                len(flight.entry.token_ids) - move.sent, self._clock.now() - t0,
             )  # fmt: skip
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the request stays on its source (and is resumed if it dies)
-            logger.warning("migration of request %s off %s failed: %s", rid, source, e)
+            logger.warning("migration of request %s off %s failed: %s", rid, flight.instance_id, e)
+            if self._on_move_failed is not None:
+                self._on_move_failed(model)
             if flight.move is move:
                 flight.move = None
                 self._abandon_move(move, flight, self._loads.get(model))
@@ -320,9 +303,9 @@ class Router:
         if move.task is not None and not move.task.done():
             move.task.cancel()  # mid-round (its source died): it only waits on the relay
         entry = flight.entry
-        rest = tuple(entry.token_ids[move.sent :])
+        last = release(move, entry.token_ids, entry.text)
         try:
-            move.target.extend(flight.request_id, Extension(rest, entry.text, release=True))
+            move.target.extend(flight.request_id, last)
         except InstanceLostError:  # the target is gone: stay on the source if it is alive
             logger.warning("migration target of request %s was lost", flight.request_id)
             self._abandon_move(move, flight, state)
@@ -332,13 +315,13 @@ class Router:
         if handle is not None and stream is not None:
             self._spawn(self._close(handle, stream, flight.request_id))
             self._release(state, handle.instance_id, request=False)  # it goes on on the target
-        self._fly(flight, move.target.instance_id)  # (the journal entry's too)
+        self._fly(flight, move.target)  # (the journal entry's too)
         logger.info(
             "request %s moved to %s after %d tokens (%d sent in the last round)",
-            flight.request_id, move.target.instance_id, len(entry.token_ids), len(rest),
+            flight.request_id, move.target.instance_id, len(entry.token_ids), len(last.token_ids),
         )  # fmt: skip
         if self._on_migrate is not None:
-            self._on_migrate(flight.model)
+            self._on_migrate(flight.model, move.kv_tokens)
         return move.target, move.stream
 
     def _abandon(self, flight: _Flight, state: _Load) -> None:
@@ -347,7 +330,7 @@ class Router:
         if move is not None:
             self._abandon_move(move, flight, state)
 
-    def _abandon_move(self, move: _Move, flight: _Flight, state: _Load | None) -> None:
+    def _abandon_move(self, move: Move, flight: _Flight, state: _Load | None) -> None:
         if move.task is not None and not move.task.done():
             move.task.cancel()
         if move.target is not None:
@@ -357,11 +340,11 @@ class Router:
                 self._spawn(self._close(move.target, move.stream, flight.request_id))
             move.target = move.stream = None
 
-    def _fly(self, flight: _Flight, instance_id: str) -> None:
+    def _fly(self, flight: _Flight, handle: InstanceLike) -> None:
         self._land(flight)
-        flight.instance_id = instance_id
-        flight.entry.instance_id = instance_id
-        self._flights.setdefault(instance_id, {})[flight.request_id] = flight
+        flight.handle = handle
+        flight.instance_id = flight.entry.instance_id = handle.instance_id
+        self._flights.setdefault(handle.instance_id, {})[flight.request_id] = flight
 
     def _land(self, flight: _Flight) -> None:
         on = self._flights.get(flight.instance_id)
@@ -516,55 +499,6 @@ class Router:
         """Wait for pending abort tasks (tests and shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
-
-
-class _Relay:
-    """A stream read by its own task into a queue, so that a reader waiting on it (a migration
-    round) can be cancelled without ending the stream; `aclose` ends it (and so the request)."""
-
-    def __init__(self, stream: AsyncIterator[StreamDelta]) -> None:
-        self._queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._pump(stream))
-
-    async def _pump(self, stream: AsyncIterator[StreamDelta]) -> None:
-        try:
-            async for delta in stream:
-                self._queue.put_nowait(delta)
-            self._queue.put_nowait(StopAsyncIteration())
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            self._queue.put_nowait(e)
-
-    def __aiter__(self) -> _Relay:
-        return self
-
-    async def __anext__(self) -> StreamDelta:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(item)  # every later read ends the same way
-            raise item
-        return item
-
-    async def aclose(self) -> None:
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-
-async def _next_output(stream: AsyncIterator[StreamDelta]) -> StreamDelta:
-    """The next delta with output (a migration's acknowledgement that arrives after its
-    target was released is skipped)."""
-    delta = await anext(stream)
-    while not (delta.new_token_ids or delta.new_text or delta.finished):
-        delta = await anext(stream)
-    return delta
-
-
-async def _acknowledged(stream: AsyncIterator[StreamDelta]) -> None:
-    """Wait for a held copy's acknowledgement (a delta with no token) on its stream."""
-    delta = await anext(stream)
-    if delta.new_token_ids or delta.finished:
-        raise RuntimeError(f"a held request produced output: {delta}")
 
 
 async def _wait_event(event: asyncio.Event, timeout_s: float) -> None:

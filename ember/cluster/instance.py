@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from ember import SamplingParams
     from ember.cluster.adapter import ActorRef, RayAdapter
     from ember.cluster.runner import EngineRunner
+    from ember.controller.types import KvBlob
+    from ember.migration.transfer import MoveLink
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +188,14 @@ class InstanceActor:
         """A round of a live migration for a held request (see `Extension`)."""
         if self._runner is not None:
             self._runner.extend(request_id, extension)
+
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None:
+        """A running request's K/V for a live migration, or None (`EngineRunner.export`)."""
+        from ember.errors import EngineError
+
+        if self._runner is None:
+            raise EngineError(f"instance {self._instance_id} is not started")
+        return await asyncio.wrap_future(self._runner.export(request_id, link))
 
     async def abort(self, request_id: str) -> None:
         if self._runner is not None:
@@ -352,6 +362,14 @@ class InstanceHandle:
         if self.lost:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
         self._command("extend", request_id, extension)
+
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None:
+        """The K/V of `request_id`'s cached tokens here when `link` says sending them beats
+        recomputing them, else None (`ember.migration.transfer`); the request keeps running."""
+        if self.lost:
+            raise InstanceLostError(f"instance {self.instance_id} is gone")
+        kv: KvBlob | None = await self._adapter.call(self._actor, "export", request_id, link)
+        return kv
 
     def _command(self, op: str, request_id: str, *args: Any) -> None:
         """Start ("submit"), extend ("extend") or stop ("abort") a request: over the channel

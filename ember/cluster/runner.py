@@ -24,6 +24,7 @@ exception, then nothing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import logging
@@ -41,7 +42,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.types import Continuation, DeploymentSpec, Extension, StreamDelta
+from ember.controller.types import Continuation, DeploymentSpec, Extension, KvBlob, StreamDelta
+from ember.migration.transfer import MoveLink, export_for_move
 
 if TYPE_CHECKING:
     from ember import SamplingParams
@@ -211,6 +213,16 @@ class EngineRunner:
         (the request is not held here) ends the request's stream."""
         self._inbox.append(("extend", request_id, extension, None))
         self._notify()
+
+    def export(self, request_id: str, link: MoveLink) -> concurrent.futures.Future[KvBlob | None]:
+        """For a live migration: the K/V of a running request's cached tokens when `link` says
+        sending them beats recomputing them, else None (`ember.migration.transfer`), read
+        between two steps; the request keeps running. The future fails with RequestError for a
+        request not running here."""
+        future: concurrent.futures.Future[KvBlob | None] = concurrent.futures.Future()
+        self._inbox.append(("export", request_id, link, future))
+        self._notify()
+        return future
 
     def abort(self, request_id: str) -> None:
         """Stop a request: its stream ends with finish_reason "abort"; the engine frees it."""
@@ -388,6 +400,8 @@ class EngineRunner:
                 self._abort(request_id, items, ids)
             elif op == "extend":
                 self._extend(request_id, prompt, items, ids)
+            elif op == "export":
+                self._export(request_id, prompt, params)
             else:
                 self._add(request_id, prompt, params, items, ids)
         if self._channel is None:
@@ -447,6 +461,7 @@ class EngineRunner:
                     prompt.output_token_ids,
                     prompt.text,
                     hold=prompt.hold,
+                    kv=prompt.kv,
                 )
             else:
                 self._engine.add_request(request_id, prompt, params)
@@ -461,6 +476,19 @@ class EngineRunner:
             self._abort_in_engine(request_id)
             items.append(e)
             ids.append(request_id)
+
+    def _export(
+        self, request_id: str, link: MoveLink, future: concurrent.futures.Future[KvBlob | None]
+    ) -> None:
+        if self.broken is not None:
+            from ember.errors import EngineError
+
+            future.set_exception(EngineError(f"engine stopped after an error: {self.broken}"))
+            return
+        try:
+            future.set_result(export_for_move(self._engine, request_id, link))
+        except Exception as e:  # finished or unknown here: the move is off
+            future.set_exception(e)
 
     def _read_channel(self) -> list[tuple[Any, ...]]:
         """The commands the caller wrote to the channel since the last read, without blocking:

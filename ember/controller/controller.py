@@ -105,7 +105,7 @@ class Controller:
         self._pending: dict[str, dict[str, float]] = {}
         self._hints: dict[str, dict[str, tuple[int, float]]] = {}
         self._load_source: LoadSource | None = None
-        self._migrate_hook: Callable[[str], object] | None = None
+        self._migrate_hook: Callable[[str, float], object] | None = None
         self._noticed: dict[str, float] = {}  # node -> clock time its preemption notice ends
         self._ids = itertools.count(1)
         self._kick: asyncio.Event | None = None
@@ -305,9 +305,10 @@ class Controller:
     def set_load_source(self, fn: LoadSource) -> None:
         self._load_source = fn
 
-    def set_migrate_hook(self, fn: Callable[[str], object]) -> None:
-        """`fn(instance_id)` moves the requests streaming from an instance elsewhere, live
-        (the router's `migrate`); called for each instance on a node under notice."""
+    def set_migrate_hook(self, fn: Callable[[str, float], object]) -> None:
+        """`fn(instance_id, deadline_s)` moves the requests streaming from an instance elsewhere,
+        live, within `deadline_s` seconds (the router's `migrate`); called for each instance on
+        a node under notice, with the time left until the node goes."""
         self._migrate_hook = fn
 
     # --- preemption notices ----------------------------------------------------------------
@@ -337,7 +338,7 @@ class Controller:
                 inst.drain_since_s = now
                 draining.append(inst.instance_id)
                 if self._migrate_hook is not None:
-                    moved = self._migrate_hook(inst.instance_id)
+                    moved = self._migrate_hook(inst.instance_id, self._noticed[target] - now)
                     moving += moved if isinstance(moved, int) else 0
             elif inst.state in (InstanceState.PENDING, InstanceState.STARTING):
                 self._begin_stop(inst)

@@ -315,12 +315,30 @@ class Continuation:
     text: the text streamed so far (the new instance's text starts after it).
     hold: the target of a live migration: prefill, acknowledge, sample nothing until an
       `Extension` releases it (the engine's `resume_request(hold=True)`).
+    kv: the K/V of the first tokens, from the migration's source (`ember.migration.transfer`);
+      None: all are recomputed.
     """
 
     prompt: str | list[int]
     output_token_ids: tuple[int, ...]
     text: str
     hold: bool = False
+    kv: KvBlob | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class KvBlob:
+    """The K/V of a request's first `shape[2]` tokens as bytes, so that they cross processes
+    (and the API server) without torch: a C-contiguous tensor of `shape`
+    ([layers, 2, tokens, kv_heads, head_dim]) and torch dtype `dtype` ("bfloat16", ...)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    data: bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.shape[2]
 
 
 @dataclass(frozen=True, slots=True)

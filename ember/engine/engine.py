@@ -13,12 +13,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import random
+import time
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
 
+from ember.controller.types import KvBlob
 from ember.engine.block_manager import BlockManager
 from ember.engine.checkpoint import checkpoint_tp, read_config, resolve
 from ember.engine.config import DTYPE_NAMES, EngineConfig, ModelConfig
@@ -63,6 +67,10 @@ def _start_up_gc() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+# Prefill speed is measured on steps that run at least this many tokens.
+PREFILL_MEASURE_MIN_TOKENS = 32
 
 
 class Engine:
@@ -125,6 +133,9 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
         self._held: dict[str, Request] = {}  # held requests (live-migration targets), by id
+        # Measured prefill speed (tokens per second of the steps that prefilled, smoothed;
+        # None before the first): what a migration weighs a KV transfer against.
+        self.prefill_tokens_per_s: float | None = None
         logger.info(
             "engine model=%s arch=%s dtype=%s tp=%d max_model_len=%d kv_blocks=%d",
             self.model_name, self.model_config.architecture, self.dtype, tp,
@@ -159,6 +170,7 @@ class Engine:
         output_token_ids: Sequence[int],
         text_sent: str = "",
         hold: bool = False,
+        kv: torch.Tensor | KvBlob | None = None,
     ) -> None:
         """Carry on a request whose engine was lost, from what its client was sent: the prompt,
         the ids generated so far and their text (`text_sent`; new text starts after it).
@@ -173,8 +185,14 @@ class Engine:
         sampled; once they are in the cache, `step()` reports the request once with no new
         tokens (the acknowledgement). `extend_request` appends the tokens the source produced
         meanwhile and, with `release=True`, lets it go on from there.
+
+        `kv`: the K/V of the first `kv.shape[2]` of these tokens, as `export_kv` (or
+        `export_request(..., include_kv=True)`) gives them on the engine they come from (a live
+        migration that found moving the cache cheaper than recomputing it). Positions up to the last token's are
+        written into the cache instead of prefilled when blocks and a sequence slot are free
+        now; otherwise (or without `kv`) every token is recomputed.
         """
-        if not output_token_ids and not hold:
+        if not output_token_ids and not hold and kv is None:
             self.add_request(request_id, prompt, params)
             return
         prompt_ids = self._new_request_ids(request_id, prompt, params)
@@ -191,12 +209,15 @@ class Engine:
             emitted_text_len=len(text_sent),
             held=hold,
         )
+        if kv is not None:
+            kv = self._check_kv(kv)
         if hold:
             self._held[request_id] = request
         else:
             self._replay(request, text_sent)
         self._requests[request_id] = request
-        self.scheduler.add(request)
+        if kv is None or not self._adopt_kv(request, kv):
+            self.scheduler.add(request)
 
     def extend_request(
         self,
@@ -329,9 +350,12 @@ class Engine:
         outputs, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         if plan.seqs:
+            t0 = time.perf_counter()
             logits = self._executor.execute(plan)
             assert logits is not None
-            outputs.extend(self._postprocess(plan, logits))
+            outputs.extend(self._postprocess(plan, logits))  # (sampling syncs a GPU)
+            if plan.num_prefills:
+                self._measure_prefill(plan, time.perf_counter() - t0)
         for request in self._held.values():  # acknowledge those whose tokens are all cached
             if request.acked_tokens != request.num_tokens and (
                 request.status is RequestStatus.RUNNING
@@ -340,6 +364,14 @@ class Engine:
                 request.acked_tokens = request.num_tokens
                 outputs.append(self._output(request, ""))
         return outputs
+
+    def _measure_prefill(self, plan: SchedulePlan, seconds: float) -> None:
+        tokens = sum(len(s.token_ids) for s in plan.seqs)
+        if tokens < PREFILL_MEASURE_MIN_TOKENS or seconds <= 0:
+            return  # a step this small measures the step's overhead, not prefill speed
+        rate = tokens / seconds
+        last = self.prefill_tokens_per_s
+        self.prefill_tokens_per_s = rate if last is None else last + 0.3 * (rate - last)
 
     @torch.inference_mode()
     def _postprocess(self, plan: SchedulePlan, logits: torch.Tensor) -> list[RequestOutput]:
@@ -435,6 +467,23 @@ class Engine:
             kv=kv,
         )
 
+    def export_kv(self, request_id: str) -> KvBlob | None:
+        """The K/V of an unfinished request's cached tokens as bytes (for another process:
+        `resume_request(..., kv=)` there); None when it has none cached (not running)."""
+        state = self.export_request(request_id, include_kv=True)
+        if state.kv is None:
+            return None
+        kv = state.kv.contiguous()
+        data = kv.view(torch.uint8).numpy().tobytes()
+        return KvBlob(tuple(kv.shape), str(kv.dtype).removeprefix("torch."), data)
+
+    def cached_tokens(self, request_id: str) -> int:
+        """How many of an unfinished request's tokens have K/V in the cache now."""
+        request = self._requests.get(request_id)
+        if request is None:
+            raise RequestError(f"request_id {request_id!r} is not an unfinished request here")
+        return request.num_cached_tokens if request.status is RequestStatus.RUNNING else 0
+
     def import_request(self, state: RequestState) -> None:
         """Continue `state` here. With KV for every token but the last it decodes next step;
         otherwise (or when the KV does not fit now) its tokens are recomputed in a prefill."""
@@ -448,13 +497,8 @@ class Engine:
                 f"request has {len(ids)} tokens but max_model_len is {self.max_model_len}"
             )
         kv = state.kv
-        cfg = self.model_config
-        want = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
-        if kv is not None and (kv.dim() != 5 or (*kv.shape[:2], *kv.shape[3:]) != want):
-            raise RequestError(
-                f"kv has shape {tuple(kv.shape)}; this model needs [{want[0]}, 2, tokens, "
-                f"{want[2]}, {want[3]}]"
-            )
+        if kv is not None:
+            kv = self._check_kv(kv)
         generator = torch.Generator(device="cpu")
         generator.set_state(torch.frombuffer(bytearray(state.rng_state), dtype=torch.uint8))
         request = Request(
@@ -468,20 +512,46 @@ class Engine:
             emitted_text_len=state.text_emitted,
         )
         self._requests[state.request_id] = request
-        if (
-            kv is not None
-            and kv.shape[2] == len(ids) - 1
-            and self.block_manager.can_grow(request, len(ids))
-            and len(self.scheduler.running) < self.scheduler.max_num_seqs
-        ):
-            self.block_manager.grow(request, kv.shape[2])
-            slots = [self.block_manager.slot(request, p) for p in range(kv.shape[2])]
-            self._executor.write_kv(slots, kv)
-            request.num_cached_tokens = kv.shape[2]
-            admitted = self.scheduler.add_running(request)
-            assert admitted
-        else:
+        if kv is None or not self._adopt_kv(request, kv):
             self.scheduler.add(request)
+
+    def _check_kv(self, kv: torch.Tensor | KvBlob) -> torch.Tensor:
+        """`kv` as a tensor of this model's K/V shape (RequestError if it is not one)."""
+        cfg = self.model_config
+        want = (cfg.num_layers, 2, cfg.num_kv_heads, cfg.head_dim)
+        if isinstance(kv, KvBlob):
+            kv = _unpack_kv(kv)
+        if kv.dim() != 5 or (*kv.shape[:2], *kv.shape[3:]) != want:
+            raise RequestError(
+                f"kv has shape {tuple(kv.shape)}; this model needs [{want[0]}, 2, tokens, "
+                f"{want[2]}, {want[3]}]"
+            )
+        return kv
+
+    def _adopt_kv(self, request: Request, kv: torch.Tensor) -> bool:
+        """Write `kv` (its first positions, up to the one before `request`'s last token) into
+        new blocks and admit `request` as running with them cached; False (nothing done) when
+        the blocks or a sequence slot are not free now. Later tokens are prefilled as usual."""
+        n = min(kv.shape[2], request.num_tokens - 1)
+        if (
+            n <= 0
+            or not self.block_manager.can_grow(request, n)
+            or len(self.scheduler.running) >= self.scheduler.max_num_seqs
+        ):
+            return False
+        self.block_manager.grow(request, n)
+        slots = [self.block_manager.slot(request, p) for p in range(n)]
+        self._executor.write_kv(slots, kv[:, :, :n])
+        request.num_cached_tokens = n
+        admitted = self.scheduler.add_running(request)
+        assert admitted
+        return True
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K/V one token holds (all layers and heads): a KV transfer's size per token."""
+        cfg = self.model_config
+        return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
 
     def wait_for_packing(self) -> None:
         """Block until background weight packing (bf16 on CPU) is done and in use; benchmarks
@@ -498,6 +568,21 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _unpack_kv(blob: KvBlob) -> torch.Tensor:
+    dtype = getattr(torch, blob.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise RequestError(f"kv has an unknown dtype {blob.dtype!r}")
+    size = math.prod(blob.shape) * dtype.itemsize
+    if len(blob.shape) != 5 or len(blob.data) != size:
+        raise RequestError(
+            f"kv holds {len(blob.data)} bytes; shape {blob.shape} of {blob.dtype} needs {size}"
+        )
+    with warnings.catch_warnings():  # (read-only bytes: the tensor is only read from)
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(blob.data, dtype=torch.uint8) if size else torch.empty(0)
+    return flat.view(dtype).view(blob.shape)
 
 
 def _check_source_architecture(model: str) -> None:

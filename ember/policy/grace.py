@@ -178,11 +178,13 @@ def prefer_recompute(
     *,
     transfer_Bps: float,
     prefill_tokens_per_s: float,  # noqa: N803
+    overhead_s: float = 0.0,
 ) -> bool:
-    """ember: resume by re-prefilling `tokens` when that is faster than moving `kv_bytes`."""
+    """ember: resume by re-prefilling `tokens` when that is faster than moving `kv_bytes`
+    (plus `overhead_s`, a transfer's fixed cost)."""
     if transfer_Bps <= 0 or prefill_tokens_per_s <= 0:
         raise ConfigError("transfer_Bps and prefill_tokens_per_s must be > 0")
-    return tokens / prefill_tokens_per_s < kv_bytes / transfer_Bps
+    return tokens / prefill_tokens_per_s < overhead_s + kv_bytes / transfer_Bps
 
 
 def grace_for_config(

@@ -292,10 +292,11 @@ def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
 ) -> None:
     """Over real Ray actors on two nodes: a preemption notice for the node of the only
     instance starts its replacement on the other node and moves both streams there live (the
-    output channel carries the rounds); the tokens are the undisturbed ones and the drained
-    instance stops."""
+    source's K/V over a Ray call, the held copy and the rounds over the output channel); the
+    tokens are the undisturbed ones and the drained instance stops."""
     from ember import LLM
     from ember.api.router import Router
+    from ember.migration.transfer import KvMode, MoveLink
 
     cluster, _ = two_nodes
     model = model_factory("llama", "tiny", "fp32", seed=4)
@@ -312,7 +313,12 @@ def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
     async def main() -> None:
         controller = Controller(cluster, tmp_path / "n.db", FakeClock(), reconcile_interval_s=0.05)
         await controller.start()
-        router = Router(controller)
+        moved: list[int] = []  # K/V tokens each move sent
+        router = Router(
+            controller,
+            on_migrate=lambda _model, kv_tokens: moved.append(kv_tokens),
+            link=MoveLink(KvMode.ALWAYS),
+        )
         try:
             controller.deploy(DeploymentSpec("m", str(model), min_instances=1, max_instances=1))
             await until(controller, lambda: len(ready_nodes(controller, "m")) == 1)
@@ -348,6 +354,7 @@ def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
             reading.set()
             await asyncio.wait_for(asyncio.gather(*tasks), 300)
             assert got == {rid: list(ids) for rid, ids in want.items()}
+            assert len(moved) == 2 and min(moved) > 10, moved
             for rid in cases:
                 entry = router.journal.get(rid)
                 assert entry is not None and entry.instance_id != source.instance_id

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from ember import LLM, SamplingParams
+from ember.controller.types import KvBlob
 from ember.engine import Engine, EngineConfig, RequestOutput
 from ember.engine.kv_sizing import bytes_per_block
 from ember.errors import CheckpointNotFoundError, RequestError, UnsupportedArchitectureError
+from ember.migration.transfer import KvMode, MoveLink, export_for_move
 from ember.store import read_index
 
 GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
@@ -249,14 +251,19 @@ def test_a_lost_request_resumes_from_what_its_client_was_sent(
     assert _drain(target)["w"][-1].token_ids == unmoved.token_ids
 
 
-@pytest.mark.parametrize(("temperature", "stop"), [(0.0, None), (0.9, None), (0.9, "stop")])
+@pytest.mark.parametrize(
+    ("temperature", "stop", "kv"),
+    [(0.0, None, False), (0.9, None, False), (0.9, "stop", False), (0.0, None, True),
+     (0.9, "stop", True)],
+)  # fmt: skip
 def test_a_live_migration_in_rounds_gives_the_unmoved_tokens_and_text(
-    model: Path, engine: Engine, temperature: float, stop: str | None
+    model: Path, engine: Engine, temperature: float, stop: str | None, kv: bool
 ) -> None:
-    """The target holds a copy: prefilled from what the client had when the move began, then
-    from what the source streamed during each round, acknowledged (an output with no token)
-    after each; nothing is sampled while held. Released with the text sent, it goes on with
-    exactly the unmoved tokens and text; the source's copy is aborted; no block leaks."""
+    """The target holds a copy: prefilled from what the client had when the move began (or,
+    with `kv`, given the source's K/V of those tokens instead), then from what the source
+    streamed during each round, acknowledged (an output with no token) after each; nothing is
+    sampled while held. Released with the text sent, it goes on with exactly the unmoved tokens
+    and text; the source's copy is aborted; no block leaks."""
     params = SamplingParams(
         max_tokens=40, temperature=temperature, seed=3, ignore_eos=True,
         stop=[stop] if stop else None,
@@ -283,7 +290,11 @@ def test_a_live_migration_in_rounds_gives_the_unmoved_tokens_and_text(
                 ids += out.new_token_ids
                 text += out.new_text
         if sent == 0:
-            target.resume_request("u", prompt, params, ids, "", hold=True)
+            blob = export_for_move(engine, "u", MoveLink(KvMode.ALWAYS if kv else KvMode.NEVER))
+            assert (blob is not None) == kv
+            target.resume_request("u", prompt, params, ids, "", hold=True, kv=blob)
+            n_prompt = len(target.tokenizer.encode(prompt))
+            assert target.cached_tokens("u") == (n_prompt + len(ids) - 1 if kv else 0)
         elif goal < 19:
             target.extend_request("u", ids[sent:])
         else:  # the last round: the source stops, the target goes on
@@ -305,6 +316,42 @@ def test_a_live_migration_in_rounds_gives_the_unmoved_tokens_and_text(
     assert text + "".join(o.new_text for o in rest) == unmoved.text
     with pytest.raises(RequestError, match="not a held request"):
         target.extend_request("u", [5])
+
+
+def test_kv_sent_as_bytes_arrives_bit_equal(model: Path, engine: Engine) -> None:
+    """`export_kv` -> bytes -> `resume_request(kv=)` on another engine: the cache there holds
+    the same bits, and the request goes on with the same tokens."""
+    unmoved = _run(engine, {"u": [5, 6, 7, 8, 9]}, GREEDY)["u"].token_ids
+    engine.add_request("u", [5, 6, 7, 8, 9], GREEDY)
+    ids: list[int] = []
+    while len(ids) < 10:
+        ids += [t for o in engine.step() for t in o.new_token_ids]
+    blob = engine.export_kv("u")
+    assert blob is not None and blob.tokens == 5 + len(ids) - 1
+    sent = engine.export_request("u", include_kv=True).kv
+    engine.abort("u")
+    _drain(engine)
+    target = _new_engine(model)
+    target.resume_request("u", [5, 6, 7, 8, 9], GREEDY, ids, kv=blob)
+    assert target.cached_tokens("u") == blob.tokens
+    arrived = target.export_request("u", include_kv=True).kv
+    assert arrived is not None and sent is not None and torch.equal(arrived, sent)
+    rest = [t for o in _drain(target)["u"] for t in o.new_token_ids]
+    assert ids + rest == unmoved
+
+
+def test_kv_of_the_wrong_shape_is_refused_and_the_engine_keeps_serving(
+    model: Path, engine: Engine
+) -> None:
+    cfg = engine.model_config
+    bad = torch.zeros(cfg.num_layers, 2, 3, cfg.num_kv_heads + 1, cfg.head_dim)
+    with pytest.raises(RequestError, match="kv has shape"):
+        engine.resume_request("k", [5, 6, 7], GREEDY, [8], hold=True, kv=bad)
+    short = KvBlob((cfg.num_layers, 2, 3, cfg.num_kv_heads, cfg.head_dim), "float32", b"\0" * 8)
+    with pytest.raises(RequestError, match="kv holds 8 bytes"):
+        engine.resume_request("k", [5, 6, 7], GREEDY, [8], hold=True, kv=short)
+    assert not engine.has_unfinished()
+    assert _run(engine, {"ok": [5, 6, 7]}, GREEDY)["ok"].finish_reason == "length"
 
 
 def test_a_held_request_refuses_tokens_past_its_limits(model: Path) -> None:

@@ -27,8 +27,9 @@ from ember.cluster.instance import InstanceReady
 from ember.cluster.notices import NoticeConfig, NoticeWatcher
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
-from ember.controller.types import DeploymentSpec, Extension, NodeInfo, StreamDelta
+from ember.controller.types import DeploymentSpec, Extension, KvBlob, NodeInfo, StreamDelta
 from ember.errors import InstanceLostError
+from ember.migration.transfer import MoveLink
 
 NODE_ID = "local0000000000000000"
 
@@ -48,6 +49,7 @@ class LocalHandle:
         self.lost = False
         self.runner: EngineRunner | None = None
         self.aborted: list[str] = []
+        self.exports: list[str] = []
         self._queues: dict[str, asyncio.Queue[Any]] = {}
 
     async def start(self) -> InstanceReady:
@@ -97,6 +99,12 @@ class LocalHandle:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
         self.runner.extend(request_id, extension)
 
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None:
+        if self.lost or self.runner is None:
+            raise InstanceLostError(f"instance {self.instance_id} is gone")
+        self.exports.append(request_id)
+        return await asyncio.wrap_future(self.runner.export(request_id, link))
+
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
         if self.runner is not None:
@@ -144,6 +152,10 @@ class LocalCluster:
 
     def nodes(self) -> list[NodeInfo]:
         return [NodeInfo(n, "127.0.0.1", True, (), self._cpus, self._cpus) for n in self._nodes]
+
+    def fill(self) -> None:
+        """From now on no node has room: new instances wait for capacity (forever)."""
+        self._cpus = 0.0
 
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return 1.0

@@ -141,6 +141,15 @@ def test_non_loopback_bind_requires_keys() -> None:
     ApiConfig(host="127.0.0.2").validate()
 
 
+def test_migration_settings_are_checked_and_give_the_router_its_link() -> None:
+    with pytest.raises(ConfigError, match="migration_kv='sometimes'"):
+        ApiConfig(migration_kv="sometimes").validate()
+    with pytest.raises(ConfigError, match="migration_link_gbps=0"):
+        ApiConfig(migration_link_gbps=0).validate()
+    link = ApiConfig(migration_kv="never", migration_link_gbps=80.0).move_link
+    assert (link.mode, link.transfer_Bps) == ("never", 10e9)
+
+
 async def test_admin_deploy_status_delete(tmp_path: Path) -> None:
     async with serving(tmp_path, cpus=0) as s:
         c = s.client

@@ -13,6 +13,7 @@ import pytest
 from serving_support import serving
 
 from ember import LLM, SamplingParams
+from ember.api.config import ApiConfig
 from ember.controller.types import DeploymentSpec, StreamDelta
 from ember.errors import QueueFullError, RequestError
 from ember.store.factory import make_model
@@ -295,11 +296,13 @@ async def test_a_request_of_a_deleted_deployment_is_not_resumed(
         assert router.load("tiny") == (0, 0)
 
 
+@pytest.mark.parametrize("kv", ["always", "never"])
 async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
-    tmp_path: Path, model_dir: Path, cache_root: Path
+    tmp_path: Path, model_dir: Path, cache_root: Path, kv: str
 ) -> None:
     """A preemption notice for the node of the only instance: its replacement starts on the
-    other node and both requests (greedy, seeded) move there in rounds while they stream; the
+    other node and both requests (greedy, seeded) move there in rounds while they stream, their
+    K/V sent from the source (`kv="always"`) or recomputed on the target ("never"); the
     client's streams have the undisturbed tokens and text, nothing was resumed, the source
     drains and stops, and no engine keeps a request."""
     greedy = SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
@@ -307,7 +310,8 @@ async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
     want = _undisturbed(model_dir, {"g": ("Hello there", greedy), "s": (PROMPTS[1], seeded)})
     spec = _spec(model_dir, min_instances=1, max_instances=1)
     nodes = ("node-a000", "node-b000")
-    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=nodes) as s:
+    config = ApiConfig(migration_kv=kv)
+    async with serving(tmp_path, (spec,), config, cache_root=cache_root, nodes=nodes) as s:
         router = s.app.state.router
         await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
         [source] = s.controller.ready_instances("tiny")
@@ -328,6 +332,9 @@ async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
         metrics = (await s.client.get("/metrics")).text
         assert 'ember_requests_migrated_total{model="tiny"} 2.0' in metrics
         assert 'ember_requests_resumed_total{model="tiny"}' not in metrics  # none resumed
+        sent = 'ember_migration_kv_tokens_total{model="tiny"}' in metrics
+        assert sent == (kv == "always")
+        assert sorted(source.exports) == (["g", "s"] if kv == "always" else [])
         await _until(lambda: source.instance_id in s.cluster.stopped, 30)
         [target] = s.controller.ready_instances("tiny")
         assert target.node_id == "node-b000"
@@ -344,10 +351,10 @@ async def test_a_source_lost_mid_migration_hands_over_to_the_target_that_holds_i
     """The node goes before the move is done (rounds never catch up here): the target's held
     copy gets the tokens it lacks and goes on; the client sees the undisturbed tokens and the
     request counts as migrated, not resumed."""
-    from ember.api import router as router_module
+    from ember.migration import live
 
-    monkeypatch.setattr(router_module, "SWITCH_BEHIND", -1)  # never close enough
-    monkeypatch.setattr(router_module, "MAX_ROUNDS", 10**6)
+    monkeypatch.setattr(live, "SWITCH_BEHIND", -1)  # never close enough
+    monkeypatch.setattr(live, "MAX_ROUNDS", 10**6)
     params = SamplingParams(max_tokens=300, temperature=0.8, seed=5, ignore_eos=True)
     llm = LLM(str(model_dir))
     try:
@@ -374,4 +381,38 @@ async def test_a_source_lost_mid_migration_hands_over_to_the_target_that_holds_i
         metrics = (await s.client.get("/metrics")).text
         assert 'ember_requests_migrated_total{model="tiny"} 1.0' in metrics
         assert 'ember_requests_resumed_total{model="tiny"}' not in metrics
+        assert router.load("tiny") == (0, 0)
+
+
+async def test_a_move_that_finds_no_target_before_the_notice_deadline_gives_up_in_time(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """A notice that leaves 2.6 s while no node has room for a replacement: the move gives up
+    when the deadline is SWITCH_MARGIN_S away (not after the request timeout of 60 s); the
+    request streams on where it is, undisturbed, and the failure is counted."""
+    from ember.migration.live import SWITCH_MARGIN_S
+
+    params = SamplingParams(max_tokens=2000, temperature=0.0, ignore_eos=True)
+    want = _undisturbed(model_dir, {"x": (PROMPTS[2], params)})["x"]
+    spec = _spec(model_dir, min_instances=1, max_instances=1, request_timeout_s=60.0)
+    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=("na", "nb")) as s:
+        router = s.app.state.router
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
+        [source] = s.controller.ready_instances("tiny")
+        stream = router.generate("tiny", "x", PROMPTS[2], params)
+        got = [await anext(stream)]
+        s.cluster.fill()
+        flight = router._flights[source.instance_id]["x"]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        s.controller.notice(source.node_id, SWITCH_MARGIN_S + 0.6)
+        assert flight.move is not None
+        await _until(lambda: flight.move is None, 30)
+        assert loop.time() - t0 < 10.0  # gave up at the deadline's margin, not at the timeout
+        got += await _collect(stream)
+        assert [t for d in got for t in d.new_token_ids] == list(want.token_ids)
+        assert router.journal.get("x").instance_id == source.instance_id
+        metrics = (await s.client.get("/metrics")).text
+        assert 'ember_migrations_failed_total{model="tiny"} 1.0' in metrics
+        assert "ember_requests_migrated_total{" not in metrics
         assert router.load("tiny") == (0, 0)
