@@ -289,6 +289,7 @@ class EngineRunner:
             "unfinished": self._engine.num_unfinished(),
             "steps": self.steps,
             "step_s": self.step_s,
+            "prefill_tokens_per_s": self._engine.prefill_tokens_per_s,
             "broken": self.broken,
             "pid": os.getpid(),
         }

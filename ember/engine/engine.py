@@ -69,7 +69,8 @@ def _start_up_gc() -> Iterator[None]:
             gc.enable()
 
 
-# Prefill speed is measured on steps that run at least this many tokens.
+# Prefill speed is measured on steps that prefill at least this many tokens (the step's
+# decodes, run in the same pass, count as its overhead).
 PREFILL_MEASURE_MIN_TOKENS = 32
 
 
@@ -366,9 +367,9 @@ class Engine:
         return outputs
 
     def _measure_prefill(self, plan: SchedulePlan, seconds: float) -> None:
-        tokens = sum(len(s.token_ids) for s in plan.seqs)
+        tokens = sum(len(s.token_ids) for s in plan.seqs[: plan.num_prefills])
         if tokens < PREFILL_MEASURE_MIN_TOKENS or seconds <= 0:
-            return  # a step this small measures the step's overhead, not prefill speed
+            return  # a step this small measures the step's overhead (or decodes), not prefill
         rate = tokens / seconds
         last = self.prefill_tokens_per_s
         self.prefill_tokens_per_s = rate if last is None else last + 0.3 * (rate - last)

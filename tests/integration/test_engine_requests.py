@@ -340,6 +340,14 @@ def test_kv_sent_as_bytes_arrives_bit_equal(model: Path, engine: Engine) -> None
     assert ids + rest == unmoved
 
 
+def test_prefill_speed_is_measured_on_prefills_of_some_size(model: Path) -> None:
+    target = _new_engine(model)
+    _run(target, {"short": [5, 6, 7]}, GREEDY)  # a 3-token prefill and decodes: not measured
+    assert target.prefill_tokens_per_s is None
+    _run(target, {"long": list(range(5, 70))}, GREEDY)
+    assert target.prefill_tokens_per_s is not None and target.prefill_tokens_per_s > 0
+
+
 def test_kv_of_the_wrong_shape_is_refused_and_the_engine_keeps_serving(
     model: Path, engine: Engine
 ) -> None:
