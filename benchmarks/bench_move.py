@@ -15,7 +15,7 @@ of the whole context, and the rounds), tokens whose K/V were sent, the pause at 
 the text equals the undisturbed one. This is one machine: the notice drains both instances and
 the replacements start beside them, so notice-to-switch includes a replacement's cold start.
 
-    python benchmarks/bench_move.py [--dtype fp32|bf16] [--contexts 16 512 1536] [--runs 3]
+    python benchmarks/bench_move.py [--dtype fp32|bf16] [--contexts 16 512 1536] [--runs 2]
 """
 
 from __future__ import annotations
@@ -79,11 +79,17 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
             _, _, ref = stream(base, prompt, max_tokens)
             for run in range(args.runs):
                 wait_ready(base, 2)
-                move = one_move(base, prompt, args.before, max_tokens, log_path, ref)
+                try:
+                    move = one_move(base, prompt, args.before, max_tokens, log_path, ref)
+                except RuntimeError as e:  # the stream ended before the move was ready
+                    print(f"{mode:6s} prompt {context:5d} run {run}: {e}", flush=True)
+                    rows.append({"mode": mode, "prompt_tokens": context, "run": run,
+                                 "moved": False})  # fmt: skip
+                    continue
                 ready = READY.findall(log_path.read_text(errors="replace"))
                 held, kv, behind, caught = ready[-1][1:]
                 move |= {
-                    "mode": mode, "prompt_tokens": context, "run": run,
+                    "mode": mode, "prompt_tokens": context, "run": run, "moved": True,
                     "held_tokens": int(held), "kv_tokens": int(kv), "behind_tokens": int(behind),
                     "catch_up_s": float(caught),
                 }  # fmt: skip
@@ -109,8 +115,8 @@ def main() -> int:
     p.add_argument("--modes", nargs="+", default=["never", "always"])
     p.add_argument("--contexts", type=int, nargs="+", default=[16, 512, 1536])
     p.add_argument("--before", type=int, default=64, help="tokens streamed before the notice")
-    p.add_argument("--after", type=int, default=400, help="tokens to generate after it")
-    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--after", type=int, default=1000, help="tokens to generate after it")
+    p.add_argument("--runs", type=int, default=2)
     p.add_argument("--model", type=Path, default=MODEL)
     p.add_argument("--dtype", default="fp32", help="the deployment's dtype")
     p.add_argument("--out", default=None, help="default: benchmarks/results/move-DTYPE.json")
@@ -123,12 +129,17 @@ def main() -> int:
     summary = []
     for mode in args.modes:
         for context in args.contexts:
-            mine = [r for r in rows if r["mode"] == mode and r["prompt_tokens"] == context]
+            every = [r for r in rows if r["mode"] == mode and r["prompt_tokens"] == context]
+            mine = [r for r in every if r["moved"]]
+            if not mine:
+                summary.append({"mode": mode, "prompt_tokens": context, "moved": 0})
+                continue
             gaps = [r["switch_gap_s"] for r in mine if r["switch_gap_s"] is not None]
             summary.append(
                 {
                     "mode": mode,
                     "prompt_tokens": context,
+                    "moved": f"{len(mine)} of {len(every)}",
                     "held_tokens_median": statistics.median(r["held_tokens"] for r in mine),
                     "kv_tokens_median": statistics.median(r["kv_tokens"] for r in mine),
                     "catch_up_s_median": statistics.median(r["catch_up_s"] for r in mine),

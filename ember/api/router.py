@@ -25,8 +25,8 @@ ready the next delta from the source is the last: the source's copy is aborted a
 given the rest of the tokens and the text the client has, goes on. A move ends in time for the
 notice's deadline: a target not found by then leaves the request where it is. A move that fails
 (the target lost, no instance in time) leaves the request on its source; if the source dies
-first, a target that holds a prefix takes over with the tokens it lacks, else the request is
-resumed as above.
+first, a target that holds a prefix (or is prefilling it) takes over with the tokens it lacks,
+else the request is resumed as above.
 
 The controller reads `load(name) -> (queued, in_flight)` through `set_load_source` to decide how
 many instances a deployment needs.
@@ -205,6 +205,11 @@ class Router:
                 except InstanceLostError as lost:
                     lost_id, move = handle.instance_id, flight.move
                     handle = stream = None
+                    if move is not None and move.stream is not None and move.task is not None:
+                        # The target has its copy and is prefilling it: let it finish (the
+                        # journal no longer grows, so no round follows) and take over.
+                        await asyncio.wait([move.task])
+                        move = flight.move
                     if move is not None and move.held:
                         logger.warning(
                             "instance %s lost with request %s during its migration (%s); "
@@ -217,6 +222,7 @@ class Router:
                         except InstanceLostError:  # the target too: resumed below
                             self._release(state, None)
                     else:
+                        self._abandon(flight, state)  # (still finding a target: off)
                         self._release(state, lost_id)
                     resumes += 1
                     spec = self._resumable(model, lost, resumes)

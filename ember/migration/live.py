@@ -43,6 +43,8 @@ SWITCH_BEHIND = 4
 # A move under a preemption notice is ready to switch this long before the deadline at the
 # latest, and gives up finding a target at that point (seconds).
 SWITCH_MARGIN_S = 2.0
+# The longest wait for the source's K/V before the target recomputes them instead (seconds).
+EXPORT_TIMEOUT_S = 10.0
 
 
 class InstanceLike(Protocol):
@@ -93,7 +95,7 @@ async def catch_up(
     kv = None
     if link.mode is not KvMode.NEVER:
         try:
-            kv = await source.export(request_id, link)
+            kv = await asyncio.wait_for(source.export(request_id, link), EXPORT_TIMEOUT_S)
             move.kv_tokens = kv.tokens if kv is not None else 0
         except InstanceLostError:
             raise

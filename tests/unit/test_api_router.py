@@ -384,6 +384,42 @@ async def test_a_source_lost_mid_migration_hands_over_to_the_target_that_holds_i
         assert router.load("tiny") == (0, 0)
 
 
+async def test_a_source_lost_while_its_target_prefills_waits_for_the_target(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """The node goes while the target is still prefilling the held copy (1,200 tokens,
+    recomputed): the target finishes it and takes over, instead of the request being resumed
+    from scratch elsewhere."""
+    params = SamplingParams(max_tokens=1400, temperature=0.8, seed=9, ignore_eos=True)
+    want = _undisturbed(model_dir, {"x": (PROMPTS[3], params)})["x"]
+    spec = _spec(model_dir, min_instances=1, max_instances=1)
+    config = ApiConfig(migration_kv="never")
+    async with serving(tmp_path, (spec,), config, cache_root=cache_root, nodes=("na", "nb")) as s:
+        router = s.app.state.router
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
+        [source] = s.controller.ready_instances("tiny")
+        stream = router.generate("tiny", "x", PROMPTS[3], params)
+        got = [await anext(stream)]
+        while sum(len(d.new_token_ids) for d in got) < 1200:
+            got.append(await anext(stream))
+        s.controller.notice(source.node_id, 60.0)
+        flight = router._flights[source.instance_id]["x"]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while flight.move is None or flight.move.stream is None:  # its copy is on its way
+            assert loop.time() < deadline
+            await asyncio.sleep(0)
+        assert not flight.move.held  # (1,200 tokens take the target a while to prefill)
+        source.crash()
+        got += await _collect(stream)
+        assert [t for d in got for t in d.new_token_ids] == list(want.token_ids)
+        assert router.journal.get("x").instance_id != source.instance_id
+        metrics = (await s.client.get("/metrics")).text
+        assert 'ember_requests_migrated_total{model="tiny"} 1.0' in metrics
+        assert 'ember_requests_resumed_total{model="tiny"}' not in metrics
+        assert router.load("tiny") == (0, 0)
+
+
 async def test_a_move_that_finds_no_target_before_the_notice_deadline_gives_up_in_time(
     tmp_path: Path, model_dir: Path, cache_root: Path
 ) -> None:
