@@ -22,8 +22,8 @@ calls `migrate(instance_id, deadline_s)`) moves while it streams (token-based li
 copy of the request (the journal's tokens, with the source's K/V when moving them is cheaper
 than recomputing them) and catches up in rounds while the source keeps decoding; once it is
 ready the next delta from the source is the last: the source's copy is aborted and the target,
-given the rest of the tokens and the text the client has, goes on. A move ends in time for the
-notice's deadline: a target not found by then leaves the request where it is. A move that fails
+given the rest of the tokens and the text the client has, goes on. Near the notice's deadline
+the rounds stop and the move switches at once. A move that fails
 (the target lost, no instance in time) leaves the request on its source; if the source dies
 first, a target that holds a prefix (or is prefilling it) takes over with the tokens it lacks,
 else the request is resumed as above.
@@ -50,7 +50,6 @@ from ember.api.journal import JournalEntry, RequestJournal
 from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
 from ember.errors import InstanceLostError, ModelNotFoundError, QueueFullError, RequestTimeoutError
 from ember.migration.live import (
-    SWITCH_MARGIN_S,
     InstanceLike,
     Move,
     catch_up,
@@ -273,8 +272,6 @@ class Router:
             spec = self._controller.get(model)
             state = self._loads.setdefault(model, _Load())
             deadline = self._clock.now() + spec.request_timeout_s
-            if move.until is not None:
-                deadline = min(deadline, move.until - SWITCH_MARGIN_S)
             move.target = await self._acquire(model, spec, state, deadline, resuming=True)
             state.in_flight -= 1  # a second slot, not a second request (see `_release`)
             t0 = self._clock.now()
@@ -314,6 +311,8 @@ class Router:
             move.target.extend(flight.request_id, last)
         except InstanceLostError:  # the target is gone: stay on the source if it is alive
             logger.warning("migration target of request %s was lost", flight.request_id)
+            if self._on_move_failed is not None:
+                self._on_move_failed(flight.model)
             self._abandon_move(move, flight, state)
             if handle is None or stream is None:
                 raise

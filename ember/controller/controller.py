@@ -327,7 +327,12 @@ class Controller:
             raise ConfigError(f"deadline_s: must be >= 0 seconds, got {deadline_s!r}")
         target = _one_node([n for n in self._cluster.nodes() if n.alive], node_id)
         now = self._clock.now()
-        self._noticed[target] = min(now + deadline_s, self._noticed.get(target, math.inf))
+        earlier = self._noticed.get(target, math.inf)
+        # A second notice cannot put the deadline off, but one past its deadline is over: a
+        # node that outlived it and is noticed again goes by the new one.
+        self._noticed[target] = (
+            now + deadline_s if earlier < now else min(now + deadline_s, earlier)
+        )
         draining: list[str] = []
         moving = 0
         for inst in list(self._instances.values()):

@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 # the source stops (the pause is the prefill of those tokens plus a step).
 MAX_ROUNDS = 4
 SWITCH_BEHIND = 4
-# A move under a preemption notice is ready to switch this long before the deadline at the
-# latest, and gives up finding a target at that point (seconds).
+# A move under a preemption notice does no more rounds once its deadline is this close: it
+# switches as soon as the target holds its copy (seconds).
 SWITCH_MARGIN_S = 2.0
 # The longest wait for the source's K/V before the target recomputes them instead (seconds).
 EXPORT_TIMEOUT_S = 10.0
