@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from bench_resume import MODEL, ensure_model, one_move, stream
+from bench_resume import MODEL, ensure_model, move_medians, one_move, stream
 from machine import git_sha, machine_facts
 from serve_process import free_port, metric_lines, stop, wait_health, wait_ready
 
@@ -134,7 +134,6 @@ def main() -> int:
             if not mine:
                 summary.append({"mode": mode, "prompt_tokens": context, "moved": 0})
                 continue
-            gaps = [r["switch_gap_s"] for r in mine if r["switch_gap_s"] is not None]
             summary.append(
                 {
                     "mode": mode,
@@ -143,14 +142,7 @@ def main() -> int:
                     "held_tokens_median": statistics.median(r["held_tokens"] for r in mine),
                     "kv_tokens_median": statistics.median(r["kv_tokens"] for r in mine),
                     "catch_up_s_median": statistics.median(r["catch_up_s"] for r in mine),
-                    "switch_gap_s_median": statistics.median(gaps) if gaps else None,
-                    "longest_gap_after_notice_s_median": statistics.median(
-                        r["longest_gap_after_notice_s"] for r in mine
-                    ),
-                    "notice_to_switch_s_median": statistics.median(
-                        r["notice_to_switch_s"] for r in mine
-                    ),
-                    "all_identical": all(r["identical_text"] for r in mine),
+                    **move_medians(mine),
                 }
             )
     result = {

@@ -191,6 +191,20 @@ def one_move(
     }
 
 
+def move_medians(moves: list[dict[str, Any]]) -> dict[str, Any]:
+    """Medians over `one_move` rows: the switch's gap, the longest gap after the notice, the
+    notice to the switch; and whether every text was the undisturbed one."""
+    gaps = [m["switch_gap_s"] for m in moves if m["switch_gap_s"] is not None]
+    return {
+        "switch_gap_s_median": statistics.median(gaps) if gaps else None,
+        "longest_gap_after_notice_s_median": statistics.median(
+            m["longest_gap_after_notice_s"] for m in moves
+        ),
+        "notice_to_switch_s_median": statistics.median(m["notice_to_switch_s"] for m in moves),
+        "all_identical": all(m["identical_text"] for m in moves),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[16, 512, 1536])
@@ -288,18 +302,7 @@ def main() -> int:
         )
         moved = [r["move"] for r in mine if "move" in r]
         if moved:
-            summary[-1] |= {
-                "move_switch_gap_s_median": statistics.median(
-                    m["switch_gap_s"] for m in moved if m["switch_gap_s"] is not None
-                ),
-                "move_longest_gap_after_notice_s_median": statistics.median(
-                    m["longest_gap_after_notice_s"] for m in moved
-                ),
-                "move_notice_to_switch_s_median": statistics.median(
-                    m["notice_to_switch_s"] for m in moved
-                ),
-                "move_all_identical": all(m["identical_text"] for m in moved),
-            }
+            summary[-1] |= {f"move_{k}": v for k, v in move_medians(moved).items()}
     result = {
         "benchmark": "resume",
         "git_sha": git_sha(),

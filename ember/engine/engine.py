@@ -189,9 +189,9 @@ class Engine:
 
         `kv`: the K/V of the first `kv.shape[2]` of these tokens, as `export_kv` (or
         `export_request(..., include_kv=True)`) gives them on the engine they come from (a live
-        migration that found moving the cache cheaper than recomputing it). Positions up to the last token's are
-        written into the cache instead of prefilled when blocks and a sequence slot are free
-        now; otherwise (or without `kv`) every token is recomputed.
+        migration that found moving the cache cheaper than recomputing it). Positions up to the
+        last token's are written into the cache instead of prefilled when blocks and a sequence
+        slot are free now; otherwise (or without `kv`) every token is recomputed.
         """
         if not output_token_ids and not hold and kv is None:
             self.add_request(request_id, prompt, params)
@@ -582,7 +582,11 @@ def _unpack_kv(blob: KvBlob) -> torch.Tensor:
         )
     with warnings.catch_warnings():  # (read-only bytes: the tensor is only read from)
         warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(blob.data, dtype=torch.uint8) if size else torch.empty(0)
+        flat = (
+            torch.frombuffer(blob.data, dtype=torch.uint8)
+            if size
+            else torch.empty(0, dtype=torch.uint8)
+        )
     return flat.view(dtype).view(blob.shape)
 
 

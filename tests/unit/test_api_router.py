@@ -5,6 +5,7 @@ identical to the in-process engine's."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -345,43 +346,67 @@ async def test_a_notice_moves_streaming_requests_live_with_the_same_tokens(
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "deadline_s"
 
 
+@contextlib.asynccontextmanager
+async def _one_stream(
+    tmp_path: Path,
+    model_dir: Path,
+    cache_root: Path,
+    prompt: str,
+    params: SamplingParams,
+    config: ApiConfig | None = None,
+) -> AsyncIterator[tuple[Any, Any, AsyncIterator[StreamDelta], list[StreamDelta]]]:
+    """Deployment "tiny" with its one instance on node "na" of ("na", "nb"), streaming request
+    "x": (the stack, the instance, the stream, its first delta in a list)."""
+    spec = _spec(model_dir, min_instances=1, max_instances=1)
+    async with serving(tmp_path, (spec,), config, cache_root=cache_root, nodes=("na", "nb")) as s:
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
+        [source] = s.controller.ready_instances("tiny")
+        stream = s.app.state.router.generate("tiny", "x", prompt, params)
+        yield s, source, stream, [await anext(stream)]
+
+
+async def _check_end(s: Any, source: Any, got: list[StreamDelta], want: Any, moved: bool) -> str:
+    """Request "x" ended with the undisturbed tokens, on another instance than `source` if it
+    `moved` (and counted so) else on it, never resumed, no slot kept; returns /metrics."""
+    router = s.app.state.router
+    assert [t for d in got for t in d.new_token_ids] == list(want.token_ids)
+    assert (router.journal.get("x").instance_id != source.instance_id) == moved
+    metrics: str = (await s.client.get("/metrics")).text
+    assert ('ember_requests_migrated_total{model="tiny"} 1.0' in metrics) == moved
+    assert "ember_requests_resumed_total{" not in metrics
+    assert router.load("tiny") == (0, 0)
+    return metrics
+
+
+def _never_caught_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rounds that never bring the target close enough to switch."""
+    from ember.migration import live
+
+    monkeypatch.setattr(live, "SWITCH_BEHIND", -1)
+    monkeypatch.setattr(live, "MAX_ROUNDS", 10**6)
+
+
 async def test_a_source_lost_mid_migration_hands_over_to_the_target_that_holds_its_tokens(
     tmp_path: Path, model_dir: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The node goes before the move is done (rounds never catch up here): the target's held
     copy gets the tokens it lacks and goes on; the client sees the undisturbed tokens and the
     request counts as migrated, not resumed."""
-    from ember.migration import live
-
-    monkeypatch.setattr(live, "SWITCH_BEHIND", -1)  # never close enough
-    monkeypatch.setattr(live, "MAX_ROUNDS", 10**6)
+    _never_caught_up(monkeypatch)
     params = SamplingParams(max_tokens=300, temperature=0.8, seed=5, ignore_eos=True)
-    llm = LLM(str(model_dir))
-    try:
-        want = llm.generate([PROMPTS[1]], params)[0].token_ids
-    finally:
-        llm.close()
-    spec = _spec(model_dir, min_instances=1, max_instances=1)
-    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=("na", "nb")) as s:
-        router = s.app.state.router
-        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
-        [source] = s.controller.ready_instances("tiny")
-        stream = router.generate("tiny", "x", PROMPTS[1], params)
-        got = [await anext(stream)]
+    want = _undisturbed(model_dir, {"x": (PROMPTS[1], params)})["x"]
+    async with _one_stream(tmp_path, model_dir, cache_root, PROMPTS[1], params) as (
+        s, source, stream, got,
+    ):  # fmt: skip
         while sum(len(d.new_token_ids) for d in got) < 6:
             got.append(await anext(stream))
         s.controller.notice(source.node_id, 30.0)
-        flight = router._flights[source.instance_id]["x"]
+        flight = s.app.state.router._flights[source.instance_id]["x"]
         await _until(lambda: flight.move is not None and flight.move.held, 60)
         got.append(await anext(stream))  # the source streams on meanwhile
         source.crash()
         got += await _collect(stream)
-        assert [t for d in got for t in d.new_token_ids] == list(want)
-        assert router.journal.get("x").instance_id != source.instance_id
-        metrics = (await s.client.get("/metrics")).text
-        assert 'ember_requests_migrated_total{model="tiny"} 1.0' in metrics
-        assert 'ember_requests_resumed_total{model="tiny"}' not in metrics
-        assert router.load("tiny") == (0, 0)
+        await _check_end(s, source, got, want, moved=True)
 
 
 async def test_a_source_lost_while_its_target_prefills_waits_for_the_target(
@@ -392,18 +417,14 @@ async def test_a_source_lost_while_its_target_prefills_waits_for_the_target(
     from scratch elsewhere."""
     params = SamplingParams(max_tokens=1400, temperature=0.8, seed=9, ignore_eos=True)
     want = _undisturbed(model_dir, {"x": (PROMPTS[3], params)})["x"]
-    spec = _spec(model_dir, min_instances=1, max_instances=1)
     config = ApiConfig(migration_kv="never")
-    async with serving(tmp_path, (spec,), config, cache_root=cache_root, nodes=("na", "nb")) as s:
-        router = s.app.state.router
-        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
-        [source] = s.controller.ready_instances("tiny")
-        stream = router.generate("tiny", "x", PROMPTS[3], params)
-        got = [await anext(stream)]
+    async with _one_stream(tmp_path, model_dir, cache_root, PROMPTS[3], params, config) as (
+        s, source, stream, got,
+    ):  # fmt: skip
         while sum(len(d.new_token_ids) for d in got) < 1200:
             got.append(await anext(stream))
         s.controller.notice(source.node_id, 60.0)
-        flight = router._flights[source.instance_id]["x"]
+        flight = s.app.state.router._flights[source.instance_id]["x"]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 60
         while flight.move is None or flight.move.stream is None:  # its copy is on its way
@@ -412,12 +433,7 @@ async def test_a_source_lost_while_its_target_prefills_waits_for_the_target(
         assert not flight.move.held  # (1,200 tokens take the target a while to prefill)
         source.crash()
         got += await _collect(stream)
-        assert [t for d in got for t in d.new_token_ids] == list(want.token_ids)
-        assert router.journal.get("x").instance_id != source.instance_id
-        metrics = (await s.client.get("/metrics")).text
-        assert 'ember_requests_migrated_total{model="tiny"} 1.0' in metrics
-        assert 'ember_requests_resumed_total{model="tiny"}' not in metrics
-        assert router.load("tiny") == (0, 0)
+        await _check_end(s, source, got, want, moved=True)
 
 
 async def test_a_move_near_its_deadline_switches_without_more_rounds(
@@ -425,26 +441,15 @@ async def test_a_move_near_its_deadline_switches_without_more_rounds(
 ) -> None:
     """Rounds that would never catch up (the target kept far behind) and a notice due now: the
     move switches as soon as the target holds its copy; the tokens are the undisturbed ones."""
-    from ember.migration import live
-
-    monkeypatch.setattr(live, "SWITCH_BEHIND", -1)  # never close enough
-    monkeypatch.setattr(live, "MAX_ROUNDS", 10**6)
+    _never_caught_up(monkeypatch)
     params = SamplingParams(max_tokens=300, temperature=0.8, seed=21, ignore_eos=True)
     want = _undisturbed(model_dir, {"x": (PROMPTS[2], params)})["x"]
-    spec = _spec(model_dir, min_instances=1, max_instances=1)
-    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=("na", "nb")) as s:
-        router = s.app.state.router
-        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
-        [source] = s.controller.ready_instances("tiny")
-        stream = router.generate("tiny", "x", PROMPTS[2], params)
-        got = [await anext(stream)]
+    async with _one_stream(tmp_path, model_dir, cache_root, PROMPTS[2], params) as (
+        s, source, stream, got,
+    ):  # fmt: skip
         s.controller.notice(source.node_id, 0.0)
         got += await _collect(stream)
-        assert [t for d in got for t in d.new_token_ids] == list(want.token_ids)
-        assert router.journal.get("x").instance_id != source.instance_id
-        metrics = (await s.client.get("/metrics")).text
-        assert 'ember_requests_migrated_total{model="tiny"} 1.0' in metrics
-        assert router.load("tiny") == (0, 0)
+        await _check_end(s, source, got, want, moved=True)
         # The node outlived that notice: a new one goes by its own deadline, a third cannot
         # put it off.
         s.controller.notice(source.node_id, 60.0)
@@ -458,29 +463,17 @@ async def test_a_move_whose_target_is_lost_leaves_the_request_streaming_where_it
 ) -> None:
     """The target dies during the rounds: the move is given up (and counted), the request
     streams on from its source undisturbed, nothing is resumed, no slot is kept."""
-    from ember.migration import live
-
-    monkeypatch.setattr(live, "SWITCH_BEHIND", -1)  # the rounds go on until the target dies
-    monkeypatch.setattr(live, "MAX_ROUNDS", 10**6)
+    _never_caught_up(monkeypatch)  # the rounds go on until the target dies
     params = SamplingParams(max_tokens=300, temperature=0.8, seed=22, ignore_eos=True)
     want = _undisturbed(model_dir, {"x": (PROMPTS[0], params)})["x"]
-    spec = _spec(model_dir, min_instances=1, max_instances=1)
-    async with serving(tmp_path, (spec,), cache_root=cache_root, nodes=("na", "nb")) as s:
-        router = s.app.state.router
-        await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
-        [source] = s.controller.ready_instances("tiny")
-        stream = router.generate("tiny", "x", PROMPTS[0], params)
-        got = [await anext(stream)]
+    async with _one_stream(tmp_path, model_dir, cache_root, PROMPTS[0], params) as (
+        s, source, stream, got,
+    ):  # fmt: skip
         s.controller.notice(source.node_id, 60.0)
-        flight = router._flights[source.instance_id]["x"]
+        flight = s.app.state.router._flights[source.instance_id]["x"]
         await _until(lambda: flight.move is not None and flight.move.held, 60)
         flight.move.target.crash()
         await _until(lambda: flight.move is None, 30)
         got += await _collect(stream)
-        assert [t for d in got for t in d.new_token_ids] == list(want.token_ids)
-        assert router.journal.get("x").instance_id == source.instance_id
-        metrics = (await s.client.get("/metrics")).text
+        metrics = await _check_end(s, source, got, want, moved=False)
         assert 'ember_migrations_failed_total{model="tiny"} 1.0' in metrics
-        assert "ember_requests_migrated_total{" not in metrics
-        assert "ember_requests_resumed_total{" not in metrics
-        assert router.load("tiny") == (0, 0)
