@@ -53,6 +53,7 @@ from ember.migration.live import (
     InstanceLike,
     Move,
     catch_up,
+    held_or_failed,
     next_output,
     release,
 )
@@ -204,10 +205,10 @@ class Router:
                 except InstanceLostError as lost:
                     lost_id, move = handle.instance_id, flight.move
                     handle = stream = None
-                    if move is not None and move.stream is not None and move.task is not None:
-                        # The target has its copy and is prefilling it: let it finish (the
-                        # journal no longer grows, so no round follows) and take over.
-                        await asyncio.wait([move.task])
+                    if move is not None and move.stream is not None:
+                        # The target has its copy and may be prefilling it still: let it
+                        # finish and take over.
+                        await held_or_failed(move)
                         move = flight.move
                     if move is not None and move.held:
                         logger.warning(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ember.controller.types import Continuation, Extension, StreamDelta
@@ -71,6 +71,7 @@ class Move:
 
     until: float | None = None
     task: asyncio.Task[None] | None = None
+    acked: asyncio.Event = field(default_factory=asyncio.Event)  # set with `held`
     target: Any = None
     stream: Relay | None = None
     sent: int = 0
@@ -107,6 +108,7 @@ async def catch_up(
     move.stream = Relay(target.generate(request_id, copy, params))
     await acknowledged(move.stream)
     move.sent, move.held = n, True
+    move.acked.set()
     for _ in range(MAX_ROUNDS - 1):
         n = len(ids)
         if n - move.sent <= SWITCH_BEHIND or _late(move, clock):
@@ -157,6 +159,17 @@ class Relay:
     async def aclose(self) -> None:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def held_or_failed(move: Move) -> bool:
+    """Wait until the move's target holds its copy (True) or the move has ended without it."""
+    if not move.held and move.task is not None and not move.task.done():
+        acked = asyncio.ensure_future(move.acked.wait())
+        try:
+            await asyncio.wait([move.task, acked], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            acked.cancel()
+    return move.held
 
 
 async def next_output(stream: AsyncIterator[StreamDelta]) -> StreamDelta:
