@@ -77,10 +77,9 @@ class ApiConfig:
         for name in ("completion_default_max_tokens", "chat_default_max_tokens", "max_logprobs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.migration_kv not in ("auto", "always", "never"):
-            raise ConfigError(
-                f"migration_kv={self.migration_kv!r} must be 'auto', 'always' or 'never'"
-            )
+        modes = [m.value for m in KvMode]
+        if self.migration_kv not in modes:
+            raise ConfigError(f"migration_kv={self.migration_kv!r} must be one of {modes}")
         if not self.migration_link_gbps > 0:
             raise ConfigError(f"migration_link_gbps={self.migration_link_gbps} must be > 0")
         if self.journal_max_finished < 0:

@@ -113,9 +113,12 @@ class _Flight:
     prompt: str | list[int]
     params: SamplingParams
     entry: JournalEntry
-    instance_id: str = ""
     handle: InstanceLike | None = None  # the instance it streams from
     move: Move | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return self.handle.instance_id if self.handle is not None else ""
 
 
 class Router:
@@ -349,7 +352,7 @@ class Router:
     def _fly(self, flight: _Flight, handle: InstanceLike) -> None:
         self._land(flight)
         flight.handle = handle
-        flight.instance_id = flight.entry.instance_id = handle.instance_id
+        flight.entry.instance_id = handle.instance_id
         self._flights.setdefault(handle.instance_id, {})[flight.request_id] = flight
 
     def _land(self, flight: _Flight) -> None:

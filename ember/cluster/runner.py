@@ -448,9 +448,7 @@ class EngineRunner:
         self, request_id: str, prompt: Any, params: Any, items: list[Item], ids: list[str]
     ) -> None:
         if self.broken is not None:
-            from ember.errors import EngineError
-
-            items.append(EngineError(f"engine stopped after an error: {self.broken}"))
+            items.append(self._stopped())
             ids.append(request_id)
             return
         try:
@@ -482,14 +480,17 @@ class EngineRunner:
         self, request_id: str, link: MoveLink, future: concurrent.futures.Future[KvBlob | None]
     ) -> None:
         if self.broken is not None:
-            from ember.errors import EngineError
-
-            future.set_exception(EngineError(f"engine stopped after an error: {self.broken}"))
+            future.set_exception(self._stopped())
             return
         try:
             future.set_result(export_for_move(self._engine, request_id, link))
         except Exception as e:  # finished or unknown here: the move is off
             future.set_exception(e)
+
+    def _stopped(self) -> Exception:
+        from ember.errors import EngineError
+
+        return EngineError(f"engine stopped after an error: {self.broken}")
 
     def _read_channel(self) -> list[tuple[Any, ...]]:
         """The commands the caller wrote to the channel since the last read, without blocking:

@@ -449,13 +449,7 @@ class Engine:
     def export_request(self, request_id: str, include_kv: bool = False) -> RequestState:
         """A snapshot of an unfinished request (it keeps running here; `abort` it once the
         importing engine has it). KV is included only for a running request."""
-        request = self._requests.get(request_id)
-        if request is None:
-            raise RequestError(f"request_id {request_id!r} is not an unfinished request here")
-        kv = None
-        if include_kv and request.status is RequestStatus.RUNNING and request.num_cached_tokens:
-            slots = [self.block_manager.slot(request, p) for p in range(request.num_cached_tokens)]
-            kv = self._executor.read_kv(slots)
+        request = self._unfinished(request_id)
         return RequestState(
             request_id=request_id,
             prompt_token_ids=tuple(request.prompt_token_ids),
@@ -465,24 +459,36 @@ class Engine:
             text=request.detokenizer.text,
             text_emitted=request.emitted_text_len,
             output_logprobs=tuple(request.output_logprobs),
-            kv=kv,
+            kv=self._cached_kv(request) if include_kv else None,
         )
 
     def export_kv(self, request_id: str) -> KvBlob | None:
         """The K/V of an unfinished request's cached tokens as bytes (for another process:
         `resume_request(..., kv=)` there); None when it has none cached (not running)."""
-        state = self.export_request(request_id, include_kv=True)
-        if state.kv is None:
+        request = self._unfinished(request_id)
+        kv = self._cached_kv(request)
+        if kv is None:
             return None
-        kv = state.kv.contiguous()
+        kv = kv.contiguous()
         data = kv.view(torch.uint8).numpy().tobytes()
         return KvBlob(tuple(kv.shape), str(kv.dtype).removeprefix("torch."), data)
 
-    def cached_tokens(self, request_id: str) -> int:
-        """How many of an unfinished request's tokens have K/V in the cache now."""
+    def _unfinished(self, request_id: str) -> Request:
         request = self._requests.get(request_id)
         if request is None:
             raise RequestError(f"request_id {request_id!r} is not an unfinished request here")
+        return request
+
+    def _cached_kv(self, request: Request) -> torch.Tensor | None:
+        """The K/V of a running request's cached tokens (None: not running, or none cached)."""
+        if request.status is not RequestStatus.RUNNING or not request.num_cached_tokens:
+            return None
+        slots = [self.block_manager.slot(request, p) for p in range(request.num_cached_tokens)]
+        return self._executor.read_kv(slots)
+
+    def cached_tokens(self, request_id: str) -> int:
+        """How many of an unfinished request's tokens have K/V in the cache now."""
+        request = self._unfinished(request_id)
         return request.num_cached_tokens if request.status is RequestStatus.RUNNING else 0
 
     def import_request(self, state: RequestState) -> None:

@@ -71,13 +71,17 @@ class Move:
 
     until: float | None = None
     task: asyncio.Task[None] | None = None
-    acked: asyncio.Event = field(default_factory=asyncio.Event)  # set with `held`
+    acked: asyncio.Event = field(default_factory=asyncio.Event)  # the target holds its copy
     target: Any = None
     stream: Relay | None = None
     sent: int = 0
     kv_tokens: int = 0
-    held: bool = False  # the target acknowledged its copy: it can take over
     ready: bool = False  # caught up: switch at the source's next delta
+
+    @property
+    def held(self) -> bool:
+        """The target acknowledged its copy: it can take over."""
+        return self.acked.is_set()
 
 
 async def catch_up(
@@ -107,7 +111,7 @@ async def catch_up(
     copy = Continuation(prompt, tuple(ids[:n]), "", hold=True, kv=kv)
     move.stream = Relay(target.generate(request_id, copy, params))
     await acknowledged(move.stream)
-    move.sent, move.held = n, True
+    move.sent = n
     move.acked.set()
     for _ in range(MAX_ROUNDS - 1):
         n = len(ids)

@@ -153,10 +153,6 @@ class LocalCluster:
     def nodes(self) -> list[NodeInfo]:
         return [NodeInfo(n, "127.0.0.1", True, (), self._cpus, self._cpus) for n in self._nodes]
 
-    def fill(self) -> None:
-        """From now on no node has room: new instances wait for capacity (forever)."""
-        self._cpus = 0.0
-
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return 1.0
 
