@@ -14,7 +14,8 @@ is left), carries on from the journal (prompt, ids and text streamed so far) as 
 `Continuation`; the engine recomputes those tokens and continues, so the client's stream goes
 on with the tokens it would have had (greedy and seeded: the same ones in fp32; a bf16 recompute
 can flip a near-tie, see docs/serving.md). At most MAX_RESUMES times per request; the deadline
-to the first new token starts again at each resume.
+to the first new token starts again at each resume. A sampled request that names no seed gets
+one here (`resumable`), so that it too resumes and moves with the tokens it would have had.
 
 A request whose instance is about to go away (its node got a preemption notice: the controller
 calls `migrate(instance_id, deadline_s)`) moves while it streams (token-based live migration,
@@ -40,7 +41,9 @@ switches. A request whose consumer stops early is aborted on its instance (and i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -70,6 +73,16 @@ POLL_INTERVAL_S = 0.05
 # How many times one request is resumed after losing its instance before its error reaches the
 # client (each resume recomputes its tokens so far on another instance).
 MAX_RESUMES = 3
+
+
+def resumable(params: SamplingParams) -> SamplingParams:
+    """`params` with a seed: a sampled request that names none draws one (63 random bits, as
+    random as the engine's own draw would have been). The journal keeps it, so a resume or a
+    move replays the same generator and the client gets the tokens of the unmoved request,
+    sampled or not."""
+    if params.seed is not None or params.greedy:
+        return params
+    return dataclasses.replace(params, seed=secrets.randbits(63))
 
 
 class ControllerLike(Protocol):
@@ -170,6 +183,7 @@ class Router:
         the deployment's request timeout), or the instance's own error (e.g. RequestError).
         """
         spec = self._controller.get(model)
+        params = resumable(params)
         state = self._loads.setdefault(model, _Load())
         deadline = self._clock.now() + spec.request_timeout_s
         entry = self.journal.open(request_id, model, prompt, params, self._clock.now())

@@ -95,5 +95,5 @@ def render(state: dict[str, Any]) -> str:
 
 def _rates_text(rates: dict[str, float]) -> str:
     """The node store's measured fetch rates, e.g. " fetch: remote 0.14 GB/s, ssd 2.31 GB/s"."""
-    parts = [f"{k} {rates[k] / 1e9:.2f} GB/s" for k in ("remote", "ssd") if rates.get(k)]
+    parts = [f"{k} {rates[k] / 1e9:.2f} GB/s" for k in ("remote", "peer", "ssd") if rates.get(k)]
     return " fetch: " + ", ".join(parts) if parts else ""

@@ -108,7 +108,8 @@ class RayCluster:
         return self.services.idle()
 
     async def rates(self) -> dict[str, dict[str, float]]:
-        """Per node id, its node store's measured fetch rates (bytes/s by "remote", "ssd")."""
+        """Per node id, its node store's measured fetch rates (bytes/s by "remote", "peer",
+        "ssd")."""
         return await self.services.rates()
 
     async def notices(self) -> dict[str, float]:

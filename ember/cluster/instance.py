@@ -49,7 +49,8 @@ class InstanceReady:
     checkpoint_path: str
     load_s: float
     pid: int
-    # Where the weights came from: the node store's "dram", "ssd", "remote" (S3) or "local"
+    # Where the weights came from: the node store's "dram", "ssd", "peer" (another node's
+    # copy), "remote" (S3) or "local"
     # (a checkpoint directory copied into DRAM), or "disk" (read straight from the directory).
     tier: str = "disk"
 

@@ -94,6 +94,8 @@ class NodeServicesConfig:
             ssd_capacity_bytes=num("EMBER_SSD_CAPACITY_BYTES", base.ssd_capacity_bytes),
             rate_min_bytes=num("EMBER_RATE_MIN_BYTES", base.rate_min_bytes),
             remote=RemoteConfig(endpoint_url=e.get("EMBER_S3_ENDPOINT_URL") or None),
+            peer_fetch=e.get("EMBER_PEER_FETCH", "1") not in ("0", "", "false"),
+            peer_port=num("EMBER_PEER_PORT", base.peer_port),
         )
         pool = num("EMBER_WORKER_POOL_SIZE", 1)
         if pool < 0:

@@ -8,11 +8,18 @@ reaped when that process is gone (an instance killed by Ray never says goodbye),
 instance never keeps a checkpoint pinned forever. The controller calls `prefetch`, `evict` and
 `status` through the handle `start_node_store` returns, and `notice` (the node's cloud's
 preemption notice, `ember.cluster.notices`) at each health probe.
+
+Peers: a store fetching a remote checkpoint first asks the other nodes' stores
+(`peer_offer`, all at once, `PEER_ASK_TIMEOUT_S`) whether one holds it whole, and fetches from
+the best offer (a DRAM copy before an SSD one) over `ember.store.peer`'s TCP stream. A store
+opens its peer server (on the node's cluster address, `NodeStoreConfig.peer_port`) the first
+time a peer asks, so a single-node deployment never listens.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -29,11 +36,14 @@ if TYPE_CHECKING:  # ember.store imports torch; the controller's process imports
     from ember.cluster.notices import NoticeConfig
     from ember.controller.types import DeploymentSpec
     from ember.store.node_store import CachedCheckpoint, NodeStoreConfig
+    from ember.store.peer import PeerOffer, PeerServer
 
 logger = logging.getLogger(__name__)
 
 STORE_ACTOR_PREFIX = "ember-node-store:"
 NAMESPACE = "ember"
+# How long a fetch waits for the other nodes to say whether they hold its checkpoint.
+PEER_ASK_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +52,7 @@ class AcquireReport:
     checkpoint not yet in DRAM) and where the checkpoint was found."""
 
     path: str
-    served_from: str  # "dram", "ssd", "remote" or "local"
+    served_from: str  # "dram", "ssd", "peer", "remote" or "local"
     seconds: float
     # The DRAM copy was handed out before the source was asked whether it is current: the
     # instance must `confirm` before it serves (`acquire(..., trust_cache=True)`).
@@ -64,7 +74,9 @@ class NodeStoreActor:
 
         # This machine's lowest free slot: a restarted store finds its predecessor's tiers.
         config, self._slot_lock = claim_slot(config)
-        self._store = NodeStore(config)
+        self._store = NodeStore(config, peers=self._find_peers)
+        self._peer_server: PeerServer | None = None
+        self._peer_lock = threading.Lock()
         logger.info("node store tiers dram=%s ssd=%s", config.dram_dir, config.ssd_dir)
         # source -> (pid, tier) of each pin held: "dram", or "ssd" for an instance that maps
         # the SSD copy (`NodeStore.acquire_ssd`)
@@ -145,6 +157,8 @@ class NodeStoreActor:
                 where = "disk"
         if tier is not None:
             self._holders.setdefault(source, []).append((pid, tier))
+        if where == "remote":  # fetched just now: from a peer, or the remote store
+            where = self._store.fetched_from(source) or where
         return AcquireReport(str(path), where, time.perf_counter() - t0)
 
     async def confirm(self, source: str, pid: int) -> bool:
@@ -210,7 +224,8 @@ class NodeStoreActor:
         return self._store.status()
 
     async def rates(self) -> dict[str, float]:
-        """Measured fetch rates into this node, bytes/s by where from ("remote", "ssd")."""
+        """Measured fetch rates into this node, bytes/s by where from ("remote", "peer",
+        "ssd")."""
         return self._store.rates.rates()
 
     async def notice(self) -> float | None:
@@ -219,6 +234,58 @@ class NodeStoreActor:
         if self._notices.config.source == "none":
             return None
         return await asyncio.get_running_loop().run_in_executor(None, self._notices.poll)
+
+    async def peer_offer(self, key: str) -> PeerOffer | None:
+        """Another node's store asks whether this node holds checkpoint `key` completely:
+        where to fetch it (this store's peer server, started now if need be), or None."""
+        copy = self._store.complete_copy(key)
+        if copy is None or not self._store.config.peer_fetch:
+            return None
+        server = self._serve_peers()
+        return server.offer(ray.get_runtime_context().get_node_id()[:12], copy[1])
+
+    def _serve_peers(self) -> PeerServer:
+        from ember.store.peer import PeerServer
+
+        with self._peer_lock:
+            if self._peer_server is None:
+
+                def resolve(key: str) -> Path | None:
+                    copy = self._store.complete_copy(key)
+                    return None if copy is None else copy[0]
+
+                host = ray.util.get_node_ip_address()
+                self._peer_server = PeerServer(resolve, host, self._store.config.peer_port)
+            return self._peer_server
+
+    def _find_peers(self, key: str) -> list[PeerOffer]:
+        """The other nodes' offers of checkpoint `key`, DRAM copies first (called from a
+        fetch thread; a node that does not answer in PEER_ASK_TIMEOUT_S is left out)."""
+        if not ray.is_initialized():  # the actor's class used outside Ray (tests)
+            return []
+        me = ray.get_runtime_context().get_node_id()
+        handles = [
+            h
+            for n in ray.nodes()
+            if n["Alive"] and n["NodeID"] != me
+            for h in [node_store_handle(n["NodeID"])]
+            if h is not None
+        ]
+        if not handles:
+            return []
+        # Futures, not ray.get: this runs in a thread of an async actor.
+        asked = [h.peer_offer.remote(key).future() for h in handles]
+        done, _ = concurrent.futures.wait(asked, timeout=PEER_ASK_TIMEOUT_S)
+        offers = []
+        for answer in done:
+            try:
+                offer = answer.result()
+            except Exception as e:  # a store that died meanwhile
+                logger.info("peer did not answer: %s", e)
+                continue
+            if offer is not None:
+                offers.append(offer)
+        return sorted(offers, key=lambda o: o.tier != "dram")
 
     async def tier_dirs(self) -> dict[str, str]:
         """The directories of this store's slot: {"dram": ..., "ssd": ...}."""

@@ -893,6 +893,7 @@ class Controller:
             "risk": self._losses.risk(nodes, time.monotonic()),
             "rates": self._rates,
             "pending": self._pending.get(spec.source, {}),
+            "peers": spec.source.startswith("s3://"),
         }
 
     def _loading_queue(self) -> dict[str, float]:

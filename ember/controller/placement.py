@@ -5,7 +5,8 @@ Pure function over `NodeInfo` values (no Ray). The estimate is `ember.policy.sta
 the policy core's: a node's loading queue (the loads already running there) plus the
 checkpoint's bytes over the bandwidth of the fastest tier that node holds it in: its node
 store's DRAM tier (`DRAM`), its disk (`DISK`: the SSD tier, or a local model it converted),
-else the remote store. The rule:
+else another node's copy (an `s3://` checkpoint another node holds: its store streams it,
+`ember.store.peer`), else the remote store. The rule:
 1. among alive nodes with enough free CPUs, the lowest score: estimated start-up time plus the
    risk term (to 1 ms);
 2. among equals (a small model's tiers differ by less), the faster tier, then a node holding
@@ -24,8 +25,7 @@ node labelled `price=<$ per hour>` (per GPU on a GPU node) costs `SCORE.price_we
 per dollar, so between nodes that start a model about as soon the cheaper one wins, and a
 dearer node must start it that much sooner (unlabelled nodes cost 0; an unreadable label is
 logged once and counts as 0). Not (yet) from the policy core: live-migrating running instances to make room
-(`policy.startup.place`), peers' copies (a node fetches from the remote store, never from a
-neighbour).
+(`policy.startup.place`).
 """
 
 from __future__ import annotations
@@ -56,13 +56,15 @@ TIER_RANK = {"dram": DRAM, "ssd": DISK}
 DEFAULT_MODEL_BYTES = 1 << 30
 # Bytes per second a start reads its weights at, by where they are. DRAM: the pooled worker maps
 # the tier's shared memory (0.05 s of weights for the 1 GB 0.5b model on the dev VM); SSD: a
-# cold read (2.5-4.4 GB/s there, 2 GB/s assumed); remote: S3 into one node, an assumption (the
-# loopback moto server of the benchmarks is far slower, 0.14 GB/s).
+# cold read (2.5-4.4 GB/s there, 2 GB/s assumed); peer: another node's copy over the cluster's
+# network (`ember.store.peer`; a 25 Gbit/s link carries ~3 GB/s, 2 assumed); remote: S3 into
+# one node, an assumption (the loopback moto server of the benchmarks is far slower, 0.14 GB/s).
 BANDWIDTH_BPS: Mapping[Tier, float] = {
-    Tier.DRAM: 20e9, Tier.SSD: 2e9, Tier.PEER: 1e9, Tier.REMOTE: 1e9,
+    Tier.DRAM: 20e9, Tier.SSD: 2e9, Tier.PEER: 2e9, Tier.REMOTE: 1e9,
 }  # fmt: skip
 _TIER = {DRAM: Tier.DRAM, DISK: Tier.SSD}
-_MEASURED = {"remote": Tier.REMOTE, "ssd": Tier.SSD}  # a node store's rates -> tiers
+# a node store's rates -> tiers
+_MEASURED = {"remote": Tier.REMOTE, "ssd": Tier.SSD, "peer": Tier.PEER}
 # ember's score: start-up + 60 s per unit of preemption risk + 1 s per $/hour (the policy
 # core's defaults).
 SCORE = replace(PlacementConfig.ember(), migrate=False)
@@ -72,7 +74,7 @@ SCORE = replace(PlacementConfig.ember(), migrate=False)
 class Placement:
     node_id: str
     startup_s: float  # estimated: the node's loading queue + this load
-    tier: str  # "dram", "ssd" or "remote": where the weights will come from
+    tier: str  # "dram", "ssd", "peer" or "remote": where the weights will come from
     risk: float = 0.0  # the node's preemption risk (spot nodes in a zone losing nodes)
 
 
@@ -88,6 +90,7 @@ def choose_node(
     risk: Mapping[str, float] | None = None,
     rates: Mapping[str, Mapping[str, float]] | None = None,
     pending: Mapping[str, float] | None = None,
+    peers: bool = False,
 ) -> Placement | None:
     """Where a new instance starts soonest, or None when no alive node has `need_cpus` CPUs
     and `need_gpus` GPUs free.
@@ -99,7 +102,8 @@ def choose_node(
     (`NodeStore.rates`), in place of the assumed `BANDWIDTH_BPS`. pending: node id -> bytes of
     the checkpoint still on their way from the remote store into the tier `locality` names
     (a fetch in flight there, a prefetch say): a start there waits for them, at the node's
-    remote bandwidth."""
+    remote bandwidth. peers: a node without a copy fetches it from a node that has one (an
+    `s3://` checkpoint: the node stores fetch from their peers), at its "peer" rate."""
     fits = [
         n for n in nodes
         if n.alive and n.cpus_available + 1e-9 >= need_cpus
@@ -113,8 +117,12 @@ def choose_node(
     # Every node fetches from the same remote store: one that has not fetched from it yet is
     # expected to reach it as the nodes that have (their median), not at the assumed constant
     # (1 GB/s, against 0.10 GB/s measured from moto here: a 10x error in a new node's estimate).
-    fetched = [r["remote"] for r in rates.values() if r.get("remote", 0.0) > 0]
-    fleet = {"remote": statistics.median(fetched)} if fetched else {}
+    fleet = {}
+    for kind in ("remote", "peer"):  # the peers' links: alike too, as a first guess
+        fetched = [r[kind] for r in rates.values() if r.get(kind, 0.0) > 0]
+        if fetched:
+            fleet[kind] = statistics.median(fetched)
+    holders = {node_id for node_id, rank in locality.items() if rank in _TIER} if peers else set()
 
     def bandwidth(node_id: str) -> Mapping[Tier, float]:
         measured = {**fleet, **(rates.get(node_id) or {})}
@@ -126,17 +134,22 @@ def choose_node(
         where = locality.get(n.node_id, NOWHERE)
         bw = bandwidth(n.node_id)
         arriving = pending.get(n.node_id, 0.0) / bw[Tier.REMOTE] if where in _TIER else 0.0
+        if where in _TIER:
+            held = _TIER[where]
+        elif holders - {n.node_id}:
+            held = Tier.PEER
+        else:
+            held = Tier.REMOTE
         server = ServerState(
             n.node_id, free_gpus=1, bandwidth_Bps=bw,
-            tiers={model.model_id: _TIER[where]} if where in _TIER else {},
+            tiers={model.model_id: held} if held is not Tier.REMOTE else {},
             queue_s=queue_s.get(n.node_id, 0.0) + arriving,
             preemption_risk=risk.get(n.node_id, 0.0),
             price_per_gpu_hour=node_price(n),
         )  # fmt: skip
-        tier = _TIER.get(where, Tier.REMOTE).value
         startup = load_s(server, model, [server])
         scores[n.node_id] = score(server, model, startup, SCORE)
-        return Placement(n.node_id, startup, tier, server.preemption_risk)
+        return Placement(n.node_id, startup, held.value, server.preemption_risk)
 
     scores: dict[str, float] = {}
     options = {n.node_id: estimate(n) for n in fits}

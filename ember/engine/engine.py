@@ -180,7 +180,8 @@ class Engine:
         detokenizer is replayed token by token as it ran there, and a seeded request's
         generator is advanced past the draws its sampled tokens took (`sampling.advance`), so
         greedy and seeded requests go on with exactly the tokens they would have produced
-        unmoved. An unseeded sampled request goes on from a fresh seed.
+        unmoved. An unseeded sampled request goes on from a fresh seed (the router gives every
+        sampled request a seed before it reaches an engine: `ember.api.router.resumable`).
 
         `hold`: the target side of a live migration. The tokens are prefilled but nothing is
         sampled; once they are in the cache, `step()` reports the request once with no new

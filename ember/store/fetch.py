@@ -35,7 +35,7 @@ from typing import Protocol
 
 import xxhash
 
-from ember.errors import CheckpointCorruptError, ConfigError
+from ember.errors import CheckpointCorruptError, CheckpointError, ConfigError
 from ember.store.format import INDEX_FILE, CheckpointIndex, PartitionEntry
 from ember.store.hostmem import map_anonymous
 from ember.store.pagecache import resident_pages
@@ -164,9 +164,10 @@ class ChunkTask:
 @dataclass(frozen=True, slots=True)
 class FetchStats:
     nbytes: int
-    from_source_bytes: int
+    from_source_bytes: int  # from the source asked first
     reused_bytes: int
     seconds: float
+    fallback_bytes: int = 0  # from the fallback, after the first source failed
 
 
 def progress_layout(index: CheckpointIndex) -> dict[str, int]:
@@ -253,10 +254,11 @@ class _Pipeline:
     """The state one `run_fetch` shares between its worker threads."""
 
     def __init__(
-        self, index: CheckpointIndex, source: ChunkSource, sinks: Sequence[Path],
+        self, index: CheckpointIndex, sources: Sequence[ChunkSource], sinks: Sequence[Path],
         resume: Path | None, chunk_bytes: int,
     ) -> None:  # fmt: skip
-        self.index, self.source, self.sinks, self.resume = index, source, sinks, resume
+        self.index, self.sources, self.sinks, self.resume = index, sources, sinks, resume
+        self._level = 0  # the source in use: the next one once it failed
         self.chunk_bytes = chunk_bytes
         self.fds = [
             {p.file: os.open(d / p.file, os.O_RDWR) for p in index.partitions} for d in sinks
@@ -268,7 +270,7 @@ class _Pipeline:
         )
         self._progress_fd = os.open(sinks[0] / PROGRESS_FILE, os.O_RDWR)
         self.progress = mmap.mmap(self._progress_fd, 0)
-        self.counts = {"source": 0, "reused": 0}
+        self.counts = {"source": 0, "fallback": 0, "reused": 0}
         self._lock = threading.Lock()
         self._local = threading.local()
 
@@ -312,8 +314,30 @@ class _Pipeline:
         return True
 
     def _fetch_run(self, run: list[ChunkTask]) -> None:
+        """Fetch `run` from the source in use; if it fails (a peer gone, refusing, or sending
+        bytes that do not match) and a fallback is left, every thread goes on from the
+        fallback, keeping the chunks already verified."""
+        while run:
+            level = self._level
+            source = self.sources[level]
+            try:
+                self._read_run(source, run, "source" if level == 0 else "fallback")
+                return
+            except CheckpointError as e:
+                if level + 1 >= len(self.sources):
+                    raise
+                with self._lock:
+                    if self._level == level:
+                        self._level += 1
+                        logger.warning(
+                            "fetch from %s failed, going on from %s: %s",
+                            source.name, self.sources[level + 1].name, e,
+                        )  # fmt: skip
+            run = [c for c in run if not self.progress[c.first_block]]
+
+    def _read_run(self, source: ChunkSource, run: list[ChunkTask], counted: str) -> None:
         first, last = run[0], run[-1]
-        reader = self.source.open_range(
+        reader = source.open_range(
             first.partition.file, first.offset, last.offset + last.nbytes - first.offset
         )
         try:
@@ -325,22 +349,24 @@ class _Pipeline:
                     off, got = bad
                     end = min(off + self.index.block_bytes, c.partition.nbytes)
                     raise CheckpointCorruptError(
-                        f"{self.source.name}/{c.partition.file}",
+                        f"{source.name}/{c.partition.file}",
                         f"checksum mismatch in bytes [{off}, {end}): xxh3_64 {got}, index says "
                         f"{c.partition.block_checksums[off // self.index.block_bytes]}",
                     )
-                self._store(c, view, skip=None)
+                self._store(c, view, skip=None, counted=counted)
         finally:
             reader.close()
 
-    def _store(self, c: ChunkTask, view: memoryview, skip: Path | None) -> None:
+    def _store(
+        self, c: ChunkTask, view: memoryview, skip: Path | None, counted: str = "reused"
+    ) -> None:
         for sink, fds in zip(self.sinks, self.fds, strict=True):
             if sink != skip:
                 _pwrite_all(fds[c.partition.file], view, c.offset)
         nblocks = -(-c.nbytes // self.index.block_bytes)
         self.progress[c.first_block : c.first_block + nblocks] = b"\x01" * nblocks
         with self._lock:
-            self.counts["source" if skip is None else "reused"] += c.nbytes
+            self.counts[counted] += c.nbytes
 
     def fsync(self) -> None:
         for sink in self.fds:
@@ -356,13 +382,17 @@ def run_fetch(
     resume: Path | None,
     chunk_bytes: int,
     threads: int,
+    fallback: ChunkSource | None = None,
 ) -> FetchStats:
     """Stream every partition from `source` into every sink directory (prepared by
     `prepare_sinks`), verifying each chunk; raises CheckpointCorruptError naming the source
-    object on the first mismatch. The sinks' files are fsynced before returning."""
+    object on the first mismatch. With a `fallback` (the remote store behind a peer), a
+    failure of `source` (any CheckpointError: gone, refusing, a mismatch) is logged and the
+    rest comes from the fallback. The sinks' files are fsynced before returning."""
     t0 = time.perf_counter()
     ranges = interleave(plan(index, chunk_bytes, max(chunk_bytes, source.range_bytes)))
-    pipe = _Pipeline(index, source, sinks, resume, chunk_bytes)
+    sources = [source, *([fallback] if fallback is not None else [])]
+    pipe = _Pipeline(index, sources, sinks, resume, chunk_bytes)
     try:
         if threads <= 1 or len(ranges) <= 1:
             for r in ranges:
@@ -381,7 +411,10 @@ def run_fetch(
     finally:
         pipe.close()
     total = sum(p.nbytes for p in index.partitions)
-    return FetchStats(total, pipe.counts["source"], pipe.counts["reused"], time.perf_counter() - t0)
+    return FetchStats(
+        total, pipe.counts["source"], pipe.counts["reused"], time.perf_counter() - t0,
+        pipe.counts["fallback"],
+    )  # fmt: skip
 
 
 def _pread_all(fd: int, out: memoryview, offset: int) -> None:

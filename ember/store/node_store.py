@@ -33,10 +33,12 @@ import contextlib
 import fcntl
 import hashlib
 import logging
+import math
 import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -59,6 +61,7 @@ from ember.store.fetch import (
     run_fetch,
 )
 from ember.store.format import INDEX_FILE, parse_index, read_index
+from ember.store.peer import PeerError, PeerOffer, PeerSource
 from ember.store.rates import RATES_FILE, LinkRates
 from ember.store.remote import RemoteConfig, RemoteStore, is_s3_url, parse_s3_url
 from ember.store.tiers import Tier, TierItem, host_dir_name
@@ -87,11 +90,20 @@ class NodeStoreConfig:
     fetch_threads: int = 8  # ranged GETs / reads in flight (8: measured, see docs/node-store.md)
     rate_min_bytes: int = 64 << 20  # smaller fetches are not counted in the measured link rates
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    # Fetch a remote checkpoint from another node's complete copy when one has it (and the
+    # measured peer link is not slower than the remote store), and serve this node's copies to
+    # the others on `peer_port` (0: any free port). See `ember.store.peer`.
+    peer_fetch: bool = True
+    peer_port: int = 0
 
     def __post_init__(self) -> None:
         for name in ("dram_capacity_bytes", "ssd_capacity_bytes", "chunk_bytes", "fetch_threads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"NodeStoreConfig.{name} must be positive")
+        if not 0 <= self.peer_port < 65536:
+            raise ConfigError(
+                f"NodeStoreConfig.peer_port must be in [0, 65535], got {self.peer_port}"
+            )
         if self.range_bytes < self.chunk_bytes or self.range_bytes % self.chunk_bytes:
             raise ConfigError(
                 f"NodeStoreConfig.range_bytes ({self.range_bytes}) must be a multiple of "
@@ -171,7 +183,7 @@ class CachedCheckpoint:
 @dataclass(frozen=True, slots=True)
 class EnsureResult:
     path: Path  # the complete DRAM-tier directory
-    served_from: str  # "dram", "ssd", "remote" or "local"
+    served_from: str  # "dram", "ssd", "peer", "remote" or "local"
     stats: FetchStats | None
 
 
@@ -221,9 +233,17 @@ class _Fetch:
         self.index: bytes | None = None  # the index.json it fetches by, once read
 
 
+# Asks the other nodes which of them holds a checkpoint (by key) completely: their offers, best
+# first (the cluster layer implements it over Ray: `ember.cluster.node_store_actor`).
+PeerFinder = Callable[[str], "list[PeerOffer]"]
+
+
 class NodeStore:
-    def __init__(self, config: NodeStoreConfig | None = None) -> None:
+    def __init__(
+        self, config: NodeStoreConfig | None = None, peers: PeerFinder | None = None
+    ) -> None:
         self.config = cfg = config or NodeStoreConfig()
+        self.peers = peers if cfg.peer_fetch else None
         self.dram = Tier("dram", cfg.dram_dir, cfg.dram_capacity_bytes)
         self.ssd = Tier("ssd", cfg.ssd_dir, cfg.ssd_capacity_bytes, resumable=True)
         for tier in (self.dram, self.ssd):
@@ -236,6 +256,7 @@ class NodeStore:
         self._ssd_fetches: dict[str, threading.Event] = {}
         self._ssd_fetch_index: dict[str, bytes] = {}  # key -> the index a prefetch fetches by
         self._sources: dict[str, str] = {}  # key -> source, for status
+        self._fetched_from: dict[str, str] = {}  # key -> where its latest fetch reads
         # Measured fetch rates into this node, by where from (placement's start-up estimate).
         self.rates = LinkRates(self.ssd.root / RATES_FILE, min_bytes=cfg.rate_min_bytes)
         self._drop_orphans()
@@ -307,6 +328,15 @@ class NodeStore:
                 return "dram"
             if self.ssd.has(key):
                 return "ssd"
+        return None
+
+    def complete_copy(self, key: str) -> tuple[Path, str] | None:
+        """A complete copy of checkpoint `key` to serve a peer from: (its directory, "dram" or
+        "ssd"), DRAM first; None if neither tier holds it whole."""
+        with self._lock:
+            for tier in (self.dram, self.ssd):
+                if tier.has(key):
+                    return tier.path(key), tier.name
         return None
 
     def status(self) -> list[CachedCheckpoint]:
@@ -635,10 +665,14 @@ class NodeStore:
             fetch.done.set()
             fetch.prepared.set()
 
-    def _source_for(self, source: str, key: str) -> tuple[ChunkSource, str, bool]:
-        """(chunk source, where from, whether SSD is a sink too). While a prefetch writes the
-        SSD copy, wait for it and read that copy: the bytes come from the remote store once, and
-        sooner than through a second download sharing the link."""
+    def _source_for(
+        self, source: str, key: str
+    ) -> tuple[ChunkSource, str, bool, ChunkSource | None]:
+        """(chunk source, where from, whether SSD is a sink too, fallback). While a prefetch
+        writes the SSD copy, wait for it and read that copy: the bytes come from the remote
+        store once, and sooner than through a second download sharing the link. A remote
+        checkpoint another node holds whole comes from that peer, the remote store behind it
+        as the fallback."""
         with self._lock:
             prefetch = self._ssd_fetches.get(key)
         if prefetch is not None:
@@ -649,29 +683,72 @@ class NodeStore:
                 self.ssd.pin(key)
             ssd_busy = key in self._ssd_fetches  # another prefetch writes the SSD copy
         if on_ssd:
-            return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False
+            return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False, None
         if is_s3_url(source):
-            return (
-                RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes),
-                "remote",
-                not ssd_busy,
-            )
+            remote = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
+            peer = self._peer_source(source, key)
+            if peer is not None:
+                return peer, "peer", not ssd_busy, remote
+            return remote, "remote", not ssd_busy, None
         path = Path(source).expanduser()
         if not (path / INDEX_FILE).is_file():
             raise CheckpointNotFoundError(path, "not an ember checkpoint directory (no index)")
-        return LocalSource(path, self.config.range_bytes), "local", False
+        return LocalSource(path, self.config.range_bytes), "local", False, None
+
+    def _peer_source(self, source: str, key: str) -> PeerSource | None:
+        """Another node's complete copy of `source`'s current version, or None: no peer has
+        one, the peers could not be asked, or this node measured its peers slower than the
+        remote store. Costs one read of the source's index (the authority on the version)."""
+        if self.peers is None:
+            return None
+        rates = self.rates.rates()
+        if rates.get("peer", math.inf) < rates.get("remote", 0.0):
+            return None
+        try:
+            offers = self.peers(key)
+        except Exception as e:  # the cluster could not be asked: the remote store serves
+            logger.warning("could not ask peers for %s: %s", source, e)
+            return None
+        if not offers:
+            return None
+        index: bytes | None
+        try:
+            index = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+        except RemoteStoreError as e:  # as `drop_stale` trusts cached copies then
+            logger.warning("cannot read the source's index, trusting a peer's copy: %s", e)
+            index = None
+        for offer in offers:
+            try:
+                return PeerSource.connect(offer, key, index, self.config.range_bytes)
+            except PeerError as e:
+                logger.warning("peer copy not used source=%s: %s", source, e)
+        return None
+
+    def fetched_from(self, source: str) -> str | None:
+        """Where the latest fetch of `source` (into DRAM, or SSD alone) reads from (or read
+        from): "ssd", "peer", "remote" or "local"; None if it was never fetched here."""
+        with self._lock:
+            return self._fetched_from.get(checkpoint_key(source))
 
     def _fetch_to_dram(self, source: str, key: str, fetch: _Fetch) -> EnsureResult:
-        src, where, to_ssd = self._source_for(source, key)
+        src, where, to_ssd, fallback = self._source_for(source, key)
+        with self._lock:
+            self._fetched_from[key] = where
         try:
-            return self._pipeline(src, key, where, to_ssd, fetch)
+            return self._pipeline(src, key, where, to_ssd, fetch, fallback)
         finally:
             if where == "ssd":
                 with self._lock:
                     self.ssd.unpin(key)
 
     def _pipeline(
-        self, src: ChunkSource, key: str, where: str, to_ssd: bool, fetch: _Fetch | None
+        self,
+        src: ChunkSource,
+        key: str,
+        where: str,
+        to_ssd: bool,
+        fetch: _Fetch | None,
+        fallback: ChunkSource | None = None,
     ) -> EnsureResult:
         index_bytes = src.read_file(INDEX_FILE)
         if fetch is not None:
@@ -711,6 +788,7 @@ class NodeStore:
                 resume=ssd_partial if to_ssd else None,
                 chunk_bytes=self.config.chunk_bytes,
                 threads=fetch.threads if fetch is not None else self.config.fetch_threads,
+                fallback=fallback,
             )  # fmt: skip
         except BaseException:
             with self._lock:
@@ -723,12 +801,16 @@ class NodeStore:
                 self.ssd.commit(key)
             path = self.dram.commit(key)
         logger.info(
-            "fetch done key=%s from=%s bytes=%d source_bytes=%d reused_bytes=%d seconds=%.3f "
-            "gbps=%.2f", key, where, stats.nbytes, stats.from_source_bytes, stats.reused_bytes,
-            stats.seconds, stats.nbytes / max(stats.seconds, 1e-9) / 1e9,
+            "fetch done key=%s from=%s bytes=%d source_bytes=%d fallback_bytes=%d "
+            "reused_bytes=%d seconds=%.3f gbps=%.2f", key, where, stats.nbytes,
+            stats.from_source_bytes, stats.fallback_bytes, stats.reused_bytes, stats.seconds,
+            stats.nbytes / max(stats.seconds, 1e-9) / 1e9,
         )  # fmt: skip
-        if fetch is None or fetch.threads == self.config.fetch_threads:
-            # (not `_promote`'s background copy: one thread at the lowest priority)
+        if stats.fallback_bytes:  # a peer failed partway: the rest came from the remote store
+            where = "remote"
+        elif fetch is None or fetch.threads == self.config.fetch_threads:
+            # (not `_promote`'s background copy: one thread at the lowest priority; nor a
+            # fetch split between a peer and the remote store, which measures neither)
             self.rates.observe(where, stats.from_source_bytes, stats.seconds)
         return EnsureResult(path, where, stats)
 
@@ -760,10 +842,13 @@ class NodeStore:
             mine.set()
 
     def _fetch_to_ssd(self, source: str, key: str) -> EnsureResult:
-        src = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
+        remote = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
+        peer = self._peer_source(source, key)
+        src, where = (peer, "peer") if peer is not None else (remote, "remote")
         index_bytes = src.read_file(INDEX_FILE)
         with self._lock:
             self._ssd_fetch_index[key] = index_bytes
+            self._fetched_from[key] = where
         partial = self.ssd.partial_path(key)
         partial.mkdir(parents=True, exist_ok=True)
         scratch = partial.parent / f"{key}.index-{threading.get_ident()}"
@@ -781,6 +866,7 @@ class NodeStore:
             stats = run_fetch(
                 index, src, [partial], resume=partial,
                 chunk_bytes=self.config.chunk_bytes, threads=self.config.fetch_threads,
+                fallback=remote if peer is not None else None,
             )  # fmt: skip
         except BaseException:
             with self._lock:
@@ -788,5 +874,8 @@ class NodeStore:
             raise
         with self._lock:
             path = self.ssd.commit(key)
-        self.rates.observe("remote", stats.from_source_bytes, stats.seconds)
-        return EnsureResult(path, "remote", stats)
+        if stats.fallback_bytes:
+            where = "remote"
+        else:
+            self.rates.observe(where, stats.from_source_bytes, stats.seconds)
+        return EnsureResult(path, where, stats)

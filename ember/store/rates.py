@@ -6,7 +6,8 @@ once with a 100 MB temp file; remote bandwidth it does not estimate at all. Here
 the node store completes is a measurement: the bytes it moved from the source over the
 seconds it took, verification and writes included (what a start from that tier waits for).
 `"remote"` is the S3 link into this node; `"ssd"` is a read of this node's disk (the SSD tier,
-or a local checkpoint directory). Fetches smaller than `min_bytes` are not counted: per-request
+or a local checkpoint directory); `"peer"` is a fetch from another node's copy
+(`ember.store.peer`). Fetches smaller than `min_bytes` are not counted: per-request
 latency dominates them and would make a link look slower than it is for a real model. Nor is
 the background copy into DRAM behind an instance that maps an SSD copy (one thread at the
 lowest priority: a measure of nothing a start waits for).
@@ -26,7 +27,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("remote", "ssd")
+KINDS = ("remote", "ssd", "peer")
 RATES_FILE = "rates.json"
 
 
@@ -50,7 +51,7 @@ class LinkRates:
                 logger.warning("ignoring unreadable %s: %s", path, e)
 
     def observe(self, kind: str, nbytes: int, seconds: float) -> bool:
-        """Count one fetch of `nbytes` from `kind` ("remote", "ssd"; "local" counts as "ssd")
+        """Count one fetch of `nbytes` from `kind` ("remote", "ssd", "peer"; "local" counts as "ssd")
         that took `seconds`. Returns whether it was counted."""
         kind = "ssd" if kind == "local" else kind
         if kind not in KINDS or nbytes < self.min_bytes or not seconds > 0:

@@ -1,11 +1,13 @@
 """Node store actors and pre-started workers on a two-node local Ray cluster (127.0.0.1), with
 checkpoints in a real S3-compatible server: each node fetches only what it serves, a pooled
-worker loads from its node's DRAM tier and serves the same tokens as a local engine, and an
-instance's pin on its checkpoint goes away when its process does."""
+worker loads from its node's DRAM tier and serves the same tokens as a local engine, an
+instance's pin on its checkpoint goes away when its process does, and a node fetches a
+checkpoint another node holds from that node."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import time
 import uuid
@@ -44,12 +46,11 @@ def world(
         remote = RemoteStore(remote_config(endpoint))
         remote.ensure_bucket("models")
         hf = {n: model_factory("llama", "tiny", "fp32", seed=s) for n, s in (("a", 10), ("b", 11))}
-        urls = {}
+        urls, checkpoints = {}, {}
         for name, folder in hf.items():
             urls[name] = f"s3://models/{name}"
-            remote.upload_checkpoint(
-                convert(folder, root / name, progress=False), parse_s3_url(urls[name])
-            )
+            checkpoints[name] = convert(folder, root / name, progress=False)
+            remote.upload_checkpoint(checkpoints[name], parse_s3_url(urls[name]))
         common = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
         cluster = Cluster(
             initialize_head=True, head_node_args={**common, "include_dashboard": False}
@@ -69,7 +70,10 @@ def world(
                 stores[node] = start_node_store(node, cfg)
             pool = WorkerPool(1, str(root / "cache"), env={"OMP_NUM_THREADS": "1"})
             pool.sync(nodes)
-            yield {"nodes": nodes, "stores": stores, "pool": pool, "urls": urls, "hf": hf}
+            yield {
+                "nodes": nodes, "stores": stores, "pool": pool, "urls": urls, "hf": hf,
+                "checkpoints": checkpoints,
+            }  # fmt: skip
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -127,3 +131,32 @@ def test_each_node_fetches_only_what_it_serves_and_pins_while_in_use(
         time.sleep(0.2)
     assert ray.get(stores[nodes[0]].evict.remote(urls["a"], "dram"))
     ray.kill(actors["b"], no_restart=True)
+
+
+def test_a_node_fetches_a_checkpoint_another_node_holds_from_that_node(
+    world: dict[str, Any],
+) -> None:
+    """Node 1's store asks the other stores over Ray, and node 0 (which fetched "a" from S3 in
+    the test above, its DRAM copy since evicted: its SSD copy remains) streams it over its peer
+    server: node 1 gets the same bytes without reading them from the remote store."""
+    import ray
+
+    from ember.store import load
+    from ember.store.node_store import checkpoint_key
+
+    nodes, stores, urls = world["nodes"], world["stores"], world["urls"]
+    key = checkpoint_key(urls["a"])
+    offer = ray.get(stores[nodes[0]].peer_offer.remote(key))
+    assert offer is not None and offer.host == "127.0.0.1" and offer.tier == "ssd"
+    assert ray.get(stores[nodes[1]].peer_offer.remote(key)) is None  # node 1 has none yet
+    report = ray.get(stores[nodes[1]].ensure.remote(urls["a"]))
+    assert report.served_from == "peer"
+    want = load(world["checkpoints"]["a"])
+    got = load(report.path)
+    assert set(got) == set(want) and all(got[n].equal(want[n]) for n in want)
+    # An instance's start on node 0 (streaming acquire, as a pooled worker does) of "b",
+    # which node 1 holds in DRAM: reported as coming from the peer.
+    pid = os.getpid()
+    report = ray.get(stores[nodes[0]].acquire.remote(urls["b"], pid, True))
+    assert report.served_from == "peer", report
+    ray.get(stores[nodes[0]].release.remote(urls["b"], pid))

@@ -4,10 +4,12 @@ fetch cut off mid-transfer and resumed, and a flipped byte in the remote object.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,8 +56,9 @@ def pushed(endpoint: str, checkpoints: dict[str, Path]) -> dict[str, str]:
     return urls
 
 
-def make_store(tmp_path: Path, endpoint: str, **kw: object) -> NodeStore:
+def make_store(tmp_path: Path, endpoint: str, **kw: Any) -> NodeStore:
     remote_kw = {k: kw.pop(k) for k in ("max_attempts", "backoff_s") if k in kw}
+    peers = kw.pop("peers", None)
     args: dict[str, object] = {
         "dram_dir": str(Path("/dev/shm") / f"ember-test-{os.getpid()}-{tmp_path.name}"),
         "ssd_dir": str(tmp_path / "ssd"),
@@ -64,7 +67,7 @@ def make_store(tmp_path: Path, endpoint: str, **kw: object) -> NodeStore:
         "fetch_threads": 3,
         "remote": remote_config(endpoint, **remote_kw),
     }
-    return NodeStore(NodeStoreConfig(**{**args, **kw}))  # type: ignore[arg-type]
+    return NodeStore(NodeStoreConfig(**{**args, **kw}), peers=peers)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -665,3 +668,149 @@ def test_a_restarted_store_drops_dram_copies_of_local_checkpoints_that_are_gone(
     assert sorted(r.key for r in again.status() if r.tier == "dram") == sorted(
         [str(kept), pushed["a"]]
     )
+
+
+# --- peers: a checkpoint another node holds comes from that node --------------------------------
+
+
+class Peer:
+    """Node A's store serving its copies over `ember.store.peer`, and the finder node B's store
+    asks (what `NodeStoreActor._find_peers` does over Ray)."""
+
+    def __init__(self, store: NodeStore) -> None:
+        from ember.store.peer import PeerServer
+
+        self.store = store
+        self.server = PeerServer(self._resolve, "127.0.0.1")
+
+    def _resolve(self, key: str) -> Path | None:
+        copy = self.store.complete_copy(key)
+        return None if copy is None else copy[0]
+
+    def find(self, key: str) -> list[Any]:
+        copy = self.store.complete_copy(key)
+        return [] if copy is None else [self.server.offer("node-a", copy[1])]
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_checkpoint_a_peer_holds_comes_from_the_peer_not_the_remote_store(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    relay = Relay(int(endpoint.rsplit(":", 1)[1]))
+    a = make_store(tmp_path / "a", relay.endpoint)
+    dram_cleanup.append(a)
+    peer = Peer(a)
+    try:
+        url, key = pushed["a"], checkpoint_key(pushed["a"])
+        assert a.ensure(url).served_from == "remote"
+        b = make_store(tmp_path / "b", relay.endpoint, rate_min_bytes=1, peers=peer.find)
+        dram_cleanup.append(b)
+        before = relay.sent
+        result = b.ensure(url)
+        assert result.served_from == "peer"
+        total = read_index(checkpoints["a"]).rank_nbytes(0)
+        assert result.stats is not None and result.stats.from_source_bytes == total
+        index_bytes = (checkpoints["a"] / "index.json").stat().st_size
+        # From the remote store only its index (the version check, twice: drop_stale and the
+        # peer's), with the responses' headers: no partition byte.
+        assert relay.sent - before < 2 * index_bytes + 8192
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["a"])
+        assert_same_tensors(load(b.ssd.path(key)), checkpoints["a"])  # on B's SSD too
+        assert sorted(p.name for p in b.dram.path(key).iterdir()) == sorted(
+            p.name for p in a.dram.path(key).iterdir()
+        )
+        assert "peer" in b.rates.rates()
+        # A prefetch to SSD alone takes the peer too.
+        assert b.evict(url, "ssd") and b.evict(url, "dram")
+        assert b.ensure(url, "ssd").served_from == "peer"
+        assert_same_tensors(load(b.ssd.path(key)), checkpoints["a"])
+    finally:
+        peer.close()
+        relay.close()
+
+
+def test_a_corrupt_or_vanishing_peer_copy_is_named_and_the_rest_comes_from_the_remote_store(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore], caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    url, key = pushed["b"], checkpoint_key(pushed["b"])
+    a = make_store(tmp_path / "a", endpoint)
+    dram_cleanup.append(a)
+    a.ensure(url)
+    part = read_index(checkpoints["b"]).partitions[0]
+    total = read_index(checkpoints["b"]).rank_nbytes(0)
+    with open(a.dram.path(key) / part.file, "r+b") as f:  # one flipped byte in block 3
+        f.seek(BLOCK * 2 + 777)
+        byte = f.read(1)
+        f.seek(BLOCK * 2 + 777)
+        f.write(bytes([byte[0] ^ 0x10]))
+    peer = Peer(a)
+    try:
+        b = make_store(tmp_path / "b", endpoint, fetch_threads=1, peers=peer.find)
+        dram_cleanup.append(b)
+        with caplog.at_level("WARNING", logger="ember.store.fetch"):
+            result = b.ensure(url)
+        assert result.served_from == "remote"  # finished from the remote store
+        assert result.stats is not None
+        assert result.stats.from_source_bytes >= 2 * BLOCK  # the ranges before the bad block
+        assert result.stats.from_source_bytes + result.stats.fallback_bytes == total
+        failed = [r.getMessage() for r in caplog.records if "going on from s3://" in r.message]
+        assert len(failed) == 1, caplog.text
+        assert "peer node-a" in failed[0] and f"[{BLOCK * 2}, {BLOCK * 3})" in failed[0]
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["b"])
+        assert_same_tensors(load(b.ssd.path(key)), checkpoints["b"])
+        assert "peer" not in b.rates.rates()  # a split fetch measures neither link
+    finally:
+        peer.close()
+    # A peer that dies halfway through (its connections cut, new ones refused).
+    peer = Peer(a)
+    with open(a.dram.path(key) / part.file, "r+b") as f:  # A's copy is whole again
+        f.seek(BLOCK * 2 + 777)
+        f.write(byte)
+    relay = Relay(peer.server.port)
+    relay.budget_bytes = total // 2
+    try:
+        offer = dataclasses.replace(peer.find(key)[0], port=relay.port)
+        c = make_store(tmp_path / "c", endpoint, fetch_threads=1, peers=lambda k: [offer])
+        dram_cleanup.append(c)
+        result = c.ensure(url)
+        assert result.served_from == "remote" and result.stats is not None
+        assert result.stats.from_source_bytes > 0 and result.stats.fallback_bytes > 0
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["b"])
+    finally:
+        relay.close()
+        peer.close()
+
+
+def test_a_peer_with_another_version_or_unreachable_is_not_used(
+    tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
+) -> None:
+    from ember.store.peer import PeerOffer
+
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    url = "s3://models/peer-versions"
+    remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
+    a = make_store(tmp_path / "a", endpoint)
+    dram_cleanup.append(a)
+    a.ensure(url)
+    remote.upload_checkpoint(checkpoints["b"], parse_s3_url(url))  # a new version, same place
+    peer = Peer(a)
+    try:
+        b = make_store(tmp_path / "b", endpoint, peers=peer.find)
+        dram_cleanup.append(b)
+        result = b.ensure(url)
+        assert result.served_from == "remote"  # A holds the old version: not taken
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["b"])
+    finally:
+        peer.close()
+    gone = PeerOffer("node-x", "dram", "127.0.0.1", peer.server.port, "t")  # closed: refused
+    c = make_store(tmp_path / "c", endpoint, peers=lambda key: [gone])
+    dram_cleanup.append(c)
+    assert c.ensure(url).served_from == "remote"
+    d = make_store(tmp_path / "d", endpoint, peer_fetch=False, peers=peer.find)
+    dram_cleanup.append(d)
+    assert d.peers is None  # peer_fetch=False: the store never asks

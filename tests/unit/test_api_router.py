@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -196,11 +197,12 @@ SEEDED = SamplingParams(max_tokens=400, temperature=0.8, seed=11, ignore_eos=Tru
 async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens(
     tmp_path: Path, model_dir: Path, cache_root: Path
 ) -> None:
-    """The instance dies mid-stream (its engine stops, nothing is exported): greedy and seeded
-    requests carry on on the other instance, the client's stream has exactly the tokens and
-    text of an undisturbed run, and the dead instance is replaced."""
+    """The instance dies mid-stream (its engine stops, nothing is exported): greedy, seeded and
+    sampled-with-no-seed requests carry on on the other instance, the client's stream has exactly
+    the tokens and text of an undisturbed run (the unseeded one's with the seed the router drew
+    for it), and the dead instance is replaced."""
     greedy = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-    want = _undisturbed(model_dir, {"g": ("Hello there", greedy), "s": (PROMPTS[1], SEEDED)})
+    unseeded = SamplingParams(max_tokens=400, temperature=0.8, ignore_eos=True)
     spec = _spec(model_dir, min_instances=2, max_instances=2)
     async with serving(tmp_path, (spec,), cache_root=cache_root) as s:
         router = s.app.state.router
@@ -208,7 +210,23 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
         streams, got = await _two_streams(router, greedy, SEEDED)
         victim = router.journal.get("g").instance_id
         assert router.journal.get("s").instance_id != victim  # one on each instance
+        streams["u"] = router.generate("tiny", "u", PROMPTS[2], unseeded)
+        got["u"] = [await anext(streams["u"])]
+        seed = router.journal.get("u").params.seed
+        assert seed is not None
+        if router.journal.get("u").instance_id != victim:
+            victim = router.journal.get("u").instance_id  # "u" must be one of those resumed
         s.cluster.handles[victim].crash()
+        want = _undisturbed(
+            model_dir,
+            {
+                "g": ("Hello there", greedy),
+                "s": (PROMPTS[1], SEEDED),
+                "u": (PROMPTS[2], dataclasses.replace(unseeded, seed=seed)),
+            },
+        )
+        moved = {rid for rid in streams if router.journal.get(rid).instance_id == victim}
+        assert "u" in moved and len(moved) == 2
         for rid, st in streams.items():
             got[rid] += await _collect(st)
             tokens = [t for d in got[rid] for t in d.new_token_ids]
@@ -217,10 +235,10 @@ async def test_requests_of_a_dead_instance_resume_elsewhere_with_the_same_tokens
             assert got[rid][-1].finish_reason == "length"
             entry = router.journal.get(rid)
             assert entry.finished and entry.token_ids == tokens
-            assert entry.instance_id != victim  # "g" moved, "s" stayed
+            assert entry.instance_id != victim  # moved, or stayed where it was
         assert router.load("tiny") == (0, 0)
         metrics = (await s.client.get("/metrics")).text
-        assert 'ember_requests_resumed_total{model="tiny"} 1.0' in metrics
+        assert 'ember_requests_resumed_total{model="tiny"} 2.0' in metrics
 
         def replaced() -> bool:
             ready = s.controller.ready_instances("tiny")

@@ -343,8 +343,9 @@ def test_a_busy_deployment_gets_its_checkpoint_onto_the_node_its_next_instance_s
         await until(lambda: cluster.launched_on == [("m", "a")])
         cluster.rows = {"a": [row(URL, "dram", pins=1, nbytes=2**30)]}
         # The first instance never finishes loading here, which queues a second one on "a"
-        # behind it: "b" is made clearly worse (its store measured a slow link to S3).
-        cluster.link_rates = {"b": {"remote": 1e6}}
+        # behind it: "b" is made clearly worse (its store measured slow links to S3 and to
+        # its peers, which it would fetch a's copy from).
+        cluster.link_rates = {"b": {"remote": 1e6, "peer": 1e6}}
         await until(lambda: cached_on(c, "m") == ("a",) and "b" in c.rates())
         # "a" has room for the next instance beside its DRAM copy: nothing to fetch.
         load["m"] = (1, 2)  # 3 of 4

@@ -129,6 +129,30 @@ def test_a_node_that_never_fetched_from_s3_expects_the_fleets_median_link() -> N
     )
 
 
+def test_a_node_without_a_copy_fetches_a_remote_checkpoint_from_a_peer_that_has_one() -> None:
+    """With peers (an s3:// checkpoint), a node lacking the copy another node holds expects it
+    at its peer rate: measured (or the fleet's median peer rate), else the assumed 2 GB/s,
+    against S3's 1 GB/s. The holder's own copy still wins when it has room; a node with no
+    peer holding it goes to S3; without `peers` (a local model) nothing changes."""
+    nodes = [node("a", 0.0), node("b", 4.0)]  # a holds it on disk but is full
+    p = choose_node(nodes, {"a": DISK}, need_cpus=1.0, model_bytes=2 * GB, peers=True)
+    assert p == Placement("b", pytest.approx(2 * GB / BANDWIDTH_BPS[Tier.PEER]), "peer")
+    p = choose_node(nodes, {"a": DISK}, need_cpus=1.0, model_bytes=2 * GB)
+    assert p == Placement("b", pytest.approx(2.0), "remote")
+    rates = {"a": {"peer": 4 * GB}}  # a measured its peers: b takes the fleet's median
+    p = choose_node(nodes, {"a": DRAM}, need_cpus=1.0, model_bytes=2 * GB, rates=rates, peers=True)
+    assert p == Placement("b", pytest.approx(0.5), "peer")
+    p = choose_node(nodes, {}, need_cpus=1.0, model_bytes=2 * GB, peers=True)
+    assert p == Placement("b", pytest.approx(2.0), "remote")  # nobody holds it
+    # A holder with room starts from its own copy; a peer fetch loses to a slow disk.
+    nodes = [node("a", 1.0), node("b", 4.0)]
+    p = choose_node(nodes, {"a": DISK}, need_cpus=1.0, model_bytes=2 * GB, peers=True)
+    assert p == Placement("a", pytest.approx(1.0), "ssd")
+    slow = {"a": {"ssd": 0.2 * GB}}
+    p = choose_node(nodes, {"a": DISK}, need_cpus=1.0, model_bytes=2 * GB, rates=slow, peers=True)
+    assert p == Placement("b", pytest.approx(1.0), "peer")
+
+
 def test_bytes_still_arriving_at_a_node_delay_its_start_at_its_remote_bandwidth() -> None:
     """A fetch in flight into a's SSD with 1.8 of 2 GB to come at a's measured 0.5 GB/s: a
     start there waits 3.6 s, then reads its disk (1 s), so b's complete SSD copy wins; with

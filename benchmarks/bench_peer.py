@@ -1,0 +1,224 @@
+"""ember bench peer: a checkpoint fetched into a node's DRAM tier from another node's copy
+(`ember.store.peer`) against the same fetch from S3, on a two-node local Ray cluster.
+
+Each row times one node store's `ensure(url)` (the fetch a cold start waits for: every chunk
+verified against the index, written to the node's DRAM tier and SSD tier, the SSD files
+fsynced), from the Ray call to its answer, with the fetching node holding no copy before:
+- "s3": node 1 fetches from S3 (a moto server on loopback; no node holds the checkpoint).
+- "peer-dram": node 0 holds it in DRAM; node 1 fetches it from node 0's peer server (the index
+  still comes from S3: one GET, the version check).
+- "peer-ssd": node 0 holds it on SSD only, dropped from the page cache (so node 0 reads its
+  disk while it sends).
+The ceiling: "tmpfs-copy", a plain `cp` of node 0's DRAM copy into a new tmpfs directory (the
+memory -> tmpfs copy every DRAM fetch ends in, with no network, no hashing and no SSD write).
+
+Both nodes are Ray nodes on this one machine (127.0.0.1), so "network" is loopback: the peer
+rows measure the pipeline (TCP, hashing, tmpfs and SSD writes on 2 cores), not a data-centre
+link. moto copies each ranged GET's whole object in Python, so "s3" measures moto more than
+S3 (see bench_coldstart); it is here because it is what a node without a peer does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from machine import git_sha, machine_facts
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "peer"
+ROWS = ("s3", "peer-dram", "peer-ssd", "tmpfs-copy")
+
+
+def ensure_checkpoint(size: str) -> Path:
+    from ember.store import convert
+    from ember.store.factory import make_model
+
+    hf, ck = CACHE / f"llama-{size}-bf16", CACHE / f"llama-{size}-ember"
+    if not (hf / "config.json").is_file():
+        print(f"making the {size} factory model in {hf} (once)", flush=True)
+        make_model(hf, "llama", size, "bf16")
+    if not (ck / "index.json").is_file():
+        convert(hf, ck, progress=False, overwrite=True)
+    return ck
+
+
+class Harness:
+    """Two Ray nodes on 127.0.0.1, a node store actor on each, a moto S3 server."""
+
+    def __init__(self) -> None:
+        import ray
+        from moto.server import ThreadedMotoServer
+        from ray.cluster_utils import Cluster
+
+        from ember.cluster.node_store_actor import start_node_store
+        from ember.store.node_store import NodeStoreConfig
+        from ember.store.remote import RemoteConfig, RemoteStore
+
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.moto.start()
+        host, port = self.moto.get_host_and_port()
+        remote_cfg = RemoteConfig(
+            endpoint_url=f"http://{host}:{port}", access_key_id="bench",
+            secret_access_key="bench", region="us-east-1",
+        )  # fmt: skip
+        self.remote = RemoteStore(remote_cfg)
+        self.remote.ensure_bucket("bench")
+        self.shm = Path(f"/dev/shm/ember-bench-peer-{os.getuid()}")
+        shutil.rmtree(self.shm, ignore_errors=True)
+        shutil.rmtree(CACHE / "ssd", ignore_errors=True)
+        common = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+        self.cluster = Cluster(
+            initialize_head=True, head_node_args={**common, "include_dashboard": False}
+        )
+        self.cluster.add_node(**common)
+        self.cluster.wait_for_nodes()
+        ray.init(address=self.cluster.address, namespace="ember", logging_level="warning")
+        self.ray = ray
+        self.nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        self.stores = []
+        for i, node in enumerate(self.nodes):
+            cfg = NodeStoreConfig(
+                dram_dir=str(self.shm / f"n{i}"), dram_capacity_bytes=8 << 30,
+                ssd_dir=str(CACHE / "ssd" / f"n{i}"), ssd_capacity_bytes=16 << 30,
+                remote=remote_cfg,
+            )  # fmt: skip
+            self.stores.append(start_node_store(node, cfg))
+        self.dirs = [ray.get(s.tier_dirs.remote()) for s in self.stores]
+
+    def close(self) -> None:
+        self.ray.shutdown()
+        self.cluster.shutdown()
+        self.moto.stop()
+        shutil.rmtree(self.shm, ignore_errors=True)
+
+    def push(self, ck: Path, name: str) -> str:
+        from ember.store.remote import parse_s3_url
+
+        url = f"s3://bench/{name}"
+        self.remote.upload_checkpoint(ck, parse_s3_url(url))
+        return url
+
+    def evict(self, i: int, url: str, *tiers: str) -> None:
+        for tier in tiers:
+            self.ray.get(self.stores[i].evict.remote(url, tier))
+
+    def place(self, url: str, row: str) -> float | None:
+        """Node 1 holds nothing; node 0 holds what `row` needs. Returns the largest share of a
+        node 0 SSD file left in the page cache (peer-ssd), refusing above 1%."""
+        from ember.store.node_store import checkpoint_key
+        from ember.store.pagecache import evict
+
+        self.evict(1, url, "dram", "ssd")
+        if row == "s3":
+            self.evict(0, url, "dram", "ssd")
+            return None
+        self.ray.get(self.stores[0].ensure.remote(url, "dram" if row != "peer-ssd" else "ssd"))
+        if row != "peer-ssd":
+            return None
+        self.evict(0, url, "dram")
+        copy = Path(self.dirs[0]["ssd"]) / checkpoint_key(url)
+        residual = max(evict(f) for f in copy.iterdir() if f.is_file())
+        if residual > 0.01:
+            raise RuntimeError(f"{copy}: {residual:.1%} still in the page cache after eviction")
+        return residual
+
+    def fetch(self, url: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        report = self.ray.get(self.stores[1].ensure.remote(url, "dram"))
+        return {"seconds": time.perf_counter() - t0, "served_from": report.served_from}
+
+    def tmpfs_copy(self, url: str) -> dict[str, Any]:
+        from ember.store.node_store import checkpoint_key
+
+        self.ray.get(self.stores[0].ensure.remote(url, "dram"))
+        src = Path(self.dirs[0]["dram"]) / checkpoint_key(url)
+        dst = self.shm / "copy"
+        shutil.rmtree(dst, ignore_errors=True)
+        t0 = time.perf_counter()
+        subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
+        seconds = time.perf_counter() - t0
+        shutil.rmtree(dst, ignore_errors=True)
+        return {"seconds": seconds, "served_from": "tmpfs"}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="1b", help="factory model size (bf16)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/peer.json")
+    args = p.parse_args()
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    rows_wanted = [r for r in args.rows.split(",") if r]
+    for r in rows_wanted:
+        if r not in ROWS:
+            raise SystemExit(f"unknown row {r!r}; rows: {', '.join(ROWS)}")
+    ck = ensure_checkpoint(args.size)
+    nbytes = sum(f.stat().st_size for f in ck.iterdir() if f.name.startswith("rank"))
+    h = Harness()
+    runs: list[dict[str, Any]] = []
+    try:
+        url = h.push(ck, args.size)
+        for i in range(args.runs):  # rows interleaved: a slow moment of the machine hits all
+            for row in rows_wanted:
+                if row == "tmpfs-copy":
+                    got = h.tmpfs_copy(url)
+                else:
+                    residual = h.place(url, row)
+                    got = h.fetch(url)
+                    if residual is not None:
+                        got["page_cache_residual"] = residual
+                got.update(row=row, run=i, gbps=nbytes / got["seconds"] / 1e9)
+                runs.append(got)
+                print(json.dumps(got), flush=True)
+    finally:
+        h.close()
+    summary = {}
+    for row in rows_wanted:
+        mine = [r for r in runs if r["row"] == row]
+        secs = [r["seconds"] for r in mine]
+        summary[row] = {
+            "seconds_min": min(secs),
+            "seconds_median": statistics.median(secs),
+            "gbps_best": nbytes / min(secs) / 1e9,
+            "gbps_median": nbytes / statistics.median(secs) / 1e9,
+            "served_from": sorted({r["served_from"] for r in mine}),
+        }
+    if "s3" in summary:
+        for row in ("peer-dram", "peer-ssd"):
+            if row in summary:
+                summary[row]["speedup_vs_s3_median"] = (
+                    summary["s3"]["seconds_median"] / summary[row]["seconds_median"]
+                )
+    result = {
+        "benchmark": "peer",
+        "git_sha": git_sha(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_facts(),
+        "settings": {
+            "model": f"llama {args.size} factory model, bf16",
+            "partition_bytes": nbytes,
+            "runs": args.runs,
+            "nodes": "two Ray nodes on one machine (127.0.0.1), one node store actor each",
+            "s3": "moto server on loopback",
+            "timed": "node 1's node store ensure(url, 'dram'): fetch, verify, DRAM + SSD write",
+        },
+        "runs": runs,
+        "summary": summary,
+    }
+    out = args.out or str(ROOT / "benchmarks" / "results" / "peer.json")
+    Path(out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
