@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -74,13 +75,13 @@ class Harness:
         self.shm = Path(f"/dev/shm/ember-bench-peer-{os.getuid()}")
         shutil.rmtree(self.shm, ignore_errors=True)
         shutil.rmtree(CACHE / "ssd", ignore_errors=True)
-        common = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
+        common: dict[str, Any] = {"num_cpus": 1, "node_ip_address": "127.0.0.1"}
         self.cluster = Cluster(
             initialize_head=True, head_node_args={**common, "include_dashboard": False}
         )
         self.cluster.add_node(**common)
         self.cluster.wait_for_nodes()
-        ray.init(address=self.cluster.address, namespace="ember", logging_level="warning")
+        ray.init(address=self.cluster.address, namespace="ember", logging_level=logging.WARNING)
         self.ray = ray
         self.nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         self.stores = []
