@@ -150,6 +150,16 @@ class Harness:
         return {"seconds": seconds, "served_from": "tmpfs"}
 
 
+def _memory() -> dict[str, float]:
+    """Memory available and the load average right after a run: moto keeps whole objects in
+    memory and copies one per ranged GET, which can leave the next rows short of memory."""
+    info = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        name, value = line.split(":", 1)
+        info[name] = int(value.split()[0]) / 2**20
+    return {"mem_available_gib": round(info["MemAvailable"], 1), "load_1m": os.getloadavg()[0]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="1b", help="factory model size (bf16)")
@@ -158,6 +168,7 @@ def main() -> int:
     p.add_argument("--out", default=None, help="default: benchmarks/results/peer.json")
     args = p.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's line per request
     rows_wanted = [r for r in args.rows.split(",") if r]
     for r in rows_wanted:
         if r not in ROWS:
@@ -177,7 +188,7 @@ def main() -> int:
                     got = h.fetch(url)
                     if residual is not None:
                         got["page_cache_residual"] = residual
-                got.update(row=row, run=i, gbps=nbytes / got["seconds"] / 1e9)
+                got.update(row=row, run=i, gbps=nbytes / got["seconds"] / 1e9, **_memory())
                 runs.append(got)
                 print(json.dumps(got), flush=True)
     finally:
