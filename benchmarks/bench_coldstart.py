@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import shutil
 import subprocess
@@ -154,28 +153,20 @@ class Harness:
 
     def __init__(self, threads: int, s3_rtt_s: float = 0.0) -> None:
         import ray
-        from moto.server import ThreadedMotoServer
+        from local_s3 import start_local_s3
 
         from ember.cluster.adapter import RayAdapter, current_node_id
         from ember.cluster.node_store_actor import start_node_store
         from ember.cluster.worker_pool import WorkerPool
         from ember.store.node_store import NodeStoreConfig
-        from ember.store.remote import RemoteConfig, RemoteStore
 
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.moto.start()
-        host, port = self.moto.get_host_and_port()
-        remote_cfg = RemoteConfig(
-            endpoint_url=f"http://{host}:{port}", access_key_id="bench",
-            secret_access_key="bench", region="us-east-1",
-        )  # fmt: skip
-        self.remote = RemoteStore(remote_cfg)
-        self.remote.ensure_bucket("bench")
+        self.s3 = start_local_s3()
+        self.remote, remote_cfg = self.s3.remote, self.s3.config
         self.proxy = None
         if s3_rtt_s > 0:  # the node store reaches S3 through a round trip (uploads do not)
             from latency_proxy import LatencyProxy
 
-            self.proxy = LatencyProxy(int(port), s3_rtt_s)
+            self.proxy = LatencyProxy(self.s3.port, s3_rtt_s)
             remote_cfg = replace(remote_cfg, endpoint_url=self.proxy.endpoint)
         self.shm = Path(f"/dev/shm/ember-bench-{os.getuid()}")
         shutil.rmtree(self.shm, ignore_errors=True)
@@ -207,7 +198,7 @@ class Harness:
         if self.proxy is not None:
             self.proxy.close()
         self.adapter.shutdown()
-        self.moto.stop()
+        self.s3.stop()
         shutil.rmtree(self.shm, ignore_errors=True)
 
     def push(self, size: str, hf: Path, prefix: str | None = None) -> str:
@@ -530,7 +521,6 @@ def main() -> int:
         p.error(f"unknown tiers {sorted(unknown)}; choose from {','.join(TIERS)}")
     threads = os.cpu_count() or 1
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # the moto server's request log
     facts = machine_facts()
     facts["s3_rtt_ms_added"] = args.s3_rtt_ms
     models = {s: ensure_model(s) for s in sizes}

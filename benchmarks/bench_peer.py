@@ -56,22 +56,14 @@ class Harness:
 
     def __init__(self) -> None:
         import ray
-        from moto.server import ThreadedMotoServer
+        from local_s3 import start_local_s3
         from ray.cluster_utils import Cluster
 
         from ember.cluster.node_store_actor import start_node_store
         from ember.store.node_store import NodeStoreConfig
-        from ember.store.remote import RemoteConfig, RemoteStore
 
-        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        self.moto.start()
-        host, port = self.moto.get_host_and_port()
-        remote_cfg = RemoteConfig(
-            endpoint_url=f"http://{host}:{port}", access_key_id="bench",
-            secret_access_key="bench", region="us-east-1",
-        )  # fmt: skip
-        self.remote = RemoteStore(remote_cfg)
-        self.remote.ensure_bucket("bench")
+        self.s3 = start_local_s3()
+        self.remote, remote_cfg = self.s3.remote, self.s3.config
         self.shm = Path(f"/dev/shm/ember-bench-peer-{os.getuid()}")
         shutil.rmtree(self.shm, ignore_errors=True)
         shutil.rmtree(CACHE / "ssd", ignore_errors=True)
@@ -97,7 +89,7 @@ class Harness:
     def close(self) -> None:
         self.ray.shutdown()
         self.cluster.shutdown()
-        self.moto.stop()
+        self.s3.stop()
         shutil.rmtree(self.shm, ignore_errors=True)
 
     def push(self, ck: Path, name: str) -> str:
@@ -136,10 +128,11 @@ class Harness:
         report = self.ray.get(self.stores[1].ensure.remote(url, "dram"))
         return {"seconds": time.perf_counter() - t0, "served_from": report.served_from}
 
-    def tmpfs_copy(self, url: str) -> dict[str, Any]:
+    def tmpfs_copy(self, url: str, settle_s: float) -> dict[str, Any]:
         from ember.store.node_store import checkpoint_key
 
         self.ray.get(self.stores[0].ensure.remote(url, "dram"))
+        time.sleep(settle_s)
         src = Path(self.dirs[0]["dram"]) / checkpoint_key(url)
         dst = self.shm / "copy"
         shutil.rmtree(dst, ignore_errors=True)
@@ -165,10 +158,14 @@ def main() -> int:
     p.add_argument("--size", default="1b", help="factory model size (bf16)")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rows", default=",".join(ROWS))
+    p.add_argument(
+        "--settle-s", type=float, default=15.0,
+        help="pause between placing the copies and the timed fetch: a fetch right after the "
+        "setup's own fetch (from S3, say) ran 2-3x slower without one",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="default: benchmarks/results/peer.json")
     args = p.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's line per request
     rows_wanted = [r for r in args.rows.split(",") if r]
     for r in rows_wanted:
         if r not in ROWS:
@@ -182,9 +179,10 @@ def main() -> int:
         for i in range(args.runs):  # rows interleaved: a slow moment of the machine hits all
             for row in rows_wanted:
                 if row == "tmpfs-copy":
-                    got = h.tmpfs_copy(url)
+                    got = h.tmpfs_copy(url, args.settle_s)
                 else:
                     residual = h.place(url, row)
+                    time.sleep(args.settle_s)
                     got = h.fetch(url)
                     if residual is not None:
                         got["page_cache_residual"] = residual
@@ -219,6 +217,7 @@ def main() -> int:
             "model": f"llama {args.size} factory model, bf16",
             "partition_bytes": nbytes,
             "runs": args.runs,
+            "settle_s": args.settle_s,
             "nodes": "two Ray nodes on one machine (127.0.0.1), one node store actor each",
             "s3": "moto server on loopback",
             "timed": "node 1's node store ensure(url, 'dram'): fetch, verify, DRAM + SSD write",

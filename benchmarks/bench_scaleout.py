@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -218,29 +217,20 @@ def main() -> int:
     # The node stores run in the cluster's processes, which take these from this one's.
     os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
     CACHE.mkdir(parents=True, exist_ok=True)
-    from moto.server import ThreadedMotoServer
+    from local_s3 import start_local_s3
 
-    from ember.store.remote import RemoteConfig, RemoteStore, parse_s3_url
+    from ember.store.remote import parse_s3_url
 
     ck = ensure_checkpoint(args.size)
     nbytes = sum(p.stat().st_size for p in ck.iterdir())
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    moto.start()
-    host, port = moto.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    remote = RemoteStore(
-        RemoteConfig(endpoint_url=endpoint, access_key_id="bench", secret_access_key="bench",
-                     region="us-east-1")
-    )  # fmt: skip
-    remote.ensure_bucket("bench")
-    remote.upload_checkpoint(ck, parse_s3_url(URL))
+    s3 = start_local_s3()
+    s3.remote.upload_checkpoint(ck, parse_s3_url(URL))
     results = {}
     try:
         for prefetch in args.variants.split(","):
-            results[prefetch] = run_variant(prefetch, endpoint, args)
+            results[prefetch] = run_variant(prefetch, s3.endpoint, args)
     finally:
-        moto.stop()
+        s3.stop()
     doc = {
         "benchmark": "scaleout",
         "command": "python benchmarks/bench_scaleout.py " + " ".join(sys.argv[1:]),
