@@ -12,6 +12,12 @@ fsynced), from the Ray call to its answer, with the fetching node holding no cop
 The ceiling: "tmpfs-copy", a plain `cp` of node 0's DRAM copy into a new tmpfs directory (the
 memory -> tmpfs copy every DRAM fetch ends in, with no network, no hashing and no SSD write).
 
+"start-s3" and "start-peer" time a cold start on node 1 to its first token instead, as
+bench_coldstart does (a pre-started pooled worker there is assigned the deployment, loads it
+through node 1's store and generates; 1 torch thread): the checkpoint only in S3, or in node 0's
+DRAM. The store answers as soon as the engine can map the fetch in progress, so the engine is
+built while the bytes arrive.
+
 Both nodes are Ray nodes on this one machine (127.0.0.1), so "network" is loopback: the peer
 rows measure the pipeline (TCP, hashing, tmpfs and SSD writes on 2 cores), not a data-centre
 link. moto copies each ranged GET's whole object in Python, so "s3" measures moto more than
@@ -35,7 +41,8 @@ from machine import git_sha, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "peer"
-ROWS = ("s3", "peer-dram", "peer-ssd", "tmpfs-copy")
+ROWS = ("s3", "peer-dram", "peer-ssd", "tmpfs-copy", "start-s3", "start-peer")
+PROMPT = "The capital of France is"
 
 
 def ensure_checkpoint(size: str) -> Path:
@@ -85,8 +92,56 @@ class Harness:
             )  # fmt: skip
             self.stores.append(start_node_store(node, cfg))
         self.dirs = [ray.get(s.tier_dirs.remote()) for s in self.stores]
+        self.pool: Any = None  # node 1's pooled worker, for the start rows
+
+    def start(self, url: str, settle_s: float) -> dict[str, Any]:
+        """A cold start on node 1 from a pre-started worker, to the first token."""
+        import asyncio
+
+        from ember import SamplingParams
+        from ember.cluster.worker_pool import WorkerPool
+        from ember.controller.types import DeploymentSpec
+
+        if self.pool is None:
+            env = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            self.pool = WorkerPool(1, str(CACHE / "ember-cache"), env=env, pack_weights=False)
+        self.pool.sync([self.nodes[1]])
+        (idle,) = self.pool.idle()[self.nodes[1]]
+        self.ray.get(idle.actor.info.remote())  # warm: imports done
+        time.sleep(settle_s)
+        spec = DeploymentSpec(name="bench", source=url, max_model_len=256, max_num_seqs=2)
+        params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+
+        async def run() -> dict[str, Any]:
+            t0 = time.perf_counter()
+            ref = self.pool.take(self.nodes[1], refill=False)
+            await ref.actor.assign.remote(spec, "bench-0")
+            await ref.actor.start.remote()
+            t_load = time.perf_counter()
+            gen = ref.actor.generate.options(num_returns="streaming").remote("r0", PROMPT, params)
+            async for obj in gen:
+                if (await obj).finished:
+                    break
+            t_token = time.perf_counter()
+            timings = await ref.actor.start_timings.remote()
+            self.ray.kill(ref.actor, no_restart=True)
+            return {
+                "seconds": t_token - t0, "load_s": t_load - t0, "first_token_s": t_token - t_load,
+                "store_s": timings.get("store_s"), "engine_s": timings.get("engine_s"),
+                "served_from": timings.get("served_from"),
+            }  # fmt: skip
+
+        got = asyncio.run(run())
+        deadline = time.monotonic() + 60  # the killed worker's pin is reaped
+        while any(r.pins for r in self.ray.get(self.stores[1].status.remote()) if r.key == url):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} still pinned on node 1 after its instance died")
+            time.sleep(0.05)
+        return got
 
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
         self.ray.shutdown()
         self.cluster.shutdown()
         self.s3.stop()
@@ -110,7 +165,7 @@ class Harness:
         from ember.store.pagecache import evict
 
         self.evict(1, url, "dram", "ssd")
-        if row == "s3":
+        if row in ("s3", "start-s3"):
             self.evict(0, url, "dram", "ssd")
             return None
         self.ray.get(self.stores[0].ensure.remote(url, "dram" if row != "peer-ssd" else "ssd"))
@@ -180,6 +235,9 @@ def main() -> int:
             for row in rows_wanted:
                 if row == "tmpfs-copy":
                     got = h.tmpfs_copy(url, args.settle_s)
+                elif row.startswith("start-"):
+                    h.place(url, row)
+                    got = h.start(url, args.settle_s)
                 else:
                     residual = h.place(url, row)
                     time.sleep(args.settle_s)
@@ -202,11 +260,11 @@ def main() -> int:
             "gbps_median": nbytes / statistics.median(secs) / 1e9,
             "served_from": sorted({r["served_from"] for r in mine}),
         }
-    if "s3" in summary:
-        for row in ("peer-dram", "peer-ssd"):
-            if row in summary:
+    for base, rows in (("s3", ("peer-dram", "peer-ssd")), ("start-s3", ("start-peer",))):
+        for row in rows:
+            if base in summary and row in summary:
                 summary[row]["speedup_vs_s3_median"] = (
-                    summary["s3"]["seconds_median"] / summary[row]["seconds_median"]
+                    summary[base]["seconds_median"] / summary[row]["seconds_median"]
                 )
     result = {
         "benchmark": "peer",
@@ -220,7 +278,8 @@ def main() -> int:
             "settle_s": args.settle_s,
             "nodes": "two Ray nodes on one machine (127.0.0.1), one node store actor each",
             "s3": "moto server on loopback",
-            "timed": "node 1's node store ensure(url, 'dram'): fetch, verify, DRAM + SSD write",
+            "timed": "node 1's node store ensure(url, 'dram'): fetch, verify, DRAM + SSD write; "
+            "start-*: a pooled worker on node 1 to its first token (1 torch thread)",
         },
         "runs": runs,
         "summary": summary,

@@ -299,7 +299,10 @@ def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
     from ember.migration.transfer import KvMode, MoveLink
 
     cluster, _ = two_nodes
-    model = model_factory("llama", "tiny", "fp32", seed=4)
+    # Eight layers, not two: the source must still be running the requests when its
+    # replacement is up and asks for their K/V (with two, a fast machine finished all 1,900
+    # tokens in the 2 s the replacement took, and the moves recomputed instead).
+    model = model_factory("llama", "tiny", "fp32", seed=4, num_hidden_layers=8)
     cases = {
         "g": ("the water of time", SamplingParams(max_tokens=1900, temperature=0.0, ignore_eos=True)),
         "s": ("people would", SamplingParams(max_tokens=1900, temperature=0.8, seed=3, ignore_eos=True)),
