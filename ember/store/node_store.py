@@ -95,9 +95,16 @@ class NodeStoreConfig:
     # the others on `peer_port` (0: any free port). See `ember.store.peer`.
     peer_fetch: bool = True
     peer_port: int = 0
+    # A node that measured its peers slower than the remote store still tries them on every
+    # n-th fetch, so one slow moment is not remembered for good (the rate is only measured on
+    # peer fetches).
+    peer_retry_every: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("dram_capacity_bytes", "ssd_capacity_bytes", "chunk_bytes", "fetch_threads"):
+        for name in (
+            "dram_capacity_bytes", "ssd_capacity_bytes", "chunk_bytes", "fetch_threads",
+            "peer_retry_every",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"NodeStoreConfig.{name} must be positive")
         if not 0 <= self.peer_port < 65536:
@@ -257,6 +264,7 @@ class NodeStore:
         self._ssd_fetch_index: dict[str, bytes] = {}  # key -> the index a prefetch fetches by
         self._sources: dict[str, str] = {}  # key -> source, for status
         self._fetched_from: dict[str, str] = {}  # key -> where its latest fetch reads
+        self._peer_skips = 0  # fetches that passed peers over as slower than the remote store
         # Measured fetch rates into this node, by where from (placement's start-up estimate).
         self.rates = LinkRates(self.ssd.root / RATES_FILE, min_bytes=cfg.rate_min_bytes)
         self._drop_orphans()
@@ -698,12 +706,17 @@ class NodeStore:
     def _peer_source(self, source: str, key: str) -> PeerSource | None:
         """Another node's complete copy of `source`'s current version, or None: no peer has
         one, the peers could not be asked, or this node measured its peers slower than the
-        remote store. Costs one read of the source's index (the authority on the version)."""
+        remote store (but on every `peer_retry_every`-th such fetch). Costs one read of the
+        source's index (the authority on the version)."""
         if self.peers is None:
             return None
         rates = self.rates.rates()
         if rates.get("peer", math.inf) < rates.get("remote", 0.0):
-            return None
+            with self._lock:
+                self._peer_skips += 1
+                skip = self._peer_skips % self.config.peer_retry_every != 0
+            if skip:
+                return None
         try:
             offers = self.peers(key)
         except Exception as e:  # the cluster could not be asked: the remote store serves

@@ -814,3 +814,25 @@ def test_a_peer_with_another_version_or_unreachable_is_not_used(
     d = make_store(tmp_path / "d", endpoint, peer_fetch=False, peers=peer.find)
     dram_cleanup.append(d)
     assert d.peers is None  # peer_fetch=False: the store never asks
+
+
+def test_a_node_that_measured_its_peers_slower_than_s3_tries_them_now_and_then(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], dram_cleanup: list[NodeStore]
+) -> None:
+    url = pushed["a"]
+    a = make_store(tmp_path / "a", endpoint)
+    dram_cleanup.append(a)
+    a.ensure(url)
+    peer = Peer(a)
+    try:
+        b = make_store(tmp_path / "b", endpoint, peers=peer.find, peer_retry_every=2)
+        dram_cleanup.append(b)
+        b.rates.observe("peer", 1 << 30, 10.0)  # 0.1 GB/s
+        b.rates.observe("remote", 1 << 30, 1.0)  # 1 GB/s
+        froms = []
+        for _ in range(4):
+            froms.append(b.ensure(url).served_from)
+            assert b.evict(url, "dram") and b.evict(url, "ssd")
+        assert froms == ["remote", "peer", "remote", "peer"]
+    finally:
+        peer.close()
