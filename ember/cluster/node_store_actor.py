@@ -236,9 +236,10 @@ class NodeStoreActor:
         return await asyncio.get_running_loop().run_in_executor(None, self._notices.poll)
 
     async def peer_offer(self, key: str) -> PeerOffer | None:
-        """Another node's store asks whether this node holds checkpoint `key` completely:
-        where to fetch it (this store's peer server, started now if need be), or None."""
-        copy = self._store.complete_copy(key)
+        """Another node's store asks whether this node holds checkpoint `key` (whole, or being
+        fetched from the remote store: `NodeStore.servable_copy`): where to fetch it (this
+        store's peer server, started now if need be), or None."""
+        copy = self._store.servable_copy(key)
         if copy is None or not self._store.config.peer_fetch:
             return None
         server = self._serve_peers()
@@ -251,7 +252,7 @@ class NodeStoreActor:
             if self._peer_server is None:
 
                 def resolve(key: str) -> Path | None:
-                    copy = self._store.complete_copy(key)
+                    copy = self._store.servable_copy(key)
                     return None if copy is None else copy[0]
 
                 host = ray.util.get_node_ip_address()
@@ -259,7 +260,8 @@ class NodeStoreActor:
             return self._peer_server
 
     def _find_peers(self, key: str) -> list[PeerOffer]:
-        """The other nodes' offers of checkpoint `key`, DRAM copies first (called from a
+        """The other nodes' offers of checkpoint `key`, DRAM copies first, fetches still in
+        progress last (called from a
         fetch thread; a node that does not answer in PEER_ASK_TIMEOUT_S is left out)."""
         if not ray.is_initialized():  # the actor's class used outside Ray (tests)
             return []
@@ -285,7 +287,7 @@ class NodeStoreActor:
                 continue
             if offer is not None:
                 offers.append(offer)
-        return sorted(offers, key=lambda o: o.tier != "dram")
+        return sorted(offers, key=lambda o: ("dram", "ssd", "fetching").index(o.tier))
 
     async def tier_dirs(self) -> dict[str, str]:
         """The directories of this store's slot: {"dram": ..., "ssd": ...}."""

@@ -338,13 +338,22 @@ class NodeStore:
                 return "ssd"
         return None
 
-    def complete_copy(self, key: str) -> tuple[Path, str] | None:
-        """A complete copy of checkpoint `key` to serve a peer from: (its directory, "dram" or
-        "ssd"), DRAM first; None if neither tier holds it whole."""
+    def servable_copy(self, key: str) -> tuple[Path, str] | None:
+        """A copy of checkpoint `key` to serve a peer from: (its directory, "dram" or "ssd")
+        for a complete one, DRAM first; else ("fetching") the DRAM copy of a fetch from the
+        remote store still running here, whose blocks a peer server hands out as they are
+        verified (its `.progress`); None if there is none. A fetch from a peer is not offered:
+        no two nodes can wait on each other."""
         with self._lock:
             for tier in (self.dram, self.ssd):
                 if tier.has(key):
                     return tier.path(key), tier.name
+            fetch = self._fetches.get(key)
+            if fetch is None or self._fetched_from.get(key) != "remote":
+                return None
+        partial = fetch.partial
+        if fetch.prepared.is_set() and not fetch.done.is_set() and (partial / INDEX_FILE).is_file():
+            return partial, "fetching"
         return None
 
     def status(self) -> list[CachedCheckpoint]:
@@ -821,6 +830,8 @@ class NodeStore:
         )  # fmt: skip
         if stats.fallback_bytes:  # a peer failed partway: the rest came from the remote store
             where = "remote"
+        elif isinstance(src, PeerSource) and src.offer.tier == "fetching":
+            pass  # paced by the peer's own fetch from the remote store: measures no link
         elif fetch is None or fetch.threads == self.config.fetch_threads:
             # (not `_promote`'s background copy: one thread at the lowest priority; nor a
             # fetch split between a peer and the remote store, which measures neither)
@@ -889,6 +900,6 @@ class NodeStore:
             path = self.ssd.commit(key)
         if stats.fallback_bytes:
             where = "remote"
-        else:
+        elif peer is None or peer.offer.tier != "fetching":
             self.rates.observe(where, stats.from_source_bytes, stats.seconds)
         return EnsureResult(path, where, stats)

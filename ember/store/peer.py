@@ -13,7 +13,12 @@ through this process). One range per connection, as a ranged GET is one request.
 Trust: the requester holds the authoritative index (read from the remote store) and only takes a
 peer whose `index.json` is the same bytes; every chunk is then verified against that index's
 checksums like any fetch (`ember.store.fetch`), so a peer can be slow or gone but cannot
-hand over wrong bytes that count. The token (random per serving store, handed out only through
+hand over wrong bytes that count.
+
+A peer still fetching the checkpoint from the remote store offers it too (last): its server
+answers a range once the blocks under it are verified there (its `.progress`), so nodes waking
+the same model at once read it from the remote store once, not once each. Only fetches from
+the remote store are offered, so two nodes never wait on each other. The token (random per serving store, handed out only through
 the cluster's own channel) keeps anyone else on the network from reading checkpoints. A copy
 evicted on the peer mid-fetch ends its next request with an error; the fetch then goes on from
 the remote store (`run_fetch(..., fallback=)`), keeping every chunk already verified.
@@ -25,22 +30,28 @@ import contextlib
 import hmac
 import json
 import logging
+import mmap
 import os
 import secrets
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CheckpointError
-from ember.store.format import INDEX_FILE
+from ember.store.fetch import PROGRESS_FILE, progress_layout
+from ember.store.format import INDEX_FILE, read_index
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
 IO_TIMEOUT_S = 30.0  # a peer that sends nothing for this long is given up on
+# How long a range of a copy still being fetched may wait for its blocks (under IO_TIMEOUT_S,
+# so the peer refuses before its client gives up on it).
+WAIT_FETCHED_S = 25.0
 MAX_REQUEST_BYTES = 64 << 10
 
 
@@ -54,7 +65,7 @@ class PeerOffer:
     """A node's answer to "do you hold this checkpoint completely?": where to ask for it."""
 
     node: str  # shown in logs and errors
-    tier: str  # "dram" or "ssd": where the peer reads it from
+    tier: str  # "dram", "ssd" or "fetching" (a fetch from the remote store still running there)
     host: str
     port: int
     token: str
@@ -135,6 +146,7 @@ class PeerServer:
                 offset, nbytes = int(str(req["offset"])), int(str(req["nbytes"]))
                 if offset < 0 or nbytes < 0 or offset + nbytes > size:
                     raise _Refused(f"range [{offset}, {offset + nbytes}) outside {name} ({size})")
+                _wait_fetched(directory, name, offset, nbytes)
             else:
                 raise _Refused(f"unknown op {op!r}")
             conn.sendall(struct.pack("!q", nbytes))
@@ -144,6 +156,35 @@ class PeerServer:
 
 class _Refused(Exception):
     pass
+
+
+def _wait_fetched(directory: Path, name: str, offset: int, nbytes: int) -> None:
+    """Return once the blocks under [offset, offset + nbytes) of `name` are verified and written
+    (a copy whose fetch is still running marks them in its `.progress`; a complete copy has
+    them all, or no progress file). Refuses if that takes WAIT_FETCHED_S, or the fetch ends
+    without them (its directory removed)."""
+    progress = directory / PROGRESS_FILE
+    try:
+        fd = os.open(progress, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        index = read_index(directory)
+        first = progress_layout(index).get(name)
+        if first is None or nbytes == 0:
+            return
+        lo = first + offset // index.block_bytes
+        hi = first + (offset + nbytes - 1) // index.block_bytes + 1
+        deadline = time.monotonic() + WAIT_FETCHED_S
+        with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as marks:
+            while marks[lo:hi].count(1) != hi - lo:
+                if not progress.exists():
+                    raise _Refused(f"the fetch of {directory.name} ended without {name}")
+                if time.monotonic() > deadline:
+                    raise _Refused(f"{name} [{offset}, {offset + nbytes}) not fetched in time")
+                time.sleep(0.01)
+    finally:
+        os.close(fd)
 
 
 class PeerSource:

@@ -684,11 +684,11 @@ class Peer:
         self.server = PeerServer(self._resolve, "127.0.0.1")
 
     def _resolve(self, key: str) -> Path | None:
-        copy = self.store.complete_copy(key)
+        copy = self.store.servable_copy(key)
         return None if copy is None else copy[0]
 
     def find(self, key: str) -> list[Any]:
-        copy = self.store.complete_copy(key)
+        copy = self.store.servable_copy(key)
         return [] if copy is None else [self.server.offer("node-a", copy[1])]
 
     def close(self) -> None:
@@ -836,3 +836,59 @@ def test_a_node_that_measured_its_peers_slower_than_s3_tries_them_now_and_then(
         assert froms == ["remote", "peer", "remote", "peer"]
     finally:
         peer.close()
+
+
+def test_nodes_waking_one_model_at_once_read_it_from_s3_once(
+    tmp_path: Path, endpoint: str, pushed: dict[str, str], checkpoints: dict[str, Path],
+    dram_cleanup: list[NodeStore],
+) -> None:  # fmt: skip
+    """A's fetch from a slow S3 is still running when B needs the same checkpoint: A offers its
+    fetch in progress and B reads each range from A once A has verified it, so S3 sends the
+    bytes once. If A's fetch then fails, B goes on from S3."""
+    url, key = pushed["b"], checkpoint_key(pushed["b"])
+    total = read_index(checkpoints["b"]).rank_nbytes(0)
+    port = int(endpoint.rsplit(":", 1)[1])
+    relay = Relay(port)
+    relay.delay_s = 0.01  # per 64 KiB: ~2.7 s for the checkpoint
+    a = make_store(tmp_path / "a", relay.endpoint)
+    dram_cleanup.append(a)
+    peer = Peer(a)
+    try:
+        fetch = a.start_fetch(url)
+        assert fetch.prepared.wait(30)
+        assert peer.find(key)[0].tier == "fetching"
+        b = make_store(tmp_path / "b", relay.endpoint, peers=peer.find, rate_min_bytes=1)
+        dram_cleanup.append(b)
+        result = b.ensure(url)
+        assert result.served_from == "peer"
+        assert result.stats is not None and result.stats.from_source_bytes == total
+        assert not fetch.done.is_set() or fetch.error is None
+        fetch.done.wait(60)
+        assert relay.sent < total + total // 5  # once (plus indexes, small files, headers)
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["b"])
+        assert_same_tensors(map_checkpoint(a.dram.path(key)), checkpoints["b"])
+        assert "peer" not in b.rates.rates()  # paced by A's S3 fetch: measures no link
+    finally:
+        peer.close()
+        relay.close()
+    # A's fetch dies halfway: B, waiting on its blocks, is refused and finishes from S3.
+    relay_a = Relay(port)
+    relay_a.delay_s = 0.01
+    relay_a.budget_bytes = total // 2
+    c = make_store(tmp_path / "c", relay_a.endpoint, max_attempts=1, backoff_s=0.01)
+    dram_cleanup.append(c)
+    peer = Peer(c)
+    try:
+        fetch = c.start_fetch(url)
+        assert fetch.prepared.wait(30)
+        d = make_store(tmp_path / "d", endpoint, peers=peer.find)
+        dram_cleanup.append(d)
+        result = d.ensure(url)
+        fetch.done.wait(60)
+        assert fetch.error is not None  # A's fetch did fail
+        assert result.served_from == "remote" and result.stats is not None
+        assert result.stats.fallback_bytes > 0
+        assert_same_tensors(map_checkpoint(result.path), checkpoints["b"])
+    finally:
+        peer.close()
+        relay_a.close()
