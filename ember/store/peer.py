@@ -122,6 +122,10 @@ class PeerServer:
                 logger.warning("peer request refused: %s", e)
                 with contextlib.suppress(OSError):
                     _send_error(conn, f"bad request: {e}")
+            except Exception as e:  # e.g. a copy's index unreadable: the peer is told why
+                logger.exception("peer request failed")
+                with contextlib.suppress(OSError):
+                    _send_error(conn, f"cannot serve it: {e}")
 
     def _answer(self, conn: socket.socket, req: dict[str, object]) -> None:
         key, op = str(req["key"]), req["op"]

@@ -47,13 +47,19 @@ def checkpoints(
 
 @pytest.fixture(scope="module")
 def pushed(endpoint: str, checkpoints: dict[str, Path]) -> dict[str, str]:
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     urls = {}
     for name, ck in checkpoints.items():
         urls[name] = f"s3://models/ckpt/{name}"
         remote.upload_checkpoint(ck, parse_s3_url(urls[name]))
     return urls
+
+
+def models_bucket(endpoint: str) -> RemoteStore:
+    """The S3 server's "models" bucket (made if missing), through a client of its own."""
+    remote = RemoteStore(remote_config(endpoint))
+    remote.ensure_bucket("models")
+    return remote
 
 
 def make_store(tmp_path: Path, endpoint: str, **kw: Any) -> NodeStore:
@@ -275,8 +281,7 @@ def test_connection_cut_mid_body_is_reopened_where_it_stopped(
 def test_flipped_byte_in_remote_object_is_detected_and_named(
     tmp_path: Path, endpoint: str, checkpoints: dict[str, Path], dram_cleanup: list[NodeStore]
 ) -> None:
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     url = parse_s3_url("s3://models/corrupt/a")
     remote.upload_checkpoint(checkpoints["a"], url)
     part = read_index(checkpoints["a"]).partitions[0]
@@ -346,8 +351,7 @@ def test_engine_built_on_a_fetch_in_progress_serves_the_same_tokens(
     from ember import LLM, SamplingParams
 
     hf = model_factory("llama", "tiny", "fp32", seed=3)
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     url = "s3://models/streamed/tiny"
     remote.upload_checkpoint(convert(hf, tmp_path / "ck", progress=False), parse_s3_url(url))
     relay = Relay(int(endpoint.rsplit(":", 1)[1]))
@@ -533,8 +537,7 @@ def test_a_model_pushed_again_to_the_same_place_replaces_the_cached_copies(
     gets the new weights, not this node's copies of the old ones. An instance still mapping the
     old copy keeps reading the old bytes (the copy is retired: unlinked, counted until its
     owner releases it), so old and new run side by side during a rolling update."""
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     url = "s3://models/updated-in-place"
     key = checkpoint_key(url)
     remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
@@ -569,8 +572,7 @@ def test_a_cached_copy_handed_out_unchecked_is_confirmed_against_the_source(
     pooled worker overlaps it with building its engine), about the index it handed out: true
     until a new version is pushed, and still false once the new version, fetched for another
     start, has taken the copy's directory name."""
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     url = "s3://models/confirmed"
     remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
     store = make_store(tmp_path, endpoint)
@@ -597,8 +599,7 @@ def test_a_start_after_an_update_does_not_join_a_fetch_of_the_old_version(
     """A fetch of version a still running (a slow link) when version b is pushed to the same
     prefix: a start then must not take a's bytes as the current checkpoint. It waits for that
     fetch, then fetches b."""
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     url = "s3://models/updated-mid-fetch"
     remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
     relay = Relay(int(endpoint.rsplit(":", 1)[1]))
@@ -790,8 +791,7 @@ def test_a_peer_with_another_version_or_unreachable_is_not_used(
 ) -> None:
     from ember.store.peer import PeerOffer
 
-    remote = RemoteStore(remote_config(endpoint))
-    remote.ensure_bucket("models")
+    remote = models_bucket(endpoint)
     url = "s3://models/peer-versions"
     remote.upload_checkpoint(checkpoints["a"], parse_s3_url(url))
     a = make_store(tmp_path / "a", endpoint)

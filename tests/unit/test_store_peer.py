@@ -23,7 +23,7 @@ def served(tmp_path: Path) -> Iterator[tuple[PeerServer, Path]]:
     (copy / "index.json").write_bytes(INDEX)
     (copy / "tokenizer.json").write_bytes(b"{}")
     (copy / "rank0-part0000.bin").write_bytes(os.urandom(3 << 20))
-    (copy / ".progress").write_bytes(b"\x01")
+    (copy / ".ember-source").write_text("s3://models/k1")
     (tmp_path / "secret").write_bytes(b"not a checkpoint")
     server = PeerServer(lambda key: copy if key == "k1" else None, "127.0.0.1")
     try:
@@ -64,7 +64,7 @@ def test_a_peer_refuses_another_version_a_wrong_token_and_anything_outside_its_c
     with pytest.raises(PeerError, match="no complete copy of k2"):
         PeerSource.connect(offer, "k2", INDEX, 1 << 20)
     src = PeerSource.connect(offer, "k1", INDEX, 1 << 20)
-    for name in ("../secret", ".progress", ""):
+    for name in ("../secret", ".ember-source", ""):
         with pytest.raises(PeerError, match="no file"):
             src.open_range(name, 0, 1)
     with pytest.raises(PeerError, match="outside rank0-part0000.bin"):
@@ -74,3 +74,20 @@ def test_a_peer_refuses_another_version_a_wrong_token_and_anything_outside_its_c
     server.close()  # the peer is gone
     with pytest.raises(PeerError, match="cannot connect"):
         src.open_range("rank0-part0000.bin", 0, 1)
+
+
+def test_a_copy_the_peer_cannot_read_is_refused_with_the_reason(tmp_path: Path) -> None:
+    """A copy with a fetch's `.progress` but an index the peer cannot parse: the requester is
+    told why (and falls back), the server thread does not die silently."""
+    copy = tmp_path / "k1"
+    copy.mkdir()
+    (copy / "index.json").write_bytes(INDEX)  # not an ember index
+    (copy / "rank0-part0000.bin").write_bytes(bytes(4096))
+    (copy / ".progress").write_bytes(b"\x00")
+    server = PeerServer(lambda key: copy, "127.0.0.1")
+    try:
+        src = PeerSource.connect(server.offer("node-a", "fetching"), "k1", INDEX, 1 << 20)
+        with pytest.raises(PeerError, match="cannot serve it: .*not an ember-checkpoint index"):
+            src.open_range("rank0-part0000.bin", 0, 4096)
+    finally:
+        server.close()
