@@ -12,6 +12,13 @@ fsynced), from the Ray call to its answer, with the fetching node holding no cop
 The ceiling: "tmpfs-copy", a plain `cp` of node 0's DRAM copy into a new tmpfs directory (the
 memory -> tmpfs copy every DRAM fetch ends in, with no network, no hashing and no SSD write).
 
+"burst" times two nodes that need the checkpoint at once, no node holding it: node 0 starts
+its fetch from S3, and as soon as that fetch is under way node 1 starts its own; the row is
+the time until both hold it. With peers (the default) node 1 streams node 0's fetch in
+progress, each range once node 0 has verified it, so S3 sends the bytes once; `--no-peers`
+(node stores with `peer_fetch=False`, written to its own JSON) is the same burst with both
+nodes reading S3.
+
 "start-s3" and "start-peer" time a cold start on node 1 to its first token instead, as
 bench_coldstart does (a pre-started pooled worker there is assigned the deployment, loads it
 through node 1's store and generates; 1 torch thread): the checkpoint only in S3, or in node 0's
@@ -41,7 +48,7 @@ from machine import git_sha, machine_facts
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "peer"
-ROWS = ("s3", "peer-dram", "peer-ssd", "tmpfs-copy", "start-s3", "start-peer")
+ROWS = ("s3", "peer-dram", "peer-ssd", "tmpfs-copy", "start-s3", "start-peer", "burst")
 PROMPT = "The capital of France is"
 
 
@@ -61,7 +68,7 @@ def ensure_checkpoint(size: str) -> Path:
 class Harness:
     """Two Ray nodes on 127.0.0.1, a node store actor on each, a moto S3 server."""
 
-    def __init__(self) -> None:
+    def __init__(self, peers: bool = True) -> None:
         import ray
         from local_s3 import start_local_s3
         from ray.cluster_utils import Cluster
@@ -88,7 +95,7 @@ class Harness:
             cfg = NodeStoreConfig(
                 dram_dir=str(self.shm / f"n{i}"), dram_capacity_bytes=8 << 30,
                 ssd_dir=str(CACHE / "ssd" / f"n{i}"), ssd_capacity_bytes=16 << 30,
-                remote=remote_cfg,
+                remote=remote_cfg, peer_fetch=peers,
             )  # fmt: skip
             self.stores.append(start_node_store(node, cfg))
         self.dirs = [ray.get(s.tier_dirs.remote()) for s in self.stores]
@@ -194,6 +201,28 @@ class Harness:
         report = self.ray.get(self.stores[1].ensure.remote(url, "dram"))
         return {"seconds": time.perf_counter() - t0, "served_from": report.served_from}
 
+    def burst(self, url: str, settle_s: float) -> dict[str, Any]:
+        """Both nodes fetch at once (node 1 once node 0's fetch is under way)."""
+        self.place(url, "s3")
+        time.sleep(settle_s)
+        t0 = time.perf_counter()
+        first = self.stores[0].ensure.remote(url, "dram")
+        while not any(
+            r.fetched is not None
+            for r in self.ray.get(self.stores[0].status.remote())
+            if r.key == url and r.tier == "dram"
+        ):
+            time.sleep(0.01)
+        t1 = time.perf_counter()
+        second = self.ray.get(self.stores[1].ensure.remote(url, "dram"))
+        t2 = time.perf_counter()
+        report = self.ray.get(first)
+        return {
+            "seconds": max(t2, t0 + report.seconds) - t0,
+            "node0_s": report.seconds, "node1_s": t2 - t1, "node1_starts_after_s": t1 - t0,
+            "served_from": second.served_from, "node0_served_from": report.served_from,
+        }  # fmt: skip
+
     def tmpfs_copy(self, url: str, settle_s: float) -> dict[str, Any]:
         from ember.store.node_store import checkpoint_key
 
@@ -229,6 +258,10 @@ def main() -> int:
         help="pause between placing the copies and the timed fetch: a fetch right after the "
         "setup's own fetch (from S3, say) ran 2-3x slower without one",
     )  # fmt: skip
+    p.add_argument(
+        "--no-peers", action="store_true",
+        help="node stores with peer_fetch=False (the burst without peers)",
+    )  # fmt: skip
     p.add_argument("--out", default=None, help="default: benchmarks/results/peer.json")
     args = p.parse_args()
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -238,7 +271,7 @@ def main() -> int:
             raise SystemExit(f"unknown row {r!r}; rows: {', '.join(ROWS)}")
     ck = ensure_checkpoint(args.size)
     nbytes = sum(f.stat().st_size for f in ck.iterdir() if f.name.startswith("rank"))
-    h = Harness()
+    h = Harness(peers=not args.no_peers)
     runs: list[dict[str, Any]] = []
     try:
         url = h.push(ck, args.size)
@@ -246,6 +279,8 @@ def main() -> int:
             for row in rows_wanted:
                 if row == "tmpfs-copy":
                     got = h.tmpfs_copy(url, args.settle_s)
+                elif row == "burst":
+                    got = h.burst(url, args.settle_s)
                 elif row.startswith("start-"):
                     h.place(url, row)
                     got = h.start(url, args.settle_s)
@@ -287,6 +322,7 @@ def main() -> int:
             "partition_bytes": nbytes,
             "runs": args.runs,
             "settle_s": args.settle_s,
+            "peers": not args.no_peers,
             "nodes": "two Ray nodes on one machine (127.0.0.1), one node store actor each",
             "s3": "moto server on loopback",
             "timed": "node 1's node store ensure(url, 'dram'): fetch, verify, DRAM + SSD write; "
