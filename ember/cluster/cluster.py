@@ -103,6 +103,12 @@ class RayCluster:
         """Per node id, the checkpoints its node store holds (tier, source, bytes, pins)."""
         return await self.services.checkpoints()
 
+    @property
+    def peer_fetch(self) -> bool:
+        """Whether the node stores fetch checkpoints from each other (placement counts other
+        nodes' copies only then)."""
+        return self.services.config.enabled and self.services.store_config().peer_fetch
+
     def pool_idle(self) -> dict[str, int]:
         """Per node id, its pre-started workers idle (`ember status`)."""
         return self.services.idle()

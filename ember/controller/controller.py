@@ -893,7 +893,8 @@ class Controller:
             "risk": self._losses.risk(nodes, time.monotonic()),
             "rates": self._rates,
             "pending": self._pending.get(spec.source, {}),
-            "peers": spec.source.startswith("s3://"),
+            # (a cluster without the attribute: node stores with their default, peers on)
+            "peers": spec.source.startswith("s3://") and getattr(self._cluster, "peer_fetch", True),
         }
 
     def _loading_queue(self) -> dict[str, float]:

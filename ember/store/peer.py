@@ -16,8 +16,9 @@ checksums like any fetch (`ember.store.fetch`), so a peer can be slow or gone bu
 hand over wrong bytes that count.
 
 A peer still fetching the checkpoint from the remote store offers it too (last): its server
-answers a range once the blocks under it are verified there (its `.progress`), so nodes waking
-the same model at once read it from the remote store once, not once each. Only fetches from
+streams a range's bytes as the blocks under them are verified there (its `.progress`), so nodes
+waking the same model at once read it from the remote store once, not once each; it gives up
+(and the requester falls back) only if that fetch stops making progress. Only fetches from
 the remote store are offered, so two nodes never wait on each other. The token (random per serving store, handed out only through
 the cluster's own channel) keeps anyone else on the network from reading checkpoints. A copy
 evicted on the peer mid-fetch ends its next request with an error; the fetch then goes on from
@@ -37,7 +38,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +50,8 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
 IO_TIMEOUT_S = 30.0  # a peer that sends nothing for this long is given up on
-# How long a range of a copy still being fetched may wait for its blocks (under IO_TIMEOUT_S,
-# so the peer refuses before its client gives up on it).
+# How long a range of a copy still being fetched waits for its next blocks while that fetch
+# makes no progress (under IO_TIMEOUT_S, so the peer gives up before its client does).
 WAIT_FETCHED_S = 25.0
 MAX_REQUEST_BYTES = 64 << 10
 
@@ -118,6 +119,8 @@ class PeerServer:
                 self._answer(conn, req)
             except _Refused as e:
                 _send_error(conn, str(e))
+            except _Cut as e:
+                logger.warning("peer answer cut short: %s", e)
             except (OSError, ValueError, KeyError, TypeError) as e:
                 logger.warning("peer request refused: %s", e)
                 with contextlib.suppress(OSError):
@@ -150,45 +153,81 @@ class PeerServer:
                 offset, nbytes = int(str(req["offset"])), int(str(req["nbytes"]))
                 if offset < 0 or nbytes < 0 or offset + nbytes > size:
                     raise _Refused(f"range [{offset}, {offset + nbytes}) outside {name} ({size})")
-                _wait_fetched(directory, name, offset, nbytes)
             else:
                 raise _Refused(f"unknown op {op!r}")
+            marks = _marks_of(directory, name) if op == "range" else None
             conn.sendall(struct.pack("!q", nbytes))
-            if nbytes and conn.sendfile(f, offset, nbytes) != nbytes:  # os.sendfile: no copy
-                raise OSError(f"{name} ended before byte {offset + nbytes}")
+            for start, n in _as_fetched(marks, offset, nbytes):
+                if conn.sendfile(f, start, n) != n:  # os.sendfile: no copy through this process
+                    raise OSError(f"{name} ended before byte {start + n}")
 
 
 class _Refused(Exception):
     pass
 
 
-def _wait_fetched(directory: Path, name: str, offset: int, nbytes: int) -> None:
-    """Return once the blocks under [offset, offset + nbytes) of `name` are verified and written
-    (a copy whose fetch is still running marks them in its `.progress`; a complete copy has
-    them all, or no progress file). Refuses if that takes WAIT_FETCHED_S, or the fetch ends
-    without them (its directory removed)."""
+@dataclass(frozen=True, slots=True)
+class _Marks:
+    """Where a file's blocks are marked in a copy's `.progress`."""
+
+    progress: Path
+    first: int  # the file's first block
+    block_bytes: int
+
+
+def _marks_of(directory: Path, name: str) -> _Marks | None:
+    """A copy whose fetch may still be running: where `name`'s blocks are marked (read before
+    an answer begins, so an unreadable index is refused with its reason). None: no progress
+    file, nothing to wait for."""
     progress = directory / PROGRESS_FILE
+    if not progress.exists():
+        return None
+    index = read_index(directory)
+    first = progress_layout(index).get(name)
+    return None if first is None else _Marks(progress, first, index.block_bytes)
+
+
+def _as_fetched(marks_of: _Marks | None, offset: int, nbytes: int) -> Iterator[tuple[int, int]]:
+    """[offset, offset + nbytes) in pieces, each as soon as the blocks under it are verified
+    and written (marked in the copy's `.progress`; a complete copy has them all). Gives up
+    (`_Cut`: the connection is closed mid-answer, and the requester falls back) when the fetch
+    made no progress for WAIT_FETCHED_S, or ended without them (its directory removed)."""
+    if marks_of is None or nbytes == 0:
+        yield offset, nbytes
+        return
+    progress, first, block = marks_of.progress, marks_of.first, marks_of.block_bytes
     try:
         fd = os.open(progress, os.O_RDONLY)
     except FileNotFoundError:
-        return
+        raise _Cut(f"the fetch of {progress.parent.name} ended") from None
     try:
-        index = read_index(directory)
-        first = progress_layout(index).get(name)
-        if first is None or nbytes == 0:
-            return
-        lo = first + offset // index.block_bytes
-        hi = first + (offset + nbytes - 1) // index.block_bytes + 1
-        deadline = time.monotonic() + WAIT_FETCHED_S
+        end = offset + nbytes
+        last = first + (end - 1) // block + 1
         with mmap.mmap(fd, 0, prot=mmap.PROT_READ) as marks:
-            while marks[lo:hi].count(1) != hi - lo:
+            pos, seen, since = offset, -1, time.monotonic()
+            while pos < end:
+                b = ready = first + pos // block
+                while ready < last and marks[ready]:
+                    ready += 1
+                if ready > b:  # blocks b .. ready-1 are in: send what of them the range wants
+                    upto = min(end, (ready - first) * block)
+                    yield pos, upto - pos
+                    pos = upto
+                    continue
+                done = marks[:].count(1)
+                if done != seen:  # the fetch moves: wait on
+                    seen, since = done, time.monotonic()
+                elif time.monotonic() - since > WAIT_FETCHED_S:
+                    raise _Cut(f"the fetch made no progress for {WAIT_FETCHED_S:g} s")
                 if not progress.exists():
-                    raise _Refused(f"the fetch of {directory.name} ended without {name}")
-                if time.monotonic() > deadline:
-                    raise _Refused(f"{name} [{offset}, {offset + nbytes}) not fetched in time")
+                    raise _Cut(f"the fetch of {progress.parent.name} ended before byte {pos}")
                 time.sleep(0.01)
     finally:
         os.close(fd)
+
+
+class _Cut(Exception):
+    """An answer already begun that cannot go on: the connection is closed."""
 
 
 class PeerSource:

@@ -304,6 +304,36 @@ def test_a_spot_zone_that_loses_a_node_gets_no_new_instance_while_safe_nodes_hav
     run(tmp_path, body)
 
 
+def test_a_node_without_a_copy_expects_it_from_the_node_that_has_one_if_stores_fetch_from_peers(
+    tmp_path: Path,
+) -> None:
+    """ "a" holds the 1 GiB checkpoint in DRAM but has no room; "b" starts it, expecting it from
+    a's copy at the assumed peer rate (2 GB/s), and with the stores' peer fetches off, from S3
+    (1 GB/s assumed)."""
+
+    async def body(c: Controller, cluster: TwoNodes) -> None:
+        cluster.node_list[0] = replace(cluster.node_list[0], cpus_available=0.0)
+        cluster.rows = {"a": [row(URL, "dram", nbytes=2**30)]}
+        c.deploy(DeploymentSpec("m", URL, prefetch="none"))
+        await until(lambda: cached_on(c, "m") == ("a",))
+        c.wake("m")
+        await until(lambda: cluster.launched_on == [("m", "b")])
+        [inst] = next(s.instances for s in c.status() if s.spec.name == "m")
+        assert inst.estimated_load_s == pytest.approx(2**30 / 2e9)
+        cluster.peer_fetch = False
+        c.deploy(DeploymentSpec("n", "s3://models/n", prefetch="none"))
+        cluster.rows = {
+            "a": [row(URL, "dram", nbytes=2**30), row("s3://models/n", "dram", nbytes=2**30)]
+        }
+        await until(lambda: cached_on(c, "n") == ("a",))
+        c.wake("n")
+        await until(lambda: cluster.launched_on[1:] == [("n", "b")])
+        [inst] = next(s.instances for s in c.status() if s.spec.name == "n")
+        assert inst.estimated_load_s == pytest.approx(2**30 / 1e9)
+
+    run(tmp_path, body)
+
+
 def test_a_node_whose_store_measured_a_slow_s3_link_is_passed_over(tmp_path: Path) -> None:
     """Node "a" is the freer, but its store measured 50 MB/s from S3 (a 1 GB checkpoint: 20 s)
     where "b" measured 2 GB/s: the start goes to "b", and status reports both rates."""
