@@ -42,8 +42,10 @@ logger = logging.getLogger(__name__)
 
 STORE_ACTOR_PREFIX = "ember-node-store:"
 NAMESPACE = "ember"
-# How long a fetch waits for the other nodes to say whether they hold its checkpoint.
+# How long a fetch waits for the other nodes to say whether they hold its checkpoint, and how
+# long a node asked waits for its own fetch from S3, just started, to be ready to share.
 PEER_ASK_TIMEOUT_S = 2.0
+PREPARE_WAIT_S = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,8 +241,13 @@ class NodeStoreActor:
         """Another node's store asks whether this node holds checkpoint `key` (whole, or being
         fetched from the remote store: `NodeStore.servable_copy`): where to fetch it (this
         store's peer server, started now if need be), or None."""
-        copy = self._store.servable_copy(key)
-        if copy is None or not self._store.config.peer_fetch:
+        if not self._store.config.peer_fetch:
+            return None
+        # (a fetch from S3 that has just started is waited for: off the event loop)
+        copy = await asyncio.get_running_loop().run_in_executor(
+            None, self._store.servable_copy, key, PREPARE_WAIT_S
+        )
+        if copy is None:
             return None
         server = self._serve_peers()
         return server.offer(ray.get_runtime_context().get_node_id()[:12], copy[1])

@@ -338,12 +338,13 @@ class NodeStore:
                 return "ssd"
         return None
 
-    def servable_copy(self, key: str) -> tuple[Path, str] | None:
+    def servable_copy(self, key: str, wait_s: float = 0.0) -> tuple[Path, str] | None:
         """A copy of checkpoint `key` to serve a peer from: (its directory, "dram" or "ssd")
         for a complete one, DRAM first; else ("fetching") the DRAM copy of a fetch from the
         remote store still running here, whose blocks a peer server hands out as they are
-        verified (its `.progress`); None if there is none. A fetch from a peer is not offered:
-        no two nodes can wait on each other."""
+        verified (its `.progress`; a fetch that has chosen the remote store but not yet written
+        its index is waited for up to `wait_s`); None if there is none. A fetch from a peer is
+        not offered: no two nodes can wait on each other."""
         with self._lock:
             for tier in (self.dram, self.ssd):
                 if tier.has(key):
@@ -352,6 +353,7 @@ class NodeStore:
             if fetch is None or self._fetched_from.get(key) != "remote":
                 return None
         partial = fetch.partial
+        fetch.prepared.wait(wait_s)
         if fetch.prepared.is_set() and not fetch.done.is_set() and (partial / INDEX_FILE).is_file():
             return partial, "fetching"
         return None
