@@ -10,8 +10,8 @@ instance never keeps a checkpoint pinned forever. The controller calls `prefetch
 preemption notice, `ember.cluster.notices`) at each health probe.
 
 Peers: a store fetching a remote checkpoint first asks the other nodes' stores
-(`peer_offer`, all at once, `PEER_ASK_TIMEOUT_S`) whether one holds it whole, and fetches from
-the best offer (a DRAM copy before an SSD one) over `ember.store.peer`'s TCP stream. A store
+(`peer_offer`, all at once, `PEER_ASK_TIMEOUT_S`) whether one holds it (whole, or arriving
+from the remote store), and fetches from the best offer (`OFFER_ORDER`) over `ember.store.peer`'s TCP stream. A store
 opens its peer server (on the node's cluster address, `NodeStoreConfig.peer_port`) the first
 time a peer asks, so a single-node deployment never listens.
 """
@@ -267,9 +267,11 @@ class NodeStoreActor:
             return self._peer_server
 
     def _find_peers(self, key: str) -> list[PeerOffer]:
-        """The other nodes' offers of checkpoint `key`, DRAM copies first, fetches still in
-        progress last (called from a
-        fetch thread; a node that does not answer in PEER_ASK_TIMEOUT_S is left out)."""
+        """The other nodes' offers of checkpoint `key` in `OFFER_ORDER` (DRAM copies first,
+        fetches still in progress last). Called from a fetch thread; a node that does not answer
+        in PEER_ASK_TIMEOUT_S is left out."""
+        from ember.store.peer import OFFER_ORDER
+
         if not ray.is_initialized():  # the actor's class used outside Ray (tests)
             return []
         me = ray.get_runtime_context().get_node_id()
@@ -294,7 +296,7 @@ class NodeStoreActor:
                 continue
             if offer is not None:
                 offers.append(offer)
-        return sorted(offers, key=lambda o: ("dram", "ssd", "fetching").index(o.tier))
+        return sorted(offers, key=lambda o: OFFER_ORDER.index(o.tier))
 
     async def tier_dirs(self) -> dict[str, str]:
         """The directories of this store's slot: {"dram": ..., "ssd": ...}."""

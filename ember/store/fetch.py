@@ -67,7 +67,7 @@ class RemoteSource:
         self.store, self.url, self.name, self.range_bytes = store, url, str(url), range_bytes
 
     def extra_files(self) -> list[str]:
-        return sorted(n for n in self.store.list_names(self.url) if not _is_partition(n))
+        return sorted(n for n in self.store.list_names(self.url) if not is_partition(n))
 
     def read_file(self, name: str) -> bytes:
         return self.store.get_bytes(self.url, name)
@@ -85,7 +85,7 @@ class LocalSource:
 
     def extra_files(self) -> list[str]:
         return sorted(
-            p.name for p in self.directory.iterdir() if p.is_file() and not _is_partition(p.name)
+            p.name for p in self.directory.iterdir() if p.is_file() and not is_partition(p.name)
         )
 
     def read_file(self, name: str) -> bytes:
@@ -149,7 +149,8 @@ class _FileRange:
         self._fd = self._direct = -1
 
 
-def _is_partition(name: str) -> bool:
+def is_partition(name: str) -> bool:
+    """A partition file's name (`rank<r>-part<n>.bin`), not one of the small files."""
     return name.startswith("rank") and name.endswith(".bin")
 
 

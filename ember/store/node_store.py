@@ -704,15 +704,31 @@ class NodeStore:
         if on_ssd:
             return LocalSource(self.ssd.path(key), self.config.range_bytes), "ssd", False, None
         if is_s3_url(source):
-            remote = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
-            peer = self._peer_source(source, key)
-            if peer is not None:
-                return peer, "peer", not ssd_busy, remote
-            return remote, "remote", not ssd_busy, None
+            src, where, fallback = self._remote_source(source, key)
+            return src, where, not ssd_busy, fallback
         path = Path(source).expanduser()
         if not (path / INDEX_FILE).is_file():
             raise CheckpointNotFoundError(path, "not an ember checkpoint directory (no index)")
         return LocalSource(path, self.config.range_bytes), "local", False, None
+
+    def _remote_source(self, source: str, key: str) -> tuple[ChunkSource, str, ChunkSource | None]:
+        """Where an `s3://` checkpoint's bytes come from: (source, "peer" or "remote",
+        fallback): another node's copy with the remote store behind it, else the remote store."""
+        remote = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
+        peer = self._peer_source(source, key)
+        if peer is not None:
+            return peer, "peer", remote
+        return remote, "remote", None
+
+    def _accounted(self, src: ChunkSource, where: str, stats: FetchStats, measured: bool) -> str:
+        """Where a finished fetch's bytes came from in the end ("remote" when a peer failed
+        partway), its rate counted as that link's when it measures one (`measured`; not a
+        split fetch, nor one paced by a peer's own fetch from the remote store)."""
+        if stats.fallback_bytes:
+            return "remote"
+        if measured and not (isinstance(src, PeerSource) and src.offer.tier == "fetching"):
+            self.rates.observe(where, stats.from_source_bytes, stats.seconds)
+        return where
 
     def _peer_source(self, source: str, key: str) -> PeerSource | None:
         """Another node's complete copy of `source`'s current version, or None: no peer has
@@ -830,15 +846,9 @@ class NodeStore:
             stats.from_source_bytes, stats.fallback_bytes, stats.reused_bytes, stats.seconds,
             stats.nbytes / max(stats.seconds, 1e-9) / 1e9,
         )  # fmt: skip
-        if stats.fallback_bytes:  # a peer failed partway: the rest came from the remote store
-            where = "remote"
-        elif isinstance(src, PeerSource) and src.offer.tier == "fetching":
-            pass  # paced by the peer's own fetch from the remote store: measures no link
-        elif fetch is None or fetch.threads == self.config.fetch_threads:
-            # (not `_promote`'s background copy: one thread at the lowest priority; nor a
-            # fetch split between a peer and the remote store, which measures neither)
-            self.rates.observe(where, stats.from_source_bytes, stats.seconds)
-        return EnsureResult(path, where, stats)
+        # (`_promote`'s background copy, one thread at the lowest priority, measures nothing)
+        measured = fetch is None or fetch.threads == self.config.fetch_threads
+        return EnsureResult(path, self._accounted(src, where, stats, measured), stats)
 
     def _ensure_ssd(self, source: str) -> EnsureResult:
         """Remote -> SSD only (no DRAM copy): prefetch to disk. Waits for a fetch of the same
@@ -868,9 +878,7 @@ class NodeStore:
             mine.set()
 
     def _fetch_to_ssd(self, source: str, key: str) -> EnsureResult:
-        remote = RemoteSource(self.remote, parse_s3_url(source), self.config.range_bytes)
-        peer = self._peer_source(source, key)
-        src, where = (peer, "peer") if peer is not None else (remote, "remote")
+        src, where, fallback = self._remote_source(source, key)
         index_bytes = src.read_file(INDEX_FILE)
         with self._lock:
             self._ssd_fetch_index[key] = index_bytes
@@ -892,7 +900,7 @@ class NodeStore:
             stats = run_fetch(
                 index, src, [partial], resume=partial,
                 chunk_bytes=self.config.chunk_bytes, threads=self.config.fetch_threads,
-                fallback=remote if peer is not None else None,
+                fallback=fallback,
             )  # fmt: skip
         except BaseException:
             with self._lock:
@@ -900,8 +908,4 @@ class NodeStore:
             raise
         with self._lock:
             path = self.ssd.commit(key)
-        if stats.fallback_bytes:
-            where = "remote"
-        elif peer is None or peer.offer.tier != "fetching":
-            self.rates.observe(where, stats.from_source_bytes, stats.seconds)
-        return EnsureResult(path, where, stats)
+        return EnsureResult(path, self._accounted(src, where, stats, True), stats)

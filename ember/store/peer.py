@@ -1,5 +1,5 @@
-"""Checkpoints fetched from a neighbour: one node's store serves the complete copies it holds (in
-DRAM or on SSD) to the other nodes' stores over plain TCP, so a model another server already
+"""Checkpoints fetched from a neighbour: one node's store serves the copies it holds (in DRAM or
+on SSD, or still arriving from the remote store) to the other nodes' stores over plain TCP, so a model another server already
 holds reaches this one at the speed of the link between them, not of the remote store (and
 without a second download billed by the cloud).
 
@@ -13,16 +13,16 @@ through this process). One range per connection, as a ranged GET is one request.
 Trust: the requester holds the authoritative index (read from the remote store) and only takes a
 peer whose `index.json` is the same bytes; every chunk is then verified against that index's
 checksums like any fetch (`ember.store.fetch`), so a peer can be slow or gone but cannot
-hand over wrong bytes that count.
+hand over wrong bytes that count. The token (random per serving store, handed out only through
+the cluster's own channel) keeps anyone else on the network from reading checkpoints. A copy
+evicted on the peer mid-fetch ends its next request with an error; the fetch then goes on from
+the remote store (`run_fetch(..., fallback=)`), keeping every chunk already verified.
 
 A peer still fetching the checkpoint from the remote store offers it too (last): its server
 streams a range's bytes as the blocks under them are verified there (its `.progress`), so nodes
 waking the same model at once read it from the remote store once, not once each; it gives up
 (and the requester falls back) only if that fetch stops making progress. Only fetches from
-the remote store are offered, so two nodes never wait on each other. The token (random per serving store, handed out only through
-the cluster's own channel) keeps anyone else on the network from reading checkpoints. A copy
-evicted on the peer mid-fetch ends its next request with an error; the fetch then goes on from
-the remote store (`run_fetch(..., fallback=)`), keeping every chunk already verified.
+the remote store are offered, so two nodes never wait on each other.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CheckpointError
-from ember.store.fetch import PROGRESS_FILE, progress_layout
+from ember.store.fetch import PROGRESS_FILE, is_partition, progress_layout
 from ember.store.format import INDEX_FILE, read_index
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ IO_TIMEOUT_S = 30.0  # a peer that sends nothing for this long is given up on
 # makes no progress (under IO_TIMEOUT_S, so the peer gives up before its client does).
 WAIT_FETCHED_S = 25.0
 MAX_REQUEST_BYTES = 64 << 10
+OFFER_ORDER = ("dram", "ssd", "fetching")  # the offers' tiers, the one to take first first
 
 
 class PeerError(CheckpointError):
@@ -63,18 +64,18 @@ class PeerError(CheckpointError):
 
 @dataclass(frozen=True, slots=True)
 class PeerOffer:
-    """A node's answer to "do you hold this checkpoint completely?": where to ask for it."""
+    """A node's answer to "do you hold this checkpoint?": where to ask for it."""
 
     node: str  # shown in logs and errors
-    tier: str  # "dram", "ssd" or "fetching" (a fetch from the remote store still running there)
+    tier: str  # OFFER_ORDER: "fetching" is a fetch from the remote store still running there
     host: str
     port: int
     token: str
 
 
 class PeerServer:
-    """Serves the complete copies `resolve(key)` finds (None: not held) to peers, one thread
-    per connection. Bound to `host` (the node's address in the cluster; 127.0.0.1 on one
+    """Serves the copies `resolve(key)` finds (None: not held; a copy still being fetched is
+    served as its blocks arrive) to peers, one thread per connection. Bound to `host` (the node's address in the cluster; 127.0.0.1 on one
     machine) and `port` (0: any free one)."""
 
     def __init__(self, resolve: Callable[[str], Path | None], host: str, port: int = 0) -> None:
@@ -134,7 +135,7 @@ class PeerServer:
         key, op = str(req["key"]), req["op"]
         directory = self._resolve(key)
         if directory is None:
-            raise _Refused(f"no complete copy of {key} here")
+            raise _Refused(f"no copy of {key} here")
         if op == "files":
             names = sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
             return _send_bytes(conn, json.dumps(names).encode())
@@ -253,7 +254,7 @@ class PeerSource:
             raise PeerError(src.name, "holds another version of the checkpoint")
         names = json.loads(src._request({"op": "files"}))
         for name in names:
-            if not name.startswith("rank") or not name.endswith(".bin"):
+            if not is_partition(name):
                 src._files[name] = (
                     index if name == INDEX_FILE else src._request({"op": "file", "file": name})
                 )

@@ -843,7 +843,7 @@ def test_nodes_waking_one_model_at_once_read_it_from_s3_once(
     dram_cleanup: list[NodeStore],
 ) -> None:  # fmt: skip
     """A's fetch from a slow S3 is still running when B needs the same checkpoint: A offers its
-    fetch in progress and B reads each range from A once A has verified it, so S3 sends the
+    fetch in progress and B reads each block from A once A has verified it, so S3 sends the
     bytes once. If A's fetch then fails, B goes on from S3."""
     url, key = pushed["b"], checkpoint_key(pushed["b"])
     total = read_index(checkpoints["b"]).rank_nbytes(0)
