@@ -106,6 +106,11 @@ class InstanceLostError(ServingError):
     """An instance died (its actor or node is gone) while serving or starting."""
 
 
+class KvPullError(ServingError):
+    """A moving request's K/V could not be pulled from its source instance (the reason named);
+    the target recomputes them instead."""
+
+
 class InvalidRequestError(ServingError, ValueError):
     """An API request has a bad parameter; `param` names it (OpenAI's error `param` field)."""
 

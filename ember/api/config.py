@@ -42,7 +42,7 @@ class ApiConfig:
         request's tokens: "auto" (sent when that is faster than the target recomputing them,
         judged by the source's measured prefill speed and `migration_link_gbps`), "always"
         or "never" (always recomputed); see ember/migration/transfer.py.
-    migration_link_gbps: the network between two instances through the API server, in Gb/s.
+    migration_link_gbps: the network between two instances' nodes, in Gb/s.
     """
 
     host: str = "127.0.0.1"

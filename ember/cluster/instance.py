@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ember import SamplingParams
     from ember.cluster.adapter import ActorRef, RayAdapter
     from ember.cluster.runner import EngineRunner
-    from ember.controller.types import KvBlob
+    from ember.controller.types import KvBlob, KvTicket
     from ember.migration.transfer import MoveLink
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ class InstanceActor:
             None, EngineRunner.create, self._spec, path, self._device
         )
         runner.start(loop)
+        from ember.cluster.adapter import node_ip
+
+        runner.share_kv(node_ip())  # a move's K/V go from here to its target directly
         self._runner = runner
         self._ready = InstanceReady(
             node_id=node_id,
@@ -190,7 +193,7 @@ class InstanceActor:
         if self._runner is not None:
             self._runner.extend(request_id, extension)
 
-    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None:
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | KvTicket | None:
         """A running request's K/V for a live migration, or None (`EngineRunner.export`)."""
         from ember.errors import EngineError
 
@@ -364,12 +367,14 @@ class InstanceHandle:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
         self._command("extend", request_id, extension)
 
-    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None:
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | KvTicket | None:
         """The K/V of `request_id`'s cached tokens here when `link` says sending them beats
         recomputing them, else None (`ember.migration.transfer`); the request keeps running."""
         if self.lost:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
-        kv: KvBlob | None = await self._adapter.call(self._actor, "export", request_id, link)
+        kv: KvBlob | KvTicket | None = await self._adapter.call(
+            self._actor, "export", request_id, link
+        )
         return kv
 
     def _command(self, op: str, request_id: str, *args: Any) -> None:

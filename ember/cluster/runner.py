@@ -16,6 +16,12 @@ one of three ways:
   batches: at most one `call_soon_threadsafe` per FLUSH_INTERVAL_S.
 The thread sleeps when the engine has no work.
 
+A live migration's K/V leave a source runner that shares them (`share_kv`) on its shelf
+(`ember.migration.kv_link`): `export` answers with a ticket, not the bytes. A target runner given
+a `Continuation` with such a ticket pulls the bytes on a thread of its own and adds the request
+when they are here (or, if the pull fails, without them: its tokens are recomputed); an abort
+meanwhile ends it at once.
+
 Invariants: only the engine thread calls the engine and writes to the channel; only the event
 loop touches the queues and sinks; a request receives exactly one finished delta or one
 exception, then nothing.
@@ -26,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import hmac
 import logging
 import os
@@ -42,7 +49,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.controller.types import Continuation, DeploymentSpec, Extension, KvBlob, StreamDelta
+from ember.controller.types import (
+    Continuation,
+    DeploymentSpec,
+    Extension,
+    KvBlob,
+    KvTicket,
+    StreamDelta,
+)
+from ember.migration.kv_link import KvShelf, pull_kv
 from ember.migration.transfer import MoveLink, export_for_move
 
 if TYPE_CHECKING:
@@ -142,6 +157,13 @@ class EngineRunner:
         self._pending_lock = threading.Lock()
         self._flush_scheduled = False
         self._last_flush_s = float("-inf")
+        # A live migration's K/V: this runner's shelf for its sources (None: `export` hands the
+        # bytes back) and the requests whose K/V are being pulled before they are added.
+        self._kv_host: str | None = None
+        self._shelf: KvShelf | None = None
+        self._pulling: set[str] = set()
+        self.kv_pulls = 0  # moved requests whose K/V came (pull threads count them)
+        self.kv_pull_failures = 0  # ... and those whose pull failed (recomputed)
         self.steps = 0
         self.step_s = 0.0  # time inside engine.step(), summed (busy time, for stats)
         self.broken: str | None = None
@@ -214,12 +236,19 @@ class EngineRunner:
         self._inbox.append(("extend", request_id, extension, None))
         self._notify()
 
-    def export(self, request_id: str, link: MoveLink) -> concurrent.futures.Future[KvBlob | None]:
+    def share_kv(self, host: str) -> None:
+        """From now on `export` shelves the K/V it reads and answers with a ticket that a
+        target pulls them with from `host` (this node's address), module docstring."""
+        self._kv_host = host
+
+    def export(
+        self, request_id: str, link: MoveLink
+    ) -> concurrent.futures.Future[KvBlob | KvTicket | None]:
         """For a live migration: the K/V of a running request's cached tokens when `link` says
         sending them beats recomputing them, else None (`ember.migration.transfer`), read
-        between two steps; the request keeps running. The future fails with RequestError for a
-        request not running here."""
-        future: concurrent.futures.Future[KvBlob | None] = concurrent.futures.Future()
+        between two steps; the request keeps running. With `share_kv`, a ticket to them. The
+        future fails with RequestError for a request not running here."""
+        future: concurrent.futures.Future[KvBlob | KvTicket | None] = concurrent.futures.Future()
         self._inbox.append(("export", request_id, link, future))
         self._notify()
         return future
@@ -286,6 +315,9 @@ class EngineRunner:
     def stats(self) -> dict[str, Any]:
         return {
             "streams": len(self._queues) + len(self._sinks) + len(self._channel_ids),
+            "kv_shelved": 0 if self._shelf is None else self._shelf.held(),
+            "kv_pulls": self.kv_pulls,
+            "kv_pull_failures": self.kv_pull_failures,
             "unfinished": self._engine.num_unfinished(),
             "steps": self.steps,
             "step_s": self.step_s,
@@ -301,6 +333,8 @@ class EngineRunner:
             self._thread.join(timeout=10.0)
         if self._channel is not None:
             self._channel.close()  # the reader sees the stream end
+        if self._shelf is not None:
+            self._shelf.close()
         close = getattr(self._engine, "shutdown", None) or getattr(self._engine, "close", None)
         if close is not None:
             close()
@@ -403,6 +437,10 @@ class EngineRunner:
                 self._extend(request_id, prompt, items, ids)
             elif op == "export":
                 self._export(request_id, prompt, params)
+            elif op == "pulled":  # (dropped if aborted while its K/V were on their way)
+                if request_id in self._pulling:
+                    self._pulling.discard(request_id)
+                    self._add(request_id, prompt, params, items, ids)
             else:
                 self._add(request_id, prompt, params, items, ids)
         if self._channel is None:
@@ -436,6 +474,13 @@ class EngineRunner:
             logger.debug("abort of %s ignored", request_id, exc_info=True)
 
     def _abort(self, request_id: str, items: list[Item], ids: list[str]) -> None:
+        if request_id in self._pulling:  # not in the engine yet: it ends here and now
+            self._pulling.discard(request_id)
+            if request_id in self._channel_ids:  # (a queue's or sink's end went out already)
+                items.append(StreamDelta(request_id, (), "", True, "abort", 0))
+                ids.append(request_id)
+                self._aborting.add(request_id)  # (its id is reusable once that end is out)
+            return
         self._abort_in_engine(request_id)
         if request_id in self._channel_ids:  # the engine reports its end in the next step
             if self.broken is None:
@@ -451,8 +496,16 @@ class EngineRunner:
             items.append(self._stopped())
             ids.append(request_id)
             return
+        if isinstance(prompt, Continuation) and isinstance(prompt.kv, KvTicket):
+            self._pulling.add(request_id)
+            threading.Thread(
+                target=self._pull, args=(request_id, prompt, params), name="ember-kv-pull",
+                daemon=True,
+            ).start()  # fmt: skip
+            return
         try:
             if isinstance(prompt, Continuation):
+                assert not isinstance(prompt.kv, KvTicket)
                 self._engine.resume_request(
                     request_id,
                     prompt.prompt,
@@ -469,6 +522,13 @@ class EngineRunner:
             ids.append(request_id)
 
     def _extend(self, request_id: str, ext: Extension, items: list[Item], ids: list[str]) -> None:
+        if request_id in self._pulling:  # (a round before its acknowledgement): the move is off
+            self._pulling.discard(request_id)
+            from ember.errors import RequestError
+
+            items.append(RequestError(f"request {request_id!r} is not held here yet"))
+            ids.append(request_id)
+            return
         try:
             self._engine.extend_request(request_id, ext.token_ids, ext.text, ext.release)
         except Exception as e:  # not held here (finished, aborted, unknown): end its stream
@@ -476,14 +536,44 @@ class EngineRunner:
             items.append(e)
             ids.append(request_id)
 
+    def _pull(self, request_id: str, cont: Continuation, params: Any) -> None:
+        """A thread of its own: the ticket's K/V from the source, then the request is added
+        (by the engine thread) with them, or without them if the pull failed."""
+        ticket = cont.kv
+        assert isinstance(ticket, KvTicket)
+        kv: KvBlob | None = None
+        t0 = time.perf_counter()
+        try:
+            kv = pull_kv(ticket)
+            dt = time.perf_counter() - t0
+            self.kv_pulls += 1
+            logger.info(
+                "request %s: pulled the K/V of %d tokens (%.1f MB) from %s:%d in %.3f s",
+                request_id, ticket.tokens, ticket.nbytes / 1e6, ticket.host, ticket.port, dt,
+            )  # fmt: skip
+        except Exception as e:  # the source is gone, the ticket expired: recompute
+            self.kv_pull_failures += 1
+            logger.warning("request %s: no K/V from its source (%s); recomputing", request_id, e)
+        self._inbox.append(("pulled", request_id, dataclasses.replace(cont, kv=kv), params))
+        self._notify()
+
     def _export(
-        self, request_id: str, link: MoveLink, future: concurrent.futures.Future[KvBlob | None]
+        self,
+        request_id: str,
+        link: MoveLink,
+        future: concurrent.futures.Future[KvBlob | KvTicket | None],
     ) -> None:
         if self.broken is not None:
             future.set_exception(self._stopped())
             return
         try:
-            future.set_result(export_for_move(self._engine, request_id, link))
+            blob = export_for_move(self._engine, request_id, link)
+            if blob is not None and self._kv_host is not None:
+                if self._shelf is None:
+                    self._shelf = KvShelf(self._kv_host)
+                future.set_result(self._shelf.put(blob))
+                return
+            future.set_result(blob)
         except Exception as e:  # finished or unknown here: the move is off
             future.set_exception(e)
 

@@ -315,15 +315,16 @@ class Continuation:
     text: the text streamed so far (the new instance's text starts after it).
     hold: the target of a live migration: prefill, acknowledge, sample nothing until an
       `Extension` releases it (the engine's `resume_request(hold=True)`).
-    kv: the K/V of the first tokens, from the migration's source (`ember.migration.transfer`);
-      None: all are recomputed.
+    kv: the K/V of the first tokens, from the migration's source (`ember.migration.transfer`):
+      the bytes, or a ticket the target pulls them with from the source (`KvTicket`); None:
+      all are recomputed.
     """
 
     prompt: str | list[int]
     output_token_ids: tuple[int, ...]
     text: str
     hold: bool = False
-    kv: KvBlob | None = None
+    kv: KvBlob | KvTicket | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,11 +335,33 @@ class KvBlob:
 
     shape: tuple[int, ...]
     dtype: str
-    data: bytes
+    data: bytes | bytearray
 
     @property
     def tokens(self) -> int:
         return self.shape[2]
+
+
+@dataclass(frozen=True, slots=True)
+class KvTicket:
+    """A `KvBlob` left on its source instance's shelf for one pull (`ember.migration.kv_link`):
+    where it is (`host`, `port`), which one (`ticket_id`) with its one-time `secret`, and what
+    it holds, so the K/V go source -> target and only this crosses the API process."""
+
+    host: str
+    port: int
+    ticket_id: str
+    secret: bytes
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+    @property
+    def tokens(self) -> int:
+        return self.shape[2]
+
+    def __repr__(self) -> str:  # (no secret in logs)
+        return f"KvTicket({self.host}:{self.port}, {self.ticket_id}, {self.shape}, {self.dtype})"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from ember.migration.transfer import KvMode, MoveLink
 
 if TYPE_CHECKING:
     from ember import SamplingParams
-    from ember.controller.types import KvBlob
+    from ember.controller.types import KvBlob, KvTicket
     from ember.policy.clock import Clock
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ class InstanceLike(Protocol):
 
     def extend(self, request_id: str, extension: Extension) -> None: ...
 
-    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None: ...
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | KvTicket | None: ...
 
 
 @dataclass(eq=False, slots=True)

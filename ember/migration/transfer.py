@@ -2,7 +2,8 @@
 
 A moving request's target needs the K/V of every token the request has. It can recompute them
 (a prefill of the whole context on the target) or receive them from the source (the source's
-cache read out, sent source -> API process -> target, written into the target's blocks). Which
+cache read out between two steps and pulled by the target straight from the source's node,
+`ember.migration.kv_link`, then written into the target's blocks). Which
 is cheaper depends on the model (bytes of K/V per token: grouped-query models hold few), the
 hardware (how fast the target prefills) and the link. The source decides, when it is asked for
 the request's state: it has measured its own prefill speed (`Engine.prefill_tokens_per_s`; the
@@ -37,7 +38,7 @@ class KvMode(str, enum.Enum):
 @dataclass(frozen=True, slots=True)
 class MoveLink:
     """How a live migration moves a request's K/V: `mode`, and for AUTO the link's bytes per
-    second between two instances (through the API process) and a fixed cost per transfer
+    second between two instances (source node to target node) and a fixed cost per transfer
     (reading the cache out, serializing, writing it in), in seconds."""
 
     mode: KvMode = KvMode.AUTO

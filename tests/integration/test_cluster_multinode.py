@@ -291,8 +291,9 @@ def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
     two_nodes: tuple[RayCluster, Path], model_factory: Callable[..., Path], tmp_path: Path
 ) -> None:
     """Over real Ray actors on two nodes: a preemption notice for the node of the only
-    instance starts its replacement on the other node and moves both streams there live (the
-    source's K/V over a Ray call, the held copy and the rounds over the output channel); the
+    instance starts its replacement on the other node and moves both streams there live (a
+    ticket to the source's K/V over a Ray call, the bytes pulled by the target from the source,
+    the held copy and the rounds over the output channel); the
     tokens are the undisturbed ones and the drained instance stops."""
     from ember import LLM
     from ember.api.router import Router
@@ -364,6 +365,8 @@ def test_a_notice_moves_streams_to_an_instance_on_the_other_node(
             await until(controller, lambda: ready_nodes(controller, "m") != [source.node_id])
             [target] = controller.ready_instances("m")
             assert target.node_id != source.node_id
+            stats = await target.stats()  # the K/V came from the source, not recomputed
+            assert (stats["kv_pulls"], stats["kv_pull_failures"]) == (2, 0), stats
             await until(controller, lambda: source.instance_id not in {
                 i.instance_id for s in controller.status() for i in s.instances
                 if i.state is not InstanceState.STOPPED

@@ -27,7 +27,14 @@ from ember.cluster.instance import InstanceReady
 from ember.cluster.notices import NoticeConfig, NoticeWatcher
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
-from ember.controller.types import DeploymentSpec, Extension, KvBlob, NodeInfo, StreamDelta
+from ember.controller.types import (
+    DeploymentSpec,
+    Extension,
+    KvBlob,
+    KvTicket,
+    NodeInfo,
+    StreamDelta,
+)
 from ember.errors import InstanceLostError
 from ember.migration.transfer import MoveLink
 
@@ -60,6 +67,7 @@ class LocalHandle:
         )
         runner = await loop.run_in_executor(None, EngineRunner.create, self._spec, path)
         runner.start(loop)
+        runner.share_kv("127.0.0.1")  # as the actor does: a move's K/V go runner to runner
         self.runner = runner
         node_id = self.node_id or NODE_ID
         return InstanceReady(node_id, str(path), time.perf_counter() - t0, 0, tier)
@@ -99,7 +107,7 @@ class LocalHandle:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
         self.runner.extend(request_id, extension)
 
-    async def export(self, request_id: str, link: MoveLink) -> KvBlob | None:
+    async def export(self, request_id: str, link: MoveLink) -> KvBlob | KvTicket | None:
         if self.lost or self.runner is None:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
         self.exports.append(request_id)
