@@ -106,6 +106,11 @@ class InstanceLostError(ServingError):
     """An instance died (its actor or node is gone) while serving or starting."""
 
 
+class RequestQuarantinedError(ServingError):
+    """A request lost with its instance again and again, the last time as the only suspect
+    there (`ember.api.router`): not resumed again, and refused for a while if sent again."""
+
+
 class KvPullError(ServingError):
     """A moving request's K/V could not be pulled from its source instance (the reason named);
     the target recomputes them instead."""

@@ -66,6 +66,7 @@ def create_app(controller: Any, config: ApiConfig, clock: Clock | None = None) -
         on_migrate=metrics.observe_move,
         on_move_failed=lambda model: metrics.moves_failed.labels(model).inc(),
         link=config.move_link,
+        on_quarantine=lambda model: metrics.quarantined.labels(model).inc(),
     )
     metrics.watch(router.loads, controller.status)
     generation = Generation(ctl, router, config, metrics, clock)

@@ -13,6 +13,7 @@ the controller when Prometheus scrapes, so they are never stale.
     ember_queue_depth{model}, ember_requests_in_flight{model}
     ember_cold_starts_total{model}                     requests that found zero instances
     ember_requests_resumed_total{model}                requests resumed after their instance died
+    ember_requests_quarantined_total{model}            requests ended as likely poison (router.py)
     ember_requests_migrated_total{model}               requests moved live off a node under notice
     ember_migration_kv_tokens_total{model}             tokens whose K/V a move sent (not recomputed)
     ember_migrations_failed_total{model}               live moves given up (no target in time, ...)
@@ -153,6 +154,11 @@ class ApiMetrics:
         self.resumed = Counter(
             "ember_requests_resumed", "Requests resumed on another instance after theirs died",
             ["model"], registry=r,
+        )  # fmt: skip
+        self.quarantined = Counter(
+            "ember_requests_quarantined", "Requests ended instead of resumed: lost with their "
+            "instance again and again, the last time as the only suspect there", ["model"],
+            registry=r,
         )  # fmt: skip
 
     def watch(

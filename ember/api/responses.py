@@ -10,6 +10,7 @@ exceptions. `error_status(exc)` is the one table from ember's exceptions to HTTP
     QueueFullError                                   429 queue_full (Retry-After: 1)
     RequestTimeoutError                              504 timeout
     DeploymentError, InstanceLostError               503 deployment_unavailable
+    RequestQuarantinedError                          500 request_quarantined (not resumed)
     anything else                                    500 internal_error (logged with traceback)
 """
 
@@ -35,6 +36,7 @@ from ember.errors import (
     ModelNotFoundError,
     QueueFullError,
     RequestError,
+    RequestQuarantinedError,
     RequestTimeoutError,
 )
 
@@ -65,6 +67,8 @@ def error_status(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(504, "timeout_error", "timeout")
     if isinstance(exc, DeploymentError | InstanceLostError):
         return ErrorInfo(503, "service_unavailable_error", "deployment_unavailable")
+    if isinstance(exc, RequestQuarantinedError):
+        return ErrorInfo(500, "server_error", "request_quarantined")
     return ErrorInfo(500, "internal_error", "internal_error")
 
 

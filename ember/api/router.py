@@ -17,6 +17,16 @@ can flip a near-tie, see docs/serving.md). At most MAX_RESUMES times per request
 to the first new token starts again at each resume. A sampled request that names no seed gets
 one here (`resumable`), so that it too resumes and moves with the tokens it would have had.
 
+A request that makes every engine it runs on fail (a poison request) must not take the fleet
+and the requests batched with it down too. A request lost with its instance SUSPECT_AFTER times
+(2) is a suspect: it resumes only on an instance where no other suspect runs, until it streams a
+token past the point where it was last lost (then it is cleared). A suspect whose instance is
+lost while it is the only suspect there is quarantined: it ends with RequestQuarantinedError
+(HTTP 500) instead of being resumed again, and the same request (model, prompt and parameters)
+sent again within QUARANTINE_S is refused at once. The innocent requests lost beside it are
+suspects too, each on an instance of its own for a few tokens, and go on. So a poison request
+takes three instances, not one per resume, and fails alone.
+
 A request whose instance is about to go away (its node got a preemption notice: the controller
 calls `migrate(instance_id, deadline_s)`) moves while it streams (token-based live migration,
 `ember.migration.live`): a target instance takes a slot at the head of the line, gets a held
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import secrets
 from collections import deque
@@ -51,7 +62,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ember.api.journal import JournalEntry, RequestJournal
 from ember.controller.types import Continuation, DeploymentSpec, StreamDelta
-from ember.errors import InstanceLostError, ModelNotFoundError, QueueFullError, RequestTimeoutError
+from ember.errors import (
+    InstanceLostError,
+    ModelNotFoundError,
+    QueueFullError,
+    RequestQuarantinedError,
+    RequestTimeoutError,
+)
 from ember.migration.live import (
     InstanceLike,
     Move,
@@ -73,6 +90,12 @@ POLL_INTERVAL_S = 0.05
 # How many times one request is resumed after losing its instance before its error reaches the
 # client (each resume recomputes its tokens so far on another instance).
 MAX_RESUMES = 3
+# Losses after which a request runs only where no other suspect does (module docstring), and
+# how long a quarantined request is refused when it comes again (seconds; at most
+# QUARANTINE_MAX remembered).
+SUSPECT_AFTER = 2
+QUARANTINE_S = 600.0
+QUARANTINE_MAX = 1024
 
 
 def resumable(params: SamplingParams) -> SamplingParams:
@@ -106,6 +129,7 @@ class _Load:
     """One deployment's routing state (owned by the router, mutated on the event loop only)."""
 
     line: deque[object] = field(default_factory=deque)  # FIFO of waiting requests' tickets
+    aside: int = 0  # suspects waiting outside the line for an instance without another suspect
     in_flight: int = 0
     per_instance: dict[str, int] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -128,6 +152,8 @@ class _Flight:
     entry: JournalEntry
     handle: InstanceLike | None = None  # the instance it streams from
     move: Move | None = None
+    suspect: bool = False  # lost SUSPECT_AFTER times and not yet past where it was last lost
+    lost_at: int = -1  # its output tokens when it was last lost
 
     @property
     def instance_id(self) -> str:
@@ -147,6 +173,7 @@ class Router:
         on_migrate: Callable[[str, int], None] | None = None,
         on_move_failed: Callable[[str], None] | None = None,
         link: MoveLink | None = None,
+        on_quarantine: Callable[[str], None] | None = None,
     ) -> None:
         self._controller = controller
         self.journal = journal if journal is not None else RequestJournal()
@@ -155,9 +182,12 @@ class Router:
         self._on_resume = on_resume
         self._on_migrate = on_migrate
         self._on_move_failed = on_move_failed
+        self._on_quarantine = on_quarantine
         self.link = link if link is not None else MoveLink()
         self._loads: dict[str, _Load] = {}
         self._flights: dict[str, dict[str, _Flight]] = {}  # instance id -> request id -> flight
+        self._suspects: dict[str, set[str]] = {}  # instance id -> suspects' request ids there
+        self._quarantine: dict[str, float] = {}  # request fingerprint -> refused until (clock)
         self._background: set[asyncio.Task[Any]] = set()
         controller.set_load_source(self.load)
         controller.set_migrate_hook(self.migrate)
@@ -167,7 +197,7 @@ class Router:
     def load(self, name: str) -> tuple[int, int]:
         """(queued, in_flight) of a deployment."""
         state = self._loads.get(name)
-        return (len(state.line), state.in_flight) if state is not None else (0, 0)
+        return (len(state.line) + state.aside, state.in_flight) if state is not None else (0, 0)
 
     def loads(self) -> dict[str, tuple[int, int]]:
         return {name: self.load(name) for name in self._loads}
@@ -183,6 +213,7 @@ class Router:
         the deployment's request timeout), or the instance's own error (e.g. RequestError).
         """
         spec = self._controller.get(model)
+        fingerprint = self._check_quarantine(model, prompt, params)
         params = resumable(params)
         state = self._loads.setdefault(model, _Load())
         deadline = self._clock.now() + spec.request_timeout_s
@@ -198,8 +229,9 @@ class Router:
                 try:
                     if handle is None:
                         handle = await self._acquire(
-                            model, spec, state, deadline, resuming=resumes > 0
-                        )
+                            model, spec, state, deadline, resuming=resumes > 0,
+                            suspect=flight.suspect,
+                        )  # fmt: skip
                         self._fly(flight, handle)
                         what: str | list[int] | Continuation = prompt
                         if entry.token_ids:
@@ -211,6 +243,8 @@ class Router:
                         delta = await next_output(stream)
                     while True:
                         finished = self._record(entry, delta)
+                        if flight.suspect and len(entry.token_ids) > flight.lost_at:
+                            self._clear_suspect(flight, state)
                         yield delta
                         if finished:
                             break
@@ -241,8 +275,18 @@ class Router:
                     else:
                         self._abandon(flight, state)  # (still finding a target: off)
                         self._release(state, lost_id)
+                    if flight.suspect and self._suspects.get(lost_id) == {request_id}:
+                        self._quarantine_request(flight, fingerprint, lost_id, resumes + 1)
                     resumes += 1
                     spec = self._resumable(model, lost, resumes)
+                    flight.lost_at = len(entry.token_ids)
+                    if resumes >= SUSPECT_AFTER and not flight.suspect:
+                        flight.suspect = True
+                        logger.warning(
+                            "request %s lost its instance %d times: it runs where no other "
+                            "suspect does until it passes token %d",
+                            request_id, resumes, flight.lost_at + 1,
+                        )  # fmt: skip
                     logger.warning(
                         "instance %s lost with request %s after %d tokens (%s); resuming it on "
                         "another instance (%d of %d)",
@@ -290,7 +334,9 @@ class Router:
             spec = self._controller.get(model)
             state = self._loads.setdefault(model, _Load())
             deadline = self._clock.now() + spec.request_timeout_s
-            move.target = await self._acquire(model, spec, state, deadline, resuming=True)
+            move.target = await self._acquire(
+                model, spec, state, deadline, resuming=True, suspect=flight.suspect
+            )
             state.in_flight -= 1  # a second slot, not a second request (see `_release`)
             t0 = self._clock.now()
             await catch_up(
@@ -369,12 +415,69 @@ class Router:
         flight.entry.instance_id = handle.instance_id
         self._flights.setdefault(handle.instance_id, {})[flight.request_id] = flight
 
+        if flight.suspect:
+            self._suspects.setdefault(handle.instance_id, set()).add(flight.request_id)
+
     def _land(self, flight: _Flight) -> None:
         on = self._flights.get(flight.instance_id)
         if on is not None:
             on.pop(flight.request_id, None)
             if not on:
                 del self._flights[flight.instance_id]
+        self._unmark(flight)
+
+    def _unmark(self, flight: _Flight) -> None:
+        marked = self._suspects.get(flight.instance_id)
+        if marked is not None:
+            marked.discard(flight.request_id)
+            if not marked:
+                del self._suspects[flight.instance_id]
+
+    # --- poison requests -----------------------------------------------------------------------
+
+    def _check_quarantine(self, model: str, prompt: str | list[int], params: SamplingParams) -> str:
+        """The request's fingerprint; RequestQuarantinedError if it is quarantined."""
+        fingerprint = hashlib.sha256(repr((model, prompt, params)).encode()).hexdigest()
+        until = self._quarantine.get(fingerprint)
+        if until is not None:
+            if self._clock.now() < until:
+                raise RequestQuarantinedError(
+                    f"this request (deployment {model!r}) made the engines it ran on fail and "
+                    f"is refused for {until - self._clock.now():.0f} s more"
+                )
+            del self._quarantine[fingerprint]
+        return fingerprint
+
+    def _quarantine_request(
+        self, flight: _Flight, fingerprint: str, lost_id: str, losses: int
+    ) -> None:
+        """End a suspect lost alone (module docstring): remember it, raise the error."""
+        self._unmark(flight)
+        while len(self._quarantine) >= QUARANTINE_MAX:
+            del self._quarantine[next(iter(self._quarantine))]  # the oldest
+        self._quarantine[fingerprint] = self._clock.now() + QUARANTINE_S
+        logger.error(
+            "request %s quarantined: lost with its instance %d times, the last (%s) as the "
+            "only suspect there; not resumed again, refused for %.0f s if sent again",
+            flight.request_id, losses, lost_id, QUARANTINE_S,
+        )  # fmt: skip
+        if self._on_quarantine is not None:
+            self._on_quarantine(flight.model)
+        raise RequestQuarantinedError(
+            f"request {flight.request_id!r} was lost with its instance {losses} times, the last "
+            f"time as the only suspect there: it is not resumed again, since it may be what "
+            f"makes the engine fail"
+        )
+
+    def _clear_suspect(self, flight: _Flight, state: _Load) -> None:
+        """A suspect streamed past where it was last lost: it runs anywhere again."""
+        self._unmark(flight)
+        flight.suspect = False
+        state.notify()  # a suspect waiting for this instance may go there now
+        logger.info(
+            "request %s passed token %d on %s: no longer suspected",
+            flight.request_id, flight.lost_at + 1, flight.instance_id,
+        )  # fmt: skip
 
     def _resumable(self, model: str, lost: InstanceLostError, resumes: int) -> DeploymentSpec:
         """The deployment's spec when a request its instance lost may be resumed; else `lost`
@@ -409,10 +512,14 @@ class Router:
         state: _Load,
         deadline: float,
         resuming: bool = False,
+        suspect: bool = False,
     ) -> Any:
         """A ready instance with a free slot, taken in FIFO order; see the module docstring. A
         request `resuming` after its instance was lost goes to the head of the line (it was
-        admitted already and its client is waiting mid-stream)."""
+        admitted already and its client is waiting mid-stream); a `suspect` waits aside for an
+        instance where no other suspect runs (it would block the line)."""
+        if suspect:
+            return await self._acquire_aside(model, spec, state, deadline)
         if not state.line:
             handle = self._pick(model, spec, state)
             if handle is not None:
@@ -450,6 +557,28 @@ class Router:
                 state.line.remove(ticket)
                 state.notify()
 
+    async def _acquire_aside(
+        self, model: str, spec: DeploymentSpec, state: _Load, deadline: float
+    ) -> Any:
+        state.aside += 1
+        try:
+            while True:
+                handle = self._pick(model, spec, state, suspect=True)
+                if handle is not None:
+                    return handle
+                remaining = deadline - self._clock.now()
+                if remaining <= 0:
+                    raise RequestTimeoutError(
+                        f"request waited request_timeout_s={spec.request_timeout_s} for an "
+                        f"instance of deployment {model!r} without another suspect request"
+                    )
+                if not self._controller.ready_instances(model):
+                    await self._wait_for_instance(model, state, remaining)
+                else:
+                    await _wait_event(state.changed, min(remaining, POLL_INTERVAL_S))
+        finally:
+            state.aside -= 1
+
     async def _wait_for_instance(self, model: str, state: _Load, remaining: float) -> None:
         if not state.waking:
             state.waking = True
@@ -465,8 +594,9 @@ class Router:
             state.waking = False
             raise
 
-    def _pick(self, model: str, spec: DeploymentSpec, state: _Load) -> Any:
-        """Least-loaded ready instance below its slot cap (ties rotate); takes the slot."""
+    def _pick(self, model: str, spec: DeploymentSpec, state: _Load, suspect: bool = False) -> Any:
+        """Least-loaded ready instance below its slot cap (ties rotate), for a `suspect` one
+        where no suspect runs; takes the slot."""
         ready = self._controller.ready_instances(model)
         if ready:
             state.waking = False
@@ -475,7 +605,7 @@ class Router:
         n = len(ready)
         for i, handle in enumerate(ready):
             count = state.per_instance.get(handle.instance_id, 0)
-            if count >= spec.max_num_seqs:
+            if count >= spec.max_num_seqs or (suspect and handle.instance_id in self._suspects):
                 continue
             key = (count, (i - state.turn) % n)
             if best_key is None or key < best_key:

@@ -192,12 +192,18 @@ class RayCluster:
 
     async def probe(self, handle: InstanceHandle, timeout_s: float) -> bool:
         try:
-            await self._adapter.call(handle.actor_ref, "stats", timeout_s=timeout_s)
+            stats = await self._adapter.call(handle.actor_ref, "stats", timeout_s=timeout_s)
         except InstanceLostError:
             return False
         except asyncio.TimeoutError:
             # A busy or starved actor is slow, not dead: only Ray's word that it died counts.
             logger.warning("instance id=%s is slow to answer its probe", handle.instance_id)
+            return True
+        if isinstance(stats, dict) and stats.get("broken"):  # alive, but its engine failed
+            logger.warning(
+                "instance id=%s: its engine failed: %s", handle.instance_id, stats["broken"]
+            )
+            return False
         return True
 
     def actor_names(self) -> list[str]:

@@ -380,8 +380,13 @@ class EngineRunner:
                 t0 = time.perf_counter()
                 try:
                     outputs = engine.step()
-                except Exception as e:  # the thread's loop boundary: fail every request
-                    logger.exception("engine step failed; failing its requests")
+                except Exception as e:  # the thread's loop boundary: the engine is lost
+                    # Its state (blocks half written, a rank gone) cannot be trusted: every
+                    # request here ends as if the process had died, so the router resumes it
+                    # elsewhere, and the instance reports itself broken (`stats`) until it is
+                    # replaced (the handle marks it lost at the first such error; so does the
+                    # controller's health probe).
+                    logger.exception("engine step failed; the instance is lost")
                     self.broken = f"{type(e).__name__}: {e}"
                     done = set(ids)  # requests the inbox already ended (bad adds, aborts)
                     live = [
@@ -389,7 +394,8 @@ class EngineRunner:
                         for rid in (*self._queues, *self._sinks, *self._channel_ids)
                         if rid not in done
                     ]
-                    self._post([*items, *(e for _ in live)], [*ids, *live])
+                    lost = self._stopped()
+                    self._post([*items, *(lost for _ in live)], [*ids, *live])
                     continue  # the thread stays to answer later requests with the error
                 self.steps += 1
                 self.step_s += time.perf_counter() - t0
@@ -578,9 +584,9 @@ class EngineRunner:
             future.set_exception(e)
 
     def _stopped(self) -> Exception:
-        from ember.errors import EngineError
+        from ember.errors import InstanceLostError
 
-        return EngineError(f"engine stopped after an error: {self.broken}")
+        return InstanceLostError(f"the instance's engine failed: {self.broken}")
 
     def _read_channel(self) -> list[tuple[Any, ...]]:
         """The commands the caller wrote to the channel since the last read, without blocking:

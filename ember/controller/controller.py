@@ -601,7 +601,9 @@ class Controller:
         for inst in insts:
             if inst.state is InstanceState.READY and inst.handle is not None:
                 if inst.handle.lost:
-                    self._fail(inst, "instance lost (actor or node died)", start_failed=False)
+                    self._fail(
+                        inst, "instance lost (its actor, node or engine failed)", start_failed=False
+                    )
 
     # --- instance actions ------------------------------------------------------------------
 

@@ -160,6 +160,9 @@ class TensorParallelExecutor:
         self.runner.close()
         try:
             _broadcast(("stop",))
+        except Exception as e:  # a rank died (the step that found it raised already)
+            logger.warning("tensor_parallel: could not stop the ranks in order: %s", e)
+        try:
             dist.destroy_process_group()
         finally:
             for p in self._procs:

@@ -309,10 +309,54 @@ def test_killed_instance_is_found_and_replaced(
         [status] = controller.status()
         failed = [i for i in status.instances if i.state is InstanceState.FAILED]
         assert [i.instance_id for i in failed] == [victim.instance_id]
-        assert failed[0].error == "instance lost (actor or node died)"
+        assert failed[0].error == "instance lost (its actor, node or engine failed)"
         [fresh] = controller.ready_instances("k")
         deltas = await collect(fresh, "after", "hi", SamplingParams(max_tokens=3))
         assert sum(len(d.new_token_ids) for d in deltas) == 3
+
+    run(tmp_path, cluster, body)
+
+
+def test_an_instance_whose_engine_fails_is_replaced_and_its_requests_hear_it_was_lost(
+    tmp_path: Path, cluster: RayCluster, model: Path
+) -> None:
+    """A tensor-parallel rank process dies (killed, as the kernel's OOM killer would): the
+    actor lives on, but the engine's next step fails. Its requests end with InstanceLostError
+    (so the router resumes them elsewhere) instead of the raw error, and the instance, which
+    would answer every later request with that error, is replaced."""
+
+    async def body(controller: Controller, clock: FakeClock) -> None:
+        controller.deploy(DeploymentSpec("rk", str(model), min_instances=1, tp=2))
+        await controller.wait_for_instance("rk", START_TIMEOUT_S)
+        [victim] = controller.ready_instances("rk")
+        actor_pid = (await victim.stats())["pid"]
+        params = SamplingParams(max_tokens=1500, ignore_eos=True)
+        stream = victim.generate("doomed", "hi", params)
+        assert not (await stream.__anext__()).finished
+        ranks = [
+            p for p in psutil.Process(actor_pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]  # fmt: skip
+        assert len(ranks) == 1, ranks
+        ranks[0].kill()
+        with pytest.raises(InstanceLostError, match="engine failed"):
+            async for _ in stream:
+                pass
+        assert victim.lost and psutil.pid_exists(actor_pid)  # the actor itself is alive
+
+        def replaced() -> bool:
+            ready = controller.ready_instances("rk")
+            return len(ready) == 1 and ready[0].instance_id != victim.instance_id
+
+        await until(controller, replaced, timeout_s=START_TIMEOUT_S)
+        [status] = controller.status()
+        failed = [i for i in status.instances if i.state is InstanceState.FAILED]
+        assert [i.instance_id for i in failed] == [victim.instance_id]
+        [fresh] = controller.ready_instances("rk")
+        deltas = await collect(fresh, "after", "hi", SamplingParams(max_tokens=3))
+        assert sum(len(d.new_token_ids) for d in deltas) == 3
+        controller.delete("rk")
+        await until(controller, lambda: cluster.actor_names() == [])
 
     run(tmp_path, cluster, body)
 

@@ -28,6 +28,7 @@ from ember.cluster.notices import NoticeConfig, NoticeWatcher
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
 from ember.controller.types import (
+    Continuation,
     DeploymentSpec,
     Extension,
     KvBlob,
@@ -39,6 +40,10 @@ from ember.errors import InstanceLostError
 from ember.migration.transfer import MoveLink
 
 NODE_ID = "local0000000000000000"
+# Prompts an instance dies on POISON_AFTER_S after it is given one, before their first token
+# (as if the request crashed its process in its prefill): a test adds them and removes them.
+POISON: set[str] = set()
+POISON_AFTER_S = 0.3
 
 
 class LocalHandle:
@@ -57,6 +62,7 @@ class LocalHandle:
         self.runner: EngineRunner | None = None
         self.aborted: list[str] = []
         self.exports: list[str] = []
+        self.crashed = False
         self._queues: dict[str, asyncio.Queue[Any]] = {}
 
     async def start(self) -> InstanceReady:
@@ -73,10 +79,20 @@ class LocalHandle:
         return InstanceReady(node_id, str(path), time.perf_counter() - t0, 0, tier)
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: Any
+        self, request_id: str, prompt: str | list[int] | Continuation, params: Any
     ) -> AsyncIterator[StreamDelta]:
         if self.lost or self.runner is None:
             raise InstanceLostError(f"instance {self.instance_id} is gone")
+        text = prompt.prompt if isinstance(prompt, Continuation) else prompt
+        if isinstance(text, str) and text in POISON:
+            self.in_flight += 1
+            try:
+                await asyncio.sleep(POISON_AFTER_S)
+                if not self.lost:
+                    self.crash()
+                raise InstanceLostError(f"instance {self.instance_id} died")
+            finally:
+                self.in_flight -= 1
         self.in_flight += 1
         runner = self.runner
         queue = self._queues[request_id] = runner.submit(request_id, prompt, params)
@@ -86,6 +102,8 @@ class LocalHandle:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     finished = True
+                    if isinstance(item, InstanceLostError):  # as InstanceHandle: replaced
+                        self.lost = True
                     raise item
                 finished = item.finished
                 yield item
@@ -100,6 +118,7 @@ class LocalHandle:
         """As when the instance's process dies: its engine stops where it is; output already
         sent still arrives, then each request's stream raises InstanceLostError."""
         self.lost = True
+        self.crashed = True
         self._end("died")
 
     def extend(self, request_id: str, extension: Extension) -> None:
@@ -148,7 +167,8 @@ class LocalCluster:
         self._nodes = nodes
         # Each node's cloud metadata, read the way a node store reads its own.
         self._watchers = {n: NoticeWatcher(c) for n, c in (notices or {}).items()}
-        self.handles: dict[str, LocalHandle] = {}
+        self.handles: dict[str, LocalHandle] = {}  # those not stopped
+        self.every_handle: list[LocalHandle] = []
         self.launched = itertools.count()
         self.stopped: list[str] = []
 
@@ -167,6 +187,7 @@ class LocalCluster:
     def launch(self, spec: DeploymentSpec, instance_id: str, node_id: str | None) -> Any:
         handle = LocalHandle(spec, instance_id, self._cache_root, node_id or self._nodes[0])
         self.handles[instance_id] = handle
+        self.every_handle.append(handle)
         next(self.launched)
         return handle
 
@@ -176,7 +197,8 @@ class LocalCluster:
         return await asyncio.wait_for(handle.start(), timeout_s)
 
     async def probe(self, handle: Any, timeout_s: float) -> bool:
-        return handle.runner is not None and not handle.lost
+        runner = handle.runner
+        return runner is not None and not handle.lost and not runner.stats()["broken"]
 
     async def stop(self, handle: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, handle.stop)

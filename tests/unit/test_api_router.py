@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serving_support
 from serving_support import serving
 
 from ember import LLM, SamplingParams
@@ -296,6 +297,78 @@ async def test_a_request_lost_too_often_fails_with_instance_lost(
         assert len(crashed) == MAX_RESUMES + 1
         assert router.journal.get("doomed").finish_reason == "abort"
         assert router.load("tiny") == (0, 0)
+
+
+async def test_a_request_that_kills_every_instance_is_quarantined_and_the_others_go_on(
+    tmp_path: Path, model_dir: Path, cache_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A poison request (every instance it is given dies in its prefill) beside two others on
+    the only instance: all three are lost twice; then they are suspects, and run one at a time
+    until each passes where it was lost. The poison one, lost a third time as the only suspect
+    there, ends with RequestQuarantinedError (HTTP 500 `request_quarantined`), and sent again it
+    is refused at once with no instance lost; the other two end with their undisturbed tokens.
+    Three instances died, not one per resume (or four, with the requests beside it failing
+    too), and the router's counts return to zero."""
+    from ember.api.router import QUARANTINE_S
+
+    pill = "a poison pill"
+    params = LONG  # long enough to be running still at each of the poison's instances' ends
+    seeded = dataclasses.replace(SEEDED, max_tokens=LONG.max_tokens)
+    want = _undisturbed(model_dir, {"a": (PROMPTS[0], params), "b": (PROMPTS[1], seeded)})
+    spec = _spec(model_dir, min_instances=1, max_instances=1)
+    serving_support.POISON.add(pill)
+    try:
+        async with serving(tmp_path, (spec,), cache_root=cache_root) as s:
+            router = s.app.state.router
+            await _until(lambda: len(s.controller.ready_instances("tiny")) == 1, 120)
+            streams = {
+                "a": router.generate("tiny", "a", PROMPTS[0], params),
+                "b": router.generate("tiny", "b", PROMPTS[1], seeded),
+            }
+            got = {rid: [await anext(st)] for rid, st in streams.items()}
+            innocent = [asyncio.ensure_future(_collect(st)) for st in streams.values()]
+            body = {"model": "tiny", "prompt": pill, "max_tokens": 50, "temperature": 0}
+            r = await asyncio.wait_for(s.client.post("/v1/completions", json=body), 300)
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert err["code"] == "request_quarantined" and "3 times" in err["message"]
+            rests = await asyncio.wait_for(asyncio.gather(*innocent), 300)
+            for rid, rest in zip(streams, rests, strict=True):
+                tokens = [t for d in got[rid] + rest for t in d.new_token_ids]
+                assert tokens == list(want[rid].token_ids), rid
+            crashed = [h.instance_id for h in s.cluster.every_handle if h.crashed]
+            assert len(crashed) == 3, crashed
+            suspects = {r.args[0] for r in caplog.records if "no other suspect" in r.getMessage()}
+            assert {"a", "b"} <= suspects  # lost twice beside it, isolated, cleared
+            assert router.journal.get("a").finish_reason == "length"
+
+            # Sent again: refused at once, nothing crashes (a different request is not).
+            r = await s.client.post("/v1/completions", json=body)
+            assert r.status_code == 500, r.text
+            err = r.json()["error"]
+            assert err["code"] == "request_quarantined" and "made the engines" in err["message"]
+            assert len([h for h in s.cluster.every_handle if h.crashed]) == 3
+            assert router.load("tiny") == (0, 0) and router._suspects == {}
+            metrics = (await s.client.get("/metrics")).text
+            assert 'ember_requests_quarantined_total{model="tiny"} 1.0' in metrics
+            # ... for QUARANTINE_S only (the clock is the router's)
+            router._clock = _Later(router._clock, QUARANTINE_S)
+            serving_support.POISON.discard(pill)
+            r = await s.client.post("/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] == "length"
+    finally:
+        serving_support.POISON.discard(pill)
+
+
+class _Later:
+    """A clock `ahead_s` ahead of `clock`."""
+
+    def __init__(self, clock: Any, ahead_s: float) -> None:
+        self._clock, self._ahead_s = clock, ahead_s
+
+    def now(self) -> float:
+        return float(self._clock.now()) + self._ahead_s
 
 
 async def test_a_request_of_a_deleted_deployment_is_not_resumed(
