@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import git_sha, machine_facts
+from machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_MODELS = Path.home() / ".cache" / "ember" / "bench-models"
@@ -114,7 +114,7 @@ def main() -> int:
         print(f"{b:>8} {row['max_gap_s'] * 1e3:>15.1f} {row['p50_gap_s'] * 1e3:>11.1f} "
               f"{row['long_ttft_s'] * 1e3:>13.1f}")  # fmt: skip
     result = {
-        "benchmark": "chunked",
+        **stamp("chunked"),
         "metric": "longest gap between two tokens of a running request while a long prompt is "
         "prefilled",
         "setup": {
@@ -125,8 +125,6 @@ def main() -> int:
             "rounds": args.rounds,
         },
         "rows": rows,
-        "machine": machine_facts(),
-        "git_sha": git_sha(),
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import git_sha, machine_facts
+from machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS_CSV = ROOT.parent / "shared" / "traces" / "workload" / "sharegpt" / "lengths.csv"
@@ -403,11 +403,8 @@ def write_result(
     notes: list[str],
 ) -> None:
     result = {
-        "benchmark": "engine",
+        **stamp("engine"),
         "quick": args.quick,
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
         "settings": {
             "dtype": "bf16",
             "device": args.device,

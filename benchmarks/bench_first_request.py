@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 from bench_update import overlay_python
-from machine import git_sha, machine_facts
+from machine import stamp
 from serve_process import check_tree, free_port, stop, wait_health, worktree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,14 +100,12 @@ def main() -> int:
             f" s (baseline {b['health_s']['median']:.2f} s)"
         )
     doc = {
-        "benchmark": "first_request",
+        **stamp("first_request"),
         "metric": "seconds of one completion sent the moment `ember serve` first answers /health",
         "baseline": f"the same with the tree at {args.baseline_ref}",
         "command": "python benchmarks/bench_first_request.py " + " ".join(sys.argv[1:]),
         "summary": summary,
         "runs": results,
-        "machine": machine_facts(),
-        "git_sha": git_sha(),
         "baseline_ref": args.baseline_ref,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -1,7 +1,8 @@
 """A live move's cost with the request's K/V sent against recomputed, by context length.
 
 For each mode of `migration_kv` (`--modes`, default never and always: recompute on the target,
-or the source's K/V sent through the API server), one `ember serve` (private Ray on 127.0.0.1)
+or the source's K/V sent: pulled by the target from the source's node since edde917, through
+the API server before), one `ember serve` (private Ray on 127.0.0.1)
 with two instances of the 125m factory model (bf16 weights, run in `--dtype`). For each prompt
 length (`--contexts`, token ids), the undisturbed greedy stream first (the reference text), then
 `--runs` times the same stream with a preemption notice for the node once `--before` tokens
@@ -11,9 +12,11 @@ Recorded per move, from the server's log and the client's chunks: the target's c
 (from the moment it holds a slot: the source's export and the K/V's way there, or the prefill
 of the whole context, and the rounds), tokens whose K/V were sent, the pause at the switch
 (the client's gap after the chunk the source stopped at), the longest gap from the notice on
-(the target's prefill shares this machine's two cores with the source's decoding) and whether
-the text equals the undisturbed one. This is one machine: the notice drains both instances and
-the replacements start beside them, so notice-to-switch includes a replacement's cold start.
+(the target's prefill shares this machine's two cores with the source's decoding), the CPU time
+the `ember serve` process (API server, router, controller) spent from the moment the stream began
+until it ended, and whether the text equals the undisturbed one. This is one machine: the
+notice drains both instances and the replacements start beside them, so notice-to-switch
+includes a replacement's cold start.
 
     python benchmarks/bench_move.py [--dtype fp32|bf16] [--contexts 16 512 1536] [--runs 2]
 """
@@ -30,13 +33,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 from bench_resume import MODEL, ensure_model, move_medians, one_move, stream
-from machine import git_sha, machine_facts
+from machine import stamp
 from serve_process import free_port, metric_lines, stop, wait_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,6 +67,7 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
+    api = psutil.Process(server.pid)  # the API server (router, controller) of `ember serve`
     try:
         wait_health(base, server, 180, log_path)
         spec = {
@@ -79,6 +83,8 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
             _, _, ref = stream(base, prompt, max_tokens)
             for run in range(args.runs):
                 wait_ready(base, 2)
+                cpu0 = api.cpu_times()
+                pulls_before = log_path.read_text(errors="replace").count("pulled the K/V")
                 try:
                     move = one_move(base, prompt, args.before, max_tokens, log_path, ref)
                 except RuntimeError as e:  # the stream ended before the move was ready
@@ -86,12 +92,16 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
                     rows.append({"mode": mode, "prompt_tokens": context, "run": run,
                                  "moved": False})  # fmt: skip
                     continue
-                ready = READY.findall(log_path.read_text(errors="replace"))
+                text = log_path.read_text(errors="replace")
+                ready = READY.findall(text)
+                pulls = text.count("pulled the K/V")  # (the instances' log lines reach it)
                 held, kv, behind, caught = ready[-1][1:]
                 move |= {
                     "mode": mode, "prompt_tokens": context, "run": run, "moved": True,
                     "held_tokens": int(held), "kv_tokens": int(kv), "behind_tokens": int(behind),
                     "catch_up_s": float(caught),
+                    "api_cpu_s": _cpu_s(api.cpu_times()) - _cpu_s(cpu0),
+                    "kv_pulled_direct": pulls > pulls_before,
                 }  # fmt: skip
                 rows.append(move)
                 print(
@@ -99,7 +109,8 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
                     f"({move['kv_tokens']} K/V tokens sent), switch gap "
                     f"{move['switch_gap_s'] or 0:.3f} s, longest gap after the notice "
                     f"{move['longest_gap_after_notice_s'] or 0:.3f} s, notice to switch "
-                    f"{move['notice_to_switch_s']:.3f} s; identical {move['identical_text']}",
+                    f"{move['notice_to_switch_s']:.3f} s; API process CPU {move['api_cpu_s']:.3f} s; "
+                    f"identical {move['identical_text']}",
                     flush=True,
                 )
         print(metric_lines(base, "ember_requests_migrated", "ember_migration_kv_tokens"))
@@ -108,6 +119,10 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
         log.close()
         shutil.rmtree(work / f"shm-{mode}", ignore_errors=True)
     return rows
+
+
+def _cpu_s(times: Any) -> float:
+    return float(times.user + times.system)
 
 
 def main() -> int:
@@ -142,14 +157,12 @@ def main() -> int:
                     "held_tokens_median": statistics.median(r["held_tokens"] for r in mine),
                     "kv_tokens_median": statistics.median(r["kv_tokens"] for r in mine),
                     "catch_up_s_median": statistics.median(r["catch_up_s"] for r in mine),
+                    "api_cpu_s_median": statistics.median(r["api_cpu_s"] for r in mine),
                     **move_medians(mine),
                 }
             )
     result = {
-        "benchmark": "move",
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
+        **stamp("move"),
         "settings": {
             "model": f"llama 125m factory model (bf16 weights), run in {args.dtype}",
             "instances": 2,

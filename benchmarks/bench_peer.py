@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from machine import git_sha, machine_facts
+from machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "peer"
@@ -313,10 +313,7 @@ def main() -> int:
                     summary[base]["seconds_median"] / summary[row]["seconds_median"]
                 )
     result = {
-        "benchmark": "peer",
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
+        **stamp("peer"),
         "settings": {
             "model": f"llama {args.size} factory model, bf16",
             "partition_bytes": nbytes,

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from machine import git_sha, machine_facts
+from machine import stamp
 from serve_process import free_port, instances, metric_lines, stop, wait_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,10 +304,7 @@ def main() -> int:
         if moved:
             summary[-1] |= {f"move_{k}": v for k, v in move_medians(moved).items()}
     result = {
-        "benchmark": "resume",
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
+        **stamp("resume"),
         "settings": {
             "model": f"llama 125m factory model (bf16 weights), run in {args.dtype}",
             "instances": 2,

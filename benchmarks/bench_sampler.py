@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from machine import git_sha, machine_facts
+from machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path.home() / ".cache" / "ember" / "bench-models" / "llama-125m"
@@ -135,11 +135,8 @@ def main() -> int:
     }
     ratio = medians["race"] / medians["inverse_cdf"]
     result = {
-        "benchmark": "sampler",
-        "git_sha": git_sha(),
+        **stamp("sampler"),
         "baseline_ref": args.baseline_ref,
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
         "sampler_alone": alone,
         "engine_64_sampled_requests_125m_bf16": engine_row | {"ratio": ratio},
     }

@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 import httpx
-from machine import git_sha, machine_facts
+from machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 LENGTHS_CSV = Path("/work/shared/traces/workload/sharegpt/lengths.csv")
@@ -419,7 +419,7 @@ def main() -> int:
     api = f"API process {api_cpu:.0%} of a core, " if api_cpu is not None else ""
     print(f"CPU during the HTTP passes: {api}client {client_cpu:.0%} of a core")
     result = {
-        "benchmark": "serve",
+        **stamp("serve"),
         "metric": "warm request overhead p50 (HTTP TTFT - engine TTFT)",
         "value": overhead,
         "unit": "ms",
@@ -459,8 +459,6 @@ def main() -> int:
             "lengths": "sharegpt trace" if LENGTHS_CSV.is_file() else "uniform",
             "server": args.url or "ember serve (local Ray, one instance)",
         },  # fmt: skip
-        "machine": machine_facts(),
-        "git_sha": git_sha(),
         "quick": args.quick,
         "note": args.note,
         "load_average_at_end": os.getloadavg(),

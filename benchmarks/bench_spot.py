@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 from bench_resume import MODEL, ensure_model
-from machine import git_sha, machine_facts
+from machine import stamp
 from serve_process import free_port, instances, metric_lines, stop, wait_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,10 +293,7 @@ def main() -> int:
         llm.close()
     reference = {i: o.text for i, o in zip(done, outs, strict=True)}
     result: dict[str, Any] = {
-        "benchmark": "spot",
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
+        **stamp("spot"),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "modes": {
             run["mode"]: {

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from machine import git_sha, machine_facts
+from machine import stamp
 from serve_process import check_tree, free_port, instances, stop, wait_health, worktree
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def main() -> int:
             f"(baseline {b['during_failed']})"
         )
     doc = {
-        "benchmark": "update",
+        **stamp("update"),
         "metric": "longest request during an update (one client sending back to back)",
         "value": rows[0]["value"],
         "unit": "s",
@@ -178,8 +178,6 @@ def main() -> int:
         "rows": rows,
         "details": results,
         "model": str(model),
-        "machine": machine_facts(),
-        "git_sha": git_sha(),
         "baseline_ref": args.baseline_ref,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -43,7 +43,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import free_port  # noqa: E402
-from machine import git_sha, machine_facts  # noqa: E402
+from machine import stamp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_BIN = ROOT / ".vllm-venv" / "bin"
@@ -276,7 +276,7 @@ def main() -> int:
     ember = results.get("ember", {}).get("output_throughput")
     vllm = results.get("vllm", {}).get("output_throughput")
     result = {
-        "benchmark": "serve-vllm",
+        **stamp("serve-vllm"),
         "metric": "output tokens/s under vllm bench serve (random dataset)",
         "value": ember,
         "unit": "tok/s",
@@ -300,8 +300,6 @@ def main() -> int:
             "order": servers,
         },
         "note": args.note,
-        "machine": machine_facts(),
-        "git_sha": git_sha(),
         "quick": args.quick,
         "load_average_at_end": os.getloadavg(),
     }

@@ -15,11 +15,10 @@ import argparse
 import json
 import random
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from machine import git_sha, machine_facts
+from machine import stamp
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path.home() / ".cache" / "ember" / "bench-models" / "llama-125m"
@@ -78,10 +77,7 @@ def main() -> int:
     for row in rows:
         print(json.dumps(row), flush=True)
     result = {
-        "benchmark": "batch-invariance",
-        "git_sha": git_sha(),
-        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_facts(),
+        **stamp("batch-invariance"),
         "settings": {
             "model": "llama 125m factory model (bf16 weights)",
             "requests": 6,

@@ -12,6 +12,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,13 @@ def gpu_facts() -> dict[str, Any]:
         facts["torch"] = torch.__version__
         facts["torch_cuda"] = torch.version.cuda
     return facts
+
+
+def stamp(benchmark: str) -> dict[str, Any]:
+    """The head of every result JSON: the benchmark's name, the commit, when (UTC) and where."""
+    return {
+        "benchmark": benchmark,
+        "git_sha": git_sha(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_facts(),
+    }

@@ -414,7 +414,6 @@ class Router:
         flight.handle = handle
         flight.entry.instance_id = handle.instance_id
         self._flights.setdefault(handle.instance_id, {})[flight.request_id] = flight
-
         if flight.suspect:
             self._suspects.setdefault(handle.instance_id, set()).add(flight.request_id)
 
@@ -542,16 +541,7 @@ class Router:
                         state.line.popleft()
                         state.notify()  # the next in line may find a slot too
                         return handle
-                remaining = deadline - self._clock.now()
-                if remaining <= 0:
-                    raise RequestTimeoutError(
-                        f"request waited request_timeout_s={spec.request_timeout_s} in the "
-                        f"queue of deployment {model!r} without an instance"
-                    )
-                if not self._controller.ready_instances(model):
-                    await self._wait_for_instance(model, state, remaining)
-                else:
-                    await _wait_event(state.changed, min(remaining, POLL_INTERVAL_S))
+                await self._wait(model, spec, state, deadline, "in the queue of", "an instance")
         finally:
             if ticket in state.line:
                 state.line.remove(ticket)
@@ -566,18 +556,28 @@ class Router:
                 handle = self._pick(model, spec, state, suspect=True)
                 if handle is not None:
                     return handle
-                remaining = deadline - self._clock.now()
-                if remaining <= 0:
-                    raise RequestTimeoutError(
-                        f"request waited request_timeout_s={spec.request_timeout_s} for an "
-                        f"instance of deployment {model!r} without another suspect request"
-                    )
-                if not self._controller.ready_instances(model):
-                    await self._wait_for_instance(model, state, remaining)
-                else:
-                    await _wait_event(state.changed, min(remaining, POLL_INTERVAL_S))
+                await self._wait(
+                    model, spec, state, deadline, "for an instance of", "another suspect there"
+                )
         finally:
             state.aside -= 1
+
+    async def _wait(
+        self, model: str, spec: DeploymentSpec, state: _Load, deadline: float, where: str,
+        without: str,
+    ) -> None:  # fmt: skip
+        """One wait of a request for an instance: for a cold start while the deployment has
+        none ready, else for a slot to free; RequestTimeoutError past `deadline`."""
+        remaining = deadline - self._clock.now()
+        if remaining <= 0:
+            raise RequestTimeoutError(
+                f"request waited request_timeout_s={spec.request_timeout_s} {where} "
+                f"deployment {model!r} without {without}"
+            )
+        if not self._controller.ready_instances(model):
+            await self._wait_for_instance(model, state, remaining)
+        else:
+            await _wait_event(state.changed, min(remaining, POLL_INTERVAL_S))
 
     async def _wait_for_instance(self, model: str, state: _Load, remaining: float) -> None:
         if not state.waking:

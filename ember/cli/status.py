@@ -58,6 +58,12 @@ def render(state: dict[str, Any]) -> str:
                 f"  {i['instance_id']:<24} {i['state']:<9} node={(i.get('node_id') or '-')[:12]:<12}"
                 f" in_flight={i.get('in_flight', 0)} load_s={load_text}{tier}{pid}{err}"
             )
+            engine = i.get("engine") or {}
+            moved = [f"{k}={engine[k]}" for k in ("kv_pulls", "kv_pull_failures") if engine.get(k)]
+            if engine.get("broken"):
+                moved.append(f"engine failed: {engine['broken']}")
+            if moved:
+                lines.append("    " + " ".join(moved))
     nodes = state.get("nodes") or []
     if nodes:
         lines.append("nodes:")

@@ -298,6 +298,8 @@ class InstanceHandle:
         self.node_id = node_id
         self.in_flight = 0
         self.lost = False  # set once a call found the actor dead; the controller replaces it
+        # Its engine's counters at the last health probe (`ENGINE_STATS`, for `ember status`).
+        self.engine_stats: dict[str, Any] | None = None
         self._queues: dict[str, asyncio.Queue[StreamDelta | BaseException]] = {}
         self._pump: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()  # set once requests may be submitted (or it failed)

@@ -395,6 +395,7 @@ class EngineRunner:
                         if rid not in done
                     ]
                     lost = self._stopped()
+                    self._pulling.clear()  # (their K/V, when they come, are dropped)
                     self._post([*items, *(lost for _ in live)], [*ids, *live])
                     continue  # the thread stays to answer later requests with the error
                 self.steps += 1

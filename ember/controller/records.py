@@ -91,6 +91,7 @@ class InstanceRecord:
             revision=self.revision,
             estimated_load_s=self.expected_load_s,
             pid=self.pid,
+            engine=getattr(self.handle, "engine_stats", None),
         )
 
 

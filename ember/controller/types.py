@@ -237,11 +237,19 @@ class InstanceInfo:
     # placement's estimate of its load (bytes over the tier's bandwidth), next to `load_s`
     estimated_load_s: float | None = None
     pid: int | None = None  # its process on its node (rank 0's for tensor parallelism)
+    # its engine's counters at the controller's last health probe (ENGINE_STATS; None: none yet)
+    engine: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["state"] = self.state.value
         return d
+
+
+# The engine counters `ember status` shows per instance (from `EngineRunner.stats`): steps run,
+# requests unfinished, moved requests whose K/V came from their source or had to be recomputed,
+# K/V waiting on this instance for their targets, and the engine's failure if it failed.
+ENGINE_STATS = ("steps", "unfinished", "kv_pulls", "kv_pull_failures", "kv_shelved", "broken")
 
 
 @dataclass(frozen=True, slots=True)

@@ -381,9 +381,11 @@ def test_a_preemption_notice_moves_every_stream_live_and_changes_no_token(
     old = {i["instance_id"] for i in deployment(server, MODEL)["instances"]}
     node = admin(server, "GET", "/admin/status").json()["nodes"][0]["node_id"]
     migrated = f'ember_requests_migrated_total{{model="{MODEL}"}}'
+    kv_tokens = f'ember_migration_kv_tokens_total{{model="{MODEL}"}}'
     before = (
         metric(server, migrated),
         metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}'),
+        metric(server, kv_tokens),
     )
     said: list[str] = []
 
@@ -400,6 +402,20 @@ def test_a_preemption_notice_moves_every_stream_live_and_changes_no_token(
     # seconds; the replacements start on this one machine): at least one must have moved.
     assert 1 <= metric(server, migrated) - before[0] <= len(LONG_CASES)
     assert metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}') == before[1]
+    # K/V sent with a move went from the source's instance to the target's directly: the
+    # targets count the pulls (`ember status` shows them after the next health probe), and none
+    # had to be recomputed for want of them.
+    if metric(server, kv_tokens) > before[2]:
+
+        def pulls() -> tuple[int, int]:
+            engines = [i.get("engine") or {} for i in deployment(server, MODEL)["instances"]]
+            return (
+                sum(e.get("kv_pulls", 0) for e in engines),
+                sum(e.get("kv_pull_failures", 0) for e in engines),
+            )
+
+        wait_for(lambda: pulls()[0] >= 1, 60, "the targets' K/V pulls in their stats")
+        assert pulls()[1] == 0
     status = admin(server, "GET", "/admin/status").json()
     assert status["nodes"][0]["notice_s"] is not None
     d = deployment(server, MODEL)

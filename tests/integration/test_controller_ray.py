@@ -300,21 +300,26 @@ def test_killed_instance_is_found_and_replaced(
             async for _ in stream:
                 pass
         assert victim.in_flight == 0
-
-        def replaced() -> bool:
-            ready = controller.ready_instances("k")
-            return len(ready) == 1 and ready[0].instance_id != victim.instance_id
-
-        await until(controller, replaced, timeout_s=START_TIMEOUT_S)
-        [status] = controller.status()
-        failed = [i for i in status.instances if i.state is InstanceState.FAILED]
-        assert [i.instance_id for i in failed] == [victim.instance_id]
-        assert failed[0].error == "instance lost (its actor, node or engine failed)"
-        [fresh] = controller.ready_instances("k")
-        deltas = await collect(fresh, "after", "hi", SamplingParams(max_tokens=3))
-        assert sum(len(d.new_token_ids) for d in deltas) == 3
+        await replaced_and_serving(controller, "k", victim)
 
     run(tmp_path, cluster, body)
+
+
+async def replaced_and_serving(controller: Controller, name: str, victim: InstanceHandle) -> None:
+    """Wait until `victim`, lost, has failed and its replacement serves."""
+
+    def replaced() -> bool:
+        ready = controller.ready_instances(name)
+        return len(ready) == 1 and ready[0].instance_id != victim.instance_id
+
+    await until(controller, replaced, timeout_s=START_TIMEOUT_S)
+    [status] = [s for s in controller.status() if s.spec.name == name]
+    failed = [i for i in status.instances if i.state is InstanceState.FAILED]
+    assert [i.instance_id for i in failed] == [victim.instance_id]
+    assert failed[0].error == "instance lost (its actor, node or engine failed)"
+    [fresh] = controller.ready_instances(name)
+    deltas = await collect(fresh, "after", "hi", SamplingParams(max_tokens=3))
+    assert sum(len(d.new_token_ids) for d in deltas) == 3
 
 
 def test_an_instance_whose_engine_fails_is_replaced_and_its_requests_hear_it_was_lost(
@@ -343,18 +348,7 @@ def test_an_instance_whose_engine_fails_is_replaced_and_its_requests_hear_it_was
             async for _ in stream:
                 pass
         assert victim.lost and psutil.pid_exists(actor_pid)  # the actor itself is alive
-
-        def replaced() -> bool:
-            ready = controller.ready_instances("rk")
-            return len(ready) == 1 and ready[0].instance_id != victim.instance_id
-
-        await until(controller, replaced, timeout_s=START_TIMEOUT_S)
-        [status] = controller.status()
-        failed = [i for i in status.instances if i.state is InstanceState.FAILED]
-        assert [i.instance_id for i in failed] == [victim.instance_id]
-        [fresh] = controller.ready_instances("rk")
-        deltas = await collect(fresh, "after", "hi", SamplingParams(max_tokens=3))
-        assert sum(len(d.new_token_ids) for d in deltas) == 3
+        await replaced_and_serving(controller, "rk", victim)
         controller.delete("rk")
         await until(controller, lambda: cluster.actor_names() == [])
 

@@ -28,6 +28,7 @@ from ember.cluster.notices import NoticeConfig, NoticeWatcher
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
 from ember.controller.types import (
+    ENGINE_STATS,
     Continuation,
     DeploymentSpec,
     Extension,
@@ -63,6 +64,7 @@ class LocalHandle:
         self.aborted: list[str] = []
         self.exports: list[str] = []
         self.crashed = False
+        self.engine_stats: dict[str, Any] | None = None
         self._queues: dict[str, asyncio.Queue[Any]] = {}
 
     async def start(self) -> InstanceReady:
@@ -198,7 +200,11 @@ class LocalCluster:
 
     async def probe(self, handle: Any, timeout_s: float) -> bool:
         runner = handle.runner
-        return runner is not None and not handle.lost and not runner.stats()["broken"]
+        if runner is None or handle.lost:
+            return False
+        stats = runner.stats()
+        handle.engine_stats = {k: stats[k] for k in ENGINE_STATS if k in stats}
+        return not stats["broken"]
 
     async def stop(self, handle: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(None, handle.stop)

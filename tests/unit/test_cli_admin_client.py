@@ -96,3 +96,22 @@ def test_status_marks_the_old_revisions_instances_and_the_last_failed_start() ->
     assert "load_s=0.50 (est 0.10)" in old and "(est" not in new  # placement's estimate
     assert "pid=4242" in old and "pid=" not in new  # its process, once started
     assert "last start failed: CheckpointCorruptError: /m/model.safetensors: truncated" in text
+
+
+def test_status_shows_an_instances_k_v_pulls_and_a_failed_engine() -> None:
+    from ember.cli.status import render
+
+    inst = {"state": "ready", "node_id": "n1", "in_flight": 0, "load_s": 0.5, "revision": 0}
+    text = render({"deployments": [{
+        "name": "m", "spec": {"source": "/m"}, "desired": 2, "revision": 0,
+        "instances": [
+            {**inst, "instance_id": "m-1", "engine": {"steps": 9, "kv_pulls": 3}},
+            {**inst, "instance_id": "m-2", "engine": {"broken": "RuntimeError: rank 1 gone"}},
+            {**inst, "instance_id": "m-3", "engine": {"steps": 4, "kv_pulls": 0}},
+        ],
+    }]})  # fmt: skip
+    lines = text.splitlines()
+    assert lines[lines.index(next(x for x in lines if "m-1" in x)) + 1].strip() == "kv_pulls=3"
+    assert "    engine failed: RuntimeError: rank 1 gone" in lines
+    after_m3 = lines[lines.index(next(x for x in lines if "m-3" in x)) + 1 :]
+    assert not after_m3 or not after_m3[0].startswith("    ")  # nothing to show for m-3
