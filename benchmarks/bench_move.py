@@ -33,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ import httpx
 import psutil
 from bench_resume import MODEL, ensure_model, move_medians, one_move, stream
 from machine import stamp
-from serve_process import free_port, metric_lines, stop, wait_health, wait_ready
+from serve_process import free_port, instances, metric_lines, stop, wait_health, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(
@@ -84,7 +85,7 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
             for run in range(args.runs):
                 wait_ready(base, 2)
                 cpu0 = api.cpu_times()
-                pulls_before = log_path.read_text(errors="replace").count("pulled the K/V")
+                before_ids = {i["instance_id"] for i in instances(base, "m")}
                 try:
                     move = one_move(base, prompt, args.before, max_tokens, log_path, ref)
                 except RuntimeError as e:  # the stream ended before the move was ready
@@ -92,16 +93,19 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
                     rows.append({"mode": mode, "prompt_tokens": context, "run": run,
                                  "moved": False})  # fmt: skip
                     continue
-                text = log_path.read_text(errors="replace")
-                ready = READY.findall(text)
-                pulls = text.count("pulled the K/V")  # (the instances' log lines reach it)
+                api_cpu_s = _cpu_s(api.cpu_times()) - _cpu_s(cpu0)
+                ready = READY.findall(log_path.read_text(errors="replace"))
+                pulls = _pulls(base, before_ids)
                 held, kv, behind, caught = ready[-1][1:]
                 move |= {
                     "mode": mode, "prompt_tokens": context, "run": run, "moved": True,
                     "held_tokens": int(held), "kv_tokens": int(kv), "behind_tokens": int(behind),
                     "catch_up_s": float(caught),
-                    "api_cpu_s": _cpu_s(api.cpu_times()) - _cpu_s(cpu0),
-                    "kv_pulled_direct": pulls > pulls_before,
+                    "api_cpu_s": api_cpu_s,
+                    # the K/V pulls the move's target counted (None: the tree has no such
+                    # count; the K/V went through the API server then), and failed pulls
+                    "target_kv_pulls": pulls[0],
+                    "target_kv_pull_failures": pulls[1],
                 }  # fmt: skip
                 rows.append(move)
                 print(
@@ -110,6 +114,7 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
                     f"{move['switch_gap_s'] or 0:.3f} s, longest gap after the notice "
                     f"{move['longest_gap_after_notice_s'] or 0:.3f} s, notice to switch "
                     f"{move['notice_to_switch_s']:.3f} s; API process CPU {move['api_cpu_s']:.3f} s; "
+                    f"target's K/V pulls {move['target_kv_pulls']}; "
                     f"identical {move['identical_text']}",
                     flush=True,
                 )
@@ -119,6 +124,17 @@ def one_mode(args: argparse.Namespace, mode: str, model: Path, work: Path) -> li
         log.close()
         shutil.rmtree(work / f"shm-{mode}", ignore_errors=True)
     return rows
+
+
+def _pulls(base: str, before_ids: set[str]) -> tuple[int | None, int | None]:
+    """The K/V pulls (and failed ones) of the instances started since `before_ids` were listed
+    (the move's target), read once the controller's health probe (every 5 s) has seen them."""
+    time.sleep(6.0)
+    engines = [i.get("engine") for i in instances(base, "m") if i["instance_id"] not in before_ids]
+    seen = [e for e in engines if e is not None]
+    if not seen or all("kv_pulls" not in e for e in seen):
+        return None, None
+    return sum(e.get("kv_pulls", 0) for e in seen), sum(e.get("kv_pull_failures", 0) for e in seen)
 
 
 def _cpu_s(times: Any) -> float:
