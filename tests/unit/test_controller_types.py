@@ -93,7 +93,10 @@ def test_states_are_plain_strings() -> None:
 
 def test_status_to_dict_lists_instances_with_string_states() -> None:
     spec = DeploymentSpec("m", "/x")
-    info = InstanceInfo("m-1", "m", "node-a", S.READY, 2, 1.5, 0.25, tier="dram", pid=4242)
+    info = InstanceInfo(
+        "m-1", "m", "node-a", S.READY, 2, 1.5, 0.25, tier="dram", pid=4242,
+        engine={"steps": 7, "kv_pulls": 1},
+    )  # fmt: skip
     d = DeploymentStatus(spec, (info,), desired=1, cached_on=("node-a",)).to_dict()
     assert d["name"] == "m" and d["desired"] == 1 and d["cached_on"] == ["node-a"]
     assert (d["revision"], d["last_error"]) == (0, None)
@@ -111,6 +114,7 @@ def test_status_to_dict_lists_instances_with_string_states() -> None:
             "revision": 0,
             "estimated_load_s": None,
             "pid": 4242,
+            "engine": {"steps": 7, "kv_pulls": 1},
         }
     ]
 
