@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,35 @@ logger = logging.getLogger(__name__)
 NAMESPACE = "ember"
 ACTOR_PREFIX = "ember-instance:"
 LOOPBACK = "127.0.0.1"
+
+
+WORKER_LOG_LEVEL_ENV = "EMBER_WORKER_LOG_LEVEL"
+
+
+def _plain_log_prefixes() -> None:
+    """The actors' lines Ray forwards to this process carry no colour codes unless it writes to
+    a terminal (a log file or journal gets plain text)."""
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+
+
+def worker_logging() -> None:
+    """In an actor's process: ember's loggers write INFO and up to stderr, which Ray forwards to
+    the driver's output (`log_to_driver`: `ember serve`'s log), each line prefixed with the
+    actor's class and pid. A Ray worker's root logger has no handler, so only warnings reached
+    stderr (through logging's last resort) and an instance's INFO lines (ready, K/V pulled, the
+    node store's fetches) were lost. `EMBER_WORKER_LOG_LEVEL` (default INFO) sets the level;
+    other libraries' loggers are left as they are."""
+    log = logging.getLogger("ember")
+    if any(getattr(h, "ember_worker", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.ember_worker = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    level = os.environ.get(WORKER_LOG_LEVEL_ENV, "INFO").upper()
+    log.setLevel(level if isinstance(logging.getLevelName(level), int) else "INFO")
+    log.propagate = False  # (a handler Ray may put on the root logger would print it twice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +93,7 @@ class RayAdapter:
         ray_constants.ENABLE_RAY_CLUSTER = False
         if ray.is_initialized():
             raise DeploymentError("Ray is already initialised in this process")
+        _plain_log_prefixes()
         try:
             ray.init(
                 # "local" always starts a new instance: with no address, ray.init would join
@@ -96,6 +127,7 @@ class RayAdapter:
             raise DeploymentError("Ray is already initialised in this process")
         if address != "auto":
             _check_reachable(address)  # ray.init would retry an unreachable GCS for minutes
+        _plain_log_prefixes()
         try:
             ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
         except Exception as e:  # ConnectionError, timeouts, version mismatches, auth

@@ -214,10 +214,15 @@ class RayCluster:
 
 
 def _actor_env(config: ClusterConfig) -> dict[str, str]:
+    from ember.cluster.adapter import WORKER_LOG_LEVEL_ENV
+
     threads = str(max(1, int(config.instance_cpus)))
-    return {
+    env = {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
         "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"),
     }
+    if os.environ.get(WORKER_LOG_LEVEL_ENV):
+        env[WORKER_LOG_LEVEL_ENV] = os.environ[WORKER_LOG_LEVEL_ENV]
+    return env

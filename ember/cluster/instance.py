@@ -61,6 +61,9 @@ class InstanceActor:
     def __init__(
         self, spec: DeploymentSpec, instance_id: str, cache_root: str, device: str = "cpu"
     ) -> None:
+        from ember.cluster.adapter import worker_logging
+
+        worker_logging()
         self._spec = spec
         self._instance_id = instance_id
         self._cache_root = cache_root

@@ -69,8 +69,11 @@ class NodeStoreActor:
     """Actor body (wrapped with ray.remote by `start_node_store`)."""
 
     def __init__(self, config: NodeStoreConfig, notices: NoticeConfig | None = None) -> None:
+        from ember.cluster.adapter import worker_logging
         from ember.cluster.notices import NoticeConfig, NoticeWatcher
         from ember.store.node_store import NodeStore, claim_slot
+
+        worker_logging()
 
         self._notices = NoticeWatcher(notices or NoticeConfig())
 

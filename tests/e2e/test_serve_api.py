@@ -416,6 +416,8 @@ def test_a_preemption_notice_moves_every_stream_live_and_changes_no_token(
 
         wait_for(lambda: pulls()[0] >= 1, 60, "the targets' K/V pulls in their stats")
         assert pulls()[1] == 0
+        # ... and said so in the server's log (the instances' INFO lines reach it)
+        wait_for(lambda: "pulled the K/V" in server.log(10**7), 30, "the pull's log line")
     status = admin(server, "GET", "/admin/status").json()
     assert status["nodes"][0]["notice_s"] is not None
     d = deployment(server, MODEL)
