@@ -115,6 +115,8 @@ class ControllerLike(Protocol):
 
     def ready_instances(self, name: str) -> list[Any]: ...  # never one known to be lost
 
+    def noticed(self) -> dict[str, float]: ...  # nodes under a preemption notice
+
     def set_load_source(self, fn: Callable[[str], tuple[int, int]]) -> None: ...
 
     def set_migrate_hook(self, fn: Callable[[str, float], object]) -> None: ...
@@ -596,18 +598,21 @@ class Router:
 
     def _pick(self, model: str, spec: DeploymentSpec, state: _Load, suspect: bool = False) -> Any:
         """Least-loaded ready instance below its slot cap (ties rotate), for a `suspect` one
-        where no suspect runs; takes the slot."""
+        where no suspect runs; takes the slot. An instance on a node under a preemption notice
+        (one started there because no other node had room) comes last: a request, or a move's
+        target, placed there would have to move again or be lost with the node."""
         ready = self._controller.ready_instances(model)
         if ready:
             state.waking = False
+        noticed = self._controller.noticed() if ready else {}
         best: Any = None
-        best_key: tuple[int, int] | None = None
+        best_key: tuple[bool, int, int] | None = None
         n = len(ready)
         for i, handle in enumerate(ready):
             count = state.per_instance.get(handle.instance_id, 0)
             if count >= spec.max_num_seqs or (suspect and handle.instance_id in self._suspects):
                 continue
-            key = (count, (i - state.turn) % n)
+            key = (getattr(handle, "node_id", None) in noticed, count, (i - state.turn) % n)
             if best_key is None or key < best_key:
                 best, best_key = handle, key
         if best is not None:

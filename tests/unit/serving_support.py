@@ -163,9 +163,11 @@ class LocalCluster:
         cpus: float = 8.0,
         nodes: tuple[str, ...] = (NODE_ID,),
         notices: dict[str, NoticeConfig] | None = None,
+        track_cpus: bool = False,
     ) -> None:
         self._cache_root = str(cache_root)
         self._cpus = cpus
+        self._track_cpus = track_cpus  # a node's free CPUs less its instances' (1 each)
         self._nodes = nodes
         # Each node's cloud metadata, read the way a node store reads its own.
         self._watchers = {n: NoticeWatcher(c) for n, c in (notices or {}).items()}
@@ -181,7 +183,13 @@ class LocalCluster:
         return {n: s for n, s in found.items() if s is not None}
 
     def nodes(self) -> list[NodeInfo]:
-        return [NodeInfo(n, "127.0.0.1", True, (), self._cpus, self._cpus) for n in self._nodes]
+        def free(node: str) -> float:
+            if not self._track_cpus:
+                return self._cpus
+            used = sum(h.node_id == node for h in self.handles.values())
+            return max(0.0, self._cpus - used * self.instance_cpus(None))  # type: ignore[arg-type]
+
+        return [NodeInfo(n, "127.0.0.1", True, (), self._cpus, free(n)) for n in self._nodes]
 
     def instance_cpus(self, spec: DeploymentSpec) -> float:
         return 1.0
@@ -232,11 +240,13 @@ async def serving(
     nodes: tuple[str, ...] = (NODE_ID,),
     notices: dict[str, NoticeConfig] | None = None,
     probe_interval_s: float = 5.0,
+    track_cpus: bool = False,
 ) -> AsyncIterator[Stack]:
     """The real controller (started) over a LocalCluster, and the app behind an ASGI client."""
     cluster = LocalCluster(
-        cache_root or tmp_path / "cache", cpus=cpus, nodes=nodes, notices=notices
-    )
+        cache_root or tmp_path / "cache", cpus=cpus, nodes=nodes, notices=notices,
+        track_cpus=track_cpus,
+    )  # fmt: skip
     controller = Controller(
         cluster,
         tmp_path / "deployments.sqlite",

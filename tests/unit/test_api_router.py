@@ -477,6 +477,44 @@ def _never_caught_up(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(live, "MAX_ROUNDS", 10**6)
 
 
+async def test_new_requests_avoid_an_instance_on_a_noticed_node(
+    tmp_path: Path, model_dir: Path, cache_root: Path
+) -> None:
+    """Two nodes with room for one instance each. A notice for node a stops its instance, and
+    its replacement, with no room elsewhere, starts on a itself. Two requests that come then
+    both go to b's instance, not one to each (least loaded alone would spread them): a request
+    placed on a would have to move again before the node goes."""
+    spec = _spec(model_dir, min_instances=2, max_instances=2)
+    nodes = ("node-a000", "node-b000")
+    async with serving(
+        tmp_path, (spec,), cache_root=cache_root, nodes=nodes, cpus=1.0, track_cpus=True
+    ) as s:
+        router = s.app.state.router
+        await _until(lambda: len(s.controller.ready_instances("tiny")) == 2, 120)
+        on = {h.node_id: h for h in s.controller.ready_instances("tiny")}
+        assert set(on) == set(nodes)
+        r = await s.client.post("/admin/nodes/node-a000/notice", json={"deadline_s": 60})
+        assert r.status_code == 200, r.text
+
+        def replaced_on_a() -> bool:
+            return any(
+                h.node_id == "node-a000" and h.instance_id != on["node-a000"].instance_id
+                for h in s.controller.ready_instances("tiny")
+            )
+
+        await _until(replaced_on_a, 120)
+        streams = {
+            rid: router.generate("tiny", rid, PROMPTS[i], LONG) for i, rid in enumerate("wn")
+        }
+        for st in streams.values():
+            await anext(st)
+        b = on["node-b000"].instance_id
+        assert [router.journal.get(rid).instance_id for rid in streams] == [b, b]
+        for st in streams.values():
+            await st.aclose()
+        assert router.load("tiny") == (0, 0)
+
+
 async def test_a_source_lost_mid_migration_hands_over_to_the_target_that_holds_its_tokens(
     tmp_path: Path, model_dir: Path, cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
