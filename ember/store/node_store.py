@@ -38,6 +38,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -70,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 TIERS = ("dram", "ssd")
 SOURCE_FILE = ".ember-source"  # in each tier copy: the source it was fetched from
+# How long a remote index `drop_stale` read stands for the peer choice of the same fetch (s).
+INDEX_REUSE_S = 5.0
 
 
 def _default_dram_dir() -> str:
@@ -265,6 +268,9 @@ class NodeStore:
         self._sources: dict[str, str] = {}  # key -> source, for status
         self._fetched_from: dict[str, str] = {}  # key -> where its latest fetch reads
         self._peer_skips = 0  # fetches that passed peers over as slower than the remote store
+        # The remote index `drop_stale` just read, per source, with when (time.monotonic): the
+        # peer choice that follows in the same fetch uses it instead of a second GET.
+        self._index_read: dict[str, tuple[bytes, float]] = {}
         # Measured fetch rates into this node, by where from (placement's start-up estimate).
         self.rates = LinkRates(self.ssd.root / RATES_FILE, min_bytes=cfg.rate_min_bytes)
         self._drop_orphans()
@@ -411,6 +417,8 @@ class NodeStore:
         try:
             if is_s3_url(source):
                 current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+                with self._lock:
+                    self._index_read[source] = (current, time.monotonic())
             else:
                 current = (Path(source).expanduser() / INDEX_FILE).read_bytes()
         except (RemoteStoreError, OSError) as e:
@@ -752,11 +760,16 @@ class NodeStore:
         if not offers:
             return None
         index: bytes | None
-        try:
-            index = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
-        except RemoteStoreError as e:  # as `drop_stale` trusts cached copies then
-            logger.warning("cannot read the source's index, trusting a peer's copy: %s", e)
-            index = None
+        with self._lock:
+            read, at = self._index_read.pop(source, (b"", -math.inf))
+        if time.monotonic() - at <= INDEX_REUSE_S:
+            index = read  # `drop_stale` read it for this fetch a moment ago
+        else:
+            try:
+                index = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+            except RemoteStoreError as e:  # as `drop_stale` trusts cached copies then
+                logger.warning("cannot read the source's index, trusting a peer's copy: %s", e)
+                index = None
         for offer in offers:
             try:
                 return PeerSource.connect(offer, key, index, self.config.range_bytes)
