@@ -360,8 +360,12 @@ def test_an_instance_killed_mid_stream_loses_no_request_and_changes_no_token(
     _long_streams(server, tiny, 1200, kill_a_busy_one)
     resumed = metric(server, f'ember_requests_resumed_total{{model="{MODEL}"}}') - before
     assert resumed >= 1  # (a stream the killed instance carried)
-    wait_for(lambda: states(server, MODEL).count("ready") == 2, 180, "the lost one replaced")
-    assert states(server, MODEL) == ["failed", "ready", "ready"]  # the lost one, kept for status
+    # The lost one, kept for status, and its replacement. (Not "two ready" and then this: the
+    # record of an instance the router found lost says ready until the controller's next pass,
+    # so "two ready" could hold before the loss was recorded; CI met that once.)
+    wait_for(
+        lambda: states(server, MODEL) == ["failed", "ready", "ready"], 180, "the lost one replaced"
+    )
     d = deployment(server, MODEL)
     assert (d["queued"], d["in_flight"]) == (0, 0)
 
