@@ -59,6 +59,7 @@ from ember.controller.types import (
 )
 from ember.migration.kv_link import KvShelf, pull_kv
 from ember.migration.transfer import MoveLink, export_for_move
+from ember.netio import recv_exact
 
 if TYPE_CHECKING:
     from ember import SamplingParams
@@ -286,13 +287,7 @@ class EngineRunner:
                     return
                 try:
                     conn.settimeout(5.0)
-                    got = b""
-                    while len(got) < len(token):
-                        more = conn.recv(len(token) - len(got))
-                        if not more:
-                            break
-                        got += more
-                    if not hmac.compare_digest(got, token):
+                    if not hmac.compare_digest(recv_exact(conn, len(token)), token):
                         raise ConnectionError("wrong token")
                     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                     # Non-blocking from here (see `_send_all`): a socket with a timeout polls

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from ember.controller.types import KvBlob, KvTicket
 from ember.errors import KvPullError
+from ember.netio import recv_exact, serve_each
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ class KvShelf:
             if self._listener is None:
                 self._listener = socket.create_server((self.host, 0))
                 threading.Thread(
-                    target=self._serve, args=(self._listener,), name="ember-kv-shelf", daemon=True
-                ).start()
+                    target=serve_each, args=(self._listener, self._send, "ember-kv-send"),
+                    name="ember-kv-shelf", daemon=True,
+                ).start()  # fmt: skip
             self._sweep()
             ticket_id = secrets.token_hex(ID_BYTES // 2)
             secret = secrets.token_bytes(SECRET_BYTES)
@@ -123,21 +125,11 @@ class KvShelf:
             del self._shelf[ticket_id]
             return shelved.blob
 
-    def _serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(
-                target=self._send, args=(conn,), name="ember-kv-send", daemon=True
-            ).start()
-
     def _send(self, conn: socket.socket) -> None:
         with conn:
             try:
                 conn.settimeout(READ_TIMEOUT_S)
-                asked = _recv_exact(conn, ID_BYTES + SECRET_BYTES)
+                asked = recv_exact(conn, ID_BYTES + SECRET_BYTES)
                 ticket_id = asked[:ID_BYTES].decode("ascii", "replace")
                 blob = self._take(ticket_id, bytes(asked[ID_BYTES:]))
                 if blob is None:
@@ -160,12 +152,12 @@ def pull_kv(ticket: KvTicket) -> KvBlob:
         with socket.create_connection((ticket.host, ticket.port), CONNECT_TIMEOUT_S) as conn:
             conn.settimeout(READ_TIMEOUT_S)
             conn.sendall(ticket.ticket_id.encode("ascii") + ticket.secret)
-            if _recv_exact(conn, 1) != b"\x01":
+            if recv_exact(conn, 1) != b"\x01":
                 raise KvPullError(f"{where} no longer holds K/V ticket {ticket.ticket_id}")
-            (size,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))
+            (size,) = _LENGTH.unpack(recv_exact(conn, _LENGTH.size))
             if size != want:
                 raise KvPullError(f"{where} sent {size} bytes of K/V; the ticket says {want}")
-            data = _recv_exact(conn, size)
+            data = recv_exact(conn, size)
     except OSError as e:
         raise KvPullError(f"K/V from {where}: {type(e).__name__}: {e}") from None
     return KvBlob(ticket.shape, ticket.dtype, data)
@@ -176,16 +168,3 @@ def _itemsize(dtype: str) -> int:
     if size is None:
         raise KvPullError(f"K/V ticket names an unknown dtype {dtype!r}")
     return size
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytearray:
-    """`n` bytes (ConnectionError if the peer closes first)."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = conn.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError(f"closed after {got} of {n} bytes")
-        got += k
-    return buf

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ember.errors import CheckpointError
+from ember.netio import recv_exact, recv_into, serve_each
 from ember.store.fetch import PROGRESS_FILE, is_partition, progress_layout
 from ember.store.format import INDEX_FILE, read_index
 
@@ -98,23 +99,16 @@ class PeerServer:
             self._listener.close()
 
     def _accept(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            threading.Thread(
-                target=self._serve, args=(conn,), name="ember-peer-send", daemon=True
-            ).start()
+        serve_each(self._listener, self._serve, "ember-peer-send", lambda: self._closed)
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
                 conn.settimeout(IO_TIMEOUT_S)
-                (size,) = struct.unpack("!I", _recv_exact(conn, 4))
+                (size,) = struct.unpack("!I", recv_exact(conn, 4))
                 if size > MAX_REQUEST_BYTES:
                     raise ValueError(f"request of {size} bytes")
-                req = json.loads(_recv_exact(conn, size))
+                req = json.loads(recv_exact(conn, size))
                 if not hmac.compare_digest(str(req.get("token", "")), self.token):
                     raise ValueError("bad token")
                 self._answer(conn, req)
@@ -280,7 +274,7 @@ class PeerSource:
         conn, size = self._open(req)
         with conn:
             try:
-                return _recv_exact(conn, size)
+                return bytes(recv_exact(conn, size))
             except OSError as e:
                 raise PeerError(self.name, f"connection lost: {e}") from e
 
@@ -296,9 +290,9 @@ class PeerSource:
         try:
             conn.settimeout(IO_TIMEOUT_S)
             conn.sendall(struct.pack("!I", len(body)) + body)
-            (size,) = struct.unpack("!q", _recv_exact(conn, 8))
+            (size,) = struct.unpack("!q", recv_exact(conn, 8))
             if size < 0:
-                raise PeerError(self.name, _recv_exact(conn, -size).decode(errors="replace"))
+                raise PeerError(self.name, recv_exact(conn, -size).decode(errors="replace"))
         except OSError as e:
             conn.close()
             raise PeerError(self.name, f"connection lost: {e}") from e
@@ -316,27 +310,12 @@ class _PeerRange:
 
     def read_exact(self, out: memoryview) -> None:
         try:
-            _recv_into(self._conn, out)
+            recv_into(self._conn, out)
         except OSError as e:
             raise PeerError(f"{self._name}/{self._file}", f"connection lost: {e}") from e
 
     def close(self) -> None:
         self._conn.close()
-
-
-def _recv_into(conn: socket.socket, out: memoryview) -> None:
-    done = 0
-    while done < len(out):
-        n = conn.recv_into(out[done:])
-        if n == 0:
-            raise ConnectionError(f"closed after {done} of {len(out)} bytes")
-        done += n
-
-
-def _recv_exact(conn: socket.socket, nbytes: int) -> bytes:
-    buf = bytearray(nbytes)
-    _recv_into(conn, memoryview(buf))
-    return bytes(buf)
 
 
 def _send_bytes(conn: socket.socket, data: bytes) -> None:
