@@ -19,7 +19,7 @@ from ember.cluster.adapter import ACTOR_PREFIX, RayAdapter
 from ember.cluster.instance import InstanceActor, InstanceHandle, InstanceReady
 from ember.cluster.node_services import NodeServices, NodeServicesConfig
 from ember.controller.config import default_cache_dir
-from ember.controller.types import ENGINE_STATS, DeploymentSpec, NodeInfo
+from ember.controller.types import DeploymentSpec, NodeInfo, engine_counters
 from ember.errors import ConfigError, DeploymentError, InstanceLostError, RequestTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -199,9 +199,10 @@ class RayCluster:
             # A busy or starved actor is slow, not dead: only Ray's word that it died counts.
             logger.warning("instance id=%s is slow to answer its probe", handle.instance_id)
             return True
-        if isinstance(stats, dict):
-            handle.engine_stats = {k: stats[k] for k in ENGINE_STATS if k in stats}
-        if isinstance(stats, dict) and stats.get("broken"):  # alive, but its engine failed
+        if not isinstance(stats, dict):
+            return True
+        handle.engine_stats = engine_counters(stats)
+        if stats.get("broken"):  # alive, but its engine failed
             logger.warning(
                 "instance id=%s: its engine failed: %s", handle.instance_id, stats["broken"]
             )

@@ -93,11 +93,7 @@ class InstanceActor:
         runner = await loop.run_in_executor(
             None, EngineRunner.create, self._spec, path, self._device
         )
-        runner.start(loop)
-        from ember.cluster.adapter import node_ip
-
-        runner.share_kv(node_ip())  # a move's K/V go from here to its target directly
-        self._runner = runner
+        self._run(runner, loop)
         self._ready = InstanceReady(
             node_id=node_id,
             checkpoint_path=str(path),
@@ -113,6 +109,15 @@ class InstanceActor:
             self._ready.load_s,
         )
         return self._ready
+
+    def _run(self, runner: EngineRunner, loop: asyncio.AbstractEventLoop) -> None:
+        """Start `runner`'s engine thread and make it this instance's (every way of starting
+        one ends here: a pooled worker's too)."""
+        from ember.cluster.adapter import node_ip
+
+        runner.start(loop)
+        runner.share_kv(node_ip())  # a move's K/V go from here to its target directly
+        self._runner = runner
 
     async def generate(
         self, request_id: str, prompt: str | list[int] | Continuation, params: SamplingParams

@@ -90,7 +90,7 @@ class PooledInstanceActor(InstanceActor):
             raise DeploymentError(
                 f"pooled worker was not assigned a deployment within {ASSIGN_TIMEOUT_S:g} s"
             ) from None
-        from ember.cluster.adapter import current_node_id, node_ip
+        from ember.cluster.adapter import current_node_id
         from ember.cluster.node_store_actor import (
             acquire_on_this_node,
             confirm_on_this_node,
@@ -134,9 +134,7 @@ class PooledInstanceActor(InstanceActor):
                 assert report is not None
                 self._timings["served_from"] = report.served_from
                 runner, path = await self._build(settled_path(report.path))
-        runner.start(loop)
-        runner.share_kv(node_ip())  # a move's K/V go from here to its target directly
-        self._runner = runner
+        self._run(runner, loop)
         self._timings["engine_s"] = time.perf_counter() - t_engine
         tier = report.served_from if report is not None else "disk"
         self._ready = InstanceReady(node_id, str(path), time.perf_counter() - t0, os.getpid(), tier)

@@ -252,6 +252,11 @@ class InstanceInfo:
 ENGINE_STATS = ("steps", "unfinished", "kv_pulls", "kv_pull_failures", "kv_shelved", "broken")
 
 
+def engine_counters(stats: dict[str, Any]) -> dict[str, Any]:
+    """The `ENGINE_STATS` an instance's stats hold (what a health probe keeps)."""
+    return {k: stats[k] for k in ENGINE_STATS if k in stats}
+
+
 @dataclass(frozen=True, slots=True)
 class DeploymentStatus:
     """One deployment with its instances and the autoscaler's current target."""

@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 TIERS = ("dram", "ssd")
 SOURCE_FILE = ".ember-source"  # in each tier copy: the source it was fetched from
-# How long a remote index `drop_stale` read stands for the peer choice of the same fetch (s).
+# How long a remote index a freshness check read stands for the peer choice of the fetch (s).
 INDEX_REUSE_S = 5.0
 
 
@@ -268,8 +268,8 @@ class NodeStore:
         self._sources: dict[str, str] = {}  # key -> source, for status
         self._fetched_from: dict[str, str] = {}  # key -> where its latest fetch reads
         self._peer_skips = 0  # fetches that passed peers over as slower than the remote store
-        # The remote index `drop_stale` just read, per source, with when (time.monotonic): the
-        # peer choice that follows in the same fetch uses it instead of a second GET.
+        # The remote index a freshness check just read (`_source_index`), per source, with when
+        # (time.monotonic): the peer choice of the fetch that follows uses it, not a second GET.
         self._index_read: dict[str, tuple[bytes, float]] = {}
         # Measured fetch rates into this node, by where from (placement's start-up estimate).
         self.rates = LinkRates(self.ssd.root / RATES_FILE, min_bytes=cfg.rate_min_bytes)
@@ -415,12 +415,7 @@ class NodeStore:
         with a warning."""
         key = checkpoint_key(source)
         try:
-            if is_s3_url(source):
-                current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
-                with self._lock:
-                    self._index_read[source] = (current, time.monotonic())
-            else:
-                current = (Path(source).expanduser() / INDEX_FILE).read_bytes()
+            current = self._source_index(source)
         except (RemoteStoreError, OSError) as e:
             logger.warning("cannot read the source's index, trusting cached copies: %s", e)
             return
@@ -491,14 +486,21 @@ class NodeStore:
         checkpoint: one read of the source's index, as `drop_stale` does. A source that cannot
         be read trusts the copy."""
         try:
-            if is_s3_url(source):
-                current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
-            else:
-                current = (Path(source).expanduser() / INDEX_FILE).read_bytes()
+            current = self._source_index(source)
         except (RemoteStoreError, OSError, CheckpointNotFoundError) as e:
             logger.warning("cannot read the source's index, trusting the cached copy: %s", e)
             return True
         return index == current
+
+    def _source_index(self, source: str) -> bytes:
+        """`source`'s `index.json` as it is now (a GET for S3, kept a moment for the peer
+        choice of the fetch that may follow: `_peer_source`)."""
+        if not is_s3_url(source):
+            return (Path(source).expanduser() / INDEX_FILE).read_bytes()
+        current = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)
+        with self._lock:
+            self._index_read[source] = (current, time.monotonic())
+        return current
 
     def acquire_on_disk(self, source: str, owner: int | None = None) -> tuple[Path, str | None]:
         """For a checkpoint the DRAM tier cannot hold (larger than the tier, or the tier full
@@ -741,8 +743,8 @@ class NodeStore:
     def _peer_source(self, source: str, key: str) -> PeerSource | None:
         """Another node's complete copy of `source`'s current version, or None: no peer has
         one, the peers could not be asked, or this node measured its peers slower than the
-        remote store (but on every `peer_retry_every`-th such fetch). Costs one read of the
-        source's index (the authority on the version)."""
+        remote store (but on every `peer_retry_every`-th such fetch). Uses the source's index
+        (the authority on the version) as the freshness check just read it, else reads it."""
         if self.peers is None:
             return None
         rates = self.rates.rates()
@@ -763,7 +765,7 @@ class NodeStore:
         with self._lock:
             read, at = self._index_read.pop(source, (b"", -math.inf))
         if time.monotonic() - at <= INDEX_REUSE_S:
-            index = read  # `drop_stale` read it for this fetch a moment ago
+            index = read  # the freshness check read it for this fetch a moment ago
         else:
             try:
                 index = self.remote.get_bytes(parse_s3_url(source), INDEX_FILE)

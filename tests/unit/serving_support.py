@@ -28,7 +28,6 @@ from ember.cluster.notices import NoticeConfig, NoticeWatcher
 from ember.cluster.runner import EngineRunner, prepare_checkpoint
 from ember.controller.controller import Controller
 from ember.controller.types import (
-    ENGINE_STATS,
     Continuation,
     DeploymentSpec,
     Extension,
@@ -36,6 +35,7 @@ from ember.controller.types import (
     KvTicket,
     NodeInfo,
     StreamDelta,
+    engine_counters,
 )
 from ember.errors import InstanceLostError
 from ember.migration.transfer import MoveLink
@@ -211,7 +211,7 @@ class LocalCluster:
         if runner is None or handle.lost:
             return False
         stats = runner.stats()
-        handle.engine_stats = {k: stats[k] for k in ENGINE_STATS if k in stats}
+        handle.engine_stats = engine_counters(stats)
         return not stats["broken"]
 
     async def stop(self, handle: Any) -> None:
